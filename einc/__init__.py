@@ -1,0 +1,1 @@
+"""einc: a symbolic structure compiler for efficient linear layers."""
