@@ -1,0 +1,147 @@
+"""Concrete sizes: turn symbolic sizes into integers for given d_in, d_out.
+
+Sizes of indices on the input (output) side are rounded down or up so that their product is
+at least d_in (d_out) with the least padding; other indices (ranks) round to the nearest
+integer. More padding than the tolerance is refused, as in the paper (15%).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from ..errors import SizeError
+from ..ir import Structure
+from ..sizes import ceil_int
+
+DEFAULT_TOLERANCE = 0.15
+_MAX_SEARCH = 1 << 14
+
+
+@dataclass(frozen=True)
+class Concrete:
+    sizes: dict
+    d_in: int
+    d_out: int
+    padded_in: int
+    padded_out: int
+
+    @property
+    def padding_in(self) -> float:
+        return self.padded_in / self.d_in - 1
+
+    @property
+    def padding_out(self) -> float:
+        return self.padded_out / self.d_out - 1
+
+
+def _prod(values) -> int:
+    return math.prod(values)
+
+
+def resolve_dims(s: Structure, d=None, d_in=None, d_out=None) -> tuple[int, int]:
+    """d_in and d_out from the arguments, or from the spec when its sizes are all numbers."""
+    if d is not None:
+        if d_in is not None or d_out is not None:
+            raise SizeError("give either d or d_in/d_out, not both")
+        d_in = d_out = d
+    for name, v in (("d_in", d_in), ("d_out", d_out)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise SizeError(f"{name} must be a positive integer, got {v!r}")
+    if d_in is None or d_out is None:
+        sizes = s.sizes
+        fixed_in = all(sizes[i].is_const for i in s.input.indices)
+        fixed_out = all(sizes[i].is_const for i in s.output.indices)
+        if d_in is None and fixed_in:
+            d_in = _prod(int(sizes[i].coeff) for i in s.input.indices)
+        if d_out is None and fixed_out:
+            d_out = _prod(int(sizes[i].coeff) for i in s.output.indices)
+        # One width given and the other side symbolic: a square layer.
+        if d_in is not None and d_out is None and not fixed_out:
+            d_out = d_in
+        if d_out is not None and d_in is None and not fixed_in:
+            d_in = d_out
+        if d_in is None or d_out is None:
+            raise SizeError("this structure's sizes depend on the layer width: give d "
+                            "(or d_in and d_out)", s.source or None)
+    return d_in, d_out
+
+
+def concretize(s: Structure, d_in: int, d_out: int,
+               tolerance: float = DEFAULT_TOLERANCE) -> Concrete:
+    if tolerance < 0:
+        raise SizeError(f"the padding tolerance must be >= 0, got {tolerance}")
+    uses_d = any("d" in ix.size.symbols for ix in s.indices)
+    if uses_d and d_in != d_out:
+        raise SizeError(f"this spec uses d, which needs a square layer, but d_in = {d_in} and "
+                        f"d_out = {d_out}: write its sizes with d_in, d_out or d_min",
+                        s.source or None)
+    env = {"d": d_in, "d_in": d_in, "d_out": d_out, "d_min": min(d_in, d_out)}
+    real = {ix.name: ix.size.evaluate(env) for ix in s.indices}
+    for name, v in real.items():
+        if v < 0.5:
+            raise SizeError(f"index {name!r} has size {v:.3g} at d_in = {d_in}, d_out = "
+                            f"{d_out}: the layer is too small for this structure", s.source or None)
+    side = set(s.input.indices) | set(s.output.indices)
+    fixed, free = {}, []
+    for ix in s.indices:
+        v = real[ix.name]
+        if ix.size.is_const:
+            fixed[ix.name] = int(ix.size.coeff)
+        elif ix.name in side:
+            lo, hi = max(1, math.floor(v + 1e-9)), max(1, ceil_int(v))
+            if lo == hi:
+                fixed[ix.name] = lo
+            else:
+                free.append((ix.name, lo, hi, v))
+        else:
+            fixed[ix.name] = max(1, math.floor(v + 0.5))
+    best = _choose(s, fixed, free, d_in, d_out)
+    if best is None:
+        raise SizeError(_shortfall(s, fixed, free, d_in, d_out), s.source or None)
+    sizes = {ix.name: best[ix.name] for ix in s.indices}
+    pin = _prod(sizes[i] for i in s.input.indices)
+    pout = _prod(sizes[i] for i in s.output.indices)
+    for what, padded, d in (("d_in", pin, d_in), ("d_out", pout, d_out)):
+        if padded > d * (1 + tolerance) + 1e-9:
+            raise SizeError(
+                f"{what} = {d} needs {padded / d - 1:.1%} padding with this structure "
+                f"({_describe(s, sizes, what)} = {padded}), above the tolerance of "
+                f"{tolerance:.0%}: choose a width that suits the structure or raise the tolerance",
+                s.source or None)
+    return Concrete(sizes, d_in, d_out, pin, pout)
+
+
+def _choose(s, fixed, free, d_in, d_out):
+    """The rounding of the free sizes with the least padding (ties: closest to the real sizes)."""
+    if len(free) > 14:  # 2^14 roundings at most; beyond that round up, which always fits
+        return {**fixed, **{n: hi for n, lo, hi, v in free}}
+    best, best_key = None, None
+    for choice in itertools.product(*[(lo, hi) for _, lo, hi, _ in free]):
+        sizes = dict(fixed)
+        sizes.update({n: c for (n, *_), c in zip(free, choice)})
+        pin = _prod(sizes[i] for i in s.input.indices)
+        pout = _prod(sizes[i] for i in s.output.indices)
+        if pin < d_in or pout < d_out:
+            continue
+        drift = sum(abs(math.log(c / v)) for (_, _, _, v), c in zip(free, choice))
+        key = (pin / d_in + pout / d_out, drift)
+        if best_key is None or key < best_key:
+            best, best_key = sizes, key
+    return best
+
+
+def _shortfall(s, fixed, free, d_in, d_out) -> str:
+    sizes = dict(fixed)
+    sizes.update({n: hi for n, lo, hi, v in free})
+    for what, op, d in (("d_in", s.input, d_in), ("d_out", s.output, d_out)):
+        total = _prod(sizes[i] for i in op.indices)
+        if total < d:
+            return (f"the sizes of {op.name} ({_describe(s, sizes, what)} = {total}) cannot "
+                    f"cover {what} = {d}")
+    return "no integer sizes fit d_in and d_out"  # pragma: no cover
+
+
+def _describe(s, sizes, what) -> str:
+    op = s.input if what == "d_in" else s.output
+    return " x ".join(f"{i}={sizes[i]}" for i in op.indices)

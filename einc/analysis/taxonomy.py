@@ -1,0 +1,41 @@
+"""The paper's two-factor taxonomy: theta points read off a structure, and the closed forms.
+
+The closed forms are a check on the derivation in :mod:`einc.analysis.symbolic`, which works
+from the IR for any number of factors; they are not how einc computes the exponents.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+
+from ..ir import Structure
+
+#: index class (the operands it joins, A = the factor absorbed first) -> theta position
+_CLASS_POS = {frozenset("xA"): 0, frozenset("xB"): 1, frozenset("xAB"): 2,
+              frozenset("Ay"): 3, frozenset("By"): 4, frozenset("ABy"): 5, frozenset("AB"): 6}
+
+
+def closed_forms(theta) -> dict:
+    """omega, psi, nu of a point by the paper's formulas (square layer, d -> infinity)."""
+    a, b, g, dl, e, f, r = (Fraction(t) for t in theta)
+    m = min(a, e)
+    return {"omega": min(a + dl, b + e) - m, "psi": min(Fraction(1), 2 + r - a - e),
+            "nu": 1 + r - m, "redundant": m < min(b, dl), "degenerate": r > m}
+
+
+def theta_of(s: Structure):
+    """The theta point of a two-factor structure with growing sizes, else None."""
+    if len(s.factors) != 2 or s.moe is not None:
+        return None
+    sizes = s.sizes
+    if all(sz.is_const for sz in sizes.values()):
+        return None
+    a_name, b_name = (f.name for f in s.factors)
+    theta = [Fraction(0)] * 7
+    for name in s.index_names:
+        cls = s.index_class(name)
+        key = frozenset("x" if c == "x" else "y" if c == "y" else "A" if c == a_name else "B"
+                        for c in cls)
+        if key not in _CLASS_POS:
+            return None
+        theta[_CLASS_POS[key]] += sizes[name].exponent()
+    return tuple(theta)

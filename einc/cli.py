@@ -1,0 +1,77 @@
+"""The ``einc`` command line. Errors print as one message with a caret and exit with status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import EincError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors also exit 2, with a short message
+        self.print_usage(sys.stderr)
+        self.exit(2, f"einc: error: {message}\n")
+
+
+def _add_width(p):
+    p.add_argument("--d", type=int, help="width of a square layer (d_in = d_out = d)")
+    p.add_argument("--d-in", type=int, help="input width")
+    p.add_argument("--d-out", type=int, help="output width")
+    p.add_argument("--tolerance", type=float, default=0.15,
+                   help="largest padding accepted, as a fraction (default 0.15)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="einc", description="A symbolic structure compiler for efficient "
+                     "linear layers.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("analyze", help="parameters, FLOPs and taxonomy of a structure")
+    p.add_argument("spec", help='a structure: "ga,gafr,fgre->fe with ...", a theta point '
+                   '"(0.5|0|0.5|0|0.5|0.5|0)" or a preset such as btt')
+    _add_width(p)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(run=_analyze)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+def _analyze(args) -> int:
+    from .analysis import analyze
+
+    report = analyze(args.spec, args.d, d_in=args.d_in, d_out=args.d_out,
+                     tolerance=args.tolerance)
+    print(report.to_json(indent=2) if args.json else report)
+    return 0
+
+
+#: Other stages add their sub-commands here (``einc compile``, ``einc search`` ...).
+_EXTRA_COMMANDS: list = []
+
+
+def command(register):
+    _EXTRA_COMMANDS.append(register)
+    return register
+
+
+def main(argv=None) -> int:
+    from . import _commands  # noqa: F401  (registers the sub-commands of later stages)
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args) or 0
+    except EincError as e:
+        print(f"einc: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

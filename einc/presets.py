@@ -1,0 +1,177 @@
+"""Named structures, each lowered to an einsum (no special cases downstream).
+
+A preset is a function of size-valued keyword arguments returning the einsum's operands and
+its sizes; :func:`lower_preset` checks the arguments and hands the result to
+:func:`einc.parse.build` like any written einsum.
+"""
+from __future__ import annotations
+
+import inspect
+from fractions import Fraction
+
+from .errors import Pos, SizeError, UnknownNameError
+from .ir import MoE, Operand, Structure
+from .sizes import Size
+
+PRESETS: dict[str, callable] = {}
+
+
+def preset(fn):
+    """Register ``fn`` under its name; its keyword defaults are the documented defaults."""
+    PRESETS[fn.__name__.rstrip("_")] = fn
+    return fn
+
+
+
+D_IN, D_OUT = Size.symbol("d_in"), Size.symbol("d_out")
+
+
+@preset
+def dense():
+    """y[o] = x[i] W[i o]: the dense layer."""
+    return "x[i]", ["W[i o]"], "y[o]", {}
+
+
+@preset
+def lowrank(rank=1):
+    """y[o] = x[i] A[i r] B[r o]: rank-r factorisation."""
+    return "x[i]", ["A[i r]", "B[r o]"], "y[o]", {"r": rank}
+
+
+@preset
+def kron():
+    """y[k l] = x[i j] A[j l] B[i k]: Kronecker product B (x) A of two square-root-sized maps."""
+    return "x[i j]", ["A[j l]", "B[i k]"], "y[k l]", {
+        "i": D_IN ** Fraction(1, 2), "j": D_IN ** Fraction(1, 2),
+        "k": D_OUT ** Fraction(1, 2), "l": D_OUT ** Fraction(1, 2)}
+
+
+@preset
+def monarch(blocks=None):
+    """Monarch (BTT of rank 1) with ``blocks`` blocks on each side; default sqrt(d)."""
+    if blocks is None:
+        blocks = (D_IN * D_OUT) ** Fraction(1, 4)
+    return "x[g a]", ["A[g a f]", "B[f g e]"], "y[f e]", {"g": blocks, "f": blocks}
+
+
+@preset
+def btt(rank=1, cores=2):
+    """Block tensor-train: core k maps input index k (from the last) to output index k and
+    also carries the outputs already produced and the inputs not yet consumed."""
+    return _btt(rank, _int_param(cores, "cores", 2), shared_rank=False)
+
+
+@preset
+def tt(rank=1, cores=2):
+    """Tensor-train matrix (MPO): core k is [r_(k-1), i_k, o_k, r_k]."""
+    c = _int_param(cores, "cores", 2)
+    ins, outs, ranks = _names(c)
+    bond = [None] + ranks + [None]
+    cores_ = []
+    for k in range(c):
+        idx = [bond[k], ins[k], outs[k], bond[k + 1]]
+        cores_.append(_op(_core_name(k), [i for i in idx if i]))
+    sizes = {i: D_IN ** Fraction(1, c) for i in ins}
+    sizes.update({o: D_OUT ** Fraction(1, c) for o in outs})
+    sizes.update({r: rank for r in ranks})
+    return _op("x", ins), cores_, _op("y", outs), sizes
+
+
+@preset
+def bttmoe(experts=8, k=2, cores=2):
+    """BTT-MoE: ``experts`` rank-1 BTTs (the expert index joins every core); top-k routing."""
+    e = _int_param(experts, "experts", 1)
+    top = _int_param(k, "k", 1)
+    if top > e:
+        raise ValueError(f"k = {top} exceeds experts = {e}")
+    x, cores_, y, sizes = _btt(Size.const(e), _int_param(cores, "cores", 2), shared_rank=True)
+    return x, cores_, y, sizes, MoE("r", top)
+
+
+def _btt(rank, c: int, shared_rank: bool):
+    ins, outs, ranks = _names(c)
+    if shared_rank:
+        ranks = ["r"]
+    cores_ = []
+    for k in range(1, c + 1):
+        carried_out, produced = outs[:k - 1], outs[k - 1]
+        carried_in, consumed = ins[:c - k], ins[c - k]
+        if shared_rank:  # the expert index sits where the rank bonds would
+            before, after = (["r"], []) if k > 1 else ([], ["r"])
+        else:
+            before = [ranks[k - 2]] if k > 1 else []
+            after = [ranks[k - 1]] if k < c else []
+        cores_.append(_op(_core_name(k - 1),
+                          carried_out + carried_in + [consumed] + before + [produced] + after))
+    sizes = {i: D_IN ** Fraction(1, c) for i in ins}
+    sizes.update({o: D_OUT ** Fraction(1, c) for o in outs})
+    sizes.update({r: rank for r in ranks})
+    return _op("x", ins), cores_, _op("y", outs), sizes
+
+
+def _names(c: int):
+    if c == 2:  # the paper's spelling: ga,gafr,fgre->fe
+        return ["g", "a"], ["f", "e"], ["r"]
+    return ([f"i{k}" for k in range(1, c + 1)], [f"o{k}" for k in range(1, c + 1)],
+            [f"r{k}" for k in range(1, c)])
+
+
+def _core_name(k: int) -> str:
+    return "ABCDEFGHIJKLMNOPQRSTUVW"[k] if k < 23 else f"G{k}"
+
+
+def _op(name, indices) -> str:
+    return f"{name}[{' '.join(indices)}]"
+
+
+def _int_param(value, name: str, minimum: int) -> int:
+    v = value if isinstance(value, int) else (value.coeff if value.is_const else None)
+    if v is None or Fraction(v).denominator != 1 or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(v)
+
+
+def lower_preset(name: str, args, spec: str, pos: Pos, bindings=()) -> Structure:
+    from .syntax import Binding, build
+
+    if name not in PRESETS:
+        raise UnknownNameError(f"unknown preset {name!r}", spec, pos,
+                               f"known presets: {', '.join(sorted(PRESETS))}")
+    fn = PRESETS[name]
+    params = inspect.signature(fn).parameters
+    kwargs, arg_pos = {}, {}
+    for key, value, kpos, vpos in args:
+        if key not in params:
+            known = ", ".join(params) or "none"
+            raise UnknownNameError(f"preset {name!r} has no parameter {key!r}", spec, kpos,
+                                   f"its parameters: {known}")
+        if key in kwargs:
+            raise UnknownNameError(f"parameter {key!r} given twice", spec, kpos)
+        if value.is_const and (value.coeff.denominator != 1 or value.coeff <= 0):
+            raise SizeError(f"{key} = {value} is not a positive integer", spec, vpos)
+        kwargs[key], arg_pos[key] = value, vpos
+    try:
+        result = fn(**kwargs)
+    except ValueError as e:
+        bad = next((k for k in arg_pos if str(e).startswith(k + " ")), None)
+        raise SizeError(str(e), spec, arg_pos.get(bad, pos)) from None
+    x, factors, y, sizes, *rest = result
+    moe = rest[0] if rest else None
+    ops = [_parse_operand(t) for t in (x, *factors, y)]
+    given = [Binding(((i, None),), v if isinstance(v, Size) else Size.const(v))
+             for i, v in sizes.items()]
+    names = {i for op in ops for i in op.indices}
+    for b in bindings:
+        for n, p in b.names:
+            if n not in names:
+                raise SizeError(f"unknown index {n!r} in the sizes; {name} has indices "
+                                f"{', '.join(sorted(names))}", spec, p)
+    # Sizes written after `with` override the preset's own.
+    overridden = {n for b in bindings for n, _ in b.names}
+    given = [b for b in given if b.names[0][0] not in overridden] + list(bindings)
+    return build(ops[0], ops[1:-1], ops[-1], given, spec, moe=moe, origin=name)
+
+
+def _parse_operand(text: str) -> Operand:
+    name, rest = text.split("[")
+    return Operand(name, tuple(rest.rstrip("]").split()))

@@ -1,0 +1,390 @@
+"""Stage 1: spec text -> :class:`~einc.ir.Structure`.
+
+The grammar lives in ``grammar/einc.lark`` (shipped in the wheel as ``einc/grammar``).
+Every spelling (einsum, named einsum, theta point, preset) ends in :func:`build`, which
+checks the einsum and solves open sizes, so later stages see one kind of structure.
+"""
+from __future__ import annotations
+
+import functools
+import keyword
+from dataclasses import dataclass
+from fractions import Fraction
+from importlib import resources
+from pathlib import Path
+
+import lark
+
+from .errors import Pos, SizeError, SpecSyntaxError, StructureError, UnknownNameError
+from .ir import Index, MoE, Operand, Structure
+from .sizes import SYMBOLS, Size, is_positive_integer
+
+
+# ---------------------------------------------------------------------------- grammar
+def grammar_text() -> str:
+    try:
+        return resources.files("einc.grammar").joinpath("einc.lark").read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        # Running from a source checkout that was not installed.
+        return (Path(__file__).resolve().parent.parent / "grammar" / "einc.lark").read_text()
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> lark.Lark:
+    return lark.Lark(grammar_text(), parser="lalr", propagate_positions=True)
+
+
+_TERMINALS = {
+    "NAME": "a name", "NUMBER": "a number", "ARROW": "'->'", "COMMA": "','",
+    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "VBAR": "'|'",
+    "EQUAL": "'='", "_WITH": "'with'", "MULOP": "'*' or '/'", "POWOP": "'^'",
+    "ADDOP": "'+' or '-'", "MINUS": "'-'", "$END": "the end of the spec",
+}
+
+
+def _expected(names) -> str:
+    return ", ".join(sorted({_TERMINALS.get(n, n) for n in names}))
+
+
+@dataclass(frozen=True)
+class Binding:
+    """``names[0] = names[1] = ... = value``; ``value`` None is a tie without a size."""
+
+    names: tuple[tuple[str, Pos | None], ...]
+    value: Size | None = None
+    value_pos: Pos | None = None
+
+
+# ---------------------------------------------------------------------------- entry point
+def parse(spec: str) -> Structure:
+    """Parse a spec into a structure (cached: the IR is immutable)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"a spec is a string, not {type(spec).__name__}")
+    return _parse_cached(spec)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(spec: str) -> Structure:
+    if not spec.strip():
+        raise SpecSyntaxError(
+            "empty spec: expected an einsum (ga,gafr,fgre->fe), a theta point "
+            "((0.5|0|0.5|0|0.5|0.5|0)) or a preset name (dense, btt, ...)", spec, Pos.at(spec, 0))
+    tree = _lark_parse(spec)
+    body = tree.children[0]
+    bindings = _bindings(tree.children[1], spec) if len(tree.children) > 1 else []
+    if body.data == "compact":
+        return _compact(body, bindings, spec)
+    if body.data == "named":
+        return _named(body, bindings, spec)
+    if body.data == "theta":
+        from .theta import lower_theta
+        return lower_theta(_theta_values(body, spec), spec, _pos(body, spec), bindings)
+    from .presets import lower_preset
+    return lower_preset(body.children[0].value, _preset_args(body, spec), spec,
+                        _pos(body.children[0], spec), bindings)
+
+
+def _lark_parse(spec: str) -> lark.Tree:
+    try:
+        return _parser().parse(spec)
+    except lark.UnexpectedEOF as e:
+        raise SpecSyntaxError(f"the spec ends too early; expected {_expected(e.expected)}",
+                              spec, Pos.at(spec, max(len(spec) - 1, 0))) from None
+    except lark.UnexpectedCharacters as e:
+        ch = spec[e.pos_in_stream]
+        raise SpecSyntaxError(f"unexpected character {ch!r}; expected {_expected(e.allowed)}",
+                              spec, Pos.at(spec, e.pos_in_stream)) from None
+    except lark.UnexpectedToken as e:
+        tok = e.token
+        if tok.type == "$END":
+            raise SpecSyntaxError(f"the spec ends too early; expected {_expected(e.expected)}",
+                                  spec, Pos.at(spec, max(len(spec.rstrip()) - 1, 0))) from None
+        raise SpecSyntaxError(f"unexpected {tok.value!r}; expected {_expected(e.expected)}",
+                              spec, Pos.at(spec, tok.start_pos, tok.end_pos)) from None
+
+
+def _pos(node, spec: str) -> Pos:
+    if isinstance(node, lark.Token):
+        return Pos.at(spec, node.start_pos, node.end_pos)
+    return Pos.at(spec, node.meta.start_pos, node.meta.end_pos)
+
+
+# ---------------------------------------------------------------------------- einsum forms
+def _compact(body: lark.Tree, bindings: list[Binding], spec: str) -> Structure:
+    toks = [t for t in body.children if isinstance(t, lark.Token)]
+    arrow = next(i for i, t in enumerate(toks) if t.type == "ARROW")
+    terms, out = toks[:arrow], toks[arrow + 1:]
+
+    def operand(tok, name):
+        if tok is None:
+            return Operand(name, (), Pos.at(spec, body.meta.end_pos - 1), ())
+        for k, ch in enumerate(tok.value):
+            if not ch.isalpha():
+                raise StructureError(
+                    f"{ch!r} is not an index: the einsum spelling takes one letter per index "
+                    "(use the named form x[i1 i2] A[...] -> y[...] for longer names)",
+                    spec, Pos.at(spec, tok.start_pos + k))
+        return Operand(name, tuple(tok.value), _pos(tok, spec),
+                       tuple(Pos.at(spec, tok.start_pos + k) for k in range(len(tok.value))))
+
+    names = ["x"] + _factor_names(len(terms) - 1)
+    ops = [operand(t, n) for t, n in zip(terms, names)]
+    output = operand(out[0] if out else None, "y")
+    return build(ops[0], ops[1:], output, bindings, spec)
+
+
+def _factor_names(n: int) -> list[str]:
+    letters = "ABCDEFGHIJKLMNOPQRSTUVW"
+    return [letters[i] if i < len(letters) else f"F{i}" for i in range(n)]
+
+
+def _named(body: lark.Tree, bindings: list[Binding], spec: str) -> Structure:
+    ops = [c for c in body.children if isinstance(c, lark.Tree)]
+
+    def operand(node):
+        name, *idx = [t for t in node.children if t is not None]
+        return Operand(name.value, tuple(t.value for t in idx), _pos(name, spec),
+                       tuple(_pos(t, spec) for t in idx))
+
+    ops = [operand(o) for o in ops]
+    return build(ops[0], ops[1:-1], ops[-1], bindings, spec)
+
+
+# ---------------------------------------------------------------------------- sizes
+def _bindings(node: lark.Tree, spec: str) -> list[Binding]:
+    out = []
+    for b in node.children:
+        first, *rest = b.children
+        names = [(first.value, _pos(first, spec))]
+        value = value_pos = None
+        for k, item in enumerate(rest):
+            last = k == len(rest) - 1
+            if item.data == "symbol" and item.children[0].value not in SYMBOLS:
+                names.append((item.children[0].value, _pos(item, spec)))
+            elif last:
+                value, value_pos = eval_size(item, spec), _pos(item, spec)
+            else:
+                raise SpecSyntaxError("only index names may stand between '=' signs; "
+                                      "the size comes last (g = a = 32)", spec, _pos(item, spec))
+        out.append(Binding(tuple(names), value, value_pos))
+    return out
+
+
+def eval_size(node, spec: str) -> Size:
+    """Evaluate a size expression tree to a monomial."""
+    if isinstance(node, lark.Token):
+        raise SpecSyntaxError("expected a size expression", spec, _pos(node, spec))
+    kind = node.data
+    if kind == "number":
+        return Size.const(Fraction(node.children[0].value))
+    if kind == "symbol":
+        name = node.children[0].value
+        if name not in SYMBOLS:
+            raise SizeError(f"unknown size symbol {name!r}; sizes may use numbers and "
+                            f"{', '.join(SYMBOLS)}", spec, _pos(node, spec))
+        return Size.symbol(name)
+    if kind == "neg":
+        raise SizeError("sizes must be positive", spec, _pos(node, spec))
+    if kind == "add":
+        raise SizeError("sizes are products, quotients and powers (no sums): write 2*d, "
+                        "d/4 or d^(1/2)", spec, _pos(node.children[1], spec))
+    left, op, right = node.children
+    if kind == "mul":
+        a, b = eval_size(left, spec), eval_size(right, spec)
+        return a * b if op.value == "*" else a / b
+    if kind == "pow":
+        exponent = _exponent(right, spec)
+        try:
+            return eval_size(left, spec) ** exponent
+        except ValueError as e:
+            raise SizeError(str(e), spec, _pos(node, spec)) from None
+    raise SpecSyntaxError(f"unexpected {kind}", spec, _pos(node, spec))  # pragma: no cover
+
+
+def _exponent(node, spec: str) -> Fraction:
+    if isinstance(node, lark.Tree) and node.data == "neg":
+        return -_exponent(node.children[0], spec)
+    value = eval_size(node, spec)
+    if not value.is_const:
+        raise SizeError("an exponent must be a number", spec, _pos(node, spec))
+    return Fraction(value.coeff)
+
+
+def _theta_values(body: lark.Tree, spec: str) -> list[tuple[Fraction, Pos]]:
+    out = []
+    for item in body.children:
+        if isinstance(item, lark.Tree) and item.data == "neg":
+            raise SizeError("theta exponents lie in [0, 1]", spec, _pos(item, spec))
+        value = eval_size(item, spec)
+        if not value.is_const:
+            raise SizeError("theta exponents are numbers", spec, _pos(item, spec))
+        out.append((Fraction(value.coeff), _pos(item, spec)))
+    return out
+
+
+def _preset_args(body: lark.Tree, spec: str) -> list[tuple[str, Size, Pos, Pos]]:
+    args = []
+    for arg in body.children[1:]:
+        if arg is None:
+            continue
+        name, value = arg.children
+        args.append((name.value, eval_size(value, spec), _pos(name, spec), _pos(value, spec)))
+    return args
+
+
+# ---------------------------------------------------------------------------- checks + solve
+def build(inp: Operand, factors, output: Operand, bindings: list[Binding], spec: str, *,
+          moe: MoE | None = None, origin: str = "einsum", theta=None) -> Structure:
+    """Check an einsum and solve its sizes; every spelling of a structure goes through here."""
+    factors = tuple(factors)
+    _check_names(inp, factors, output, spec)
+    _check_indices(inp, factors, output, spec)
+    order = []
+    for op in (inp, *factors, output):
+        order += [i for i in op.indices if i not in order]
+    sizes = solve_sizes(order, inp, output, bindings, spec)
+    first_pos = {}
+    for op in (inp, *factors, output):
+        for i, p in zip(op.indices, op.index_pos or [None] * len(op.indices)):
+            first_pos.setdefault(i, p)
+    indices = tuple(Index(i, sizes[i], first_pos.get(i)) for i in order)
+    return Structure(inp, factors, output, indices, moe=moe, source=spec, origin=origin,
+                     theta=theta)
+
+
+def _check_names(inp, factors, output, spec):
+    if not factors:
+        raise StructureError("a structure needs at least one weight factor after the input "
+                             "(for example x[i] W[i o] -> y[o])", spec, inp.pos)
+    seen = {}
+    for op in (inp, *factors, output):
+        _check_identifier(op.name, "operand", spec, op.pos)
+        if op.name in seen:
+            raise StructureError(f"duplicate operand name {op.name!r}: factor names must be "
+                                 "unique", spec, op.pos)
+        seen[op.name] = op
+        for i, p in zip(op.indices, op.index_pos or [None] * len(op.indices)):
+            _check_identifier(i, "index", spec, p)
+
+
+def _check_identifier(name: str, what: str, spec, pos):
+    if keyword.iskeyword(name) or name.startswith("__"):
+        raise StructureError(f"{what} name {name!r} is reserved (a Python keyword or dunder "
+                             "name); choose another", spec, pos)
+
+
+def _check_indices(inp, factors, output, spec):
+    where = lambda op, k: op.index_pos[k] if op.index_pos else op.pos
+    for op in (inp, *factors, output):
+        dup = [k for k, i in enumerate(op.indices) if op.indices.index(i) != k]
+        if dup:
+            raise StructureError(f"index {op.indices[dup[0]]!r} appears twice in {op.name}: "
+                                 "diagonals are not linear layers einc supports", spec,
+                                 where(op, dup[0]))
+    if not inp.indices:
+        raise StructureError("the input has no indices", spec, inp.pos)
+    if not output.indices:
+        raise StructureError("the output has no indices: write at least one after '->'",
+                             spec, output.pos)
+    in_factors = {i for f in factors for i in f.indices}
+    for k, i in enumerate(output.indices):
+        if i not in inp.indices and i not in in_factors:
+            raise StructureError(f"output index {i!r} appears in no operand", spec,
+                                 where(output, k))
+    for op, role in ((inp, "input"), (output, "output")):
+        for k, i in enumerate(op.indices):
+            if i not in in_factors:
+                raise StructureError(f"{role} index {i!r} is touched by no factor: every "
+                                     "index of the input and output must meet a weight",
+                                     spec, where(op, k))
+    for f in factors:
+        for k, i in enumerate(f.indices):
+            count = sum(i in op.indices for op in (inp, *factors, output))
+            if count == 1:
+                raise StructureError(
+                    f"index {i!r} appears only in {f.name}: an index must join at least two "
+                    "tensors (sum it out of the factor instead)", spec, where(f, k))
+
+
+def solve_sizes(order, inp: Operand, output: Operand, bindings: list[Binding], spec: str):
+    """Assign a Size to every index: given values, ties, then d_in / d_out products."""
+    parent = {i: i for i in order}
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    values: dict[str, tuple[Size, Pos | None]] = {}
+
+    def give(root, value, pos, name):
+        if root in values and values[root][0] != value:
+            raise SizeError(f"index {name!r} is given two sizes: {values[root][0]} and "
+                            f"{value}", spec, pos)
+        values.setdefault(root, (value, pos))
+
+    def union(a, b, pos):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[rb] = ra
+            if rb in values:
+                give(ra, *values.pop(rb), a)
+
+    for b in bindings:
+        for name, pos in b.names:
+            if name not in parent:
+                raise SizeError(f"unknown index {name!r} in the sizes; the indices are "
+                                f"{', '.join(order)}", spec, pos)
+        if b.value is not None and b.value.is_const and not is_positive_integer(b.value.coeff):
+            raise SizeError(f"size {b.value} is not a positive integer", spec, b.value_pos)
+        first = b.names[0][0]
+        for name, pos in b.names[1:]:
+            union(first, name, pos)
+        if b.value is not None:
+            give(find(first), b.value, b.value_pos, first)
+
+    def solve(op: Operand, total: Size, what: str):
+        known, open_groups = Size.const(1), {}
+        for i in op.indices:
+            r = find(i)
+            if r in values:
+                known = known * values[r][0]
+            else:
+                open_groups[r] = open_groups.get(r, 0) + 1
+        if len(open_groups) > 1:
+            names = [i for i in op.indices if find(i) in open_groups]
+            raise SizeError(
+                f"cannot solve the sizes of {', '.join(names)} from {what} alone: give them, "
+                f"for example `with {' = '.join(names)} = {what}^(1/{len(names)})`, or tie "
+                "them with `=`", spec, op.pos)
+        for r, m in open_groups.items():
+            values[r] = ((total / known) ** Fraction(1, m), None)
+
+    solve(inp, Size.symbol("d_in"), "d_in")
+    solve(output, Size.symbol("d_out"), "d_out")
+    missing = [i for i in order if find(i) not in values]
+    if missing:
+        raise SizeError(f"the size of {', '.join(missing)} is not given and cannot be solved "
+                        "from d_in or d_out: add it after `with`", spec,
+                        Pos.at(spec, len(spec.rstrip()) - 1) if spec else None)
+    sizes = {i: values[find(i)][0] for i in order}
+    for op, what in ((inp, "d_in"), (output, "d_out")):
+        _check_product(op, sizes, what, spec)
+    return sizes
+
+
+def _check_product(op: Operand, sizes, what: str, spec: str):
+    total = Size.const(1)
+    for i in op.indices:
+        total = total * sizes[i]
+    ok = total.is_const or (total.coeff == 1 and len(total.powers) == 1 and
+                            total.powers[0] in ((what, 1), ("d", 1)))
+    if not ok:
+        raise SizeError(f"the sizes of {op.name}[{' '.join(op.indices)}] multiply to {total}, "
+                        f"which cannot match {what}", spec, op.pos)
+
+
+def preset_error(message, spec, pos, known=None):
+    hint = f"known: {', '.join(known)}" if known else None
+    return UnknownNameError(message, spec, pos, hint)
