@@ -1,7 +1,10 @@
 """einc: a symbolic structure compiler for efficient linear layers.
 
-Stages, each a module or subpackage: ``parse`` (spec text -> IR), ``ir``, ``analysis``
-(exact counts and taxonomy), ``space`` (search), ``codegen``/``runtime`` (torch modules).
+Stages, each a module or subpackage, in the order data flows through them:
+``syntax`` (spec text -> IR), ``ir``, ``analysis`` (exact counts and taxonomy),
+``space`` (enumerate and rank structures), ``codegen`` (plans and emitted source),
+``runtime`` (torch modules), ``moe`` (BTT-MoE), ``kernels`` (GPU kernels),
+``experiments`` (training harness).
 """
 from .analysis import analyze
 from .errors import (CompileError, EincError, SizeError, SpecSyntaxError, StructureError,
@@ -11,5 +14,24 @@ from .syntax import parse
 
 __version__ = "0.1.0"
 
+# Later stages import torch; load them on first use so `einc analyze` starts fast.
+_LAZY = {
+    "compile": "einc.runtime", "StructuredLinear": "einc.runtime",
+    "replace_linear": "einc.runtime", "param_groups": "einc.runtime",
+    "BTTMoE": "einc.moe", "moe_aux_loss": "einc.moe",
+    "search": "einc.space",
+    "experiments": "einc.experiments",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        return module if module.__name__.endswith(name) else getattr(module, name)
+    raise AttributeError(f"module 'einc' has no attribute {name!r}")
+
+
 __all__ = ["parse", "analyze", "Structure", "EincError", "SpecSyntaxError", "StructureError",
-           "SizeError", "UnknownNameError", "CompileError"]
+           "SizeError", "UnknownNameError", "CompileError", *_LAZY]

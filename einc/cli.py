@@ -71,6 +71,8 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `einc ... | head`
+        return 0
 
 
 if __name__ == "__main__":
