@@ -1,0 +1,23 @@
+"""Mixture-of-experts layers built from BTT cores (rank index = expert index)."""
+
+from .dispatch import (
+    btt_dense,
+    btt_moe_masked,
+    btt_moe_sparse,
+    dense_gates,
+    grouped_mm_available,
+    route,
+)
+
+__all__ = [
+    "route",
+    "dense_gates",
+    "btt_dense",
+    "btt_moe_masked",
+    "btt_moe_sparse",
+    "grouped_mm_available",
+]
+
+from .layer import BTTMoE, moe_aux_loss, near_square_factors  # noqa: E402
+
+__all__ += ["BTTMoE", "moe_aux_loss", "near_square_factors"]

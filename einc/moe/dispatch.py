@@ -1,0 +1,500 @@
+"""Token routing and expert dispatch for BTT mixtures of experts.
+
+A two-core BTT written as the einsum ``ga,gafr,fgre->fe`` has a rank index
+``r``.  Reading each rank slice as an expert gives ``E`` rank-1 BTTs::
+
+    y_r[f, e] = sum_{g, a} x[g, a] * A[g, a, f, r] * B[f, g, r, e]
+
+A router picks ``k`` experts per token and mixes them with softmax weights::
+
+    y = sum_{r in topk} w_r * y_r
+
+Shapes used throughout this module:
+
+* ``x``: ``(N, g, a)``, one row per token (the row-major ``(g, a)`` view of a
+  length ``g * a`` input vector);
+* ``A``: ``(g, a, f, E)``;  ``B``: ``(f, g, E, e)``;
+* ``expert_idx``: ``(N, k)`` long, ``gate``: ``(N, k)``;
+* result: ``(N, f, e)``.
+
+Three ways to evaluate it are provided:
+
+* :func:`btt_dense` -- a plain BTT over the full rank with good batched
+  matmuls, optionally scaling the rank slices of the intermediate by a dense
+  ``(N, E)`` matrix.  With a rank-``k`` BTT this is the cost floor of perfect
+  dispatch.
+* :func:`btt_moe_masked` -- the reference: every expert for every token, then
+  a dense gate matrix that is zero off the top-k.  Costs ``E / k`` times the
+  useful work.
+* :func:`btt_moe_sparse` -- real sparse compute: the ``N * k`` (token, expert)
+  slots are sorted by expert, token rows are gathered once, both cores run as
+  grouped matmuls whose groups are (batch index, expert) pairs, and the gated
+  results are scattered back to their tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "route",
+    "dense_gates",
+    "btt_dense",
+    "btt_moe_masked",
+    "btt_moe_sparse",
+    "grouped_mm_available",
+]
+
+
+# --------------------------------------------------------------------------
+# routing
+# --------------------------------------------------------------------------
+
+
+def route(logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Top-``k`` routing.
+
+    Returns ``(expert_idx, gate)``, both ``(N, k)``: the selected experts in
+    decreasing order of logit, and the softmax over the ``k`` selected logits.
+    Ties are broken deterministically towards the lower expert index (a stable
+    descending sort), so zero-initialised routers pick experts ``0..k-1``.
+    Gradients flow from ``gate`` into ``logits``.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, E), got shape {tuple(logits.shape)}")
+    E = logits.shape[1]
+    if not 1 <= k <= E:
+        raise ValueError(f"k must be in [1, {E}], got {k}")
+    values, order = torch.sort(logits, dim=1, descending=True, stable=True)
+    expert_idx = order[:, :k]
+    gate = torch.softmax(values[:, :k], dim=1)
+    return expert_idx, gate
+
+
+def dense_gates(expert_idx: Tensor, gate: Tensor, experts: int) -> Tensor:
+    """The ``(N, E)`` gate matrix: ``gate`` at the selected experts, zero elsewhere."""
+    N = expert_idx.shape[0]
+    return gate.new_zeros(N, experts).scatter(1, expert_idx, gate)
+
+
+# --------------------------------------------------------------------------
+# dense / masked evaluation
+# --------------------------------------------------------------------------
+
+
+def _check_shapes(x: Tensor, A: Tensor, B: Tensor) -> Tuple[int, int, int, int, int]:
+    if x.dim() != 3:
+        raise ValueError(f"x must be (N, g, a), got shape {tuple(x.shape)}")
+    if A.dim() != 4 or B.dim() != 4:
+        raise ValueError("A must be (g, a, f, E) and B must be (f, g, E, e)")
+    g, a, f, E = A.shape
+    fb, gb, Eb, e = B.shape
+    if x.shape[1:] != (g, a) or (fb, gb, Eb) != (f, g, E):
+        raise ValueError(
+            f"inconsistent shapes: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}"
+        )
+    return g, a, f, E, e
+
+
+def btt_dense(x: Tensor, A: Tensor, B: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+    """Plain two-core BTT ``ga,gafr,fgre->fe`` for a batch ``x`` of shape ``(N, g, a)``.
+
+    ``scale`` (optional, ``(N, E)``) multiplies the rank slices of the
+    intermediate ``Z[n, g, f, r]`` before the second core.  Evaluated as two
+    batched matmuls: batch ``g`` contracting ``a``, then batch ``f``
+    contracting ``(g, r)``.
+    """
+    g, a, f, E, e = _check_shapes(x, A, B)
+    N = x.shape[0]
+    # step 1: (g, N, a) @ (g, a, f*E) -> (g, N, f*E)
+    z = torch.bmm(x.transpose(0, 1), A.reshape(g, a, f * E))
+    z = z.view(g, N, f, E)
+    if scale is not None:
+        z = z * scale.view(1, N, 1, E)
+    # step 2: (f, N, g*E) @ (f, g*E, e) -> (f, N, e)
+    zt = z.permute(2, 1, 0, 3).reshape(f, N, g * E)
+    y = torch.bmm(zt, B.reshape(f, g * E, e))
+    return y.transpose(0, 1)
+
+
+def btt_moe_masked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Tensor) -> Tensor:
+    """Reference BTT-MoE: compute every expert for every token, then mask.
+
+    The rank slices of the intermediate are weighted by the dense ``(N, E)``
+    gate matrix (zero off the top-k).  Returns ``(N, f, e)``.
+    """
+    E = A.shape[3]
+    return btt_dense(x, A, B, scale=dense_gates(expert_idx, gate.to(x.dtype), E))
+
+
+# --------------------------------------------------------------------------
+# grouped matmul kernels
+# --------------------------------------------------------------------------
+#
+# ``gmm(a, b, offs)`` computes, for a 2-D ``a`` of shape (M, K) whose rows are
+# cut into G consecutive groups ending at ``offs`` (int32, offs[-1] == M) and
+# ``b`` of shape (G, K, N), the (M, N) result whose rows of group i are
+# ``a[rows_i] @ b[i]``.
+
+
+_GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_works(device_type: str, device_index: Optional[int], dtype: torch.dtype) -> bool:
+    """Probe once whether ``grouped_mm`` runs (forward and both backward forms) here."""
+    fn = getattr(F, "grouped_mm", None)
+    if fn is None or dtype not in _GMM_DTYPES:
+        return False
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    try:
+        K = N = 16
+        a = torch.randn(24, K, device=device).to(dtype)
+        b = torch.randn(3, K, N, device=device).to(dtype)
+        offs = torch.tensor([8, 8, 24], dtype=torch.int32, device=device)
+        out = fn(a, b, offs=offs)
+        ga = fn(out, b.transpose(1, 2), offs=offs)
+        gb = fn(a.t(), out, offs=offs)
+        ref = torch.cat([a[:8].float() @ b[0].float(), a[8:].float() @ b[2].float()])
+        tol = 1e-3 if dtype == torch.float32 else 1e-1
+        ok = (
+            out.shape == (24, N)
+            and ga.shape == (24, K)
+            and gb.shape == (3, K, N)
+            and torch.allclose(out.float(), ref, rtol=tol, atol=tol * 16)
+            and bool((gb[1] == 0).all())
+        )
+        return bool(ok)
+    except Exception:  # unsupported device / dtype / build
+        return False
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` supports this device and dtype."""
+    device = torch.device(device)
+    return _grouped_mm_works(device.type, device.index, dtype)
+
+
+def _aligned(dtype: torch.dtype, *sizes: int) -> bool:
+    # grouped_mm needs every non-unit stride to be a multiple of 16 bytes
+    elem = torch.empty((), dtype=dtype).element_size()
+    return all((s * elem) % 16 == 0 for s in sizes)
+
+
+class _GroupedMM(torch.autograd.Function):
+    """Differentiable ``grouped_mm(a, b, offs)`` whose backward is grouped as well."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b, offs)
+        return F.grouped_mm(a, b, offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        a, b, offs = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # (M, N) x (G, N, K) -> (M, K)
+            grad_a = F.grouped_mm(grad_out, b.transpose(1, 2), offs=offs)
+        if ctx.needs_input_grad[1]:
+            # (K, M) x (M, N) with jagged M -> (G, K, N); empty groups give zeros
+            grad_b = F.grouped_mm(a.t(), grad_out, offs=offs)
+        return grad_a, grad_b, None
+
+
+def _gmm_grouped(a: Tensor, b: Tensor, offs: Tensor, counts: Tensor) -> Tensor:
+    return _GroupedMM.apply(a, b, offs)
+
+
+# --------------------------------------------------------------------------
+# token dispatch (gather) and combine (scatter)
+# --------------------------------------------------------------------------
+
+
+class _Dispatch(torch.autograd.Function):
+    """Gather token rows into expert-sorted slots along ``dim``.
+
+    Forward: ``x.index_select(dim, token_sorted)``.  Each token occupies
+    exactly ``k`` slots, so the backward sums, in a fixed order, the ``k``
+    slot gradients of each token found through the inverse permutation
+    (no atomics, bitwise reproducible).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, token_sorted: Tensor, inverse: Tensor, k: int, dim: int) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k, ctx.dim, ctx.n = k, dim, x.shape[dim]
+        return x.index_select(dim, token_sorted)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        g = grad.index_select(ctx.dim, inverse)
+        g = g.unflatten(ctx.dim, (ctx.n, ctx.k)).sum(ctx.dim + 1)
+        return g, None, None, None, None
+
+
+class _Unsort(torch.autograd.Function):
+    """Apply the permutation ``inverse`` along ``dim``; backward applies ``order``.
+
+    Both directions are gathers, so no scatter (and no atomics) is involved.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, inverse: Tensor, order: Tensor, dim: int) -> Tensor:
+        ctx.save_for_backward(order)
+        ctx.dim = dim
+        return y.index_select(dim, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (order,) = ctx.saved_tensors
+        return grad.index_select(ctx.dim, order), None, None, None
+
+
+# --------------------------------------------------------------------------
+# sparse BTT-MoE
+# --------------------------------------------------------------------------
+
+
+def _sort_slots(expert_idx: Tensor, E: int):
+    """Sort the ``N * k`` slots by expert (stable, so ties keep token order)."""
+    N, k = expert_idx.shape
+    flat = expert_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # slot ids, grouped by expert
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    token_sorted = torch.div(order, k, rounding_mode="floor")
+    counts = torch.bincount(flat, minlength=E)
+    return order, inverse, token_sorted, counts
+
+
+def _sparse_grouped(x, A, B, expert_idx, gate, deterministic):
+    """Grouped-matmul formulation (``torch.nn.functional.grouped_mm``, no host sync).
+
+    Rows are laid out ``(g, S)`` for core A (groups ``(g, expert)``) and
+    ``(f, S)`` for core B (groups ``(f, expert)``), with one transpose of the
+    intermediate in between.
+    """
+    g, a, f, E, e = _check_shapes(x, A, B)
+    N, k = expert_idx.shape
+    S = N * k
+    order, inverse, token_sorted, counts = _sort_slots(expert_idx, E)
+    ends = torch.cumsum(counts, 0)
+
+    def offsets(batch: int) -> Tensor:
+        base = torch.arange(batch, device=x.device, dtype=ends.dtype) * S
+        return (base[:, None] + ends[None, :]).reshape(-1).to(torch.int32)
+
+    # core A: gather tokens straight into (g, S, a); groups (g, r)
+    xs = _Dispatch.apply(x.transpose(0, 1), token_sorted, inverse, k, 1)
+    A_g = A.permute(0, 3, 1, 2).reshape(g * E, a, f)
+    z = _GroupedMM.apply(xs.reshape(g * S, a), A_g, offsets(g))  # (g*S, f)
+    # core B: (f, S, g); groups (f, r)
+    zt = z.view(g, S, f).permute(2, 1, 0).reshape(f * S, g)
+    B_f = B.permute(0, 2, 1, 3).reshape(f * E, g, e)
+    y = _GroupedMM.apply(zt, B_f, offsets(f)).view(f, S, e)
+    # gate and combine the k slots of every token
+    if deterministic:
+        y = _Unsort.apply(y, inverse, order, 1).view(f, N, k, e)
+        return (y * gate.view(1, N, k, 1)).sum(2).transpose(0, 1)
+    gate_sorted = gate.reshape(-1).index_select(0, order)
+    y = y * gate_sorted.view(1, S, 1)
+    return y.new_zeros(f, N, e).index_add(1, token_sorted, y).transpose(0, 1)
+
+
+def _padded_plan(expert_idx: Tensor, E: int):
+    """Slot placement for the padded layout: expert ``r`` owns rows ``[r*C, (r+1)*C)``.
+
+    Returns ``(C, slot_row, row_token)``: the capacity ``C`` (largest expert
+    load; one host sync), the padded row of every slot in ``(token, choice)``
+    order, and the token of every padded row (padding rows point at token 0;
+    their values never reach the output and their gradients are zero).
+    """
+    N, k = expert_idx.shape
+    S = N * k
+    dev = expert_idx.device
+    flat = expert_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    C = int(counts.max()) if S else 0  # host sync
+    starts = torch.cumsum(counts, 0) - counts
+    e_sorted = flat.index_select(0, order)
+    row_sorted = e_sorted * C + (torch.arange(S, device=dev) - starts.index_select(0, e_sorted))
+    slot_row = torch.empty_like(order)
+    slot_row[order] = row_sorted
+    row_token = torch.zeros(E * C, dtype=torch.long, device=dev)
+    row_token[row_sorted] = torch.div(order, k, rounding_mode="floor")
+    return C, slot_row, row_token
+
+
+class _StridedMoE(torch.autograd.Function):
+    """Padded-layout BTT-MoE with strided batched matmuls (one ``bmm`` per core slice).
+
+    Layouts (``P = E * C`` padded rows, expert-major):
+
+    * ``xs`` ``(P, g, a)``: gathered token rows;
+    * ``z``  ``(f, g, P)``: intermediate, written by core A as ``(E, f, C)``
+      row-major slices and read by core B as ``(E, C, g)`` column-major slices,
+      so no transpose copy is ever made;
+    * ``u``  ``(P, f, e)``: expert outputs, token-major.
+
+    Core A runs as ``g`` batched matmuls over experts, core B as ``f``; the
+    backward uses the same slices.  The ``k`` slots of each token are combined
+    by a gather and a batched ``(1 x k) @ (k x d)`` product with the gates,
+    which is a fixed-order sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, gate, C, slot_row, row_token, deterministic):
+        N, g, a = x.shape
+        _, _, f, E = A.shape
+        e = B.shape[3]
+        k = gate.shape[1]
+        P = E * C
+        Ag = A.permute(0, 3, 1, 2).contiguous()  # (g, E, a, f); free if stored so
+        Bf = B.permute(0, 2, 1, 3).contiguous()  # (f, E, g, e)
+        xs = x.reshape(N, g * a).index_select(0, row_token).view(P, g, a)
+        z = x.new_empty(f, g, P)
+        for i in range(g):
+            # z^T slice (E, f, C) = A_i^T (E, f, a) @ xs_i^T (E, a, C)
+            torch.bmm(
+                Ag[i].transpose(1, 2),
+                xs[:, i, :].view(E, C, a).transpose(1, 2),
+                out=z[:, i, :].view(f, E, C).transpose(0, 1),
+            )
+        u = x.new_empty(P, f, e)
+        for j in range(f):
+            # (E, C, g) @ (E, g, e) -> (E, C, e)
+            torch.bmm(z[j].view(g, E, C).permute(1, 2, 0), Bf[j], out=u[:, j, :].view(E, C, e))
+        v = u.view(P, f * e).index_select(0, slot_row).view(N, k, f * e)
+        out = torch.bmm(gate.view(N, 1, k), v).view(N, f, e)
+        ctx.save_for_backward(xs, z, v, gate, Ag, Bf, slot_row, row_token)
+        ctx.dims = (N, g, a, f, E, e, k, C)
+        ctx.deterministic = deterministic
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xs, z, v, gate, Ag, Bf, slot_row, row_token = ctx.saved_tensors
+        N, g, a, f, E, e, k, C = ctx.dims
+        P = E * C
+        need_x, need_A, need_B, need_gate = ctx.needs_input_grad[:4]
+        go = grad_out.reshape(N, f * e).contiguous()
+        grad_x = grad_A = grad_B = grad_gate = None
+        if need_gate:
+            grad_gate = torch.bmm(v, go.unsqueeze(2)).view(N, k)
+        # gradient of every padded row of u: gate * grad_out[token]; zero on padding
+        gate_row = gate.new_zeros(P)
+        gate_row[slot_row] = gate.reshape(-1)
+        gu = go.index_select(0, row_token).mul_(gate_row.unsqueeze(1)).view(P, f, e)
+        grad_z = gu.new_empty(f, g, P) if (need_x or need_A) else None
+        gB = gu.new_empty(f, E, g, e) if need_B else None
+        for j in range(f):
+            gu_j = gu[:, j, :].view(E, C, e)
+            zj = z[j].view(g, E, C).transpose(0, 1)  # (E, g, C)
+            if grad_z is not None:
+                # (E, g, e) @ (E, e, C) -> (E, g, C)
+                torch.bmm(Bf[j], gu_j.transpose(1, 2), out=grad_z[j].view(g, E, C).transpose(0, 1))
+            if gB is not None:
+                torch.bmm(zj, gu_j, out=gB[j])  # (E, g, C) @ (E, C, e)
+        if grad_z is not None:
+            grad_xs = gu.new_empty(P, g, a) if need_x else None
+            gA = gu.new_empty(g, E, a, f) if need_A else None
+            for i in range(g):
+                gz_i = grad_z[:, i, :].view(f, E, C).permute(1, 2, 0)  # (E, C, f)
+                if grad_xs is not None:
+                    torch.bmm(gz_i, Ag[i].transpose(1, 2), out=grad_xs[:, i, :].view(E, C, a))
+                if gA is not None:
+                    torch.bmm(xs[:, i, :].view(E, C, a).transpose(1, 2), gz_i, out=gA[i])
+            if need_x:
+                flat = grad_xs.view(P, g * a)
+                if ctx.deterministic:
+                    grad_x = flat.index_select(0, slot_row).view(N, k, g * a).sum(1)
+                else:
+                    grad_x = flat.new_zeros(N, g * a).index_add_(0, row_token, flat)
+                grad_x = grad_x.view(N, g, a)
+            if need_A:
+                grad_A = gA.permute(0, 2, 3, 1)
+        if need_B:
+            grad_B = gB.permute(0, 2, 1, 3)
+        return grad_x, grad_A, grad_B, grad_gate, None, None, None, None
+
+
+def _sparse_strided(x, A, B, expert_idx, gate, deterministic, plan=None):
+    E = A.shape[3]
+    C, slot_row, row_token = plan if plan is not None else _padded_plan(expert_idx, E)
+    return _StridedMoE.apply(x, A, B, gate, C, slot_row, row_token, deterministic)
+
+
+#: padded rows allowed, as a multiple of the N*k real slots, before ``auto``
+#: prefers grouped_mm (when available) over the padded strided kernels
+PADDING_LIMIT = 1.5
+
+
+def btt_moe_sparse(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    expert_idx: Tensor,
+    gate: Tensor,
+    deterministic: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """BTT-MoE where each token only runs its ``k`` selected experts.
+
+    The ``S = N * k`` (token, expert) slots are sorted by expert (stable
+    sort), token rows are gathered once, each core runs as batched/grouped
+    matmuls whose groups are (core batch index, expert) pairs -- core A as
+    ``(g, expert)`` with ``A`` viewed as ``(g, E, a, f)``, core B as
+    ``(f, expert)`` with ``B`` viewed as ``(f, E, g, e)`` -- and the gated slot
+    results are added back to their tokens.  No Python loop over experts.
+
+    Backends:
+
+    * ``"strided"``: padded expert-major layout (capacity = largest expert
+      load, one host sync) and ``bmm`` calls on strided slices, arranged so
+      that no transpose of the intermediate is ever materialised.  Fastest on
+      CPU; works for every dtype.  Costs ``E * C / (N * k)`` times the useful
+      work when the load is unbalanced.
+    * ``"grouped_mm"``: ``torch.nn.functional.grouped_mm`` with jagged
+      offsets (no padding, no host sync); needs a device/dtype it supports and
+      sizes giving 16-byte aligned strides.
+    * ``"auto"``: grouped_mm on accelerators when supported; on CPU the
+      strided kernels unless the padding exceeds ``PADDING_LIMIT`` and
+      grouped_mm is supported.
+
+    ``deterministic=True`` makes every reduction a gather followed by a
+    fixed-order sum (no ``index_add_``), so results are bitwise reproducible
+    on every device.  Gradients flow to ``x``, ``A``, ``B`` and ``gate``.
+    Returns ``(N, f, e)``.
+    """
+    g, a, f, E, e = _check_shapes(x, A, B)
+    N, k = expert_idx.shape
+    if gate.shape != (N, k) or x.shape[0] != N:
+        raise ValueError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
+    if backend not in ("auto", "grouped_mm", "strided"):
+        raise ValueError(f"unknown backend {backend!r}")
+    gate = gate.to(x.dtype)
+    gmm_ok = grouped_mm_available(x.device, x.dtype) and _aligned(x.dtype, g, a, f, e)
+    if backend == "grouped_mm":
+        if not gmm_ok:
+            raise RuntimeError(
+                f"grouped_mm unsupported for device={x.device}, dtype={x.dtype}, "
+                f"sizes g={g}, a={a}, f={f}, e={e} (needs 16-byte aligned strides)"
+            )
+        return _sparse_grouped(x, A, B, expert_idx, gate, deterministic)
+    if backend == "auto" and gmm_ok:
+        if x.device.type != "cpu":
+            return _sparse_grouped(x, A, B, expert_idx, gate, deterministic)
+        plan = _padded_plan(expert_idx, E)
+        if E * plan[0] > PADDING_LIMIT * N * k:
+            return _sparse_grouped(x, A, B, expert_idx, gate, deterministic)
+        return _sparse_strided(x, A, B, expert_idx, gate, deterministic, plan)
+    return _sparse_strided(x, A, B, expert_idx, gate, deterministic)

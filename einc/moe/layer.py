@@ -1,0 +1,248 @@
+"""``BTTMoE``: a BTT layer whose rank index is an expert index.
+
+The layer is the two-core BTT ``ga,gafr,fgre->fe`` with rank ``r`` of size
+``E`` (the number of experts).  Expert ``r`` is the rank-1 BTT
+
+    y_r[f, e] = sum_{g, a} x[g, a] A[g, a, f, r] B[f, g, r, e]
+
+and a router (``nn.Linear(in_features, E)``, zero-initialised) picks the top
+``k`` experts of every token; the softmax over the ``k`` selected logits
+weights them.  The forward pass runs only the selected experts
+(:func:`einc.moe.dispatch.btt_moe_sparse`); :meth:`BTTMoE.forward_masked`
+evaluates the same function by computing every expert and masking.
+
+Each forward pass stores ``aux_loss``: the switch load-balancing loss
+``E * sum_r f_r * P_r`` (``f_r``: fraction of the ``N * k`` token slots sent to
+``r``; ``P_r``: mean softmax probability of ``r`` over all ``E`` logits) plus
+``0.1 *`` the router z-loss ``mean(logsumexp(logits) ** 2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .dispatch import btt_moe_masked, btt_moe_sparse, route
+
+__all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
+
+Z_LOSS_WEIGHT = 0.1
+
+
+def near_square_factors(n: int, max_ratio: float = 2.0) -> Tuple[int, int]:
+    """A pair ``(p, q)`` with ``p <= q`` and ``p * q >= n``, as square as possible.
+
+    Among pairs with ``q <= max_ratio * p`` the one with the least padding
+    ``p * q - n`` wins, ties going to the more square pair.  ``(s, s)`` with
+    ``s = ceil(sqrt(n))`` is always a candidate, so the padding is at most
+    ``2 * s - 1``.  Examples: 1024 -> (32, 32), 1000 -> (25, 40), 768 -> (24, 32).
+    """
+    if n < 1:
+        raise ValueError(f"size must be positive, got {n}")
+    s = math.isqrt(n - 1) + 1 if n > 1 else 1  # ceil(sqrt(n))
+    best = (s * s - n, 0, s, s)
+    for p in range(1, s + 1):
+        q = -(-n // p)
+        if q < p or q > max_ratio * p:
+            continue
+        cand = (p * q - n, q - p, p, q)
+        if cand < best:
+            best = cand
+    return best[2], best[3]
+
+
+def _sizes(name: str, given: Optional[Sequence[int]], n: int) -> Tuple[int, int]:
+    if given is None:
+        return near_square_factors(n)
+    sizes = tuple(int(s) for s in given)
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise ValueError(f"{name} must be two positive sizes (cores=2), got {given!r}")
+    if sizes[0] * sizes[1] < n:
+        raise ValueError(f"{name}={sizes} covers only {sizes[0] * sizes[1]} < {n} features")
+    return sizes
+
+
+class BTTMoE(nn.Module):
+    """Mixture of ``experts`` rank-1 BTT experts, ``k`` active per token.
+
+    Args:
+        in_features, out_features: sizes of the input and output vectors.
+        experts: number of experts ``E`` (= BTT rank).
+        k: experts per token.
+        cores: number of BTT cores; only 2 is supported.
+        bias: add a learnable output bias (zero-initialised).
+        input_sizes: ``(g, a)`` with ``g * a >= in_features``; the input is
+            zero-padded to ``g * a`` and read as the row-major ``x[g, a]``.
+            Default: :func:`near_square_factors`.
+        output_sizes: ``(f, e)`` with ``f * e >= out_features``; padded
+            outputs are dropped.  Default: :func:`near_square_factors`.
+
+    Parameters ``A`` (``(g, a, f, E)``) and ``B`` (``(f, g, E, e)``) are stored
+    as permuted views of contiguous ``(g, E, a, f)`` and ``(f, E, g, e)``
+    tensors, the layouts the expert kernels read; ``.shape`` is the
+    documented order.
+
+    Initialisation: ``A ~ N(0, 1/a)`` (fan-in of core A is ``a``) and
+    ``B ~ N(0, k * a / in_features)`` (``= k / g`` without padding).  With the
+    zero-initialised router every token gets ``k`` experts with gate ``1/k``,
+    and the output variance is ``in_features * var(A) * var(B) / k`` times the
+    mean square input, i.e. output RMS = input RMS at init.  All tied logits
+    route to experts ``0..k-1`` at init (lowest index wins ties); the router
+    gradient (gates and load-balancing loss) breaks the tie.
+    """
+
+    equation = "ga,gafr,fgre->fe"
+    expert_index = "r"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        experts: int = 8,
+        k: int = 2,
+        cores: int = 2,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        input_sizes: Optional[Sequence[int]] = None,
+        output_sizes: Optional[Sequence[int]] = None,
+    ) -> None:
+        super().__init__()
+        if cores != 2:
+            raise ValueError(f"BTTMoE supports cores=2 only (got cores={cores})")
+        if experts < 1:
+            raise ValueError(f"experts must be >= 1, got {experts}")
+        if not 1 <= k <= experts:
+            raise ValueError(f"k must be in [1, experts={experts}], got {k}")
+        if in_features < 1 or out_features < 1:
+            raise ValueError("in_features and out_features must be positive")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.experts = experts
+        self.k = k
+        self.cores = cores
+        self.input_sizes = _sizes("input_sizes", input_sizes, in_features)
+        self.output_sizes = _sizes("output_sizes", output_sizes, out_features)
+        g, a = self.input_sizes
+        f, e = self.output_sizes
+        E = experts
+        self.router = nn.Linear(in_features, E, bias=True, **factory)
+        # expose (g, a, f, E) / (f, g, E, e); store (g, E, a, f) / (f, E, g, e)
+        self.A = nn.Parameter(torch.empty(g, E, a, f, **factory).permute(0, 2, 3, 1))
+        self.B = nn.Parameter(torch.empty(f, E, g, e, **factory).permute(0, 2, 1, 3))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.deterministic = False
+        self.aux_loss: Optional[Tensor] = None
+        self._stats: Optional[dict] = None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        g, a = self.input_sizes
+        with torch.no_grad():
+            self.A.normal_(0.0, 1.0 / math.sqrt(a))
+            self.B.normal_(0.0, math.sqrt(self.k * a / self.in_features))
+            self.router.weight.zero_()
+            self.router.bias.zero_()
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def factors(self) -> List[nn.Parameter]:
+        """The BTT cores ``[A, B]`` in the order of :attr:`equation`."""
+        return [self.A, self.B]
+
+    # ------------------------------------------------------------------
+    def _route(self, x2: Tensor) -> Tuple[Tensor, Tensor]:
+        logits = self.router(x2)
+        expert_idx, gate = route(logits, self.k)
+        self._record(logits, expert_idx)
+        return expert_idx, gate
+
+    def _record(self, logits: Tensor, expert_idx: Tensor) -> None:
+        N, E = logits.shape
+        if N == 0:
+            self.aux_loss = logits.sum() * 0.0
+            with torch.no_grad():
+                zero = logits.new_zeros(())
+                self._stats = {"load": logits.new_zeros(E), "entropy": zero, "tokens": 0}
+            return
+        acc = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        probs = torch.softmax(acc, dim=-1)
+        counts = torch.bincount(expert_idx.reshape(-1), minlength=E)
+        frac = counts.to(probs.dtype) / (N * self.k)
+        balance = E * (frac * probs.mean(0)).sum()
+        z_loss = torch.logsumexp(acc, dim=-1).pow(2).mean()
+        self.aux_loss = (balance + Z_LOSS_WEIGHT * z_loss).to(logits.dtype)
+        with torch.no_grad():
+            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean()
+            self._stats = {"load": frac.detach(), "entropy": entropy, "tokens": N}
+
+    def _apply(self, x: Tensor, masked: bool) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dimension {self.in_features}, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        N = x2.shape[0]
+        g, a = self.input_sizes
+        f, e = self.output_sizes
+        expert_idx, gate = self._route(x2)
+        if g * a != self.in_features:
+            x2 = F.pad(x2, (0, g * a - self.in_features))
+        xs = x2.reshape(N, g, a)
+        if masked:
+            y = btt_moe_masked(xs, self.A, self.B, expert_idx, gate)
+        else:
+            y = btt_moe_sparse(xs, self.A, self.B, expert_idx, gate, deterministic=self.deterministic)
+        y = y.reshape(N, f * e)
+        if f * e != self.out_features:
+            y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Sparse evaluation: every token runs only its ``k`` experts."""
+        return self._apply(x, masked=False)
+
+    def forward_masked(self, x: Tensor) -> Tensor:
+        """Reference evaluation: every expert for every token, masked by the gates."""
+        return self._apply(x, masked=True)
+
+    def router_stats(self) -> dict:
+        """Statistics of the last forward pass.
+
+        ``load``: ``(E,)`` fraction of the token slots routed to each expert;
+        ``entropy``: mean entropy (nats) of the router softmax over all ``E``
+        experts; ``tokens``: number of routed tokens.
+        """
+        if self._stats is None:
+            raise RuntimeError("router_stats() needs a forward pass first")
+        return dict(self._stats)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"experts={self.experts}, k={self.k}, input_sizes={self.input_sizes}, "
+            f"output_sizes={self.output_sizes}, bias={self.bias is not None}, "
+            f"equation='{self.equation}'"
+        )
+
+
+def moe_aux_loss(model: nn.Module) -> Tensor:
+    """Sum of ``aux_loss`` over every :class:`BTTMoE` in ``model`` (from their last forward)."""
+    total: Optional[Tensor] = None
+    for m in model.modules():
+        if isinstance(m, BTTMoE) and m.aux_loss is not None:
+            total = m.aux_loss if total is None else total + m.aux_loss
+    if total is None:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+    return total

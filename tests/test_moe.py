@@ -1,0 +1,340 @@
+"""Tests for the BTT mixture-of-experts layer and its sparse dispatch."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from einc.moe import (
+    BTTMoE,
+    btt_dense,
+    btt_moe_masked,
+    btt_moe_sparse,
+    dense_gates,
+    grouped_mm_available,
+    moe_aux_loss,
+    near_square_factors,
+    route,
+)
+
+DT = torch.float64
+GMM = grouped_mm_available(torch.device("cpu"), torch.float32)
+
+
+def plain_reference(x, A, B, expert_idx, gate):
+    """Independent per-token loop: sum over selected experts of gate * rank-1 BTT."""
+    out = []
+    for n in range(x.shape[0]):
+        acc = torch.zeros(A.shape[2], B.shape[3], dtype=x.dtype)
+        for j in range(expert_idx.shape[1]):
+            r = int(expert_idx[n, j])
+            acc = acc + gate[n, j] * torch.einsum("ga,gaf,fge->fe", x[n], A[..., r], B[:, :, r, :])
+        out.append(acc)
+    if not out:
+        return torch.zeros(0, A.shape[2], B.shape[3], dtype=x.dtype)
+    return torch.stack(out)
+
+
+def make_problem(N, g, a, f, e, E, k, seed=0, dtype=DT):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, g, a, generator=gen, dtype=dtype).requires_grad_()
+    A = torch.randn(g, a, f, E, generator=gen, dtype=dtype).requires_grad_()
+    B = torch.randn(f, g, E, e, generator=gen, dtype=dtype).requires_grad_()
+    W = torch.randn(E, g * a, generator=gen, dtype=dtype).requires_grad_()
+    b = torch.randn(E, generator=gen, dtype=dtype).requires_grad_()
+    return x, A, B, W, b
+
+
+def forward_and_grads(fn, x, A, B, W, b, k, logits_fn=None, seed=1):
+    N = x.shape[0]
+    if logits_fn is None:
+        logits = x.reshape(N, W.shape[1]) @ W.t() + b
+    else:
+        logits = logits_fn(x, W, b)
+    idx, gate = route(logits, k)
+    out = fn(x, A, B, idx, gate)
+    gen = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    grads = torch.autograd.grad(out, (x, A, B, W, b), go, allow_unused=True)
+    return out, grads, idx, gate
+
+
+SPARSE_VARIANTS = {
+    "strided": lambda *t: btt_moe_sparse(*t, backend="strided"),
+    "strided-det": lambda *t: btt_moe_sparse(*t, backend="strided", deterministic=True),
+    "auto": lambda *t: btt_moe_sparse(*t),
+}
+
+
+def assert_same(masked, sparse, tol=1e-10):
+    (om, gm), (os_, gs) = masked, sparse
+    assert os_.shape == om.shape
+    torch.testing.assert_close(os_, om, rtol=tol, atol=tol)
+    for name, u, v in zip("x A B W b".split(), gm, gs):
+        if u is None:
+            assert v is None or v.abs().max() == 0, name
+            continue
+        assert v is not None, name
+        torch.testing.assert_close(v, u, rtol=tol, atol=tol, msg=f"grad {name}")
+
+
+def check_equal(N, g, a, f, e, E, k, seed=0, logits_fn=None):
+    x, A, B, W, b = make_problem(N, g, a, f, e, E, k, seed)
+    om, gm, idx, gate = forward_and_grads(btt_moe_masked, x, A, B, W, b, k, logits_fn)
+    for name, fn in SPARSE_VARIANTS.items():
+        os_, gs, _, _ = forward_and_grads(fn, x, A, B, W, b, k, logits_fn)
+        assert_same((om, gm), (os_, gs))
+    return om, idx, gate, (x, A, B)
+
+
+# ---------------------------------------------------------------------------
+# sparse == masked, float64, forward and every gradient
+# ---------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    N=st.integers(0, 12),
+    g=st.integers(1, 4),
+    a=st.integers(1, 4),
+    f=st.integers(1, 4),
+    e=st.integers(1, 4),
+    E=st.integers(1, 6),
+    kf=st.floats(0, 1),
+    seed=st.integers(0, 10_000),
+)
+def test_sparse_matches_masked_random(N, g, a, f, e, E, kf, seed):
+    k = 1 + int(kf * (E - 1) + 0.5)
+    check_equal(N, g, a, f, e, E, k, seed)
+
+
+@pytest.mark.parametrize(
+    "N,g,a,f,e,E,k",
+    [
+        (9, 3, 5, 4, 2, 5, 2),  # generic, non-square
+        (1, 2, 3, 4, 5, 4, 2),  # one token
+        (0, 2, 3, 4, 5, 4, 2),  # empty batch
+        (7, 2, 2, 3, 3, 4, 4),  # k = E
+        (6, 3, 2, 2, 3, 1, 1),  # a single expert
+        (20, 4, 4, 4, 4, 8, 1),  # top-1
+    ],
+)
+def test_sparse_matches_masked_cases(N, g, a, f, e, E, k):
+    om, idx, gate, (x, A, B) = check_equal(N, g, a, f, e, E, k)
+    ref = plain_reference(x.detach(), A.detach(), B.detach(), idx, gate.detach())
+    torch.testing.assert_close(om.detach(), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_expert_without_tokens_and_all_on_one_expert():
+    E = 5
+
+    def skewed(x, W, b):  # expert 3 always wins, expert 1 second, 0/2/4 never used
+        lg = (x.reshape(x.shape[0], W.shape[1]) @ W.t() + b) * 1e-3
+        return lg + torch.tensor([0.0, 5.0, -1.0, 10.0, -2.0], dtype=lg.dtype)
+
+    _, idx, _, _ = check_equal(11, 3, 2, 2, 3, E, 2, logits_fn=skewed)
+    assert set(idx.reshape(-1).tolist()) == {1, 3}
+    _, idx, _, _ = check_equal(11, 3, 2, 2, 3, E, 1, logits_fn=skewed)
+    assert set(idx.reshape(-1).tolist()) == {3}
+
+
+def test_masked_matches_plain_reference_random():
+    x, A, B, W, b = make_problem(13, 3, 4, 5, 2, 6, 3, seed=5)
+    idx, gate = route(x.reshape(13, -1) @ W.t() + b, 3)
+    with torch.no_grad():
+        ref = plain_reference(x, A, B, idx, gate)
+        torch.testing.assert_close(btt_moe_masked(x, A, B, idx, gate), ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(btt_moe_sparse(x, A, B, idx, gate), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_dense_btt_is_einsum():
+    x, A, B, _, _ = make_problem(5, 3, 4, 2, 3, 2, 1, seed=3)
+    ref = torch.einsum("nga,gafr,fgre->nfe", x, A, B)
+    torch.testing.assert_close(btt_dense(x, A, B), ref)
+
+
+@pytest.mark.skipif(not GMM, reason="grouped_mm not available for float32 on this CPU build")
+@pytest.mark.parametrize("N,E,k", [(37, 6, 2), (1, 4, 4), (0, 4, 2), (25, 3, 1)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_grouped_mm_backend_float32(N, E, k, deterministic):
+    g, a, f, e = 4, 8, 12, 4  # 16-byte aligned strides
+    x, A, B, W, b = make_problem(N, g, a, f, e, E, k, seed=N, dtype=torch.float32)
+    om, gm, _, _ = forward_and_grads(btt_moe_masked, x, A, B, W, b, k)
+    fn = lambda *t: btt_moe_sparse(*t, backend="grouped_mm", deterministic=deterministic)  # noqa: E731
+    os_, gs, _, _ = forward_and_grads(fn, x, A, B, W, b, k)
+    assert_same((om, gm), (os_, gs), tol=1e-4)
+
+
+def test_grouped_mm_backend_rejects_float64():
+    x, A, B, W, b = make_problem(4, 2, 2, 2, 2, 3, 1)
+    idx, gate = route(x.reshape(4, -1) @ W.t(), 1)
+    with pytest.raises(RuntimeError):
+        btt_moe_sparse(x, A, B, idx, gate, backend="grouped_mm")
+
+
+# ---------------------------------------------------------------------------
+# routing
+# ---------------------------------------------------------------------------
+
+
+def test_route_ties_and_gates():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 3.0, 3.0, 2.0], [5.0, -1.0, 5.0, 5.0]])
+    idx, gate = route(logits, 2)
+    assert idx.tolist() == [[0, 1], [1, 2], [0, 2]]
+    torch.testing.assert_close(gate, torch.full((3, 2), 0.5))
+    idx, gate = route(torch.tensor([[math.log(3.0), 0.0, -5.0]]), 2)
+    assert idx.tolist() == [[0, 1]]
+    torch.testing.assert_close(gate, torch.tensor([[0.75, 0.25]]))
+    dg = dense_gates(idx, gate, 3)
+    torch.testing.assert_close(dg, torch.tensor([[0.75, 0.25, 0.0]]))
+    with pytest.raises(ValueError):
+        route(logits, 5)
+
+
+# ---------------------------------------------------------------------------
+# determinism
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["strided", "auto"] + (["grouped_mm"] if GMM else []))
+def test_deterministic_bitwise(backend):
+    torch.manual_seed(0)
+    x, A, B, W, b = make_problem(200, 4, 8, 4, 8, 6, 2, seed=11, dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        fn = lambda *t: btt_moe_sparse(*t, deterministic=True, backend=backend)  # noqa: E731
+        out, grads, _, _ = forward_and_grads(fn, x, A, B, W, b, 2)
+        runs.append([out] + list(grads))
+    for u, v in zip(*runs):
+        assert torch.equal(u, v)
+
+
+# ---------------------------------------------------------------------------
+# layer
+# ---------------------------------------------------------------------------
+
+
+def test_near_square_factors():
+    assert near_square_factors(1024) == (32, 32)
+    assert near_square_factors(4096) == (64, 64)
+    assert near_square_factors(1000) == (25, 40)
+    assert near_square_factors(768) == (24, 32)
+    for n in [1, 2, 3, 7, 97, 1021, 1500]:
+        p, q = near_square_factors(n)
+        s = math.ceil(math.sqrt(n))
+        assert p <= q <= 2 * p and n <= p * q <= s * s
+
+
+def test_layer_api_and_shapes():
+    m = BTTMoE(30, 22, experts=5, k=2, dtype=DT)
+    assert m.equation == "ga,gafr,fgre->fe" and m.expert_index == "r"
+    assert m.input_sizes == near_square_factors(30) and m.output_sizes == near_square_factors(22)
+    g, a = m.input_sizes
+    f, e = m.output_sizes
+    A, B = m.factors()
+    assert A is m.A and B is m.B
+    assert A.shape == (g, a, f, 5) and B.shape == (f, g, 5, e)
+    assert isinstance(m.router, torch.nn.Linear)
+    assert m.router.weight.abs().sum() == 0 and m.router.bias.abs().sum() == 0
+    assert "experts=5" in repr(m)
+    x = torch.randn(2, 3, 30, dtype=DT)
+    assert m(x).shape == (2, 3, 22)
+    assert m(torch.randn(30, dtype=DT)).shape == (22,)
+    assert m(torch.randn(0, 30, dtype=DT)).shape == (0, 22)
+    with pytest.raises(ValueError):
+        BTTMoE(16, 16, cores=3)
+    with pytest.raises(ValueError):
+        BTTMoE(16, 16, experts=4, k=5)
+    m2 = BTTMoE(12, 10, experts=3, k=1, input_sizes=(3, 4), output_sizes=(2, 5), bias=False)
+    assert m2.input_sizes == (3, 4) and m2.bias is None
+
+
+def test_layer_sparse_matches_masked_with_padding():
+    torch.manual_seed(1)
+    m = BTTMoE(23, 17, experts=6, k=2, dtype=DT)
+    with torch.no_grad():
+        m.router.weight.normal_()
+        m.router.bias.normal_()
+        m.bias.normal_()
+    x = torch.randn(4, 5, 23, dtype=DT, requires_grad=True)
+    params = [x, m.A, m.B, m.router.weight, m.router.bias, m.bias]
+    go = torch.randn(4, 5, 17, dtype=DT)
+    ys = m(x)
+    gs = torch.autograd.grad(ys, params, go)
+    ym = m.forward_masked(x)
+    gm = torch.autograd.grad(ym, params, go)
+    torch.testing.assert_close(ys, ym, rtol=1e-10, atol=1e-10)
+    for u, v in zip(gs, gm):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    # padded inputs are zeros: the dropped rows of A get no gradient
+    g, a = m.input_sizes
+    flat = gs[1].reshape(g * a, -1)
+    assert flat[23:].abs().max() == 0
+
+
+def test_layer_init_rms():
+    torch.manual_seed(0)
+    m = BTTMoE(1024, 1024, experts=8, k=2)
+    x = torch.randn(512, 1024)
+    with torch.no_grad():
+        y = m(x)
+    ratio = (y.pow(2).mean() / x.pow(2).mean()).sqrt().item()
+    assert 0.85 < ratio < 1.15
+    # zero router: all ties -> experts 0..k-1 with gate 1/k
+    load = m.router_stats()["load"]
+    torch.testing.assert_close(load, torch.tensor([0.5, 0.5] + [0.0] * 6))
+
+
+def test_aux_loss_hand_checked():
+    m = BTTMoE(4, 4, experts=4, k=1, input_sizes=(2, 2), output_sizes=(2, 2), dtype=DT)
+    # logits = x (router = identity), two tokens
+    with torch.no_grad():
+        m.router.weight.copy_(torch.eye(4, dtype=DT))
+    x = torch.tensor([[math.log(3.0), 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=DT)
+    m(x)
+    # token 0 -> expert 0 (probs 1/2, 1/6, 1/6, 1/6); token 1 -> expert 0 (tie), probs 1/4 each
+    f_r = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=DT)
+    P_r = (torch.tensor([1 / 2, 1 / 6, 1 / 6, 1 / 6]) + torch.tensor([1 / 4] * 4)).to(DT) / 2
+    balance = 4 * (f_r * P_r).sum()  # = 4 * 3/8 = 1.5
+    assert abs(balance.item() - 1.5) < 1e-12
+    z = (math.log(6.0) ** 2 + math.log(4.0) ** 2) / 2
+    assert abs(m.aux_loss.item() - (1.5 + 0.1 * z)) < 1e-12
+    stats = m.router_stats()
+    torch.testing.assert_close(stats["load"], f_r)
+    ent0 = -(0.5 * math.log(0.5) + 3 * (1 / 6) * math.log(1 / 6))
+    assert abs(stats["entropy"].item() - (ent0 + math.log(4.0)) / 2) < 1e-12
+    # uniform router at init: balance = 1 for any k, z-loss = log(E)^2
+    m2 = BTTMoE(8, 8, experts=8, k=2)
+    m2(torch.randn(10, 8))
+    assert abs(m2.aux_loss.item() - (1.0 + 0.1 * math.log(8.0) ** 2)) < 1e-5
+
+
+def test_moe_aux_loss_sums_layers_and_reaches_router():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(BTTMoE(16, 16, experts=4, k=2), torch.nn.GELU(), BTTMoE(16, 8, experts=4, k=1))
+    y = net(torch.randn(7, 16))
+    total = moe_aux_loss(net)
+    torch.testing.assert_close(total, net[0].aux_loss + net[2].aux_loss)
+    (y.square().mean() + total).backward()
+    assert net[0].router.weight.grad.abs().sum() > 0
+    assert net[0].A.grad is not None and net[2].B.grad is not None
+    assert moe_aux_loss(torch.nn.Linear(2, 2)).item() == 0.0
+
+
+def test_layer_deterministic_flag():
+    torch.manual_seed(0)
+    m = BTTMoE(64, 48, experts=6, k=2)
+    with torch.no_grad():
+        m.router.weight.normal_()
+    m.deterministic = True
+    x = torch.randn(300, 64)
+    outs = []
+    for _ in range(2):
+        m.zero_grad()
+        y = m(x)
+        y.square().sum().backward()
+        outs.append((y, m.A.grad.clone(), m.B.grad.clone(), m.router.weight.grad.clone()))
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
