@@ -1,0 +1,71 @@
+"""Structure + widths -> everything a module needs: sizes, padding, the analysed counts and
+the layout plan. Cached: equal structures at equal sizes share one lowering."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..analysis import DEFAULT_TOLERANCE, analyze, concretize, resolve_dims
+from ..analysis import path as _path
+from ..analysis.symbolic import symbolic
+from ..ir import Structure
+from ..syntax import parse
+from .plan import Plan, plan
+
+
+@dataclass(frozen=True)
+class Lowered:
+    structure: Structure
+    d_in: int
+    d_out: int
+    padded_in: int
+    padded_out: int
+    sizes: dict
+    plan: Plan
+    params: int
+    flops: int
+
+    @property
+    def key(self) -> tuple:
+        """Hashable identity (the dataclass holds dicts)."""
+        return (self.structure, self.d_in, self.d_out, tuple(self.sizes.items()))
+
+    @property
+    def input_sizes(self) -> tuple[int, ...]:
+        return tuple(self.sizes[i] for i in self.structure.input.indices)
+
+    @property
+    def output_sizes(self) -> tuple[int, ...]:
+        return tuple(self.sizes[i] for i in self.structure.output.indices)
+
+    def factor_shape(self, k: int) -> tuple[int, ...]:
+        return tuple(self.sizes[i] for i in self.structure.factors[k].indices)
+
+
+def as_structure(spec) -> Structure:
+    return spec if isinstance(spec, Structure) else parse(spec)
+
+
+def lower(spec, d_in=None, d_out=None, tolerance: float = DEFAULT_TOLERANCE) -> Lowered:
+    s = as_structure(spec)
+    d_in, d_out = resolve_dims(s, None, d_in, d_out)
+    return _lower(s, d_in, d_out, tolerance)
+
+
+@functools.lru_cache(maxsize=1024)
+def _lower(s: Structure, d_in: int, d_out: int, tolerance: float) -> Lowered:
+    conc = concretize(s, d_in, d_out, tolerance)
+    report = analyze(s, d_in=d_in, d_out=d_out, tolerance=tolerance)
+    p = plan(s, conc.sizes, cheapest_chains(s, conc.sizes))
+    return Lowered(s, d_in, d_out, conc.padded_in, conc.padded_out, dict(conc.sizes), p,
+                   report.params, report.flops)
+
+
+def cheapest_chains(s: Structure, sizes: dict):
+    """Every absorption order of least FLOPs (the planner picks the one with fewest copies)."""
+    sym = symbolic(s)
+    args = [sizes[i] for i in sym.index_names]
+    costs = {o: fn(*args) for o, fn in sym.flops_fns.items()}
+    least = min(costs.values())
+    ordered = sorted(costs, key=lambda o: o != sym.order)  # the analysed order first
+    return [_path.chain(s, o) for o in ordered if costs[o] == least]

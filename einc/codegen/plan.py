@@ -1,0 +1,171 @@
+"""Lowering: the analysis stage's chain -> batched matrix multiplies with planned layouts.
+
+Each step ``C = L * F`` sorts its indices into batch (B: in L, F and C), contracted (K: in L
+and F only), left (M: in L and C; the token index is always here) and right (N: in F and C),
+and runs as one ``bmm(L[B, M, K], F[B, K, N]) -> C[B, M, N]``.
+
+A bmm reads and writes strided operands without copying when, in each operand, every group
+is one run of adjacent axes (in the same index order in all three operands) and the innermost
+run is a matrix dimension, not the batch. The planner chooses the memory order of every
+intermediate so that it is such an operand both as the result of one step and as the input of
+the next, and stores each factor as [B][K][N]. The results then go straight into the layout
+the next step reads (``bmm(..., out=strided view)``), in forward and in backward. Where no
+order serves both, it counts a copy (a relayout of the operand before the bmm).
+
+Pure Python over index names and sizes; no torch.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from ..ir import Structure
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    factor: int                  # position in structure.factors
+    batch: tuple[str, ...]       # B, in run order
+    left: tuple[str, ...]        # M, in run order (the token index included)
+    contracted: tuple[str, ...]  # K, in run order
+    right: tuple[str, ...]       # N, in run order
+    in_order: tuple[str, ...]    # memory order of L as this step reads it
+    relayout: bool               # L arrives in another order and is copied into in_order
+    out_order: tuple[str, ...]   # memory order this step writes C in
+
+    @property
+    def factor_order(self) -> tuple[str, ...]:
+        """Storage order of the factor."""
+        return self.batch + self.contracted + self.right
+
+
+@dataclass(frozen=True)
+class Plan:
+    structure: Structure
+    sizes: dict                  # index -> size (the token index excluded)
+    token: str
+    input_order: tuple[str, ...]   # (token, *input indices)
+    output_order: tuple[str, ...]  # (token, *output indices)
+    steps: tuple[StepPlan, ...]
+    output_copy: bool            # the last result is written elsewhere and copied into y
+
+    @property
+    def copies(self) -> int:
+        return sum(st.relayout for st in self.steps) + self.output_copy
+
+
+def token_name(s: Structure) -> str:
+    name = "n"
+    while name in s.index_names:
+        name += "_"
+    return name
+
+
+# ---------------------------------------------------------------------------- operand checks
+def as_operand(order, groups: dict[str, tuple], matrix: str) -> dict[str, tuple] | None:
+    """If memory ``order`` is a copy-free bmm operand with these groups (each a set of
+    indices), return each group's index order; ``matrix`` names the two matrix groups.
+
+    Each group must be one run and the innermost run a matrix group. Empty groups are free.
+    """
+    role = {i: g for g, idx in groups.items() for i in idx}
+    seen, out, prev = [], {}, None
+    for i in order:
+        g = role[i]
+        if g != prev:
+            if g in seen:
+                return None
+            seen.append(g)
+            out[g] = ()
+            prev = g
+        out[g] += (i,)
+    if seen and seen[-1] not in matrix:
+        return None
+    for g in groups:
+        out.setdefault(g, ())
+    return out
+
+
+def _step_groups(st, left_indices):
+    batch = {i for i in st.left if i in st.right and i in st.out}
+    contracted = {i for i in st.left if i in st.right and i not in st.out}
+    left = {i for i in left_indices if i not in st.right}
+    right = {i for i in st.right if i not in st.left}
+    return batch, left, contracted, right
+
+
+# ---------------------------------------------------------------------------- search
+def plan(s: Structure, sizes: dict, chains) -> Plan:
+    """Layouts for the cheapest of ``chains`` (equal-FLOP chains from einc.analysis)."""
+    tok = token_name(s)
+    weights = dict(sizes, **{tok: 1 << 16})  # many tokens: weigh copies of activations
+    best = None
+    for steps in chains:
+        cand = _plan_chain(s, weights, steps, tok)
+        if best is None or cand[0] < best[0]:
+            best = cand
+    return Plan(s, dict(sizes), tok, (tok, *s.input.indices), (tok, *s.output.indices),
+                best[1], best[2])
+
+
+def _plan_chain(s, sizes, steps, tok):
+    """Depth-first over the memory order of each intermediate; cost = elements copied."""
+    final = (tok, *s.output.indices)
+    numel = lambda idx: math.prod(sizes[i] for i in idx)
+    best = [None]
+
+    def visit(k, order, cost, acc):
+        if best[0] is not None and cost >= best[0][0]:
+            return
+        st = steps[k]
+        b, m, c, r = _step_groups(st, order)
+        groups = as_operand(order, {"B": b, "M": m, "K": c}, "MK")
+        relayout = groups is None
+        if relayout:  # copy L into [B][M][K]
+            groups = {"B": _keep(order, b), "M": _keep(order, m), "K": _keep(order, c)}
+            order = groups["B"] + groups["M"] + groups["K"]
+            cost += numel(order)
+        last = k == len(steps) - 1
+        for out_order, right in _result_orders(groups, r, final if last else None,
+                                                wide=len(steps) <= 3):
+            step = StepPlan(st.factor, groups["B"], groups["M"], groups["K"], right,
+                            tuple(order), relayout, out_order)
+            extra = 0
+            if last:
+                copy = out_order != final
+                extra = numel(out_order) if copy else 0
+                if best[0] is None or cost + extra < best[0][0]:
+                    best[0] = (cost + extra, tuple(acc + [step]), copy)
+            else:  # an order the next step cannot read costs a relayout there
+                visit(k + 1, out_order, cost, acc + [step])
+
+    visit(0, (tok, *s.input.indices), 0, [])
+    return best[0]
+
+
+def _keep(order, group) -> tuple:
+    return tuple(i for i in order if i in group)
+
+
+def _result_orders(groups, right, final, wide=True):
+    """Memory orders for C: runs B, M (orders fixed by L), N (any order), innermost M or N."""
+    b, m = groups["B"], groups["M"]
+    r_perms = (list(itertools.permutations(sorted(right))) if len(right) <= 4 and wide
+               else [tuple(sorted(right))])
+    seen = set()
+    if final is not None:  # writing y directly is best when it is a valid result layout
+        fits = as_operand(final, {"B": set(b), "M": set(m), "N": set(right)}, "MN")
+        if fits and fits["B"] == b and fits["M"] == m:
+            seen.add(final)
+            yield final, fits["N"]
+    for rp in r_perms:
+        runs_ = {"B": b, "M": m, "N": rp}
+        for arrangement in itertools.permutations("BMN"):
+            nonempty = [g for g in arrangement if runs_[g]]
+            if nonempty and nonempty[-1] == "B":
+                continue
+            order = tuple(i for g in arrangement for i in runs_[g])
+            if order not in seen:
+                seen.add(order)
+                yield order, rp

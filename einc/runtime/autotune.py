@@ -1,0 +1,62 @@
+"""Route selection by measurement, cached per (structure, sizes, dtype, device, tokens).
+
+Small problems skip the measurement (the fused route: planned layouts, no copies); larger
+ones time forward+backward of each route once on the real device and keep the fastest.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+_CACHE: dict = {}
+#: below this many multiply-adds per call, measuring costs more than it can save
+MEASURE_ABOVE = 1 << 24
+CANDIDATES = ("fused", "plain", "einsum")
+
+
+def _bucket(tokens: int) -> int:
+    return 1 << max(0, (tokens - 1).bit_length())
+
+
+def choose_route(module, x: torch.Tensor) -> str:
+    tokens = x.numel() // max(1, module.in_features)
+    low = module.lowered
+    if tokens * low.flops < MEASURE_ABOVE:
+        return "fused"
+    key = (low.key, x.dtype, x.device.type, _bucket(tokens))
+    if key not in _CACHE:
+        _CACHE[key] = _measure(module, x.dtype, x.device, min(_bucket(tokens), 1024))
+    return _CACHE[key]
+
+
+def _measure(module, dtype, device, tokens: int) -> str:
+    x = torch.randn(tokens, module.in_features, dtype=dtype, device=device, requires_grad=True)
+    times = {}
+    saved = module.route
+    try:
+        for route in CANDIDATES:
+            module.route = route
+            times[route] = _time(lambda: module(x).sum().backward(), device)
+    finally:
+        module.route = saved
+        module.zero_grad(set_to_none=True)
+    return min(times, key=times.get)
+
+
+def _time(fn, device, reps: int = 3) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def routes() -> dict:
+    """The cached choices (for inspection and benchmarks)."""
+    return dict(_CACHE)

@@ -1,0 +1,189 @@
+"""StructuredLinear: a drop-in for nn.Linear whose weight is a structured einsum."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..analysis import DEFAULT_TOLERANCE
+from ..codegen import emit
+from ..codegen.lower import Lowered, as_structure, lower
+from ..errors import CompileError
+from .fused import ChainFunction
+
+ROUTES = ("auto", "fused", "plain", "einsum")
+
+
+class StructuredLinear(nn.Module):
+    """``y = W x + b`` with ``W`` given by a structure spec.
+
+    Conventions: the input vector is the row-major flattening of the input operand's
+    indices in spec order (zero-padded when the structure is larger); the output likewise
+    (padded outputs dropped); each factor is a parameter whose axes are in spec order,
+    ``factors()`` returns them in spec order, and ``equation`` is the einsum without a batch
+    index, so ``torch.einsum('...'+inp+','+facs+'->...'+out, x.reshape(-1, *input_sizes),
+    *factors())`` reproduces the layer before the bias, on the padded input.
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec="dense", bias: bool = True,
+                 device=None, dtype=None, *, route: str = "auto",
+                 tolerance: float = DEFAULT_TOLERANCE):
+        super().__init__()
+        if route not in ROUTES:
+            raise CompileError(f"unknown route {route!r}; known routes: {', '.join(ROUTES)}")
+        structure = as_structure(spec)
+        if structure.moe is not None:
+            raise CompileError("a bttmoe spec builds an einc.BTTMoE: use einc.compile or "
+                               "einc.replace_linear, which pick the module for the spec")
+        low = lower(structure, in_features, out_features, tolerance)
+        self.in_features, self.out_features = in_features, out_features
+        self.spec = spec if isinstance(spec, str) else structure.source or structure.spec_text()
+        self.lowered = low
+        self._attrs = emit.attribute_names(low)
+        kw = {"device": device, "dtype": dtype}
+        for k, f in enumerate(structure.factors):
+            store = _storage_order(low, k)
+            t = torch.empty([low.sizes[i] for i in store], **kw)
+            param = nn.Parameter(t.permute([store.index(i) for i in f.indices]))
+            self.register_parameter(self._attrs[k], param)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.route = route
+        self._plain = _compile_forward(low, tuple(self._attrs))
+        self.reset_parameters()
+
+    # -- conventions -----------------------------------------------------------------
+    @property
+    def structure(self):
+        return self.lowered.structure
+
+    @property
+    def equation(self) -> str:
+        return self.structure.equation
+
+    @property
+    def input_sizes(self) -> tuple[int, ...]:
+        return self.lowered.input_sizes
+
+    @property
+    def output_sizes(self) -> tuple[int, ...]:
+        return self.lowered.output_sizes
+
+    def factors(self) -> list[nn.Parameter]:
+        return [getattr(self, a) for a in self._attrs]
+
+    def factor_names(self) -> list[str]:
+        """Attribute (and state_dict) names of the factors, in spec order."""
+        return list(self._attrs)
+
+    @property
+    def source(self) -> str:
+        """The plain forward as readable Python (what ``einc compile -o`` writes)."""
+        return emit.forward_source(self.lowered, self._attrs)
+
+    # -- init --------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for p, std in zip(self.factors(), emit.init_std(self.lowered)):
+                p.normal_(0.0, std)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """Adam learning-rate multiplier of each factor: d_in / (the factor's own fan-in),
+        i.e. the muP rule lr ~ 1/fan-in applied to each factor as its own dense map,
+        relative to a dense layer of this width."""
+        return {a: self.in_features / fi for a, fi in zip(self._attrs, emit.fan_in(self.lowered))}
+
+    # -- compute -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise CompileError(f"expected input with last dimension {self.in_features}, got "
+                               f"shape {tuple(x.shape)}")
+        route = self.route
+        if route == "auto":
+            route = "plain" if torch.compiler.is_compiling() else _auto_route(self, x)
+        if route == "plain":
+            return self._plain(self, x)
+        if route == "einsum":
+            return self.forward_einsum(x)
+        return self._forward_fused(x)
+
+    def _forward_fused(self, x):
+        low = self.lowered
+        lead = x.shape[:-1]
+        z = x.reshape(-1, self.in_features)
+        if low.padded_in > low.d_in:
+            z = nn.functional.pad(z, (0, low.padded_in - low.d_in))
+        n = z.shape[0]
+        z = z.contiguous().view(n, *low.input_sizes)
+        facs = [p.permute([f.indices.index(i) for i in _storage_order(low, k)])
+                for k, (p, f) in enumerate(zip(self.factors(), self.structure.factors))]
+        y = ChainFunction.apply(low.plan, n, z, *facs).reshape(n, low.padded_out)
+        if low.padded_out > low.d_out:
+            y = y[:, :low.d_out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def forward_einsum(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference route: one torch.einsum over the input and the factors."""
+        low = self.lowered
+        lead = x.shape[:-1]
+        z = x.reshape(-1, self.in_features)
+        if low.padded_in > low.d_in:
+            z = nn.functional.pad(z, (0, low.padded_in - low.d_in))
+        inp, rest = self.equation.split(",", 1)
+        facs, out = rest.split("->")
+        y = torch.einsum(f"...{inp},{facs}->...{out}", z.reshape(-1, *low.input_sizes),
+                         *self.factors()).reshape(-1, low.padded_out)[:, :low.d_out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    @torch.no_grad()
+    def materialize(self) -> torch.Tensor:
+        """The dense (out_features, in_features) weight."""
+        p = next(self.parameters())
+        eye = torch.eye(self.in_features, dtype=p.dtype, device=p.device)
+        bias, self.bias = self.bias, None
+        try:
+            w = self.forward_einsum(eye)
+        finally:
+            self.bias = bias
+        return w.T.contiguous()
+
+    def extra_repr(self) -> str:
+        low = self.lowered
+        pad = ""
+        if (low.padded_in, low.padded_out) != (low.d_in, low.d_out):
+            pad = f", padded={low.padded_in}->{low.padded_out}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"spec={emit.comment(self.spec)!r}, equation={self.equation!r}{pad}, "
+                f"params={low.params:,}, flops={low.flops:,}, bias={self.bias is not None}")
+
+
+def _storage_order(low: Lowered, k: int) -> tuple[str, ...]:
+    return next(st.factor_order for st in low.plan.steps if st.factor == k)
+
+
+_FORWARD_CACHE: dict = {}
+
+
+def _compile_forward(low: Lowered, attrs: tuple[str, ...]):
+    """Exec the emitted plain forward once per (lowering, attribute names)."""
+    key = (low.key, attrs)
+    if key not in _FORWARD_CACHE:
+        namespace = {"torch": torch}
+        exec(compile(emit.forward_source(low, list(attrs)), "<einc plain forward>", "exec"),
+             namespace)
+        _FORWARD_CACHE[key] = namespace["forward"]
+    return _FORWARD_CACHE[key]
+
+
+def _auto_route(module: StructuredLinear, x: torch.Tensor) -> str:
+    from .autotune import choose_route
+    return choose_route(module, x)
