@@ -1,0 +1,27 @@
+"""GPU kernels for structured linear layers.
+
+``strided_bmm`` is a batched matmul whose operands and result are addressed
+through arbitrary multi-axis strides, so a chain of contractions runs without
+permute copies. Triton is optional: it is imported on first use, and the
+pure-torch reference is used when it is missing.
+"""
+
+from .strided_bmm import (
+    MAX_GROUP_AXES,
+    StridedBmmFunction,
+    StridedBmmSpec,
+    contiguous_strides,
+    strided_bmm,
+    strided_bmm_reference,
+    triton_available,
+)
+
+__all__ = [
+    "MAX_GROUP_AXES",
+    "StridedBmmFunction",
+    "StridedBmmSpec",
+    "contiguous_strides",
+    "strided_bmm",
+    "strided_bmm_reference",
+    "triton_available",
+]

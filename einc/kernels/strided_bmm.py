@@ -1,0 +1,830 @@
+"""Strided batched matmul: one GEMM kernel for every pairwise contraction.
+
+A structured linear layer is a chain of pairwise contractions. Written with
+``torch.einsum`` each step usually permutes its operands into a ``bmm``-able
+layout and permutes the result back, and on a GPU those copies cost more than
+the matmuls. This module instead computes
+
+    C[b, m, n] = alpha * sum_k A[b, m, k] * B[b, k, n]   (+ C[b, m, n])
+
+where each logical index ``b, m, n, k`` is a *group* of axes (row-major within
+the group) and every operand addresses every axis through its own stride. A
+contraction can therefore read its inputs in whatever layout the previous one
+wrote and write its output in the layout the next one reads.
+
+Addressing convention: the strides of a :class:`StridedBmmSpec` are element
+strides counted from ``tensor.data_ptr()`` of the tensor passed for that
+operand. The tensor's own shape is only used to check that the addressed
+elements lie inside its storage, so a logical view (``x.permute(...)``), a flat
+buffer or a slice of a bigger buffer are all valid operands.
+
+Triton is optional: it is imported on first use and everything falls back to
+:func:`strided_bmm_reference` (``torch.as_strided`` + ``matmul``) without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "MAX_GROUP_AXES",
+    "StridedBmmFunction",
+    "StridedBmmSpec",
+    "contiguous_strides",
+    "strided_bmm",
+    "strided_bmm_reference",
+    "triton_available",
+]
+
+#: Axes per group the kernel decomposes an index into (after merging).
+MAX_GROUP_AXES = 3
+
+_BACKENDS = ("auto", "triton", "torch")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------
+# Problem description
+# ---------------------------------------------------------------------------
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """Row-major element strides of ``shape``."""
+    strides, acc = [], 1
+    for size in reversed(tuple(shape)):
+        strides.append(acc)
+        acc *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
+def _int_tuple(values: Sequence[int], what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except TypeError as exc:
+        raise TypeError(f"{what} must be a sequence of ints, got {values!r}") from exc
+
+
+@dataclass(frozen=True)
+class StridedBmmSpec:
+    """Axis sizes of the four index groups plus the strides of each operand.
+
+    ``a_strides`` lists A's strides over ``batch_sizes + m_sizes + k_sizes``,
+    ``b_strides`` B's over ``batch_sizes + k_sizes + n_sizes`` and
+    ``c_strides`` C's over ``batch_sizes + m_sizes + n_sizes`` (``None`` means
+    a row-major C). A stride of 0 on an input broadcasts it along that axis.
+    """
+
+    batch_sizes: tuple[int, ...]
+    m_sizes: tuple[int, ...]
+    n_sizes: tuple[int, ...]
+    k_sizes: tuple[int, ...]
+    a_strides: tuple[int, ...]
+    b_strides: tuple[int, ...]
+    c_strides: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_sizes", "m_sizes", "n_sizes", "k_sizes", "a_strides", "b_strides"):
+            object.__setattr__(self, name, _int_tuple(getattr(self, name), name))
+        if self.c_strides is None:
+            object.__setattr__(self, "c_strides", contiguous_strides(self.c_shape))
+        else:
+            object.__setattr__(self, "c_strides", _int_tuple(self.c_strides, "c_strides"))
+        for name in ("batch_sizes", "m_sizes", "n_sizes", "k_sizes"):
+            if any(s < 0 for s in getattr(self, name)):
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        for op, shape, strides in self._operands():
+            if len(strides) != len(shape):
+                raise ValueError(
+                    f"{op}_strides has {len(strides)} entries but operand {op.upper()} has "
+                    f"{len(shape)} axes (shape {shape})"
+                )
+            if any(s < 0 for s in strides):
+                raise ValueError(f"negative strides are not supported: {op}_strides={strides}")
+
+    # Logical shapes of the operands (group order: batch, rows, cols).
+    @property
+    def a_shape(self) -> tuple[int, ...]:
+        return self.batch_sizes + self.m_sizes + self.k_sizes
+
+    @property
+    def b_shape(self) -> tuple[int, ...]:
+        return self.batch_sizes + self.k_sizes + self.n_sizes
+
+    @property
+    def c_shape(self) -> tuple[int, ...]:
+        return self.batch_sizes + self.m_sizes + self.n_sizes
+
+    @property
+    def batch(self) -> int:
+        return math.prod(self.batch_sizes)
+
+    @property
+    def m(self) -> int:
+        return math.prod(self.m_sizes)
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.n_sizes)
+
+    @property
+    def k(self) -> int:
+        return math.prod(self.k_sizes)
+
+    def _operands(self):
+        return (
+            ("a", self.a_shape, self.a_strides),
+            ("b", self.b_shape, self.b_strides),
+            ("c", self.c_shape, self.c_strides),
+        )
+
+    @classmethod
+    def from_views(
+        cls,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        batch_ndim: int,
+        k_ndim: int,
+        c_strides: Sequence[int] | None = None,
+    ) -> StridedBmmSpec:
+        """Spec for logical views ``a: (batch, m, k)`` and ``b: (batch, k, n)``.
+
+        The views carry the layout (``permute``/``expand`` are free), so pass
+        the same views to :func:`strided_bmm`.
+        """
+        m_ndim = a.dim() - batch_ndim - k_ndim
+        n_ndim = b.dim() - batch_ndim - k_ndim
+        if m_ndim < 0 or n_ndim < 0:
+            raise ValueError("batch_ndim + k_ndim exceeds the rank of an operand")
+        batch = tuple(a.shape[:batch_ndim])
+        k_a = tuple(a.shape[batch_ndim + m_ndim :])
+        if tuple(b.shape[:batch_ndim]) != batch or tuple(b.shape[batch_ndim : batch_ndim + k_ndim]) != k_a:
+            raise ValueError(f"incompatible views: a{tuple(a.shape)} b{tuple(b.shape)}")
+        return cls(
+            batch_sizes=batch,
+            m_sizes=tuple(a.shape[batch_ndim : batch_ndim + m_ndim]),
+            n_sizes=tuple(b.shape[batch_ndim + k_ndim :]),
+            k_sizes=k_a,
+            a_strides=tuple(a.stride()),
+            b_strides=tuple(b.stride()),
+            c_strides=None if c_strides is None else tuple(c_strides),
+        )
+
+
+def _span(shape: Sequence[int], strides: Sequence[int]) -> int:
+    """Number of elements from the first to one past the last addressed one."""
+    if any(s == 0 for s in shape):
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(shape, strides))
+
+
+def _is_non_overlapping(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """True when distinct indices map to distinct addresses (sufficient test).
+
+    Axes sorted by stride must each step over everything the smaller ones
+    reach; this accepts every permuted or padded dense layout.
+    """
+    axes = sorted((st, sz) for sz, st in zip(shape, strides) if sz > 1)
+    reach = 0  # largest offset reachable with the axes seen so far
+    for stride, size in axes:
+        if stride <= reach:
+            return False
+        reach += (size - 1) * stride
+    return True
+
+
+def _available_elements(t: torch.Tensor) -> int:
+    """Elements of ``t``'s storage from ``t.data_ptr()`` onwards."""
+    return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+
+
+def _check_operand(name: str, t: torch.Tensor, shape, strides) -> None:
+    span = _span(shape, strides)
+    if span > _available_elements(t):
+        raise ValueError(
+            f"operand {name}: spec addresses {span} elements from data_ptr but its storage "
+            f"holds only {_available_elements(t)}"
+        )
+
+
+def _byte_range(t: torch.Tensor, shape, strides) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + _span(shape, strides) * t.element_size()
+
+
+def _check_inputs(a, b, out, spec: StridedBmmSpec) -> None:
+    if a.dtype != b.dtype or (out is not None and out.dtype != a.dtype):
+        dtypes = [a.dtype, b.dtype] + ([out.dtype] if out is not None else [])
+        raise TypeError(f"operands must share one dtype, got {dtypes}")
+    if a.device != b.device or (out is not None and out.device != a.device):
+        raise ValueError("operands must live on the same device")
+    _check_operand("A", a, spec.a_shape, spec.a_strides)
+    _check_operand("B", b, spec.b_shape, spec.b_strides)
+    # Several writes to one address would race (and are not a matmul anyway).
+    for size, stride in zip(spec.c_shape, spec.c_strides):
+        if size > 1 and stride == 0:
+            raise ValueError(f"C cannot broadcast (stride 0 on an axis of size {size})")
+    if not _is_non_overlapping(spec.c_shape, spec.c_strides):
+        raise ValueError(f"C strides {spec.c_strides} overlap for shape {spec.c_shape}")
+    if out is not None:
+        _check_operand("C", out, spec.c_shape, spec.c_strides)
+        c_lo, c_hi = _byte_range(out, spec.c_shape, spec.c_strides)
+        inputs = (("A", a, spec.a_shape, spec.a_strides), ("B", b, spec.b_shape, spec.b_strides))
+        for name, t, shape, strides in inputs:
+            lo, hi = _byte_range(t, shape, strides)
+            if lo < hi and c_lo < c_hi and lo < c_hi and c_lo < hi:
+                raise ValueError(f"out overlaps operand {name}; in-place strided_bmm is not supported")
+
+
+def _strided_view(t: torch.Tensor, shape, strides) -> torch.Tensor:
+    """The view of ``t``'s memory that a spec describes (strides from data_ptr)."""
+    return torch.as_strided(t, tuple(shape), tuple(strides), t.storage_offset())
+
+
+def _alloc_out(spec: StridedBmmSpec, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(spec.c_shape, spec.c_strides, dtype=like.dtype, device=like.device)
+
+
+# ---------------------------------------------------------------------------
+# Reference implementation
+# ---------------------------------------------------------------------------
+
+
+def strided_bmm_reference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    spec: StridedBmmSpec,
+    out: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """Pure-torch strided_bmm (any device/dtype, differentiable when ``out`` is None)."""
+    _check_inputs(a, b, out, spec)
+    if accumulate and out is None:
+        raise ValueError("accumulate=True needs an out tensor")
+    av = _strided_view(a, spec.a_shape, spec.a_strides).reshape(spec.batch, spec.m, spec.k)
+    bv = _strided_view(b, spec.b_shape, spec.b_strides).reshape(spec.batch, spec.k, spec.n)
+    prod = torch.matmul(av, bv).reshape(spec.c_shape)
+    if alpha != 1.0:
+        prod = prod * alpha
+    if out is None:
+        return _alloc_out(spec, a).copy_(prod)
+    cv = _strided_view(out, spec.c_shape, spec.c_strides)
+    with torch.no_grad():
+        if accumulate:
+            cv.add_(prod)
+        else:
+            cv.copy_(prod)
+    return cv
+
+
+# ---------------------------------------------------------------------------
+# Canonical GEMM problem: what the kernel actually launches
+# ---------------------------------------------------------------------------
+
+# Every axis of a contraction is read by some of the three operands (X, Y and
+# the output). Its role follows from who reads it:
+#   batch: X, Y and out;  m: X and out;  n: Y and out;  k (reduced): not out.
+# Forward is (X, Y, out) = (A, B, C); the backward passes reuse the same axes
+# with the operands swapped, which is why no data has to be permuted.
+
+_ROLES = ("batch", "m", "n", "k")
+
+
+@dataclass(frozen=True)
+class _Axis:
+    size: int
+    members: frozenset  # subset of {"a", "b", "c"}
+    strides: dict  # operand name -> stride
+
+
+def _spec_axes(spec: StridedBmmSpec, grad_c_strides: Sequence[int] | None = None) -> list[_Axis]:
+    """All axes of the spec with the strides each operand uses for them."""
+    c_strides = tuple(grad_c_strides) if grad_c_strides is not None else spec.c_strides
+    nb, nm, nk = len(spec.batch_sizes), len(spec.m_sizes), len(spec.k_sizes)
+    a_str = dict(zip(("batch", "m", "k"), _split(spec.a_strides, (nb, nm, nk))))
+    b_str = dict(zip(("batch", "k", "n"), _split(spec.b_strides, (nb, nk, len(spec.n_sizes)))))
+    c_str = dict(zip(("batch", "m", "n"), _split(c_strides, (nb, nm, len(spec.n_sizes)))))
+    groups = {"batch": spec.batch_sizes, "m": spec.m_sizes, "n": spec.n_sizes, "k": spec.k_sizes}
+    members = {"batch": "abc", "m": "ac", "n": "bc", "k": "ab"}
+    axes = []
+    for group, sizes in groups.items():
+        for i, size in enumerate(sizes):
+            strides = {}
+            for op, table in (("a", a_str), ("b", b_str), ("c", c_str)):
+                if op in members[group]:
+                    strides[op] = table[group][i]
+            axes.append(_Axis(size, frozenset(members[group]), strides))
+    return axes
+
+
+def _split(values: tuple[int, ...], lengths: Sequence[int]) -> list[tuple[int, ...]]:
+    parts, start = [], 0
+    for n in lengths:
+        parts.append(tuple(values[start : start + n]))
+        start += n
+    return parts
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Per role, the axes as ``(size, x_stride, y_stride, out_stride)`` tuples."""
+
+    groups: dict
+
+    def size(self, role: str) -> int:
+        return math.prod(ax[0] for ax in self.groups[role])
+
+    def out_axes(self) -> list[tuple[int, int]]:
+        return [(ax[0], ax[3]) for role in ("batch", "m", "n") for ax in self.groups[role]]
+
+
+def _make_problem(axes: list[_Axis], x: str, y: str, out: str) -> _Problem:
+    """Assign each axis a GEMM role for operands (x, y, out) and merge groups."""
+    groups = {role: [] for role in _ROLES}
+    for ax in axes:
+        if ax.size == 1:
+            continue
+        sx, sy, so = (ax.strides.get(op, 0) for op in (x, y, out))
+        if so == 0:
+            # The output does not move along this axis: it is summed over.
+            # (An out stride of 0 arises for gradients of broadcast inputs.)
+            role = "k"
+        elif x in ax.members and y in ax.members:
+            role = "batch"
+        elif y in ax.members:
+            role, sx = "n", 0
+        else:
+            role, sy = "m", 0
+        groups[role].append((ax.size, sx, sy, so))
+    return _Problem({role: _merge_axes(_canonical_order(role, group)) for role, group in groups.items()})
+
+
+def _canonical_order(role: str, axes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Order a group's axes by decreasing stride.
+
+    The order in which the kernel enumerates a group is free (the result is
+    the same), so sort it: axes that are nested in memory become neighbours
+    and merge, and the innermost axis is the one contiguous in the output
+    (or, for the reduction, in X), which keeps memory accesses coalesced.
+    """
+    if role == "k":
+        return sorted(axes, key=lambda ax: (ax[1], ax[2]), reverse=True)
+    return sorted(axes, key=lambda ax: (ax[3], ax[1], ax[2]), reverse=True)
+
+
+def _merge_axes(axes: list[tuple[int, ...]]) -> tuple[tuple[int, ...], ...]:
+    """Drop size-1 axes and fuse neighbours that are contiguous for every operand.
+
+    Fewer axes means cheaper index decomposition and lets groups with more
+    than MAX_GROUP_AXES logical axes still fit the kernel.
+    """
+    merged: list[tuple[int, ...]] = []
+    for size, *strides in axes:
+        if size == 1:
+            continue
+        if merged:
+            psize, *pstrides = merged[-1]
+            if all(ps == s * size for ps, s in zip(pstrides, strides)):
+                merged[-1] = (psize * size, *strides)
+                continue
+        merged.append((size, *strides))
+    return tuple(merged)
+
+
+def _fits_kernel(problem: _Problem) -> bool:
+    return all(len(g) <= MAX_GROUP_AXES for g in problem.groups.values())
+
+
+def _padded(group: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    """Exactly MAX_GROUP_AXES axes; padding axes (size 1, stride 0) go outermost."""
+    pad = ((1, 0, 0, 0),) * (MAX_GROUP_AXES - len(group))
+    return pad + tuple(group)
+
+
+# ---------------------------------------------------------------------------
+# Triton kernel (built on first use so that importing einc never needs triton)
+# ---------------------------------------------------------------------------
+
+_triton = None  # the triton module once imported
+tl = None  # triton.language, looked up by the kernel source at compile time
+_unravel3 = None  # jitted helper, called by name from the kernel
+_KERNEL = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _import_triton():
+    global _triton
+    if _triton is None:
+        try:
+            import triton
+        except ImportError:
+            return None
+        _triton = triton
+    return _triton
+
+
+def triton_available() -> bool:
+    """True when triton imports and can run here (a CUDA device or TRITON_INTERPRET=1)."""
+    if _import_triton() is None:
+        return False
+    return _interpreting() or torch.cuda.is_available()
+
+
+def _unravel3_fn(idx, s1, s2):
+    # Row-major decomposition of a flat group index into (i0, i1, i2) for
+    # axis sizes (s0, s1, s2); s0 is implied. Sizes are constexpr, so the
+    # div/mod become multiplies and shifts.
+    i2 = idx % s2
+    rest = idx // s2
+    return rest // s1, rest % s1, i2
+
+
+def _strided_bmm_kernel_fn(
+    x_ptr, y_ptr, out_ptr, alpha,
+    M, N, K,
+    # Strides; axis order within a group is outer -> inner.
+    x_sb0, x_sb1, x_sb2, x_sm0, x_sm1, x_sm2, x_sk0, x_sk1, x_sk2,
+    y_sb0, y_sb1, y_sb2, y_sk0, y_sk1, y_sk2, y_sn0, y_sn1, y_sn2,
+    o_sb0, o_sb1, o_sb2, o_sm0, o_sm1, o_sm2, o_sn0, o_sn1, o_sn2,
+    # Inner axis sizes of each group (the outer one is implied by M, N, K).
+    B1: tl.constexpr, B2: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    ACCUMULATE: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # One program per (batch, m-tile, n-tile), flattened into a 1-D grid so the
+    # batch can exceed the 65535 limit of the other grid axes.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_b = pid // (tiles_m * tiles_n)
+    tile = pid % (tiles_m * tiles_n)
+    # Grouped tile order: GROUP_M m-tiles share the same B tiles in L2.
+    width = GROUP_M * tiles_n
+    first_m = (tile // width) * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % rows
+    pid_n = (tile % width) // rows
+
+    # Batch offsets are scalars: move the base pointers once.
+    b0, b1, b2 = _unravel3(pid_b.to(tl.int64), B1, B2)
+    x_ptr += b0 * x_sb0 + b1 * x_sb1 + b2 * x_sb2
+    y_ptr += b0 * y_sb0 + b1 * y_sb1 + b2 * y_sb2
+    out_ptr += b0 * o_sb0 + b1 * o_sb1 + b2 * o_sb2
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INDEX_64:
+        rm = rm.to(tl.int64)
+        rn = rn.to(tl.int64)
+    m0, m1, m2 = _unravel3(rm, M1, M2)
+    n0, n1, n2 = _unravel3(rn, N1, N2)
+    x_m = m0 * x_sm0 + m1 * x_sm1 + m2 * x_sm2
+    o_m = m0 * o_sm0 + m1 * o_sm1 + m2 * o_sm2
+    y_n = n0 * y_sn0 + n1 * y_sn1 + n2 * y_sn2
+    o_n = n0 * o_sn0 + n1 * o_sn1 + n2 * o_sn2
+    mask_m = rm < M
+    mask_n = rn < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k_start in range(0, K, BLOCK_K):
+        rk = k_start + tl.arange(0, BLOCK_K)
+        if INDEX_64:
+            rk = rk.to(tl.int64)
+        k0, k1, k2 = _unravel3(rk, K1, K2)
+        x_k = k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
+        y_k = k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
+        mask_k = rk < K
+        x = tl.load(x_ptr + x_m[:, None] + x_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        y = tl.load(y_ptr + y_k[:, None] + y_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST_DOT:
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(x, y, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    acc = acc * alpha
+    out_ptrs = out_ptr + o_m[:, None] + o_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _autotune_configs(triton):
+    def cfg(bm, bn, bk, stages, warps, group_m=8):
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}
+        return triton.Config(meta, num_stages=stages, num_warps=warps)
+
+    if _interpreting():
+        # The interpreter runs programs one after another in numpy: one
+        # medium tile keeps the launch count (and test time) low.
+        return [cfg(32, 32, 32, 1, 4)]
+    # Hopper-oriented: big tiles for big GEMMs, small ones because structured
+    # layers are often many small blocks (e.g. Monarch blocks of 32-64).
+    return [
+        cfg(128, 256, 64, 3, 8),
+        cfg(256, 128, 64, 3, 8),
+        cfg(128, 128, 64, 4, 8),
+        cfg(128, 128, 32, 4, 4),
+        cfg(128, 64, 64, 4, 4),
+        cfg(64, 128, 64, 4, 4),
+        cfg(64, 64, 64, 4, 4),
+        cfg(64, 64, 32, 5, 2),
+        cfg(32, 64, 64, 4, 4),
+        cfg(64, 32, 64, 4, 4),
+        cfg(32, 32, 64, 3, 2),
+        cfg(16, 64, 64, 3, 2),
+        cfg(64, 16, 64, 3, 2),
+        cfg(32, 32, 32, 3, 2),
+        cfg(16, 64, 32, 3, 2),
+        cfg(64, 16, 32, 3, 2),
+        cfg(16, 32, 16, 2, 1),
+    ]
+
+
+def _block_cap(extent: int) -> int:
+    return max(16, 1 << max(int(extent) - 1, 0).bit_length())
+
+
+_SHARED_MEMORY_BUDGET = 200 * 1024  # bytes; an H100 SM has 228 KiB
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Skip tiles much larger than the problem (wasted work, wasted tuning)
+    and pipelines whose operand buffers would not fit in shared memory."""
+    cap_m, cap_n, cap_k = (_block_cap(named_args[d]) for d in ("M", "N", "K"))
+    itemsize = named_args["x_ptr"].element_size()
+
+    def fits(c):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        smem = c.num_stages * (bm + bn) * bk * itemsize  # one A and one B tile per stage
+        return bm <= cap_m and bn <= cap_n and bk <= cap_k and smem <= _SHARED_MEMORY_BUDGET
+
+    kept = [c for c in configs if fits(c)]
+    if kept:
+        return kept
+    return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+
+def _get_kernel():
+    """Decorate the kernel on first use (the interpreter choice is made here)."""
+    global tl, _unravel3, _KERNEL
+    if _KERNEL is None:
+        triton = _import_triton()
+        if triton is None:
+            raise RuntimeError("triton is not installed")
+        from triton import language
+
+        tl = language
+        _unravel3 = triton.jit(_unravel3_fn)
+        _KERNEL = triton.autotune(
+            configs=_autotune_configs(triton),
+            key=["M", "N", "K", "ACCUMULATE"],
+            prune_configs_by={"early_config_prune": _prune_configs},
+            # Tuning launches the kernel repeatedly: keep C intact for accumulate.
+            restore_value=["out_ptr"],
+        )(triton.jit(_strided_bmm_kernel_fn))
+    return _KERNEL
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _launch(problem: _Problem, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, alpha: float, accumulate: bool):
+    """Run the Triton kernel on a canonical problem; pointers are the data_ptrs."""
+    kernel = _get_kernel()
+    groups = {role: _padded(problem.groups[role]) for role in _ROLES}
+    M, N, K = problem.size("m"), problem.size("n"), problem.size("k")
+    n_batch = problem.size("batch")
+
+    def strides(role, col):
+        return [ax[col] for ax in groups[role]]
+
+    x_args = strides("batch", 1) + strides("m", 1) + strides("k", 1)
+    y_args = strides("batch", 2) + strides("k", 2) + strides("n", 2)
+    o_args = strides("batch", 3) + strides("m", 3) + strides("n", 3)
+    inner = {}
+    for role, name in (("batch", "B"), ("m", "M"), ("n", "N"), ("k", "K")):
+        inner[f"{name}1"], inner[f"{name}2"] = groups[role][1][0], groups[role][2][0]
+
+    # int32 offsets overflow past 2**31 elements; masked tail lanes may also
+    # step one tile beyond the span, hence the margin.
+    span = max(sum(ax[0] * ax[col] for role in _ROLES for ax in groups[role]) for col in (1, 2, 3))
+    reach = span + 256 * max(abs(v) for v in [1, *x_args, *y_args, *o_args])
+    index_64 = reach >= 2**31 or max(M, N, K) >= 2**31 - 256
+
+    acc_dtype = _triton.language.float64 if x.dtype == torch.float64 else _triton.language.float32
+    # Hand the output over as a flat view of its footprint so that the
+    # autotuner's restore_value saves and restores exactly those elements.
+    out_flat = torch.as_strided(out, (_problem_out_span(problem),), (1,), out.storage_offset())
+
+    def grid(meta):
+        return (n_batch * _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
+
+    device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device:  # Triton launches on the current CUDA device
+        kernel[grid](
+            x, y, out_flat, float(alpha), M, N, K,
+            *x_args, *y_args, *o_args,
+            **inner,
+            ACCUMULATE=bool(accumulate), INDEX_64=index_64,
+            ACC_DTYPE=acc_dtype, INPUT_PRECISION=_input_precision(x.dtype),
+            # The interpreter multiplies bf16 as raw integer bits; fp32 is exact.
+            UPCAST_DOT=_interpreting() and x.dtype == torch.bfloat16,
+        )  # fmt: skip
+
+
+def _problem_out_span(problem: _Problem) -> int:
+    axes = problem.out_axes()
+    return _span([s for s, _ in axes], [st for _, st in axes])
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _triton_usable(t: torch.Tensor) -> bool:
+    return triton_available() and t.dtype in _KERNEL_DTYPES and (t.is_cuda or _interpreting())
+
+
+def _run(problem, x, y, out, alpha, accumulate) -> None:
+    """Kernel launch with the degenerate sizes handled on the host."""
+    if problem.size("batch") * problem.size("m") * problem.size("n") == 0:
+        return
+    if problem.size("k") == 0:
+        if not accumulate:
+            axes = problem.out_axes()
+            _strided_view(out, [s for s, _ in axes], [st for _, st in axes]).zero_()
+        return
+    _launch(problem, x, y, out, alpha, accumulate)
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------
+
+
+def _select_backend(backend: str, a: torch.Tensor, problem: _Problem) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    usable = _triton_usable(a) and _fits_kernel(problem)
+    if backend == "triton" and not usable:
+        if not _triton_usable(a):
+            raise RuntimeError(
+                f"triton backend unavailable for a {a.dtype} tensor on {a.device} "
+                "(needs triton and a CUDA device, or TRITON_INTERPRET=1)"
+            )
+        raise ValueError(
+            f"a group has more than {MAX_GROUP_AXES} axes that cannot be merged: "
+            f"{ {r: len(g) for r, g in problem.groups.items()} }"
+        )
+    return "triton" if usable else "torch"
+
+
+def _strided_bmm_impl(a, b, spec, out, alpha, accumulate, backend) -> torch.Tensor:
+    _check_inputs(a, b, out, spec)
+    if accumulate and out is None:
+        raise ValueError("accumulate=True needs an out tensor")
+    problem = _make_problem(_spec_axes(spec), "a", "b", "c")
+    if _select_backend(backend, a, problem) == "torch":
+        return strided_bmm_reference(a, b, spec, out, alpha=alpha, accumulate=accumulate)
+    if out is None:
+        out = _alloc_out(spec, a)
+    _run(problem, a, b, out, alpha, accumulate)
+    return _strided_view(out, spec.c_shape, spec.c_strides)
+
+
+def strided_bmm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    spec: StridedBmmSpec,
+    out: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    accumulate: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``C = alpha * A @ B`` (or ``C += ...``) with every operand addressed by ``spec``.
+
+    Returns the logical view of C (shape ``spec.c_shape``, strides
+    ``spec.c_strides``); when ``out`` is given C is written into its memory
+    from ``out.data_ptr()``. ``backend`` is ``"auto"`` (Triton when usable,
+    else torch), ``"triton"`` or ``"torch"``. Differentiable through
+    :class:`StridedBmmFunction` when ``out`` is None and not accumulating.
+    """
+    needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if needs_grad:
+        if out is not None or accumulate:
+            raise ValueError("out= and accumulate=True are not differentiable")
+        return StridedBmmFunction.apply(a, b, spec, alpha, backend)
+    return _strided_bmm_impl(a, b, spec, out, alpha, accumulate, backend)
+
+
+# ---------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------
+
+
+def _covers_exactly(t: torch.Tensor, shape, strides) -> tuple[bool, bool]:
+    """(addresses stay inside ``t``'s elements, and hit each element once).
+
+    Gradients are written through ``t``'s own layout, so the kernel may only
+    be used when the spec's addresses are elements of ``t``.
+    """
+    live = [(sz, st) for sz, st in zip(shape, strides) if st != 0 and sz > 1]
+    sizes, strs = [s for s, _ in live], [st for _, st in live]
+    if not _is_non_overlapping(sizes, strs):
+        return False, False
+    if tuple(t.shape) == tuple(shape) and tuple(t.stride()) == tuple(strides):
+        inside = True
+    else:
+        # A dense ``t`` owns every address in [0, numel) from its data_ptr.
+        dense = _is_non_overlapping(t.shape, t.stride()) and _span(t.shape, t.stride()) == t.numel()
+        inside = dense and _span(sizes, strs) <= t.numel()
+    return inside, inside and math.prod(sizes) == t.numel()
+
+
+def _grad_buffer(t: torch.Tensor, zero: bool) -> torch.Tensor:
+    make = torch.zeros if zero else torch.empty
+    buf = make(max(_span(t.shape, t.stride()), 1), dtype=t.dtype, device=t.device)
+    return torch.as_strided(buf, t.shape, t.stride())
+
+
+def _reference_grads(a, b, spec, alpha, grad_c, need_a, need_b):
+    """Gradients via torch autograd on the reference (layouts the kernel cannot write)."""
+    with torch.enable_grad():
+        a_ = a.detach().requires_grad_(need_a)
+        b_ = b.detach().requires_grad_(need_b)
+        c = strided_bmm_reference(a_, b_, spec, alpha=alpha)
+        inputs = [t for t, need in ((a_, need_a), (b_, need_b)) if need]
+        grads = iter(torch.autograd.grad(c, inputs, grad_c, allow_unused=True))
+    return (next(grads) if need_a else None), (next(grads) if need_b else None)
+
+
+class StridedBmmFunction(torch.autograd.Function):
+    """Differentiable strided_bmm; backward is two more strided_bmm launches.
+
+    dA = dC @ B^T and dB = A^T @ dC are the same contraction with the roles
+    of the operands swapped: the kernel reads dC through its own strides and
+    writes each gradient in its input's layout, so nothing is permuted.
+    Axes along which an input is broadcast (stride 0) become reduced axes of
+    its gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, spec: StridedBmmSpec, alpha: float = 1.0, backend: str = "auto"):
+        ctx.spec, ctx.alpha, ctx.backend = spec, alpha, backend
+        ctx.save_for_backward(a, b)
+        return _strided_bmm_impl(a, b, spec, None, alpha, False, backend)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_c):
+        a, b = ctx.saved_tensors
+        spec, alpha, backend = ctx.spec, ctx.alpha, ctx.backend
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_c = grad_c.to(a.dtype)
+        axes = _spec_axes(spec, grad_c.stride())  # dC is read through its own strides
+        grad_a = grad_b = None
+        if need_a:  # dA[b, m, k] = sum_n dC[b, m, n] B[b, k, n]
+            grad_a = _kernel_grad(_make_problem(axes, "c", "b", "a"), grad_c, b, a, spec.a_shape, spec.a_strides,
+                                  alpha, backend)  # fmt: skip
+        if need_b:  # dB[b, k, n] = sum_m A[b, m, k] dC[b, m, n]
+            grad_b = _kernel_grad(_make_problem(axes, "a", "c", "b"), a, grad_c, b, spec.b_shape, spec.b_strides,
+                                  alpha, backend)  # fmt: skip
+        miss_a, miss_b = need_a and grad_a is None, need_b and grad_b is None
+        if miss_a or miss_b:
+            ref_a, ref_b = _reference_grads(a, b, spec, alpha, grad_c, miss_a, miss_b)
+            grad_a = ref_a if miss_a else grad_a
+            grad_b = ref_b if miss_b else grad_b
+        return grad_a, grad_b, None, None, None
+
+
+def _kernel_grad(problem, x, y, target, shape, strides, alpha, backend):
+    """Gradient for ``target`` written by the kernel in its layout, or None if it cannot be."""
+    if backend == "torch" or not (_triton_usable(target) and _fits_kernel(problem)):
+        return None
+    inside, exact = _covers_exactly(target, shape, strides)
+    if not inside:
+        return None
+    buf = _grad_buffer(target, zero=not exact)  # untouched elements get zero gradient
+    _run(problem, x, y, buf, alpha, accumulate=False)
+    return buf
