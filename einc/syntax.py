@@ -170,8 +170,9 @@ def _bindings(node: lark.Tree, spec: str) -> list[Binding]:
     return out
 
 
-def eval_size(node, spec: str) -> Size:
-    """Evaluate a size expression tree to a monomial."""
+def eval_size(node, spec: str, signed: bool = False) -> Size:
+    """Evaluate a size expression tree to a monomial (``signed``: inside an exponent, where
+    a minus sign is allowed: ``d_out^(-1/4)``)."""
     if isinstance(node, lark.Token):
         raise SpecSyntaxError("expected a size expression", spec, _pos(node, spec))
     kind = node.data
@@ -184,13 +185,15 @@ def eval_size(node, spec: str) -> Size:
                             f"{', '.join(SYMBOLS)}", spec, _pos(node, spec))
         return Size.symbol(name)
     if kind == "neg":
+        if signed:
+            return Size.const(-1) * eval_size(node.children[0], spec, signed)
         raise SizeError("sizes must be positive", spec, _pos(node, spec))
     if kind == "add":
         raise SizeError("sizes are products, quotients and powers (no sums): write 2*d, "
                         "d/4 or d^(1/2)", spec, _pos(node.children[1], spec))
     left, op, right = node.children
     if kind == "mul":
-        a, b = eval_size(left, spec), eval_size(right, spec)
+        a, b = eval_size(left, spec, signed), eval_size(right, spec, signed)
         return a * b if op.value == "*" else a / b
     if kind == "pow":
         exponent = _exponent(right, spec)
@@ -202,9 +205,7 @@ def eval_size(node, spec: str) -> Size:
 
 
 def _exponent(node, spec: str) -> Fraction:
-    if isinstance(node, lark.Tree) and node.data == "neg":
-        return -_exponent(node.children[0], spec)
-    value = eval_size(node, spec)
+    value = eval_size(node, spec, signed=True)
     if not value.is_const:
         raise SizeError("an exponent must be a number", spec, _pos(node, spec))
     return Fraction(value.coeff)
