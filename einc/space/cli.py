@@ -1,0 +1,75 @@
+"""``einc search``: rank structures for a layer width and a budget."""
+from __future__ import annotations
+
+import json
+
+from ..cli import _add_width, command
+
+
+@command
+def _register(sub):
+    from .rank import DEFAULT_D, DEFAULT_MAX_FLOPS, DEFAULT_TOP, SORT_KEYS
+
+    p = sub.add_parser(
+        "search", help="enumerate, deduplicate and rank structures for a width and a budget",
+        description=f"Enumerate the structure space, keep one structure per family, score "
+        f"each exactly at the width and rank them. Without arguments: d = {DEFAULT_D}, the "
+        "two-factor space on a 1/12 lattice, FLOPs at most dense, top 20.")
+    _add_width(p)
+    p.add_argument("--factors", type=int, default=2, help="weight factors: 2 (the paper's "
+                   "space) or 3 (default 2)")
+    p.add_argument("--k", type=int, default=12, help="lattice step 1/k of the exponents "
+                   "(default 12)")
+    p.add_argument("--max-flops", default=DEFAULT_MAX_FLOPS, help="forward FLOPs per vector "
+                   "at most: a number (1e6) or a multiple of dense (0.1x); 'none' for no "
+                   f"budget (default {DEFAULT_MAX_FLOPS})")
+    p.add_argument("--max-params", help="parameters at most: a number or a multiple of "
+                   "dense (0.1x)")
+    p.add_argument("--min-psi", help="rank exponent psi at least (for example 1)")
+    p.add_argument("--max-omega", help="parameter-sharing exponent omega at most (e.g. 0)")
+    p.add_argument("--exclude-degenerate", action="store_true",
+                   help="leave out points the paper calls degenerate (flagged otherwise)")
+    p.add_argument("--transpose", action="store_true", help="also identify a structure with "
+                   "its transpose (needs d_in = d_out)")
+    p.add_argument("--sort", default="paper", help="sort key: " + ", ".join(SORT_KEYS)
+                   + " (default paper)")
+    p.add_argument("--top", type=int, default=None, help=f"rows to show (default "
+                   f"{DEFAULT_TOP}; 0 for all)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a JSON list of records")
+    out.add_argument("--csv", action="store_true", help="print CSV")
+    p.add_argument("--plot", metavar="DIR", help="write cube.png and pareto.png to DIR "
+                   "(needs matplotlib)")
+    p.add_argument("--measure", action="store_true", help="time forward+backward of the "
+                   "compiled top candidates")
+    p.add_argument("--batch", type=int, default=64, help="batch size for --measure (default 64)")
+    p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    p.set_defaults(run=_search)
+
+
+def _search(args) -> int:
+    import sys
+
+    from .rank import DEFAULT_TOP, search, table, to_csv
+
+    top = DEFAULT_TOP if args.top is None else (None if args.top == 0 else args.top)
+    result = search(args.d, d_in=args.d_in, d_out=args.d_out, factors=args.factors, k=args.k,
+                    max_flops=args.max_flops, max_params=args.max_params,
+                    min_psi=args.min_psi, max_omega=args.max_omega, sort=args.sort, top=top,
+                    transpose=args.transpose, exclude_degenerate=args.exclude_degenerate,
+                    tolerance=args.tolerance, measure=args.measure, batch=args.batch,
+                    progress=False if args.no_progress else None)
+    if args.json:
+        print(json.dumps(list(result), indent=2))
+    elif args.csv:
+        print(to_csv(result), end="")
+    else:
+        print(table(result))
+    if not result and result.message and (args.json or args.csv):
+        print(f"einc: {result.message}", file=sys.stderr)
+    if args.plot:
+        from .plot import plot
+
+        for path in plot(result, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0

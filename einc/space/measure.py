@@ -1,0 +1,43 @@
+"""Time forward + backward of compiled candidates (``einc search --measure``)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+from ..errors import EincError
+from .progress import Progress
+
+
+def _compiler():
+    try:
+        from ..runtime import compile as compile_
+    except ImportError as e:
+        raise EincError("--measure needs the runtime stage (einc.runtime) and torch, which "
+                        f"could not be imported: {e}") from None
+    return compile_
+
+
+def measure_records(records, *, batch: int = 64, repeats: int = 5, warmup: int = 2,
+                    progress: bool | None = None, threads: int | None = None) -> None:
+    """Add ``measured_ms`` (median forward+backward time of a batch, in ms) to each record."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise EincError(f"the batch size must be a positive integer, got {batch!r}")
+    compile_ = _compiler()
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    with Progress(len(records), "measuring", enabled=progress, delay=0.0) as bar:
+        for rec in records:
+            module = compile_(rec["spec"], d_in=rec["d_in"], d_out=rec["d_out"])
+            x = torch.randn(batch, rec["d_in"])
+            times = []
+            for k in range(warmup + repeats):
+                module.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                module(x).sum().backward()
+                if k >= warmup:
+                    times.append(time.perf_counter() - start)
+            rec["measured_ms"] = 1000 * statistics.median(times)
+            rec["measured_batch"] = batch
+            bar.update()

@@ -1,0 +1,310 @@
+"""Filters, sort keys and records: :func:`search` ties the space stage together."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from fractions import Fraction
+
+import numpy as np
+
+from ..analysis.concrete import DEFAULT_TOLERANCE, resolve_dims
+from ..analysis.report import _frac, _num
+from ..analysis.taxonomy import closed_forms, theta_of
+from ..errors import EincError, SizeError, UnknownNameError
+from ..theta import structure_from_theta
+from .lattice import Space
+from .names import known_ids
+from .score import Candidates, score
+
+DEFAULT_D = 1024
+DEFAULT_TOP = 20
+#: Without a budget a search looks for layers no costlier than dense ("none" lifts it).
+DEFAULT_MAX_FLOPS = "1x"
+
+#: name -> what it sorts by. "paper" is the rule of the paper: no parameter sharing first,
+#: then full rank, then the most parameters per FLOP.
+SORT_KEYS = {
+    "paper": "omega ascending, psi descending, then parameters per FLOP descending",
+    "params-per-flop": "parameters per FLOP descending",
+    "flops": "FLOPs ascending",
+    "params": "parameters ascending",
+    "omega": "omega ascending",
+    "psi": "psi descending",
+    "nu": "nu ascending",
+    "rank": "rank bound descending",
+    "measured": "measured forward+backward time ascending (needs measuring)",
+}
+
+
+def _sort_order(c: Candidates, key: str) -> np.ndarray:
+    ppf = c.params_per_flop
+    keys = {  # np.lexsort sorts by the last key first; ids break every tie
+        "paper": (c.ids, -ppf, -c.psi, c.omega),
+        "params-per-flop": (c.ids, -ppf),
+        "flops": (c.ids, c.flops),
+        "params": (c.ids, c.params),
+        "omega": (c.ids, -ppf, c.omega),
+        "psi": (c.ids, -ppf, -c.psi),
+        "nu": (c.ids, -ppf, c.nu),
+        "rank": (c.ids, -ppf, -c.rank_bound),
+        "measured": (c.ids, -ppf, -c.psi, c.omega),  # candidates to measure: the paper's
+    }[key]
+    return np.lexsort(keys)
+
+
+def check_sort_key(key: str) -> str:
+    if key not in SORT_KEYS:
+        raise UnknownNameError(f"unknown sort key {key!r}",
+                               hint="known sort keys: " + ", ".join(SORT_KEYS))
+    return key
+
+
+def parse_budget(value, dense: int, what: str):
+    """A budget: a number (1e6, 250000) or a multiple of the dense layer's ("0.1x")."""
+    if value is None:
+        return None
+    text = str(value).strip().replace("_", "")
+    if text.lower() in ("none", "inf"):
+        return None
+    try:
+        if isinstance(value, str) and text.lower().endswith("x"):
+            amount = float(text[:-1]) * dense
+        else:
+            amount = float(text)
+    except ValueError:
+        raise SizeError(f"bad {what} budget {value!r}: give a number (for example 1e6) or a "
+                        "fraction of the dense layer's (for example 0.1x)") from None
+    if not math.isfinite(amount) or amount <= 0:
+        raise SizeError(f"bad {what} budget {value!r}: it must be a positive number")
+    return amount
+
+
+def parse_exponent(value, what: str):
+    if value is None:
+        return None
+    try:
+        q = Fraction(str(value).strip()) if not isinstance(value, Fraction) else value
+    except (ValueError, ZeroDivisionError):
+        raise SizeError(f"bad {what} {value!r}: give a number such as 1/2 or 0.5") from None
+    if q < 0:
+        raise SizeError(f"bad {what} {value!r}: exponents are >= 0")
+    return q
+
+
+class SearchResult(list):
+    """The ranked records (dicts), with the counts of the run and the scored columns."""
+
+    def __init__(self, records, *, candidates: Candidates, order, sort: str, message: str = ""):
+        super().__init__(records)
+        self.candidates = candidates
+        self.order = order        # indices into candidates, ranked (all that passed)
+        self.sort = sort
+        self.message = message
+
+    @property
+    def counts(self) -> dict:
+        return self.candidates.counts
+
+    @property
+    def space(self) -> Space:
+        return self.candidates.space
+
+
+def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
+           max_flops=DEFAULT_MAX_FLOPS, max_params=None, min_psi=None, max_omega=None,
+           sort: str = "paper", top: int | None = DEFAULT_TOP, transpose: bool = False,
+           exclude_degenerate: bool = False, tolerance: float = DEFAULT_TOLERANCE,
+           measure: bool = False, batch: int = 64, progress: bool | None = None
+           ) -> SearchResult:
+    """Enumerate, score, filter and rank structures for a layer of width d.
+
+    ``search(d=1024, max_flops="0.1x")`` returns a list of records (dicts with the fields of
+    ``einc analyze --json`` plus ``name``), best first; ``top`` keeps the first ``top``
+    (default 20; None: all). Budgets are numbers or multiples of the dense layer's ("0.1x"); the FLOP
+    budget defaults to the dense layer's ("none" lifts it). ``measure=True`` times the first ``top`` (default 20) compiled modules.
+    """
+    if d is None and d_in is None and d_out is None:
+        d = DEFAULT_D
+    if d is not None and (d_in is not None or d_out is not None):
+        raise SizeError("give either d or d_in/d_out, not both")
+    if d is None:
+        d_in = d_in if d_in is not None else d_out
+        d_out = d_out if d_out is not None else d_in
+    din, dout = resolve_dims(_NoStructure, d, d_in, d_out)
+    if tolerance is None or tolerance < 0:
+        raise SizeError(f"the padding tolerance must be >= 0, got {tolerance}")
+    check_sort_key(sort)
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
+        raise SizeError(f"top must be a non-negative integer, got {top!r}")
+    if transpose and din != dout:
+        raise SizeError(f"transpose identifies W with its transpose, which needs d_in = d_out "
+                        f"(got {din} and {dout})")
+    flop_cap = parse_budget(max_flops, 2 * din * dout, "FLOP")
+    param_cap = parse_budget(max_params, din * dout, "parameter")
+    psi_min = parse_exponent(min_psi, "minimum psi")
+    omega_max = parse_exponent(max_omega, "maximum omega")
+    space = Space(factors, k, transpose)
+
+    def keep(cols):
+        m = np.ones(len(cols["ids"]), dtype=bool)
+        if flop_cap is not None:
+            m &= cols["flops"] <= flop_cap
+        if param_cap is not None:
+            m &= cols["params"] <= param_cap
+        if psi_min is not None:
+            m &= cols["psi"] >= float(psi_min * space.k) - 1e-9
+        if omega_max is not None:
+            m &= cols["omega"] <= float(omega_max * space.k) + 1e-9
+        if exclude_degenerate:
+            m &= cols["degenerate"] != 1
+        return m
+
+    cands = score(space, din, dout, tolerance, keep, progress)
+    order = _sort_order(cands, sort)
+    if measure and top is None:
+        top = DEFAULT_TOP
+    chosen = order if top is None else order[:top]
+    names = known_ids(space)
+    records = [record(space, int(cands.ids[i]), din, dout, tolerance, names) for i in chosen]
+    message = "" if len(cands) else _empty_message(cands, flop_cap, param_cap)
+    if measure and records:
+        from .measure import measure_records
+
+        measure_records(records, batch=batch, progress=progress)
+        if sort == "measured":
+            records.sort(key=lambda r: r["measured_ms"])
+    return SearchResult(records, candidates=cands, order=order, sort=sort, message=message)
+
+
+class _NoStructure:  # resolve_dims only consults the structure when widths are missing
+    sizes: dict = {}
+    input = output = None
+
+
+def _empty_message(c: Candidates, flop_cap, param_cap) -> str:
+    n = c.counts
+    if not n["distinct"] or n["min_flops"] is None:
+        return "no structure of this space fits the padding tolerance at this width"
+    parts = []
+    if flop_cap is not None and n["min_flops"] > flop_cap:
+        parts.append(f"the cheapest candidate needs {int(n['min_flops']):,} FLOPs "
+                     f"(budget {flop_cap:,.0f})")
+    if param_cap is not None and n["min_params"] > param_cap:
+        parts.append(f"the smallest candidate has {int(n['min_params']):,} parameters "
+                     f"(budget {param_cap:,.0f})")
+    why = "; ".join(parts) if parts else "no candidate meets every filter at once"
+    return f"no structure fits: {why}"
+
+
+# -- records -----------------------------------------------------------------------
+def record(space: Space, pid: int, d_in: int, d_out: int,
+           tolerance: float = DEFAULT_TOLERANCE, names: dict | None = None) -> dict:
+    """The exact record of one kept point: the fields of ``einc analyze --json`` that a
+    search reports, evaluated with Python integers from the template."""
+    t = space.template
+    ix, iy, ir = (int(v[0]) for v in space.split(np.array([pid])))
+    exps = space.point_exponents(ix, iy, ir)
+    theta = space.theta(exps)
+    if theta is not None:
+        spec = "(" + "|".join(_frac(v) for v in theta) + ")"
+        s = structure_from_theta(theta, spec)
+    else:
+        s = t.structure_at(exps)
+        spec = s.spec_text()
+        theta = theta_of(s)
+    sizes, pin, pout = t.concrete_sizes(exps, d_in, d_out, tolerance)
+    present = {c: int(exps[c] > 0) for c in t.classes}
+    params = t.params(sizes, present)
+    flops = t.flops(sizes, present)
+    omega, psi, nu = t.exponents(exps)
+    out = {
+        "name": (names or {}).get(pid, ""),
+        "spec": spec, "equation": s.equation, "d_in": d_in, "d_out": d_out,
+        "padded_in": pin, "padded_out": pout,
+        "sizes": {ix_.name: sizes[ix_.name] for ix_ in s.indices},
+        "input": list(s.input.indices), "output": list(s.output.indices),
+        "factors": {f.name: list(f.indices) for f in s.factors},
+        "params": params, "flops": flops, "flops_backward": 2 * flops,
+        "omega": _num(omega), "psi": _num(psi), "nu": _num(nu),
+        "rank_bound": t.rank_bound(sizes),
+        "params_per_flop": params / flops,
+        "classes": {c: _frac(exps[c]) for c in t.classes if exps[c] > 0},
+    }
+    if theta is not None:
+        rules = closed_forms(theta)
+        out["theta"] = [_num(v) for v in theta]
+        out["redundant"] = rules["redundant"]
+        out["degenerate"] = rules["degenerate"]
+    return out
+
+
+# -- output -------------------------------------------------------------------------
+def short_form(rec: dict) -> str:
+    """The structure in a line: theta for two factors, class^exponent otherwise."""
+    if "theta" in rec and rec["spec"].startswith("("):
+        return rec["spec"]
+    return " ".join(f"{c}^{e}" for c, e in rec["classes"].items())
+
+
+def table(result: SearchResult) -> str:
+    """The records as a text table, with a header line of counts."""
+    n = result.counts
+    c = result.candidates
+    space = result.space
+    head = (f"{space.n}-factor space, lattice step 1/{space.k}, d_in = {c.d_in}, "
+            f"d_out = {c.d_out}: {n['lattice']:,} lattice points, {n['distinct']:,} distinct "
+            f"families after renaming factors{' and transposing' if space.transpose else ''}, "
+            f"{n['padding']:,} refused for padding, {n['degenerate']:,} flagged degenerate, "
+            f"{n['passed']:,} pass the filters; sorted by {result.sort}")
+    lines = [head]
+    if not result:
+        lines.append(result.message or "no structure fits the filters")
+        return "\n".join(lines)
+    measured = any("measured_ms" in r for r in result)
+    dense_p, dense_f = c.d_in * c.d_out, 2 * c.d_in * c.d_out
+    cols = ["#", "name", "omega", "psi", "nu", "params", "xdense", "FLOPs", "xdense",
+            "pad", "rules"] + (["ms"] if measured else []) + ["structure"]
+    rows = []
+    for i, r in enumerate(result, 1):
+        pad = max(r["padded_in"] / r["d_in"], r["padded_out"] / r["d_out"]) - 1
+        rules = ("degenerate" if r.get("degenerate") else "ok") if "degenerate" in r else "-"
+        row = [str(i), r["name"] or "", _fmt_exp(r["omega"]), _fmt_exp(r["psi"]),
+               _fmt_exp(r["nu"]), f"{r['params']:,}", f"{r['params'] / dense_p:.3g}",
+               f"{r['flops']:,}", f"{r['flops'] / dense_f:.3g}", f"{pad:.0%}", rules]
+        if measured:
+            row.append(f"{r['measured_ms']:.3g}" if r.get("measured_ms") is not None else "-")
+        row.append(short_form(r))
+        rows.append(row)
+    width = [max(len(x) for x in col) for col in zip(cols, *rows)]
+    fmt = lambda row: "  ".join(x.ljust(w) if j in (1, len(row) - 1) else x.rjust(w)
+                                for j, (x, w) in enumerate(zip(row, width))).rstrip()
+    lines += [fmt(cols), fmt(["-" * w for w in width])] + [fmt(r) for r in rows]
+    if len(result) < n["passed"]:
+        lines.append(f"(top {len(result)} of {n['passed']:,}; --top 0 shows all)")
+    return "\n".join(lines)
+
+
+def _fmt_exp(v) -> str:
+    return _frac(Fraction(v).limit_denominator(1000)) if v is not None else "-"
+
+
+CSV_FIELDS = ["rank", "name", "spec", "theta", "d_in", "d_out", "padded_in", "padded_out",
+              "params", "flops", "flops_backward", "omega", "psi", "nu", "rank_bound",
+              "params_per_flop", "redundant", "degenerate", "measured_ms"]
+
+
+def to_csv(records) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for i, r in enumerate(records, 1):
+        row = dict(r, rank=i)
+        if "theta" in r:
+            row["theta"] = "(" + "|".join(_frac(Fraction(v).limit_denominator(1000))
+                                          for v in r["theta"]) + ")"
+        w.writerow(row)
+    return buf.getvalue()
+
+
+__all__ = ["search", "SearchResult", "SORT_KEYS", "record", "table", "to_csv", "EincError"]

@@ -1,0 +1,189 @@
+"""Score every kept point of a space at a layer width, with numpy and one template.
+
+The lattice is walked in chunks of input-side rows. For each chunk: keep one point per
+family (:meth:`Space.orbit_min`), orient two-factor points the paper's way, look the
+concrete sizes up in per-side tables (rounded once per side pattern, exactly as
+:func:`einc.analysis.concrete.concretize` rounds), then evaluate the template's lambdified
+parameter and FLOP formulas and its cut sets on whole columns. Only the points that pass
+the padding tolerance and the caller's filter are stored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+from .lattice import Space
+from .progress import Progress
+
+CHUNK = 200_000
+
+
+@dataclass
+class Candidates:
+    """Column arrays, one entry per kept point that passed the tolerance and the filters.
+
+    omega, psi and nu are in units of 1/k. ``redundant`` / ``degenerate`` are -1 where the
+    paper's rules do not apply (not a two-factor structure), else 0 or 1.
+    """
+
+    space: Space
+    d_in: int
+    d_out: int
+    ids: np.ndarray
+    params: np.ndarray
+    flops: np.ndarray
+    omega: np.ndarray
+    psi: np.ndarray
+    nu: np.ndarray
+    rank_bound: np.ndarray
+    redundant: np.ndarray
+    degenerate: np.ndarray
+    counts: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.ids)
+
+    @property
+    def params_per_flop(self) -> np.ndarray:
+        return self.params / self.flops
+
+    def take(self, idx) -> "Candidates":
+        cols = {n: getattr(self, n)[idx] for n in _COLUMNS}
+        return Candidates(self.space, self.d_in, self.d_out, counts=dict(self.counts), **cols)
+
+
+_COLUMNS = ("ids", "params", "flops", "omega", "psi", "nu", "rank_bound", "redundant",
+            "degenerate")
+
+
+@dataclass
+class SizeTables:
+    """Concrete sizes by table row: each side's candidate roundings and, per pair of rows,
+    the one concretize takes (see :func:`einc.analysis.template.combine_index`)."""
+
+    x: np.ndarray        # (nX, choices, input classes) float64
+    y: np.ndarray        # (nY, choices, output classes)
+    pick_x: np.ndarray   # (nX, nY) int8: the input-side choice of each pair of rows
+    pick_y: np.ndarray
+    padded_x: np.ndarray  # (nX,) int64
+    padded_y: np.ndarray
+
+    def sizes(self, ix, iy):
+        return self.x[ix, self.pick_x[ix, iy]], self.y[iy, self.pick_y[ix, iy]]
+
+
+def size_tables(space: Space, d_in: int, d_out: int) -> SizeTables:
+    from ..analysis.template import combine_index
+
+    t, k = space.template, space.k
+    rounds = {}
+    for side, table in (("x", space.X), ("y", space.Y)):
+        rounds[side] = [t.round_side(side, tuple(Fraction(v, k) for v in row), d_in, d_out)
+                        for row in table.tolist()]
+    assert max(r.free for r in rounds["x"]) + max(r.free for r in rounds["y"]) <= 14
+
+    def stack(rs, width):
+        most = max(len(r.choices) for r in rs)
+        out = np.ones((len(rs), most, width))
+        for i, r in enumerate(rs):
+            out[i, :len(r.choices)] = r.choices
+        return out
+
+    rx, ry = rounds["x"], rounds["y"]
+    pick_x = np.zeros((len(rx), len(ry)), dtype=np.int8)
+    pick_y = np.zeros((len(rx), len(ry)), dtype=np.int8)
+    multi_y = [j for j, r in enumerate(ry) if len(r.choices) > 1]
+    for i, a in enumerate(rx):
+        for j in (range(len(ry)) if len(a.choices) > 1 else multi_y):
+            pick_x[i, j], pick_y[i, j] = combine_index(a, ry[j])
+    return SizeTables(stack(rx, len(space.xc)), stack(ry, len(space.yc)), pick_x, pick_y,
+                      np.array([r.padded for r in rx], dtype=np.int64),
+                      np.array([r.padded for r in ry], dtype=np.int64))
+
+
+def score(space: Space, d_in: int, d_out: int, tolerance: float = 0.15, keep=None,
+          progress: bool | None = None) -> Candidates:
+    """Evaluate the space; ``keep(columns) -> bool mask`` filters (columns: a dict of arrays)."""
+    t, k = space.template, space.k
+    tables = size_tables(space, d_in, d_out)
+    ok_x = tables.padded_x <= d_in * (1 + tolerance) + 1e-9
+    ok_y = tables.padded_y <= d_out * (1 + tolerance) + 1e-9
+    rank_sizes = np.array([[t.rank_size(Fraction(v, k), d_in, d_out) for v in row]
+                           for row in space.R.tolist()], dtype=np.float64).reshape(space.nR, -1)
+    per_row = space.nY * space.nR
+    rows_per_chunk = max(1, CHUNK // per_row)
+    counts = {"lattice": space.size, "distinct": 0, "padding": 0, "degenerate": 0,
+              "passed": 0, "min_params": None, "min_flops": None}
+    parts = []
+    iy_base = np.repeat(np.arange(space.nY), space.nR)
+    ir_base = np.tile(np.arange(space.nR), space.nY)
+    two_factor = space.n == 2
+    with Progress(space.nX, f"scoring {space.size:,} points", enabled=progress) as bar:
+        for start in range(0, space.nX, rows_per_chunk):
+            stop = min(space.nX, start + rows_per_chunk)
+            ix = np.repeat(np.arange(start, stop), per_row)
+            iy = np.tile(iy_base, stop - start)
+            ir = np.tile(ir_base, stop - start)
+            keep_mask = space.ids(ix, iy, ir) == space.orbit_min(ix, iy, ir)
+            ix, iy, ir = ix[keep_mask], iy[keep_mask], ir[keep_mask]
+            counts["distinct"] += len(ix)
+            ix, iy, ir = space.orient(ix, iy, ir)
+            fits = ok_x[ix] & ok_y[iy]
+            counts["padding"] += int((~fits).sum())
+            ix, iy, ir = ix[fits], iy[fits], ir[fits]
+            bar.update(stop - start)
+            if not len(ix):
+                continue
+            cols = _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor)
+            counts["degenerate"] += int((cols["degenerate"] == 1).sum())
+            for name, col in (("min_params", cols["params"]), ("min_flops", cols["flops"])):
+                low = float(col.min())
+                counts[name] = low if counts[name] is None else min(counts[name], low)
+            if keep is not None:
+                m = keep(cols)
+                cols = {n: v[m] for n, v in cols.items()}
+            if len(cols["ids"]):
+                parts.append(cols)
+    merged = {n: (np.concatenate([p[n] for p in parts]) if parts else
+                  np.empty(0, dtype=np.int64 if n == "ids" else np.float64))
+              for n in _COLUMNS}
+    counts["passed"] = len(merged["ids"])
+    return Candidates(space, d_in, d_out, counts=counts, **merged)
+
+
+def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor) -> dict:
+    t = space.template
+    e = space.exponents(ix, iy, ir)
+    present = e > 0
+    sizes = {}
+    sx, sy = tables.sizes(ix, iy)
+    for j, c in enumerate(space.xc):
+        sizes[c] = sx[:, j]
+    for j, c in enumerate(space.yc):
+        sizes[c] = sy[:, j]
+    for j, c in enumerate(space.rc):
+        sizes[c] = rank_sizes[ir, j]
+    pres = {c: present[:, space.col[c]].astype(np.float64) for c in t.classes}
+    params = t.params(sizes, pres)
+    flops = t.flops(sizes, pres)
+    rank = t.rank_bound(sizes)
+    exps = {c: e[:, space.col[c]].astype(np.int32) for c in t.classes}
+    exps["__one__"] = space.k
+    omega, psi, nu = t.exponents(exps)
+    if two_factor:  # every point has a theta, so the paper's rules always apply
+        c = space._pairs[0][3]
+        lead = np.minimum(e[:, c["a"]], e[:, c["e"]])
+        red = lead < np.minimum(e[:, c["b"]], e[:, c["dl"]])
+        deg = e[:, c["r"]] > lead
+        applies = np.ones(len(ix), dtype=bool)
+    else:
+        which, red, deg = space.paper_rules(e, space.factor_present(e))
+        applies = which >= 0
+    flag = lambda m: np.where(applies, m.astype(np.int8), np.int8(-1)).astype(np.int8)
+    return {"ids": space.ids(ix, iy, ir), "params": np.asarray(params, dtype=np.float64),
+            "flops": np.asarray(flops, dtype=np.float64), "omega": omega.astype(np.int16),
+            "psi": psi.astype(np.int16), "nu": nu.astype(np.int16),
+            "rank_bound": np.asarray(rank, dtype=np.float64),
+            "redundant": flag(red), "degenerate": flag(deg)}

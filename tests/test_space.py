@@ -1,0 +1,240 @@
+"""The structure space: enumeration, deduplication, ranking, records and the CLI."""
+import itertools
+import json
+import math
+import subprocess
+import sys
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import einc
+from einc.analysis.taxonomy import closed_forms
+from einc.space import Space, search
+from einc.space.canonical import dedupe, same_family
+from einc.space.rank import SORT_KEYS, to_csv
+from einc.space.score import score
+
+
+# -- lattice counts ---------------------------------------------------------------------
+def _fixed_points(space, g):
+    """Points fixed by relabeling g, counted directly from the class permutation."""
+    perm = {c: space.act(g, c) for c in space.col}
+    seen = set()
+    cycles = []
+    for c in space.col:
+        if c in seen:
+            continue
+        cyc, cur = [], c
+        while cur not in seen:
+            seen.add(cur)
+            cyc.append(cur)
+            cur = perm[cur]
+        cycles.append(cyc)
+    # A fixed point is constant on each cycle; a cycle adds its value once per class it
+    # has on each side, and both sides must sum to k.
+    k = space.k
+    side = lambda c: space.key[c][0]
+    weights = [(sum(side(c) == "x" for c in cy), sum(side(c) == "y" for c in cy))
+               for cy in cycles if side(cy[0]) != "r"]
+    ways = {(0, 0): 1}  # (input sum, output sum) -> number of assignments so far
+    for wx, wy in weights:
+        nxt = {}
+        for (sx, sy), n in ways.items():
+            for v in range(k + 1):
+                key = (sx + v * wx, sy + v * wy)
+                if key[0] <= k and key[1] <= k:
+                    nxt[key] = nxt.get(key, 0) + n
+        ways = nxt
+    count = ways.get((k, k), 0)
+    return count * (k + 1) ** sum(1 for cy in cycles if side(cy[0]) == "r")
+
+
+@pytest.mark.parametrize("factors,k,transpose", [(2, 12, False), (2, 5, True), (3, 2, False),
+                                                 (3, 2, True), (3, 3, False)])
+def test_lattice_counts(factors, k, transpose):
+    space = Space(factors, k, transpose)
+    nx = math.comb(k + len(space.xc) - 1, len(space.xc) - 1)
+    assert space.size == nx * nx * (k + 1) ** len(space.rc)
+    # Burnside: distinct families = mean number of fixed points over the relabelings.
+    burnside = sum(_fixed_points(space, g) for g in space.group) // len(space.group)
+    c = score(space, 4096, 4096, tolerance=10.0, progress=False)
+    assert c.counts["distinct"] == burnside
+    if factors == 2 and not transpose:
+        half = k // 2 + 1
+        assert burnside == (space.size + half * half * (k + 1)) // 2
+
+
+def test_graph_dedupe_agrees_with_lattice_orbits():
+    """Graph isomorphism (WL hash + exact check) finds the same families as the orbits."""
+    for factors, k in ((2, 4), (3, 1)):
+        space = Space(factors, k)
+        structs = []
+        for ix, iy, ir in itertools.product(range(space.nX), range(space.nY), range(space.nR)):
+            exps = space.point_exponents(ix, iy, ir)
+            structs.append(space.template.structure_at(exps))
+        c = score(space, 4096, 4096, tolerance=10.0, progress=False)
+        assert len(dedupe(structs)) == c.counts["distinct"]
+
+
+def test_no_two_results_share_a_canonical_form():
+    res = search(d=1024, top=1500, max_flops=None)
+    forms = {einc.parse(r["spec"]).canonical() for r in res}
+    assert len(forms) == len(res)
+    res3 = search(d=256, factors=3, k=2, top=300, max_flops=None)
+    assert len({einc.parse(r["spec"]).canonical() for r in res3}) == len(res3)
+
+
+def test_isomorphic_specs_dedupe_to_one():
+    specs = ["x[g a] A[g a f] B[f g e] -> y[f e] with g = a = d_in^(1/2), f = e = d_out^(1/2)",
+             "x[p q] U[p v q] V[w v p] -> y[v w] with p = q = d_in^(1/2), v = w = d_out^(1/2)",
+             "btt", "(1/2|0|1/2|0|1/2|1/2|0)", "(0|1/2|1/2|1/2|0|1/2|0)",
+             # one input index split in two (a class of two indices) is the same family
+             "x[g a1 a2] A[g a1 a2 f] B[f g e] -> y[f e] with g = d_in^(1/2), "
+             "a1 = a2 = d_in^(1/4), f = e = d_out^(1/2)"]
+    kept = dedupe([einc.parse(s) for s in specs])
+    assert len(kept) == 1
+    assert not same_family(einc.parse("kron"), einc.parse("btt"))
+    # W and its transpose: one family only when transposes are identified
+    a, b = einc.parse("(1|0|0|0|1/2|1/2|1/2)"), einc.parse("(0|1/2|1/2|1|0|0|1/2)")
+    assert not same_family(a, b) and same_family(a, b, transpose=True)
+
+
+# -- known structures and taxonomy --------------------------------------------------------
+def test_known_structures_have_the_paper_taxonomy():
+    from einc.space.names import known_ids
+    from einc.space.rank import record
+
+    space = Space(2, 12)
+    names = known_ids(space)
+    by_name = {n: record(space, pid, 1024, 1024, names=names) for pid, n in names.items()}
+    top = search(d=1024, max_flops="0.1x", max_omega=0, min_psi=1, top=None)
+    assert "Monarch / BTT r=1" in {r["name"] for r in top}
+    want = {"dense": (0, 1, 1), "dense (2 factors)": (0, 1, 1),
+            "Monarch / BTT r=1": (0, 1, 0.5), "Kronecker": (0.5, 1, 0.5),
+            "low-rank r=d^1/2": (0, 0.5, 0.5), "BTT r=d^1/4": (0, 1, 0.75),
+            "TT r=d^1/4": (0.5, 1, 0.75)}
+    for name, taxo in want.items():
+        r = by_name[name]
+        assert (r["omega"], r["psi"], r["nu"]) == pytest.approx(taxo), name
+    assert by_name["Monarch / BTT r=1"]["params"] == 2 * 1024 * 32
+    # the same points parsed from presets land on the same family
+    btt = einc.parse("btt")
+    assert same_family(btt, einc.parse(by_name["Monarch / BTT r=1"]["spec"]))
+
+
+def test_two_factor_points_agree_with_closed_forms():
+    space = Space(2, 12)
+    c = score(space, 1024, 1024, tolerance=10.0, progress=False)
+    checked = 0
+    for pid, om, ps, nu in zip(c.ids, c.omega, c.psi, c.nu):
+        exps = space.point_exponents(*(int(v[0]) for v in space.split([pid])))
+        cf = closed_forms(space.theta(exps))
+        assert not cf["redundant"]  # renaming keeps the non-redundant orientation
+        if cf["degenerate"]:
+            continue
+        got = tuple(Fraction(int(v), 12) for v in (om, ps, nu))
+        assert got == (cf["omega"], cf["psi"], cf["nu"]), space.theta(exps)
+        checked += 1
+    assert checked > 10000
+
+
+# -- filters, sort keys, records ----------------------------------------------------------
+def test_filters_are_honoured():
+    res = search(d=1024, max_flops="0.1x", max_params=50_000, min_psi="1", max_omega=0,
+                 exclude_degenerate=True, top=None)
+    assert res
+    for r in res:
+        assert r["flops"] <= 0.1 * 2 * 1024 * 1024 and r["params"] <= 50_000
+        assert r["psi"] == 1 and r["omega"] == 0 and not r["degenerate"]
+    key = [(r["omega"], -r["psi"], -r["params"] / r["flops"]) for r in res]
+    assert key == sorted(key)
+    by_flops = search(d=1024, sort="flops", top=50, max_flops=None)
+    assert [r["flops"] for r in by_flops] == sorted(r["flops"] for r in by_flops)
+
+
+def test_budget_below_every_candidate_gives_an_empty_result():
+    res = search(d=1024, max_flops=10)
+    assert list(res) == [] and "cheapest candidate needs" in res.message
+
+
+@pytest.mark.parametrize("kwargs,error,text", [
+    ({"k": 0}, einc.SizeError, "k = 0"),
+    ({"sort": "speed"}, einc.UnknownNameError, "unknown sort key"),
+    ({"max_flops": "lots"}, einc.SizeError, "bad FLOP budget"),
+    ({"max_params": "-1x"}, einc.SizeError, "positive"),
+    ({"min_psi": "half"}, einc.SizeError, "minimum psi"),
+    ({"factors": 4}, einc.UnknownNameError, "2 or 3"),
+    ({"factors": 3, "k": 6}, einc.SizeError, "smaller k"),
+    ({"d_in": 512, "d_out": 256, "transpose": True}, einc.SizeError, "d_in = d_out"),
+])
+def test_bad_options(kwargs, error, text):
+    with pytest.raises(error, match=text):
+        search(**kwargs)
+    if "sort" in kwargs:
+        with pytest.raises(einc.UnknownNameError) as e:
+            search(**kwargs)
+        assert all(k in str(e.value) for k in SORT_KEYS)
+
+
+def test_json_schema_matches_analyze():
+    res = search(d_in=1024, d_out=512, top=15, max_flops=None)
+    fields = ("spec", "d_in", "d_out", "padded_in", "padded_out", "sizes", "input", "output",
+              "factors", "params", "flops", "flops_backward", "omega", "psi", "nu",
+              "rank_bound", "redundant", "degenerate", "theta")
+    for r in res:
+        assert set(fields) | {"name"} <= set(r)
+        rep = einc.analyze(r["spec"], d_in=1024, d_out=512).to_dict()
+        assert {f: r[f] for f in fields} == {f: rep[f] for f in fields}
+    json.dumps(list(res))
+    assert to_csv(res).splitlines()[0].startswith("rank,name,spec")
+
+
+def test_three_factor_records_parse_and_analyse():
+    res = search(d=1024, factors=3, k=2, top=5, max_flops="0.2x")
+    assert res
+    for r in res:
+        rep = einc.analyze(r["spec"], d=1024)
+        assert (rep.params, rep.flops) == (r["params"], r["flops"])
+
+
+def test_measure_adds_a_column():
+    pytest.importorskip("einc.runtime")
+    res = search(d=64, k=4, top=2, measure=True, sort="measured", progress=False)
+    assert all(r["measured_ms"] > 0 for r in res)
+    assert [r["measured_ms"] for r in res] == sorted(r["measured_ms"] for r in res)
+
+
+# -- command line -------------------------------------------------------------------------
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "einc", "search", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_default_table_and_json():
+    out = _cli()
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "2-factor space, lattice step 1/12, d_in = 1024" in lines[0]
+    assert sum(1 for ln in lines if ln.split() and ln.split()[0].isdigit()) == 20
+    out = _cli("--d", "256", "--json", "--top", "3", "--max-flops", "0.05x")
+    data = json.loads(out.stdout)
+    assert len(data) == 3 and all(r["flops"] <= 0.05 * 2 * 256 * 256 for r in data)
+
+
+@pytest.mark.parametrize("args,text", [(["--k", "0"], "k = 0"),
+                                       (["--sort", "nope"], "known sort keys"),
+                                       (["--max-params", "x"], "bad parameter budget")])
+def test_cli_errors_exit_2(args, text):
+    out = _cli(*args)
+    assert out.returncode == 2 and text in out.stderr and "Traceback" not in out.stderr
+
+
+def test_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from einc.space.plot import plot
+
+    res = search(d=256, k=4, top=5)
+    paths = plot(res, tmp_path)
+    assert {p.rsplit("/", 1)[-1] for p in paths} == {"cube.png", "pareto.png"}
