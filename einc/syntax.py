@@ -71,7 +71,8 @@ def _parse_cached(spec: str) -> Structure:
             "((0.5|0|0.5|0|0.5|0.5|0)) or a preset name (dense, btt, ...)", spec, Pos.at(spec, 0))
     tree = _lark_parse(spec)
     body = tree.children[0]
-    bindings = _bindings(tree.children[1], spec) if len(tree.children) > 1 else []
+    bindings = (_bindings(tree.children[1], spec, _written_indices(body))
+                if len(tree.children) > 1 else [])
     if body.data == "compact":
         return _compact(body, bindings, spec)
     if body.data == "named":
@@ -151,7 +152,18 @@ def _named(body: lark.Tree, bindings: list[Binding], spec: str) -> Structure:
 
 
 # ---------------------------------------------------------------------------- sizes
-def _bindings(node: lark.Tree, spec: str) -> list[Binding]:
+def _written_indices(body: lark.Tree) -> frozenset[str]:
+    """The index names an einsum spells out (a bare ``d`` after ``with`` then means the index)."""
+    if body.data == "compact":
+        return frozenset(ch for t in body.children if isinstance(t, lark.Token)
+                         and t.type == "NAME" for ch in t.value)
+    if body.data == "named":
+        return frozenset(t.value for op in body.children if isinstance(op, lark.Tree)
+                         for t in op.children[1:] if t is not None)
+    return frozenset()
+
+
+def _bindings(node: lark.Tree, spec: str, indices=frozenset()) -> list[Binding]:
     out = []
     for b in node.children:
         first, *rest = b.children
@@ -159,7 +171,8 @@ def _bindings(node: lark.Tree, spec: str) -> list[Binding]:
         value = value_pos = None
         for k, item in enumerate(rest):
             last = k == len(rest) - 1
-            if item.data == "symbol" and item.children[0].value not in SYMBOLS:
+            if item.data == "symbol" and (item.children[0].value not in SYMBOLS
+                                          or item.children[0].value in indices):
                 names.append((item.children[0].value, _pos(item, spec)))
             elif last:
                 value, value_pos = eval_size(item, spec), _pos(item, spec)
