@@ -83,7 +83,8 @@ class Size:
 
 
 def _norm(exps: dict[str, Fraction]) -> tuple[tuple[str, Fraction], ...]:
-    return tuple(sorted((n, Fraction(e)) for n, e in exps.items() if e != 0))
+    return tuple(sorted((n, e if type(e) is Fraction else Fraction(e))
+                        for n, e in exps.items() if e != 0))
 
 
 def _fmt(q: Fraction) -> str:

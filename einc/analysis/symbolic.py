@@ -56,11 +56,29 @@ def _posynomial(terms) -> tuple:
 
 
 def _flop_terms(steps, sizes: dict[str, Size]):
+    coeff = {i: float(sz.coeff) for i, sz in sizes.items()}
+    exp = {i: sz.exponent() for i, sz in sizes.items()}
     for st in steps:
-        mono = Size.const(2 if st.contracted else 1)
-        for i in st.union:
-            mono = mono * sizes[i]
-        yield float(mono.coeff), mono.exponent()
+        yield ((2.0 if st.contracted else 1.0) * math.prod(coeff[i] for i in st.union),
+               sum((exp[i] for i in st.union), Fraction(0)))
+
+
+@functools.lru_cache(maxsize=65536)
+def exponents(s: Structure) -> tuple:
+    """``(order, omega, psi, nu)`` without sympy: the absorption order with the smallest FLOPs
+    as d -> infinity (ties keep the spec order), and the exponents for d_in = d_out = d
+    (None when no size grows with d)."""
+    sizes = s.sizes
+    keys = {o: _posynomial(_flop_terms(_path.chain(s, o), sizes)) for o in _path.orders(s)}
+    order = min(keys, key=lambda o: keys[o])  # min() keeps the first (spec order) on ties
+    exps = {i: sizes[i].exponent() for i in s.index_names}
+    if not any(e != 0 for e in exps.values()):
+        return order, None, None, None
+    lead_flops = keys[order][0][0]
+    lead_params = _posynomial((1.0, sum((exps[i] for i in f.indices), Fraction(0)))
+                              for f in s.factors)[0][0]
+    psi = min(Fraction(1), rank_exponent(s, exps))
+    return order, lead_flops - lead_params, psi, lead_flops - 1
 
 
 @functools.lru_cache(maxsize=65536)
@@ -69,32 +87,15 @@ def symbolic(s: Structure) -> Symbolic:
     syms = {i: sympy.Symbol(i, positive=True, integer=True) for i in names}
     sizes = s.sizes
     params = sympy.Add(*[sympy.Mul(*[syms[i] for i in f.indices]) for f in s.factors])
-
-    flops_by_order = {}
-    keys = {}
-    for order in _path.orders(s):
-        steps = _path.chain(s, order)
-        flops_by_order[order] = sympy.Add(*[
-            (2 if st.contracted else 1) * sympy.Mul(*[syms[i] for i in st.union])
-            for st in steps])
-        keys[order] = _posynomial(_flop_terms(steps, sizes))
-    order = min(keys, key=lambda o: keys[o])  # min() keeps the first (spec order) on ties
+    flops_by_order = {
+        order: sympy.Add(*[(2 if st.contracted else 1) * sympy.Mul(*[syms[i] for i in st.union])
+                           for st in _path.chain(s, order)])
+        for order in _path.orders(s)}
+    order, omega, psi, nu = exponents(s)
 
     subs = {syms[i]: size_expr(sizes[i]) for i in names}
     params_d = sympy.simplify(params.subs(subs))
     flops_d = sympy.simplify(flops_by_order[order].subs(subs))
-
-    exps = {i: sizes[i].exponent() for i in names}
-    growing = any(e != 0 for e in exps.values())
-    if growing:
-        lead_flops = keys[order][0][0]
-        lead_params = _posynomial((1.0, sum((exps[i] for i in f.indices), Fraction(0)))
-                                  for f in s.factors)[0][0]
-        nu = lead_flops - 1
-        omega = lead_flops - lead_params
-        psi = min(Fraction(1), rank_exponent(s, exps))
-    else:
-        nu = omega = psi = None
 
     args = [syms[i] for i in names]
     lam = lambda e: sympy.lambdify(args, e, modules="math")
