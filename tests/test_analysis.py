@@ -1,0 +1,311 @@
+"""Analysis against independent references: instantiated factors (parameters), opt_einsum
+(FLOPs of the executed chain), SVD (rank), the paper's closed forms (exponents)."""
+import itertools
+import json
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
+
+import networkx as nx
+import opt_einsum as oe
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import einc
+from einc.analysis import analyze, closed_forms, numerical_rank
+from einc.analysis.rank import min_cut, rank_bound
+from einc.analysis.symbolic import exponents
+from einc.syntax import parse
+from einc.theta import structure_from_theta
+
+
+# ------------------------------------------------------------------ random structures
+@st.composite
+def structures(draw, factors=st.sampled_from([2, 3])):
+    """A random valid einsum with concrete sizes 1..4: every index joins two or more tensors,
+    at least one of them a factor."""
+    n = draw(factors)
+    names = ["x"] + [f"F{k}" for k in range(n)] + ["y"]
+    roles = [m for r in range(2, n + 3) for m in itertools.combinations(names, r)
+             if any(t.startswith("F") for t in m) and set(m) != {"x", "y"}]
+    picks = draw(st.lists(st.sampled_from(roles), min_size=2, max_size=6))
+    ops = {t: [f"i{k}" for k, m in enumerate(picks) if t in m] for t in names}
+    if any(not ops[t] for t in names):
+        from hypothesis import reject
+        reject()
+    sizes = {f"i{k}": draw(st.integers(1, 4)) for k in range(len(picks))}
+    spec = (" ".join(f"{t}[{' '.join(ops[t])}]" for t in names[:-1])
+            + f" -> y[{' '.join(ops['y'])}] with "
+            + ", ".join(f"{i} = {v}" for i, v in sizes.items()))
+    return spec, ops, sizes
+
+
+def executed_order(rep, s):
+    names = [f.name for f in s.factors]
+    return [names.index(p.split(" * ")[1].split("[")[0]) for p in rep.path]
+
+
+def chain_cost(ops, sizes, order):
+    """FLOPs of absorbing the factors into x in ``order``, counted by opt_einsum."""
+    terms = [ops["x"]] + [ops[f"F{k}"] for k in order]
+    letters = {i: oe.get_symbol(k) for k, i in enumerate(sizes)}
+    eq = (",".join("".join(letters[i] for i in t) for t in terms) + "->"
+          + "".join(letters[i] for i in ops["y"]))
+    path = [(0, 1)] + [(0, len(terms) - 1 - k) for k in range(1, len(order))]
+    shapes = [tuple(sizes[i] for i in t) for t in terms]
+    _, info = oe.contract_path(eq, *shapes, shapes=True, optimize=path)
+    return int(info.opt_cost)
+
+
+def networkx_cut(s, sizes):
+    g = nx.DiGraph()
+    for ix in s.index_names:
+        g.add_edge(("in", ix), ("out", ix), capacity=math.log(sizes[ix]))
+    for k, f in enumerate(s.factors):
+        for ix in f.indices:
+            g.add_edge(("T", k), ("in", ix))
+            g.add_edge(("out", ix), ("T", k))
+    for ix in s.input.indices:
+        g.add_edge("SRC", ("in", ix))
+    for ix in s.output.indices:
+        g.add_edge(("out", ix), "SNK")
+    return math.exp(nx.minimum_cut_value(g, "SRC", "SNK"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(structures())
+def test_counts_against_references(case):
+    spec, ops, sizes = case
+    rep = analyze(spec)
+    s = parse(spec)
+    factors = [torch.empty(*[sizes[i] for i in ops[f"F{k}"]]) for k in range(len(s.factors))]
+    assert rep.params == sum(f.numel() for f in factors)
+    order = executed_order(rep, s)
+    assert sorted(order) == list(range(len(s.factors)))
+    assert rep.flops == chain_cost(ops, sizes, order)
+    # the executed chain is the cheapest chain
+    assert rep.flops == min(chain_cost(ops, sizes, o)
+                            for o in itertools.permutations(range(len(s.factors))))
+    assert rep.flops_backward == 2 * rep.flops
+    d_in = math.prod(sizes[i] for i in ops["x"])
+    d_out = math.prod(sizes[i] for i in ops["y"])
+    assert (rep.d_in, rep.d_out, rep.padded_in, rep.padded_out) == (d_in, d_out, d_in, d_out)
+    # rank: the min-cut bound is an upper bound on the rank of a random instance
+    assert rep.rank_bound == pytest.approx(networkx_cut(s, sizes))
+    assert numerical_rank(s, sizes) <= rep.rank_bound <= min(d_in, d_out)
+    if len(s.factors) == 2:
+        z = [math.prod(sizes[i] for i in st_.out) for st_ in
+             (einc.analysis.path.chain(s, o)[0] for o in [(0, 1), (1, 0)])]
+        assert rep.rank_bound == min(d_in, d_out, *z)
+
+
+def test_numerical_rank_of_known_matrices():
+    sizes = {"i": 6, "r": 3, "o": 5}
+    assert numerical_rank(parse("lowrank(rank=3)").with_sizes(sizes), sizes) == 3
+    s = parse("kron").with_sizes({"i": 2, "j": 3, "k": 2, "l": 3})
+    assert numerical_rank(s, {"i": 2, "j": 3, "k": 2, "l": 3}) == 6
+
+
+# ------------------------------------------------------------------ rank: two factors
+CLASSES = {"alpha": "a", "beta": "b", "gamma": "g", "delta": "h", "eps": "e", "phi": "f",
+           "rho": "r"}
+LAYOUT = {"x": "gba", "A": "fhrga", "B": "fergb", "y": "feh"}
+#: Sizes (alpha, beta, gamma, delta, eps, phi, rho) in {1, 2, 3}^7 (d_in * d_out <= 144) where a random instance
+#: has a lower rank than the min-cut bound: (SVD rank, bound). See docs/analysis.md.
+BELOW_BOUND = {(2, 2, 2, 3, 3, 1, 1): (7, 8), (3, 3, 1, 2, 2, 2, 1): (7, 8)}
+
+
+def theta_sizes(vals):
+    sizes = dict(zip(CLASSES.values(), vals))
+    keep = lambda t: [c for c in t if sizes[c] > 1]
+    ops = {k: keep(v) for k, v in LAYOUT.items()}
+    if not all(ops.values()):
+        return None
+    spec = (f"x[{' '.join(ops['x'])}] A[{' '.join(ops['A'])}] B[{' '.join(ops['B'])}] -> "
+            f"y[{' '.join(ops['y'])}] with " + ", ".join(f"{c} = {v}" for c, v in sizes.items()
+                                                         if v > 1))
+    try:
+        s = parse(spec)
+    except einc.StructureError:  # an index left joining one tensor
+        return None
+    return s, {c: v for c, v in sizes.items() if v > 1}
+
+
+def test_two_factor_bound_is_attained_except_known_cases():
+    below = {}
+    for vals in itertools.product([1, 2, 3], repeat=7):
+        if math.prod(vals[:6]) > 144:
+            continue
+        got = theta_sizes(vals)
+        if got is None:
+            continue
+        s, sizes = got
+        bound, _ = rank_bound(s, sizes)
+        rank = numerical_rank(s, sizes)
+        assert rank <= bound
+        if rank < bound:
+            below[vals] = (rank, bound)
+    assert below == BELOW_BOUND
+
+
+def test_rank_below_bound_is_generic():
+    """The deficit is not bad luck of one random draw: it holds for every seed."""
+    s, sizes = theta_sizes((2, 2, 2, 3, 3, 1, 1))
+    assert {numerical_rank(s, sizes, seed=k) for k in range(4)} == {7}
+    assert rank_bound(s, sizes)[0] == 8
+
+
+# ------------------------------------------------------------------ exponents: closed forms
+K = 12
+_TRI = [(Fraction(a, K), Fraction(b, K), Fraction(K - a - b, K))
+        for a in range(K + 1) for b in range(K + 1 - a)]
+LATTICE = [(*i, *o, Fraction(r, K)) for i in _TRI for o in _TRI for r in range(K + 1)]
+
+
+def _check_points(points):
+    bad = []
+    for p in points:
+        forms = closed_forms(p)
+        if forms["redundant"] or forms["degenerate"]:
+            continue
+        _, omega, psi, nu = exponents(structure_from_theta(p))
+        if (omega, psi, nu) != (forms["omega"], forms["psi"], forms["nu"]):
+            bad.append((p, (omega, psi, nu)))
+    return bad
+
+
+def test_closed_forms_on_the_whole_lattice():
+    """Every non-redundant, non-degenerate point of the 1/12 lattice (20,167 of 107,653)."""
+    chunks = [LATTICE[k::2] for k in range(2)]
+    with ProcessPoolExecutor(2) as pool:
+        bad = [b for part in pool.map(_check_points, chunks) for b in part]
+    assert bad == []
+
+
+def test_analyze_at_lattice_points():
+    """The report at d = 4096 = 2^12, where every d^(k/12) is an integer, on a sample."""
+    for p in LATTICE[::997]:
+        forms = closed_forms(p)
+        spec = "(" + "|".join(str(t) for t in p) + ")"
+        rep = analyze(spec, d=4096)
+        assert (rep.padded_in, rep.padded_out) == (4096, 4096)
+        assert (rep.redundant, rep.degenerate) == (forms["redundant"], forms["degenerate"])
+        if not forms["redundant"] and not forms["degenerate"]:
+            assert (rep.omega, rep.psi, rep.nu) == (forms["omega"], forms["psi"], forms["nu"])
+
+
+@pytest.mark.parametrize("spec,omega,psi,nu,redundant,degenerate", [
+    ("dense", 0, 1, 1, None, None),
+    ("(0|0|1|0|0|1|0)", 0, 1, 1, False, False),
+    ("btt", 0, 1, Fraction(1, 2), False, False),
+    ("kron", Fraction(1, 2), 1, Fraction(1, 2), False, False),
+    ("lowrank(rank=d^(1/4))", 0, Fraction(1, 4), Fraction(1, 4), False, False),
+    ("(1|0|0|0|1|0|1/4)", 0, Fraction(1, 4), Fraction(1, 4), False, False),
+    ("tt(rank=4, cores=3)", Fraction(2, 3), 1, Fraction(1, 3), None, None),
+])
+def test_named_points(spec, omega, psi, nu, redundant, degenerate):
+    rep = analyze(spec, d=4096)
+    assert (rep.omega, rep.psi, rep.nu) == (omega, psi, nu)
+    assert (rep.redundant, rep.degenerate) == (redundant, degenerate)
+
+
+@pytest.mark.parametrize("spec,redundant,degenerate", [
+    ("(1/2|1/2|0|1/2|1/2|0|1)", False, True),    # rho > min(alpha, eps)
+    ("(0|1/2|1/2|1/2|0|1/2|0)", True, False),    # min(alpha, eps) < min(beta, delta)
+    ("(0|1|0|1|0|0|1)", True, True),
+])
+def test_flags(spec, redundant, degenerate):
+    d = analyze(spec, d=4096).to_dict()
+    assert (d["redundant"], d["degenerate"]) == (redundant, degenerate)
+
+
+def test_written_two_factor_einsum_gets_its_theta():
+    rep = analyze("ga,gafr,fgre->fe with g = a, f = e, r = d_min^(1/4)", d=4096)
+    assert rep.theta == tuple(Fraction(t) for t in ("1/2", "0", "1/2", "0", "1/2", "1/2", "1/4"))
+    assert rep.to_dict()["redundant"] is False
+
+
+# ------------------------------------------------------------------ concrete sizes
+@pytest.mark.parametrize("spec,d_in,d_out,padded_in,padded_out", [
+    ("btt", 1024, 1024, 1024, 1024),
+    ("btt", 1000, 1000, 1024, 1024),
+    ("btt", 4000, 4000, 4032, 4032),
+    ("btt", 768, 3072, 784, 3080),
+    ("kron", 110, 110, 110, 110),
+    ("tt(cores=3)", 1000, 1000, 1000, 1000),
+    ("tt(cores=3)", 900, 900, 900, 900),
+    ("tt(cores=3)", 2000, 2000, 2028, 2028),
+    ("dense", 1000, 7, 1000, 7),
+])
+def test_least_padding(spec, d_in, d_out, padded_in, padded_out):
+    rep = analyze(spec, d_in=d_in, d_out=d_out)
+    assert (rep.padded_in, rep.padded_out) == (padded_in, padded_out)
+    s = parse(spec)
+    # no rounding of each size down or up covers d_in (d_out) with less padding
+    for op, d, padded in ((s.input, d_in, padded_in), (s.output, d_out, padded_out)):
+        real = [s.size(i).evaluate({"d": d, "d_in": d_in, "d_out": d_out,
+                                    "d_min": min(d_in, d_out)}) for i in op.indices]
+        options = [sorted({max(1, math.floor(v + 1e-9)), max(1, math.ceil(v - 1e-9))})
+                   for v in real]
+        best = min(p for c in itertools.product(*options) if (p := math.prod(c)) >= d)
+        assert padded == best
+
+
+def test_padding_tolerance():
+    with pytest.raises(einc.SizeError, match=r"needs 20\.0% padding .* tolerance of 15%"):
+        analyze("btt", d=5)
+    rep = analyze("btt", d=5, tolerance=0.25)
+    assert (rep.padded_in, rep.padded_out) == (6, 6)
+    with pytest.raises(einc.SizeError, match="tolerance of 0%"):
+        analyze("btt", d=1000, tolerance=0)
+    with pytest.raises(einc.SizeError, match="tolerance must be >= 0"):
+        analyze("btt", d=1024, tolerance=-0.1)
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({}, "give d"),
+    ({"d": 0}, "positive integer"),
+    ({"d": 64, "d_in": 64}, "either d or d_in"),
+    ({"d": 2}, "too small"),
+])
+def test_bad_widths(kwargs, fragment):
+    with pytest.raises(einc.SizeError, match=fragment):
+        analyze("lowrank(rank=d/8)" if kwargs.get("d") == 2 else "btt", **kwargs)
+
+
+def test_square_symbol_needs_square_layer():
+    with pytest.raises(einc.SizeError, match="needs a square layer"):
+        analyze("lowrank(rank=d^(1/2))", d_in=256, d_out=1024)
+    assert analyze("lowrank(rank=d_min^(1/2))", d_in=256, d_out=1024).sizes["r"] == 16
+
+
+# ------------------------------------------------------------------ report / JSON
+FIELDS = {"spec", "d_in", "d_out", "padded_in", "padded_out", "sizes", "input", "output",
+          "factors", "params", "flops", "flops_backward", "omega", "psi", "nu", "rank_bound"}
+
+
+def test_json_schema():
+    theta = json.loads(analyze("(1/2|0|1/2|0|1/2|1/2|0)", d=1024).to_json())
+    assert FIELDS | {"redundant", "degenerate", "theta"} <= set(theta)
+    assert theta["sizes"] == {"g": 32, "a": 32, "f": 32, "e": 32}
+    assert theta["factors"] == {"A": ["f", "g", "a"], "B": ["f", "e", "g"]}
+    assert (theta["omega"], theta["psi"], theta["nu"]) == (0, 1, 0.5)
+    assert theta["params"] == 2 * 32 ** 3 and theta["flops"] == 4 * 32 ** 3
+    three = analyze("tt(rank=2, cores=3)", d=512).to_dict()
+    assert FIELDS <= set(three) and "redundant" not in three and "degenerate" not in three
+    assert isinstance(three["rank_bound"], int)
+    fixed = analyze("x[i j] W[i j o] -> y[o] with i = 3, j = 5, o = 4").to_dict()
+    assert (fixed["d_in"], fixed["d_out"], fixed["omega"]) == (15, 4, None)
+    text = str(analyze("btt", d=1024))
+    assert "omega psi nu" in text and "rank bound" in text
+
+
+def test_repeated_analysis_is_fast():
+    for spec in ("btt(rank=4)", "tt(rank=4, cores=3)", "(1/4|1/4|1/2|1/4|1/4|1/2|1/4)"):
+        analyze(spec, d=4096)
+        start = time.perf_counter()
+        analyze(spec, d=4096)
+        assert time.perf_counter() - start < 0.05

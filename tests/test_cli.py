@@ -1,0 +1,63 @@
+"""The command line, run as a user runs it: exit codes, messages without tracebacks, JSON."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def einc(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "einc", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_analyze_table():
+    r = einc("analyze", "btt", "--d", "1024")
+    assert r.returncode == 0, r.stderr
+    assert "65,536" in r.stdout and "omega psi nu" in r.stdout
+
+
+def test_analyze_json():
+    r = einc("analyze", "(0.25|0|0.75|0|0.75|0.25|0)", "--d", "4096", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["d_in"] == out["d_out"] == 4096
+    assert (out["omega"], out["psi"], out["nu"]) == (0, 1, 0.75)
+    assert out["redundant"] is False and out["degenerate"] is False
+
+
+def test_analyze_rectangular():
+    r = einc("analyze", "btt(rank=2)", "--d-in", "768", "--d-out", "3072", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["padded_in"], out["padded_out"]) == (784, 3080)
+
+
+@pytest.mark.parametrize("args,fragment,caret", [
+    (["analyze", "ga,gafr,fgre->fz", "--d", "64"], "output index 'z' appears in no operand",
+     "                 ^"),
+    (["analyze", "btt(rnk=2)", "--d", "64"], "no parameter 'rnk'", "      ^^^"),
+    (["analyze", "", "--d", "64"], "empty spec", "  ^"),
+    (["analyze", "(0.5|0|0.6|0|0.5|0.5|0)", "--d", "64"], "must sum to 1", "  " + "^" * 23),
+    (["analyze", "btt", "--d", "5"], "padding", None),
+    (["analyze", "btt"], "give d", None),
+])
+def test_errors_exit_2_without_traceback(args, fragment, caret):
+    r = einc(*args)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("einc: ") and fragment in r.stderr
+    if caret is not None:
+        assert caret in r.stderr.splitlines()
+    assert len(r.stderr.splitlines()) <= 5
+
+
+def test_usage_errors_exit_2():
+    r = einc("analyze", "btt", "--d", "many")
+    assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -1,0 +1,88 @@
+"""The IR: frozen, equal structures hash equal, canonical form ignores names and orders."""
+import dataclasses
+
+import pytest
+
+from einc.ir import canonical_form
+from einc.syntax import parse
+
+BTT = "x[g a] A[g a f r] B[f g r e] -> y[f e] with g = a, f = e, r = 2"
+
+SAME = [
+    # renamed indices
+    (BTT, "x[p q] A[p q s t] B[s p t u] -> y[s u] with p = q, s = u, t = 2"),
+    # renamed factors
+    (BTT, "inp[g a] U[g a f r] V[f g r e] -> out[f e] with g = a, f = e, r = 2"),
+    # reordered factors
+    (BTT, "x[g a] B[f g r e] A[g a f r] -> y[f e] with g = a, f = e, r = 2"),
+    # reordered axes inside a factor
+    (BTT, "x[g a] A[r f a g] B[e r g f] -> y[f e] with g = a, f = e, r = 2"),
+    # all at once, in the compact spelling
+    (BTT, "pq,tpus,uqtp->ts with p = q, t = s, u = 2"),
+    ("lowrank(rank=4)", "i,ro,ir->o with r = 4"),
+    ("kron", "ab,ac,bd->cd with a = b = d_in^(1/2), c = d = d_out^(1/2)"),
+]
+
+DIFFERENT = [
+    (BTT, BTT.replace("r = 2", "r = 3")),                        # a size
+    (BTT, "x[g a] A[g a f r] B[f g r e] -> y[e f] with g = a, f = e, r = 2"),  # output order
+    (BTT, "x[a g] A[g a f r] B[f g r e] -> y[f e] with g = a, f = e, r = 2"),  # input order
+    ("btt", "kron"),
+    ("lowrank(rank=4)", "tt(rank=4)"),
+    ("dense", "lowrank(rank=d)"),
+    ("bttmoe(experts=4, k=1)", "bttmoe(experts=4, k=2)"),
+]
+
+
+def test_frozen():
+    s = parse("btt")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.factors = ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.indices[0].name = "z"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.factors[0].name = "Z"
+
+
+def test_equal_structures_compare_and_hash_equal():
+    a = parse("ga,gafr,fgre->fe with g = a = d_in^(1/2), f = e = d_out^(1/2), r = 1")
+    b = parse("x[g a]  A[g a f r]  B[f g r e] -> y[f e] with g = a, f = e, r = 1")
+    c = parse("btt")
+    assert a == b == c
+    assert hash(a) == hash(b) == hash(c)
+    assert len({a, b, c}) == 1
+    # positions and the spelling do not take part in equality
+    assert a.source != b.source and a.input.pos != b.input.pos
+
+
+@pytest.mark.parametrize("a,b", SAME)
+def test_canonical_form_ignores_names_and_orders(a, b):
+    sa, sb = parse(a), parse(b)
+    assert sa.canonical() == sb.canonical()
+    assert hash(canonical_form(sa)) == hash(canonical_form(sb))
+
+
+@pytest.mark.parametrize("a,b", DIFFERENT)
+def test_different_structures_differ(a, b):
+    sa, sb = parse(a), parse(b)
+    assert sa != sb
+    assert sa.canonical() != sb.canonical()
+
+
+def test_theta_and_einsum_share_a_canonical_form():
+    theta = parse("(1/2|0|1/2|0|1/2|1/2|0)")
+    written = parse("x[g a] A[f g a] B[f e g] -> y[f e] with g = a = d_in^(1/2), "
+                    "f = e = d_out^(1/2)")
+    assert theta == written
+    assert theta.canonical() == written.canonical()
+
+
+def test_spellings():
+    s = parse("x[blk a] W1[blk a o r] W2[o blk r b] -> y[o b] with blk = a, o = b, r = 2")
+    assert s.equation == "ab,abcd,cade->ce"
+    assert parse(s.spec_text()) == s
+    assert s.index_class("r") == frozenset({"W1", "W2"})
+    assert s.index_class("blk") == frozenset({"x", "W1", "W2"})
+    conc = s.with_sizes({"blk": 4, "a": 4, "o": 8, "r": 2, "b": 8})
+    assert conc.is_concrete and conc.concrete_sizes()["o"] == 8
+    assert conc != s

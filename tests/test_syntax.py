@@ -1,0 +1,216 @@
+"""Parsing: every spelling of the language, and a table of bad specs with their carets."""
+import pytest
+
+import einc
+from einc import EincError, SizeError, SpecSyntaxError, StructureError, UnknownNameError
+from einc.presets import PRESETS
+from einc.syntax import parse
+
+BTT = "g=d_in^(1/2), a=d_in^(1/2), f=d_out^(1/2), r=1, e=d_out^(1/2)"
+
+# spec, einsum equation, sizes (as printed)
+GOOD = [
+    # compact einsum with every size given, with ties, and with sizes solved from d_in/d_out
+    ("ga,gafr,fgre->fe with g = a = d_in^(1/2), f = e = d_out^(1/2), r = 4",
+     "ga,gafr,fgre->fe", "g=d_in^(1/2), a=d_in^(1/2), f=d_out^(1/2), r=4, e=d_out^(1/2)"),
+    ("ga,gafr,fgre->fe with g = a, f = e, r = 1", "ga,gafr,fgre->fe", BTT),
+    ("ga,gafr,fgre->fe with g = 32, f = 16, r = 2", "ga,gafr,fgre->fe",
+     "g=32, a=1/32*d_in, f=16, r=2, e=1/16*d_out"),
+    ("i,io->o", "i,io->o", "i=d_in, o=d_out"),
+    ("i , io -> o", "i,io->o", "i=d_in, o=d_out"),
+    ("ab,bc,ca->c with a = 2, b = 3", "ab,bc,ca->c", "a=2, b=3, c=d_out"),
+    # named form: multi-letter names, optional commas, any operand names
+    ("x[i] W[i o] -> y[o]", "i,io->o", "i=d_in, o=d_out"),
+    ("x[i], W[i, o] -> y[o]", "i,io->o", "i=d_in, o=d_out"),
+    ("inp[blk a] core1[blk a out1 rank] core2[out1 blk rank b] -> out[out1 b] "
+     "with blk = a, out1 = b, rank = 2", "ab,abcd,cade->ce",
+     "blk=d_in^(1/2), a=d_in^(1/2), out1=d_out^(1/2), rank=2, b=d_out^(1/2)"),
+    # size expressions: products, quotients, powers, every symbol
+    ("i,ir,ro->o with r = d^(1/2)", "i,ir,ro->o", "i=d_in, r=d^(1/2), o=d_out"),
+    ("i,ir,ro->o with r = d_min^(1/4)*2", "i,ir,ro->o", "i=d_in, r=2*d_min^(1/4), o=d_out"),
+    ("i,ir,ro->o with r = d_in/8", "i,ir,ro->o", "i=d_in, r=1/8*d_in, o=d_out"),
+    ("i,ir,ro->o with r = d_out**0.5", "i,ir,ro->o", "i=d_in, r=d_out^(1/2), o=d_out"),
+    ("i,ir,ro->o with r = (2*4)^(2/3)", "i,ir,ro->o", "i=d_in, r=4, o=d_out"),
+    ("i,ir,ro->o with r = d_in^(-1/2)*d_in", "i,ir,ro->o", "i=d_in, r=d_in^(1/2), o=d_out"),
+    ("i,ir,ro->o with r = d^-1*d^2", "i,ir,ro->o", "i=d_in, r=d, o=d_out"),
+    # an index named like a size symbol: a bare `d` after `with` is the index
+    ("ab,ac,bd->cd with a = b = d_in^(1/2), c = d = d_out^(1/2)", "ab,ac,bd->cd",
+     "a=d_in^(1/2), b=d_in^(1/2), c=d_out^(1/2), d=d_out^(1/2)"),
+    ("x[i] W[i o] -> y[o] with o = d", "i,io->o", "i=d_in, o=d"),
+    ("ij,jl,ik->kl with i = j = d_in^(1/2), k = l = d_out^(1/2)", "ij,jl,ik->kl",
+     "i=d_in^(1/2), j=d_in^(1/2), l=d_out^(1/2), k=d_out^(1/2)"),
+    # theta points
+    ("(0.5|0|0.5|0|0.5|0.5|0)", "ga,fga,feg->fe",
+     "g=d_in^(1/2), a=d_in^(1/2), f=d_out^(1/2), e=d_out^(1/2)"),
+    ("(1/2|0|1/2|0|1/2|1/2|1/4)", "ga,frga,ferg->fe",
+     "g=d_in^(1/2), a=d_in^(1/2), f=d_out^(1/2), r=d_min^(1/4), e=d_out^(1/2)"),
+    ("(1|0|0|0|1|0|1/2)", "a,ra,er->e", "a=d_in, r=d_min^(1/2), e=d_out"),
+    ("(0|0|1|0|0|1|0)", "g,fg,fg->f", "g=d_in, f=d_out"),
+    ("( 1/3 | 1/3 | 1/3 | 1/3 | 1/3 | 1/3 | 0 )", "gba,fhga,fegb->feh",
+     "g=d_in^(1/3), b=d_in^(1/3), a=d_in^(1/3), f=d_out^(1/3), h=d_out^(1/3), "
+     "e=d_out^(1/3)"),
+    # presets, with and without arguments, with size expressions and `with` overrides
+    ("dense", "i,io->o", "i=d_in, o=d_out"),
+    ("dense()", "i,io->o", "i=d_in, o=d_out"),
+    ("lowrank", "i,ir,ro->o", "i=d_in, r=1, o=d_out"),
+    ("lowrank(rank=d^(1/2))", "i,ir,ro->o", "i=d_in, r=d^(1/2), o=d_out"),
+    ("lowrank(rank=16)", "i,ir,ro->o", "i=d_in, r=16, o=d_out"),
+    ("kron", "ij,jl,ik->kl", "i=d_in^(1/2), j=d_in^(1/2), l=d_out^(1/2), k=d_out^(1/2)"),
+    ("monarch", "ga,gaf,fge->fe",
+     "g=d_in^(1/4)*d_out^(1/4), a=d_in^(3/4)*d_out^(-1/4), f=d_in^(1/4)*d_out^(1/4), "
+     "e=d_in^(-1/4)*d_out^(3/4)"),
+    ("monarch(blocks=8)", "ga,gaf,fge->fe", "g=8, a=1/8*d_in, f=8, e=1/8*d_out"),
+    ("btt", "ga,gafr,fgre->fe", BTT),
+    ("btt(rank=4)", "ga,gafr,fgre->fe",
+     "g=d_in^(1/2), a=d_in^(1/2), f=d_out^(1/2), r=4, e=d_out^(1/2)"),
+    ("btt(rank=2, cores=3)", "abc,abcde,dabefg,dfagh->dfh",
+     "i1=d_in^(1/3), i2=d_in^(1/3), i3=d_in^(1/3), o1=d_out^(1/3), r1=2, o2=d_out^(1/3), "
+     "r2=2, o3=d_out^(1/3)"),
+    ("btt with r = 8", "ga,gafr,fgre->fe",
+     "g=d_in^(1/2), a=d_in^(1/2), f=d_out^(1/2), r=8, e=d_out^(1/2)"),
+    ("tt(rank=3, cores=3)", "abc,ade,ebfg,gch->dfh",
+     "i1=d_in^(1/3), i2=d_in^(1/3), i3=d_in^(1/3), o1=d_out^(1/3), r1=3, o2=d_out^(1/3), "
+     "r2=3, o3=d_out^(1/3)"),
+    ("bttmoe(experts=4, k=1)", "ga,gafr,fgre->fe",
+     "g=d_in^(1/2), a=d_in^(1/2), f=d_out^(1/2), r=4, e=d_out^(1/2)"),
+]
+
+
+def _sizes(s):
+    return ", ".join(f"{ix.name}={ix.size}" for ix in s.indices)
+
+
+@pytest.mark.parametrize("spec,equation,sizes", GOOD)
+def test_good(spec, equation, sizes):
+    s = parse(spec)
+    assert s.equation == equation
+    assert _sizes(s) == sizes
+    if s.moe is None:  # the named form has no spelling for routing
+        assert parse(s.spec_text()) == s  # the named form round-trips
+
+
+def test_named_and_compact_agree():
+    compact = parse("ga,gafr,fgre->fe with g = a = d_in^(1/2), f = e = d_out^(1/2), r = 1")
+    named = parse("x[g a] A[g a f r] B[f g r e] -> y[f e] with g = a, f = e, r = 1")
+    assert compact == named == parse("btt")
+
+
+def test_theta_matches_the_papers_einsum():
+    s = parse("(1/4|1/4|1/2|1/4|1/4|1/2|1/2)")
+    assert s.theta == tuple(einc.analysis.taxonomy.theta_of(s))
+    assert [f.indices for f in s.factors] == [tuple("fhrga"), tuple("fergb")]
+
+
+def test_parse_is_cached_and_type_checked():
+    assert parse("btt") is parse("btt")
+    with pytest.raises(TypeError):
+        parse(None)
+
+
+def test_moe_preset_records_experts():
+    s = parse("bttmoe(experts=8, k=2)")
+    assert (s.moe.expert_index, s.moe.k) == ("r", 2)
+
+
+# spec, error class, message fragment, caret column (1-based), caret width
+BAD = [
+    # empty or truncated
+    ("", SpecSyntaxError, "empty spec", 1, 1),
+    ("   ", SpecSyntaxError, "empty spec", 1, 1),
+    ("ga,gafr", SpecSyntaxError, "ends too early", 7, 1),
+    ("btt(rank=", SpecSyntaxError, "ends too early", 9, 1),
+    ("btt(rank=4", SpecSyntaxError, "expected ')'", 10, 1),
+    ("(0.5|0|", SpecSyntaxError, "ends too early", 7, 1),
+    ("x[i] W[i o] -> y[o", SpecSyntaxError, "expected ',', ']'", 18, 1),
+    ("x[i] W[i o] -> y[o] with", SpecSyntaxError, "expected a name", 24, 1),
+    # not the grammar
+    ("ga,ga fr,fgre->fe", SpecSyntaxError, "unexpected 'fr'", 7, 2),
+    ("x[i] -> y[i]", SpecSyntaxError, "unexpected '->'", 6, 2),
+    ("i,io->o with o = 3 = 4", SpecSyntaxError, "only index names", 18, 1),
+    ("i,io->o ; o", SpecSyntaxError, "unexpected character ';'", 9, 1),
+    # index errors
+    ("ga,gafr,fgre->fz", StructureError, "output index 'z' appears in no operand", 16, 1),
+    ("x[i] W[i o] V[o p] -> y[p q] with p = 4", StructureError,
+     "output index 'q' appears in no operand", 27, 1),
+    ("ga,gafq,fgre->fe with r = 2", StructureError, "index 'q' appears only in A", 7, 1),
+    ("ab,bc->c with a = 2", StructureError, "input index 'a' is touched by no factor", 1, 1),
+    ("x[i k] W[i o] -> y[o k]", StructureError, "input index 'k' is touched by no factor", 5, 1),
+    ("x[i] W[i o] -> y[o k] with k = 2", StructureError, "output index 'k'", 20, 1),
+    ("ii,io->o", StructureError, "appears twice in x", 2, 1),
+    ("i1,io->o", StructureError, "'1' is not an index", 2, 1),
+    ("ga,gafr,fgre->", StructureError, "output has no indices", 14, 1),
+    ("i->i", StructureError, "at least one weight factor", 1, 1),
+    ("x[class] W[class o] -> y[o]", StructureError, "reserved", 3, 5),
+    # duplicate names
+    ("x[g a] A[g a f r] A[f g r e] -> y[f e] with r = 4", StructureError,
+     "duplicate operand name 'A'", 19, 1),
+    ("x[i] W[i o] -> x[o]", StructureError, "duplicate operand name 'x'", 16, 1),
+    # sizes
+    ("ga,gafr,fgre->fe with r = 0", SizeError, "size 0 is not a positive integer", 27, 1),
+    ("ga,gafr,fgre->fe with r = 1.5", SizeError, "size 3/2 is not a positive integer", 27, 3),
+    ("ga,gafr,fgre->fe with r = -2", SizeError, "sizes must be positive", 27, 2),
+    ("i,ir,ro->o with r = d+1", SizeError, "no sums", 22, 1),
+    ("i,io->o with o = 2^d", SizeError, "exponent must be a number", 20, 1),
+    ("i,ir,ro->o with r = d*(-1)", SizeError, "sizes must be positive", 24, 2),
+    ("i,ir,ro->o with r = 4^(-1/2)", SizeError, "size 1/2 is not a positive integer", 21, 8),
+    ("i,ir,ro->o with r = n", SizeError, "unknown index 'n'", 21, 1),
+    ("i,ir,ro->o with r = d_in^x", SizeError, "unknown size symbol 'x'", 26, 1),
+    ("i,ir,ro->o with q = 3", SizeError, "unknown index 'q' in the sizes", 17, 1),
+    ("i,ir,ro->o with r = 2, r = 3", SizeError, "given two sizes", 28, 1),
+    ("ga,gafr,fgre->fe with r = 4", SizeError, "cannot solve the sizes of g, a", 1, 2),
+    ("ga,gafr,fgre->fe with g = a = d_in^(1/2), f = e = d_out^(1/3), r = 2", SizeError,
+     "multiply to d_out^(2/3), which cannot match d_out", 15, 2),
+    ("x[i j] W[i j o] -> y[o] with i = 3, j = d_in", SizeError,
+     "multiply to 3*d_in, which cannot match d_in", 1, 1),
+    ("x[i] W[i r] V[r o] -> y[o]", SizeError, "size of r is not given", 26, 1),
+    # theta
+    ("(0.5|0|0.6|0|0.5|0.5|0)", SizeError, "alpha+beta+gamma = 11/10", 1, 23),
+    ("(1/2|0|1/2|1/2|1/2|1/2|0)", SizeError, "delta+eps+phi = 3/2", 1, 25),
+    ("(0.5|0|0.5|0|0.5|0.5|1.5)", SizeError, "rho = 3/2 is out of range", 22, 3),
+    ("(0.5|0|0.5|0|0.5|0.5|-0.1)", SizeError, "theta exponents lie in [0, 1]", 22, 4),
+    ("(1.5|-0.5|0|0|0.5|0.5|0)", SizeError, "theta exponents lie in [0, 1]", 6, 4),
+    ("(0.5|0|0.5|0|0.5|0.5)", SizeError, "has 7 exponents", 1, 21),
+    ("(1/2|0|1/2|0|1/2|1/2|0) with r = 2", SizeError, "remove the `with` clause", 1, 23),
+    ("(d|0|0|0|1|0|0)", SizeError, "theta exponents are numbers", 2, 1),
+    # presets
+    ("foo", UnknownNameError, "unknown preset 'foo'", 1, 3),
+    ("btt(rnk=2)", UnknownNameError, "preset 'btt' has no parameter 'rnk'", 5, 3),
+    ("kron(rank=2)", UnknownNameError, "has no parameter 'rank'", 6, 4),
+    ("btt(rank=2, rank=3)", UnknownNameError, "given twice", 13, 4),
+    ("lowrank(rank=0)", SizeError, "rank = 0 is not a positive integer", 14, 1),
+    ("btt(rank=1/2)", SizeError, "rank = 1/2 is not a positive integer", 10, 3),
+    ("btt(cores=1)", SizeError, "cores must be an integer >= 2", 11, 1),
+    ("bttmoe(experts=4, k=8)", SizeError, "k = 8 exceeds experts = 4", 21, 1),
+    ("btt with q = 2", SizeError, "unknown index 'q'", 10, 1),
+]
+
+
+@pytest.mark.parametrize("spec,error,fragment,column,width", BAD)
+def test_bad(spec, error, fragment, column, width):
+    with pytest.raises(error) as info:
+        parse(spec)
+    e = info.value
+    assert isinstance(e, EincError)
+    assert fragment in e.message
+    assert (e.line, e.column) == (1, column)
+    text = str(e).split("\n")
+    caret = next(line for line in text[1:] if line.strip() and set(line.strip()) == {"^"})
+    assert caret.index("^") - 2 == column - 1
+    assert caret.count("^") == width
+
+
+def test_known_names_are_listed():
+    with pytest.raises(UnknownNameError) as info:
+        parse("blocktt")
+    assert all(name in str(info.value) for name in PRESETS)
+    with pytest.raises(UnknownNameError) as info:
+        parse("btt(width=3)")
+    assert "rank, cores" in str(info.value)
+
+
+def test_multiline_spec_reports_the_line():
+    with pytest.raises(StructureError) as info:
+        parse("x[g a] A[g a f r]\n  B[f g r e] -> y[f z] with r = 4")
+    e = info.value
+    assert (e.line, e.column) == (2, 21)
+    assert str(e).split("\n")[1] == "    B[f g r e] -> y[f z] with r = 4"
