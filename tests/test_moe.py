@@ -153,6 +153,8 @@ def test_dense_btt_is_einsum():
     x, A, B, _, _ = make_problem(5, 3, 4, 2, 3, 2, 1, seed=3)
     ref = torch.einsum("nga,gafr,fgre->nfe", x, A, B)
     torch.testing.assert_close(btt_dense(x, A, B), ref)
+    torch.testing.assert_close(btt_dense(x, A, B, method="strided"), ref)
+    assert torch.autograd.gradcheck(lambda *t: btt_dense(*t, method="strided"), (x, A, B))
 
 
 @pytest.mark.skipif(not GMM, reason="grouped_mm not available for float32 on this CPU build")

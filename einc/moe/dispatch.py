@@ -101,16 +101,82 @@ def _check_shapes(x: Tensor, A: Tensor, B: Tensor) -> Tuple[int, int, int, int, 
     return g, a, f, E, e
 
 
-def btt_dense(x: Tensor, A: Tensor, B: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+class _StridedBTT(torch.autograd.Function):
+    """Plain two-core BTT with strided matmuls and no transpose copies.
+
+    The intermediate is stored ``(f, g, R, N)``: core A writes each
+    ``(g, r)`` slice as an ``(f, N)`` row-major block, and core B reads, for
+    each ``f``, a ``(g * R, N)`` block as the transposed ``(N, g * R)``
+    operand and writes its ``(N, e)`` result straight into the token-major
+    output.  One ``mm`` per ``(g, r)`` and per ``f``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B):
+        N, g, a = x.shape
+        _, _, f, R = A.shape
+        e = B.shape[3]
+        AgT = A.permute(0, 3, 2, 1).contiguous()  # (g, R, f, a)
+        Bf = B.reshape(f, g * R, e)
+        z = x.new_empty(f, g, R, N)
+        for i in range(g):
+            xT = x[:, i, :].t()  # (a, N)
+            for r in range(R):
+                torch.mm(AgT[i, r], xT, out=z[:, i, r, :])
+        y = x.new_empty(N, f, e)
+        for j in range(f):
+            torch.mm(z[j].view(g * R, N).t(), Bf[j], out=y[:, j, :])
+        ctx.save_for_backward(x, AgT, Bf, z)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, AgT, Bf, z = ctx.saved_tensors
+        f, g, R, N = z.shape
+        a = x.shape[2]
+        e = Bf.shape[2]
+        gy = grad_out.contiguous()
+        grad_z = gy.new_empty(f, g, R, N)
+        gB = gy.new_empty(f, g * R, e)
+        for j in range(f):
+            torch.mm(Bf[j], gy[:, j, :].t(), out=grad_z[j].view(g * R, N))
+            torch.mm(z[j].view(g * R, N), gy[:, j, :], out=gB[j])
+        grad_x = gy.new_empty(N, g, a)
+        gA = gy.new_empty(g, R, a, f)
+        for i in range(g):
+            xT = x[:, i, :].t()
+            gx = grad_x[:, i, :]
+            for r in range(R):
+                gzT = grad_z[:, i, r, :].t()  # (N, f)
+                if r == 0:
+                    torch.mm(gzT, AgT[i, r], out=gx)
+                else:
+                    gx.addmm_(gzT, AgT[i, r])
+                torch.mm(xT, gzT, out=gA[i, r])
+        return grad_x, gA.permute(0, 2, 3, 1), gB.view(f, g, R, e)
+
+
+def btt_dense(
+    x: Tensor, A: Tensor, B: Tensor, scale: Optional[Tensor] = None, method: str = "bmm"
+) -> Tensor:
     """Plain two-core BTT ``ga,gafr,fgre->fe`` for a batch ``x`` of shape ``(N, g, a)``.
 
     ``scale`` (optional, ``(N, E)``) multiplies the rank slices of the
-    intermediate ``Z[n, g, f, r]`` before the second core.  Evaluated as two
-    batched matmuls: batch ``g`` contracting ``a``, then batch ``f``
-    contracting ``(g, r)``.
+    intermediate ``Z[n, g, f, r]`` before the second core.
+
+    ``method="bmm"``: two batched matmuls (batch ``g`` contracting ``a``,
+    then batch ``f`` contracting ``(g, r)``) with a transpose of the
+    intermediate in between.  ``method="strided"`` (no ``scale``): strided
+    ``mm`` calls that never materialise a transpose (see ``_StridedBTT``).
     """
     g, a, f, E, e = _check_shapes(x, A, B)
     N = x.shape[0]
+    if method == "strided":
+        if scale is not None:
+            raise ValueError("method='strided' does not take a scale")
+        return _StridedBTT.apply(x, A, B)
+    if method != "bmm":
+        raise ValueError(f"unknown method {method!r}")
     # step 1: (g, N, a) @ (g, a, f*E) -> (g, N, f*E)
     z = torch.bmm(x.transpose(0, 1), A.reshape(g, a, f * E))
     z = z.view(g, N, f, E)
@@ -309,6 +375,10 @@ def _sparse_grouped(x, A, B, expert_idx, gate, deterministic):
     return y.new_zeros(f, N, e).index_add(1, token_sorted, y).transpose(0, 1)
 
 
+#: the padded capacity is rounded up to a multiple of this (aligned matmul blocks)
+CAPACITY_MULTIPLE = 8
+
+
 def _padded_plan(expert_idx: Tensor, E: int):
     """Slot placement for the padded layout: expert ``r`` owns rows ``[r*C, (r+1)*C)``.
 
@@ -324,6 +394,7 @@ def _padded_plan(expert_idx: Tensor, E: int):
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=E)
     C = int(counts.max()) if S else 0  # host sync
+    C = -(-C // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE  # aligned row blocks
     starts = torch.cumsum(counts, 0) - counts
     e_sorted = flat.index_select(0, order)
     row_sorted = e_sorted * C + (torch.arange(S, device=dev) - starts.index_select(0, e_sorted))
@@ -332,6 +403,24 @@ def _padded_plan(expert_idx: Tensor, E: int):
     row_token = torch.zeros(E * C, dtype=torch.long, device=dev)
     row_token[row_sorted] = torch.div(order, k, rounding_mode="floor")
     return C, slot_row, row_token
+
+
+#: storage order of the (f, g, P) intermediate of the strided kernels: "fgP" or "gfP"
+Z_LAYOUT = "gfP"
+
+
+def _new_z(t: Tensor, f: int, g: int, P: int) -> Tensor:
+    if Z_LAYOUT == "fgP":
+        return t.new_empty(f, g, P)
+    return t.new_empty(g, f, P).transpose(0, 1)
+
+
+def _z_of_f(z: Tensor, j: int) -> Tensor:  # (g, P) slice
+    return z[j]
+
+
+def _z_of_g(z: Tensor, i: int) -> Tensor:  # (f, P) slice
+    return z[:, i]
 
 
 class _StridedMoE(torch.autograd.Function):
@@ -347,8 +436,7 @@ class _StridedMoE(torch.autograd.Function):
 
     Core A runs as ``g`` batched matmuls over experts, core B as ``f``; the
     backward uses the same slices.  The ``k`` slots of each token are combined
-    by a gather and a batched ``(1 x k) @ (k x d)`` product with the gates,
-    which is a fixed-order sum.
+    by a gather and a fixed-order gated sum over the ``k`` choices.
     """
 
     @staticmethod
@@ -361,20 +449,24 @@ class _StridedMoE(torch.autograd.Function):
         Ag = A.permute(0, 3, 1, 2).contiguous()  # (g, E, a, f); free if stored so
         Bf = B.permute(0, 2, 1, 3).contiguous()  # (f, E, g, e)
         xs = x.reshape(N, g * a).index_select(0, row_token).view(P, g, a)
-        z = x.new_empty(f, g, P)
+        z = _new_z(x, f, g, P)
         for i in range(g):
             # z^T slice (E, f, C) = A_i^T (E, f, a) @ xs_i^T (E, a, C)
             torch.bmm(
                 Ag[i].transpose(1, 2),
                 xs[:, i, :].view(E, C, a).transpose(1, 2),
-                out=z[:, i, :].view(f, E, C).transpose(0, 1),
+                out=_z_of_g(z, i).view(f, E, C).transpose(0, 1),
             )
         u = x.new_empty(P, f, e)
         for j in range(f):
             # (E, C, g) @ (E, g, e) -> (E, C, e)
-            torch.bmm(z[j].view(g, E, C).permute(1, 2, 0), Bf[j], out=u[:, j, :].view(E, C, e))
+            torch.bmm(_z_of_f(z, j).view(g, E, C).permute(1, 2, 0), Bf[j], out=u[:, j, :].view(E, C, e))
         v = u.view(P, f * e).index_select(0, slot_row).view(N, k, f * e)
-        out = torch.bmm(gate.view(N, 1, k), v).view(N, f, e)
+        # fixed-order sum over the k choices (a tiny-matrix bmm is far slower on CPU)
+        out = v[:, 0] * gate[:, :1]
+        for j in range(1, k):
+            out.addcmul_(v[:, j], gate[:, j : j + 1])
+        out = out.view(N, f, e)
         ctx.save_for_backward(xs, z, v, gate, Ag, Bf, slot_row, row_token)
         ctx.dims = (N, g, a, f, E, e, k, C)
         ctx.deterministic = deterministic
@@ -394,21 +486,21 @@ class _StridedMoE(torch.autograd.Function):
         gate_row = gate.new_zeros(P)
         gate_row[slot_row] = gate.reshape(-1)
         gu = go.index_select(0, row_token).mul_(gate_row.unsqueeze(1)).view(P, f, e)
-        grad_z = gu.new_empty(f, g, P) if (need_x or need_A) else None
+        grad_z = _new_z(gu, f, g, P) if (need_x or need_A) else None
         gB = gu.new_empty(f, E, g, e) if need_B else None
         for j in range(f):
             gu_j = gu[:, j, :].view(E, C, e)
-            zj = z[j].view(g, E, C).transpose(0, 1)  # (E, g, C)
+            zj = _z_of_f(z, j).view(g, E, C).transpose(0, 1)  # (E, g, C)
             if grad_z is not None:
                 # (E, g, e) @ (E, e, C) -> (E, g, C)
-                torch.bmm(Bf[j], gu_j.transpose(1, 2), out=grad_z[j].view(g, E, C).transpose(0, 1))
+                torch.bmm(Bf[j], gu_j.transpose(1, 2), out=_z_of_f(grad_z, j).view(g, E, C).transpose(0, 1))
             if gB is not None:
                 torch.bmm(zj, gu_j, out=gB[j])  # (E, g, C) @ (E, C, e)
         if grad_z is not None:
             grad_xs = gu.new_empty(P, g, a) if need_x else None
             gA = gu.new_empty(g, E, a, f) if need_A else None
             for i in range(g):
-                gz_i = grad_z[:, i, :].view(f, E, C).permute(1, 2, 0)  # (E, C, f)
+                gz_i = _z_of_g(grad_z, i).view(f, E, C).permute(1, 2, 0)  # (E, C, f)
                 if grad_xs is not None:
                     torch.bmm(gz_i, Ag[i].transpose(1, 2), out=grad_xs[:, i, :].view(E, C, a))
                 if gA is not None:

@@ -1,0 +1,156 @@
+"""BTT-MoE: sparse dispatch vs. masked reference vs. the rank-k floor.
+
+Times one forward + backward pass (median of a few repeats after warm-up,
+all variants of a configuration interleaved so machine load hits them alike):
+
+* masked: every expert for every token, gated by a dense (N, E) matrix
+  (``btt_moe_masked``), i.e. E/k times the useful work;
+* sparse: only the k selected experts per token (``btt_moe_sparse``);
+* floor:  a plain rank-k BTT ``ga,gafr,fgre->fe`` without any routing -- the
+  same useful work with perfect dispatch; the faster of the two dense
+  methods (``bmm`` and ``strided``) is used.
+
+Routing (top-k + softmax over fixed router logits) is included in masked and
+sparse; the router's linear map is not (it is the same for both).
+
+    python benchmarks/moe.py                # full table (a few minutes on 2 cores)
+    python benchmarks/moe.py --quick        # d=1024 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+
+import torch
+
+from einc.moe import btt_dense, btt_moe_masked, btt_moe_sparse, route
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{platform.node()} ({name}, {platform.system()} {platform.release()})"
+
+
+def fwd_bwd(fn, params):
+    def step():
+        for p in params:
+            p.grad = None
+        out = fn()
+        out.backward(torch.ones_like(out))
+
+    return step
+
+
+def bench(cands: dict, warmup: int, repeats: int) -> dict:
+    times = {name: [] for name in cands}
+    for _ in range(warmup):
+        for fn in cands.values():
+            fn()
+    for _ in range(repeats):
+        for name, fn in cands.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def config(d: int, E: int, k: int, tokens: int, warmup: int, repeats: int, seed: int = 0):
+    s = int(round(d**0.5))
+    assert s * s == d, "d must be a square"
+    g = a = f = e = s
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, g, a, generator=gen).requires_grad_()
+    A = (torch.randn(g, a, f, E, generator=gen) / a**0.5).requires_grad_()
+    B = (torch.randn(f, g, E, e, generator=gen) * (k / g) ** 0.5).requires_grad_()
+    # a trained-looking router: random weights, roughly balanced load
+    W = torch.randn(E, d, generator=gen) / d**0.5
+    logits = (x.detach().reshape(tokens, d) @ W.t()).requires_grad_()
+    Ak = (torch.randn(g, a, f, k, generator=gen) / a**0.5).requires_grad_()
+    Bk = (torch.randn(f, g, k, e, generator=gen) / g**0.5).requires_grad_()
+
+    def masked():
+        idx, gate = route(logits, k)
+        return btt_moe_masked(x, A, B, idx, gate)
+
+    def sparse():
+        idx, gate = route(logits, k)
+        return btt_moe_sparse(x, A, B, idx, gate)
+
+    cands = {
+        "masked": fwd_bwd(masked, [x, A, B, logits]),
+        "sparse": fwd_bwd(sparse, [x, A, B, logits]),
+        "floor_bmm": fwd_bwd(lambda: btt_dense(x, Ak, Bk), [x, Ak, Bk]),
+        "floor_strided": fwd_bwd(lambda: btt_dense(x, Ak, Bk, method="strided"), [x, Ak, Bk]),
+    }
+    t = bench(cands, warmup, repeats)
+    with torch.no_grad():
+        idx, _ = route(logits, k)
+        load = torch.bincount(idx.reshape(-1), minlength=E).float()
+    floor = min(t["floor_bmm"], t["floor_strided"])
+    return {
+        "d": d,
+        "E": E,
+        "k": k,
+        "masked": t["masked"],
+        "sparse": t["sparse"],
+        "floor": floor,
+        "floor_kind": "bmm" if t["floor_bmm"] <= t["floor_strided"] else "strided",
+        "max_load": (load.max() / load.mean()).item(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--experts", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--dims", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats for d <= 1024 (3 above)")
+    ap.add_argument("--quick", action="store_true", help="d=1024 only")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dims = [1024] if args.quick else args.dims
+
+    print(f"machine : {machine()}")
+    print(f"torch   : {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
+    print(f"date    : {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"tokens  : {args.tokens}, k = {args.k}; times: forward+backward, median, ms")
+    print()
+    head = (
+        f"{'d':>5} {'E':>3} {'k':>2} | {'masked ms':>10} {'sparse ms':>10} {'floor ms':>9} | "
+        f"{'masked/sparse':>13} {'target':>6} | {'sparse/floor':>12} {'target':>6} | {'max load':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for d in dims:
+        for E in args.experts:
+            reps = args.repeats if d <= 1024 else max(2, min(args.repeats, 3))
+            r = config(d, E, args.k, args.tokens, warmup=1, repeats=reps)
+            print(
+                f"{d:>5} {E:>3} {args.k:>2} | {r['masked']:>10.1f} {r['sparse']:>10.1f} "
+                f"{r['floor']:>9.1f} | {r['masked'] / r['sparse']:>13.2f} "
+                f"{0.6 * E / args.k:>6.2f} | {r['sparse'] / r['floor']:>12.2f} {1.5:>6.2f} | "
+                f"{r['max_load']:>8.2f}",
+                flush=True,
+            )
+    print()
+    print("target: masked/sparse >= 0.6*E/k; sparse/floor <= 1.5.  floor = faster of the")
+    print("bmm and strided dense rank-k BTT; max load = busiest expert / mean load.")
+
+
+if __name__ == "__main__":
+    main()
