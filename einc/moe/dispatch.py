@@ -525,11 +525,6 @@ def _sparse_strided(x, A, B, expert_idx, gate, deterministic, plan=None):
     return _StridedMoE.apply(x, A, B, gate, C, slot_row, row_token, deterministic)
 
 
-#: padded rows allowed, as a multiple of the N*k real slots, before ``auto``
-#: prefers grouped_mm (when available) over the padded strided kernels
-PADDING_LIMIT = 1.5
-
-
 def btt_moe_sparse(
     x: Tensor,
     A: Tensor,
@@ -553,14 +548,15 @@ def btt_moe_sparse(
     * ``"strided"``: padded expert-major layout (capacity = largest expert
       load, one host sync) and ``bmm`` calls on strided slices, arranged so
       that no transpose of the intermediate is ever materialised.  Fastest on
-      CPU; works for every dtype.  Costs ``E * C / (N * k)`` times the useful
+      CPU when it takes the fast BLAS path; works for every dtype.  Costs ``E * C / (N * k)`` times the useful
       work when the load is unbalanced.
     * ``"grouped_mm"``: ``torch.nn.functional.grouped_mm`` with jagged
       offsets (no padding, no host sync); needs a device/dtype it supports and
       sizes giving 16-byte aligned strides.
-    * ``"auto"``: grouped_mm on accelerators when supported; on CPU the
-      strided kernels unless the padding exceeds ``PADDING_LIMIT`` and
-      grouped_mm is supported.
+    * ``"auto"``: grouped_mm whenever it supports the device, dtype and
+      sizes, else the strided kernels.  (On the 2-core CPU used for
+      development, ``bmm`` into strided ``out=`` views hit a very slow path
+      for some capacities, so grouped_mm is preferred there too.)
 
     ``deterministic=True`` makes every reduction a gather followed by a
     fixed-order sum (no ``index_add_``), so results are bitwise reproducible
@@ -583,10 +579,5 @@ def btt_moe_sparse(
             )
         return _sparse_grouped(x, A, B, expert_idx, gate, deterministic)
     if backend == "auto" and gmm_ok:
-        if x.device.type != "cpu":
-            return _sparse_grouped(x, A, B, expert_idx, gate, deterministic)
-        plan = _padded_plan(expert_idx, E)
-        if E * plan[0] > PADDING_LIMIT * N * k:
-            return _sparse_grouped(x, A, B, expert_idx, gate, deterministic)
-        return _sparse_strided(x, A, B, expert_idx, gate, deterministic, plan)
+        return _sparse_grouped(x, A, B, expert_idx, gate, deterministic)
     return _sparse_strided(x, A, B, expert_idx, gate, deterministic)
