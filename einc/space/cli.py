@@ -44,6 +44,16 @@ def _register(sub):
                    "compiled top candidates")
     p.add_argument("--batch", type=int, default=64, help="batch size for --measure (default 64)")
     p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    p.add_argument("--train", metavar="TASK", help="re-rank the shown candidates by training "
+                   "them (einc experiment scaling on TASK: regression or charlm)")
+    p.add_argument("--train-widths", default="32,64,128", help="widths for --train")
+    p.add_argument("--train-steps", type=int, default=300, help="steps per run for --train")
+    p.add_argument("--train-out", metavar="DIR", help="folder for --train's runs (resumable)")
+    try:
+        from ..experiments.cli import add_training_arguments
+        add_training_arguments(p, prefix="train-")
+    except ImportError:  # torch missing: no --train
+        pass
     p.set_defaults(run=_search)
 
 
@@ -67,6 +77,10 @@ def _search(args) -> int:
         print(table(result))
     if not result and result.message and (args.json or args.csv):
         print(f"einc: {result.message}", file=sys.stderr)
+    if args.train and result:
+        from ..experiments.cli import train_rerank
+        print()
+        train_rerank(args, list(result))
     if args.plot:
         from .plot import plot
 

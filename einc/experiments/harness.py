@@ -1,0 +1,521 @@
+"""The scaling-law harness: train every (structure, width, seed) by one protocol and compare
+their compute-optimal frontiers.
+
+Protocol, the same for every structure:
+
+* Adam on :func:`einc.param_groups` (each structured factor at ``base_lr x`` its muP-style
+  multiplier; a BTT-MoE core likewise), linear warm-up over the first 2% of the steps, then
+  a constant rate, so every step of a run is a point on its loss-compute curve.
+* The base rate: each structure is trained at the smallest width with every rate of the
+  sweep; the rate with the lowest final held-out loss is used at every larger width (the
+  per-factor multipliers are what lets it transfer). Pass ``lr`` to skip the sweep.
+* MoE layers add ``aux_weight x`` their auxiliary losses to the training loss.
+* Training FLOPs: :mod:`einc.experiments.flops` (forward + backward per token, from the
+  analysis, x tokens); evaluation is not counted.
+
+Each finished run is a JSON file under ``OUT/runs/``; a later call with the same ``out`` loads
+it instead of training again.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from ..errors import EincError
+from . import fit as fitting
+from .executors import dist_env, run_jobs
+from .flops import model_flops, slug
+from .tasks import TASKS, add_moe_multipliers, make_task, taxonomy
+
+WARMUP_FRACTION = 0.02
+DEFAULT_AUX_WEIGHT = 0.01
+
+
+# -- one run ---------------------------------------------------------------------------------
+
+def eval_steps(steps: int, points: int) -> list[int]:
+    """Log-spaced evaluation steps from about steps/100 to steps (always including steps)."""
+    steps = int(steps)
+    if steps <= 0:
+        return []
+    start = max(1, steps // 100)
+    got = {int(round(s)) for s in np.geomspace(start, steps, max(int(points), 2))}
+    return sorted(got | {steps})
+
+
+def job_key(job: dict) -> str:
+    opts = json.dumps(job.get("options") or {}, sort_keys=True)
+    digest = hashlib.sha1(f"{opts}|{job.get('aux_weight')}|{job.get('eval_points')}"
+                          .encode()).hexdigest()[:8]
+    return (f"{job['task']}_{slug(str(job['spec']))}_w{job['width']}_s{job['seed']}"
+            f"_lr{job['lr']:.3g}_n{job['steps']}_b{job['batch']}_{digest}")
+
+
+def _aux_loss(model):
+    total = None
+    for m in model.modules():
+        aux = getattr(m, "aux_loss", None)
+        if aux is not None and hasattr(aux, "backward"):
+            total = aux if total is None else total + aux
+    return total
+
+
+def run_job(job: dict) -> dict:
+    """Train one (structure, width, seed, rate) and return its record (a plain dict).
+
+    Under torchrun (``WORLD_SIZE`` > 1) the run is data-parallel: the process group is
+    started if needed (NCCL with CUDA, else gloo), the model is wrapped in
+    DistributedDataParallel and each process takes its slice of every global batch, so the
+    run matches a one-process run on the same data.
+    """
+    import torch
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    rank, world = dist_env()
+    device = torch.device("cpu")
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(device)
+    start = time.perf_counter()
+    rec = {k: job[k] for k in ("task", "spec", "width", "seed", "lr", "steps", "batch")}
+    rec.update(key=job_key(job), role=job.get("role", "main"), options=job.get("options") or {},
+               world_size=world, status="ok")
+    try:
+        rec.update(taxonomy(job["spec"], job["width"]))
+        task = make_task(job["task"], **(job.get("options") or {}))
+        torch.manual_seed(int(job["seed"]))
+        model = task.build(job["spec"], int(job["width"]))
+    except EincError as e:
+        rec.update(status="error", error=str(e), curve=[], final_loss=None, best_loss=None,
+                   wall_s=time.perf_counter() - start)
+        return rec
+    add_moe_multipliers(model)
+    count = model_flops(model)
+    extra_f, extra_b = task.extra_flops(int(job["width"]))
+    fwd, bwd = count.forward + extra_f, count.backward + extra_b
+    tokens = int(job["batch"]) * task.tokens_per_example
+    per_step = (fwd + bwd) * tokens
+    rec.update(params=sum(p.numel() for p in model.parameters()),
+               flops_forward_per_token=fwd, flops_backward_per_token=bwd,
+               tokens_per_step=tokens, flops_per_step=per_step,
+               layers=[list(layer) for layer in count.layers])
+
+    from ..runtime import param_groups
+    if device.type != "cpu":
+        model.to(device)
+    opt = torch.optim.Adam(param_groups(model, float(job["lr"])))
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, find_unused_parameters=_aux_loss(model) is not None
+                                      or any(hasattr(m, "aux_loss") for m in model.modules()))
+    steps, aux_weight = int(job["steps"]), float(job.get("aux_weight", DEFAULT_AUX_WEIGHT))
+    warmup = max(1, int(WARMUP_FRACTION * steps))
+    evals = set(eval_steps(steps, job.get("eval_points", 24)))
+    curve, train_loss, hook = [], None, job.get("_hook")
+    for step in range(1, steps + 1):
+        scale = min(1.0, step / warmup)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        batch = [t.to(device) for t in task.batch(step, int(job["batch"]), int(job["seed"]),
+                                                  rank, world)]
+        loss = task.loss(net, batch)
+        train_loss = float(loss.detach())
+        aux = _aux_loss(model)
+        if aux is not None:
+            loss = loss + aux_weight * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step in evals:
+            value = task.evaluate(model)
+            curve.append([step, step * per_step, value])
+            if not math.isfinite(value) or not math.isfinite(train_loss):
+                rec["status"] = "diverged"
+                break
+        if hook is not None:
+            hook(1)
+    losses = [c[2] for c in curve if math.isfinite(c[2])]
+    rec.update(curve=curve, final_loss=curve[-1][2] if curve else None,
+               best_loss=min(losses) if losses else None, train_loss=train_loss,
+               wall_s=time.perf_counter() - start)
+    return rec
+
+
+# -- many runs --------------------------------------------------------------------------------
+
+class _Bar:
+    """Progress over all steps of all runs, on stderr."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.start, self.last, self.note = time.perf_counter(), 0.0, ""
+
+    def __call__(self, n: int = 1, note: str | None = None):
+        self.done += n
+        if note is not None:
+            self.note = note
+        now = time.perf_counter()
+        if self.enabled and (now - self.last > 0.5 or self.done >= self.total):
+            self.last = now
+            frac = min(self.done / self.total, 1.0)
+            el = now - self.start
+            eta = el / frac - el if frac > 0 else 0.0
+            bar = "#" * int(28 * frac) + "-" * (28 - int(28 * frac))
+            sys.stderr.write(f"\r[{bar}] {frac:6.1%} {el:6.0f}s eta {eta:5.0f}s  "
+                             f"{self.note[:40]:<40}")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class ScalingResult(list):
+    """The records of the main runs (a list of dicts), with the sweep's records, the rate
+    chosen per structure, each structure's frontier and fit, and the summary table."""
+
+    def __init__(self, records, *, sweep, lrs, summary, files):
+        super().__init__(records)
+        self.sweep, self.lrs, self.summary, self.files = sweep, lrs, summary, files
+
+    @property
+    def frontiers(self) -> dict:
+        return {s["spec"]: s["frontier"] for s in self.summary["structures"]}
+
+    @property
+    def fits(self) -> dict:
+        return {s["spec"]: s["fit"] for s in self.summary["structures"]}
+
+    def table(self) -> str:
+        return format_table(self.summary)
+
+
+def _as_list(value, cast):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [cast(v) for v in split_specs(value)]
+    if isinstance(value, (int, float)) and cast is int:
+        return [int(value)]
+    return [cast(v) for v in value]
+
+
+def split_specs(text: str) -> list[str]:
+    """Split a comma-separated list at top-level commas (``lowrank(rank=4),btt``)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 128, 256),
+            steps: int = 1000, seeds=(0,), batch: int | None = None, lr=None, lr_sweep=None,
+            out: str | None = None, workers: int = 1, executor: str = "local",
+            ray_address: str | None = None, options: dict | None = None,
+            eval_points: int = 24, threads: int | None = None,
+            aux_weight: float = DEFAULT_AUX_WEIGHT, irreducible: bool = False,
+            progress: bool | None = None, plot: bool = True) -> ScalingResult:
+    """Train each structure at each width (and seed) and compare their frontiers.
+
+    ``structures``: einc specs (BTT-MoE included) or ``ffmoe(experts=E,k=K)`` for the
+    charlm task. ``lr``: a base rate (or ``{spec: rate}``) to skip the sweep. ``lr_sweep``:
+    the base rates tried at the smallest width (default per task). ``seeds``: a list, or an
+    int n for seeds 0..n-1. ``out``: a folder for the records, tables and plot (and for
+    resuming). Returns a :class:`ScalingResult` (a list of the main runs' records).
+    """
+    if task not in TASKS:
+        make_task(task)  # raises the error that lists the tasks
+    structures = _as_list(structures, str)
+    widths = sorted(set(_as_list(widths, int)))
+    seeds = list(range(seeds)) if isinstance(seeds, int) else _as_list(seeds, int)
+    cls = TASKS[task]
+    batch = int(batch or cls.default_batch)
+    rank, world = dist_env()
+    lead = rank == 0
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // max(workers, 1)) if workers > 1 else None
+    if progress is None:
+        progress = lead and sys.stderr.isatty()
+    base = {"task": task, "steps": int(steps), "batch": batch, "options": dict(options or {}),
+            "eval_points": int(eval_points), "aux_weight": float(aux_weight),
+            "threads": threads}
+    cache = _load_cache(out)
+    bar = _Bar(0, bool(progress) and lead)
+
+    def execute(jobs):
+        todo = [j for j in jobs if job_key(j) not in cache]
+        bar.total += sum(j["steps"] for j in todo)
+        sequential = world > 1 or (executor == "local" and workers <= 1)
+
+        def done(i, rec):
+            cache[rec["key"]] = rec
+            if lead:
+                _save_run(out, rec)
+            bar(0 if sequential else todo[i]["steps"],
+                f"{rec['spec']} w={rec['width']} {rec['status']}")
+
+        if sequential:
+            for i, job in enumerate(todo):
+                bar(0, f"{job['spec']} w={job['width']} lr={job['lr']:.3g}")
+                rec = run_job(dict(job, _hook=bar))
+                done(i, rec)
+                if world > 1:
+                    import torch.distributed as dist
+                    dist.barrier()
+        else:
+            run_jobs(run_job, todo, executor=executor, workers=workers,
+                     ray_address=ray_address, on_done=done)
+        return [cache[job_key(j)] for j in jobs]
+
+    # 1. base rate per structure, at the smallest width
+    lrs, sweep = {}, []
+    if lr is None:
+        rates = [float(r) for r in (_as_list(lr_sweep, float) or cls.default_lr_sweep)]
+        jobs = [dict(base, spec=s, width=widths[0], seed=seeds[0], lr=r, role="sweep")
+                for s in structures for r in rates]
+        sweep = execute(jobs)
+        for s in structures:
+            runs = [r for r in sweep if r["spec"] == s and r.get("final_loss") is not None
+                    and math.isfinite(r["final_loss"])]
+            lrs[s] = min(runs, key=lambda r: r["final_loss"])["lr"] if runs else rates[0]
+    else:
+        lrs = {s: float(lr[s] if isinstance(lr, dict) else lr) for s in structures}
+    # 2. every width and seed at that rate (the sweep's own run is reused)
+    jobs = [dict(base, spec=s, width=w, seed=sd, lr=lrs[s], role="main")
+            for s in structures for w in widths for sd in seeds]
+    records = [dict(r, role="main") for r in execute(jobs)]
+    bar.close()
+    summary = summarize(records, widths, irreducible=irreducible)
+    summary.update(task=task, lrs=lrs, lr_sweep=sorted({r["lr"] for r in sweep}),
+                   steps=int(steps), batch=batch, seeds=seeds, widths=widths,
+                   options=base["options"])
+    files = _write_outputs(out, records, sweep, summary, plot) if (out and lead) else []
+    return ScalingResult(records, sweep=sweep, lrs=lrs, summary=summary, files=files)
+
+
+# -- analysis of the runs -----------------------------------------------------------------------
+
+def mean_curves(records) -> dict:
+    """``{(spec, width): (flops, loss)}``: the mean over seeds, on the steps all seeds
+    reached."""
+    groups: dict = {}
+    for r in records:
+        if r.get("curve"):
+            groups.setdefault((r["spec"], r["width"]), []).append(r["curve"])
+    out = {}
+    for key, curves in groups.items():
+        n = min(len(c) for c in curves)
+        arr = np.array([[p[1:] for p in c[:n]] for c in curves], dtype=float)
+        out[key] = (arr[0, :, 0], arr[:, :, 1].mean(0))
+    return out
+
+
+def summarize(records, widths, irreducible: bool = False, levels=None) -> dict:
+    """Frontier, fit and losses at a few compute levels for each structure."""
+    curves = mean_curves(records)
+    specs = list(dict.fromkeys(r["spec"] for r in records))
+    rows = []
+    for spec in specs:
+        recs = [r for r in records if r["spec"] == spec]
+        mine = [(f, l, w) for (s, w), (f, l) in curves.items() if s == spec]
+        front = fitting.frontier(mine) if mine else {"flops": [], "loss": [], "label": []}
+        # fit past the first 10% of the smallest width's run (its fastest-falling stretch)
+        ok = [r for r in recs if r.get("flops_per_step")]
+        lo = (min(r["flops_per_step"] * r["steps"] for r in ok if r["width"] == min(
+            x["width"] for x in ok)) * 0.1) if ok else 0
+        pts = [(c, l) for c, l in zip(front["flops"], front["loss"]) if c >= lo]
+        fit = fitting.fit_power_law([p[0] for p in pts], [p[1] for p in pts],
+                                    irreducible=irreducible)
+        fit["from_flops"] = lo
+        first = recs[0]
+        rows.append({"spec": spec, "omega": first.get("omega"), "psi": first.get("psi"),
+                     "nu": first.get("nu"), "lr": first["lr"], "frontier": front, "fit": fit,
+                     "status": sorted({r["status"] for r in recs}),
+                     "best_loss": min((r["best_loss"] for r in recs
+                                       if r.get("best_loss") is not None), default=None),
+                     "widths": sorted({r["width"] for r in recs})})
+    fronts = [r["frontier"]["flops"] for r in rows if r["frontier"]["flops"]]
+    if levels is None and fronts:
+        lo, hi = min(f[0] for f in fronts), max(f[-1] for f in fronts)
+        decades = [10.0 ** k for k in range(math.ceil(math.log10(lo)),
+                                            math.floor(math.log10(hi)) + 1)]
+        levels = decades[-3:]
+    levels = list(levels or [])
+    common = min((f[-1] for f in fronts), default=None)
+    for row in rows:
+        row["loss_at"] = {f"{c:.0e}": fitting.loss_at(row["frontier"], c) for c in levels}
+        row["loss_at_common"] = (fitting.loss_at(row["frontier"], common)
+                                 if common else None)
+    ranked = sorted((r for r in rows if r["loss_at_common"] is not None),
+                    key=lambda r: r["loss_at_common"])
+    return {"structures": rows, "levels": levels, "common_flops": common,
+            "ranking": [r["spec"] for r in ranked]}
+
+
+def _fmt(v, spec=".4g"):
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def _frac(v):
+    if v is None:
+        return "-"
+    from fractions import Fraction
+    q = Fraction(v).limit_denominator(100)
+    return str(q.numerator) if q.denominator == 1 else f"{q.numerator}/{q.denominator}"
+
+
+def format_table(summary: dict) -> str:
+    """The per-structure table (markdown), best frontier loss at equal compute first."""
+    levels = [f"{c:.0e}" for c in summary["levels"]]
+    common = summary.get("common_flops")
+    head = (["structure", "omega", "psi", "nu", "base lr", "exponent b", *[f"loss @ {c}" for c
+            in levels]] + ([f"loss @ {common:.2g} (equal C)"] if common else []))
+    order = {s: i for i, s in enumerate(summary.get("ranking", []))}
+    rows = sorted(summary["structures"], key=lambda r: order.get(r["spec"], len(order)))
+    body = []
+    for r in rows:
+        f = r["fit"]
+        b = "-" if f["b"] is None else f"{f['b']:.3f} ± {_fmt(f['b_err'], '.3f')}"
+        body.append([r["spec"], _frac(r["omega"]), _frac(r["psi"]), _frac(r["nu"]),
+                     f"{r['lr']:.3g}", b, *[_fmt(r["loss_at"][c]) for c in levels]]
+                    + ([_fmt(r["loss_at_common"])] if common else []))
+    width = [max(len(str(x[c])) for x in [head, *body]) for c in range(len(head))]
+    line = lambda xs: "| " + " | ".join(str(x).ljust(w) for x, w in zip(xs, width)) + " |"
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in width) + "|",
+                      *map(line, body)])
+
+
+# -- files --------------------------------------------------------------------------------------
+
+def _load_cache(out) -> dict:
+    cache = {}
+    folder = os.path.join(out, "runs") if out else None
+    if folder and os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".json"):
+                try:
+                    with open(os.path.join(folder, name)) as fh:
+                        rec = json.load(fh)
+                    cache[rec["key"]] = rec
+                except (OSError, ValueError, KeyError):
+                    continue  # a half-written file: run it again
+    return cache
+
+
+def _save_run(out, rec) -> None:
+    if not out:
+        return
+    folder = os.path.join(out, "runs")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, rec["key"] + ".json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(rec, fh)
+    os.replace(path + ".tmp", path)
+
+
+def runs_csv(records) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["role", "spec", "width", "seed", "lr", "omega", "psi", "nu", "params",
+                "flops_per_step", "step", "flops", "loss", "status"])
+    for r in records:
+        for step, flops, loss in r.get("curve") or [[None, None, None]]:
+            w.writerow([r["role"], r["spec"], r["width"], r["seed"], r["lr"], r.get("omega"),
+                        r.get("psi"), r.get("nu"), r.get("params"), r.get("flops_per_step"),
+                        step, flops, loss, r["status"]])
+    return buf.getvalue()
+
+
+def _write_outputs(out, records, sweep, summary, plot) -> list[str]:
+    os.makedirs(out, exist_ok=True)
+    files = []
+
+    def write(name, text):
+        path = os.path.join(out, name)
+        with open(path, "w") as fh:
+            fh.write(text)
+        files.append(path)
+
+    allrecs = list(records) + [r for r in sweep if r["key"] not in {x["key"] for x in records}]
+    write("runs.json", json.dumps(allrecs, indent=1))
+    write("runs.csv", runs_csv(allrecs))
+    fr = io.StringIO()
+    w = csv.writer(fr)
+    w.writerow(["spec", "flops", "loss", "width"])
+    for row in summary["structures"]:
+        f = row["frontier"]
+        for c, l, lab in zip(f["flops"], f["loss"], f["label"]):
+            w.writerow([row["spec"], c, l, lab])
+    write("frontier.csv", fr.getvalue())
+    write("summary.json", json.dumps(summary, indent=1))
+    write("table.md", format_table(summary) + "\n")
+    if plot:
+        try:
+            from .plot import plot_frontiers
+            files.append(plot_frontiers(records, summary, os.path.join(out, "frontier.png")))
+        except ImportError:
+            pass
+    return files
+
+
+# -- re-ranking the analytic search by training --------------------------------------------------
+
+def rerank(candidates, task: str = "regression", widths=(32, 64, 128), steps: int = 300,
+           **kw) -> dict:
+    """Train the candidates of an analytic ranking (``einc.search`` records or specs) with
+    :func:`scaling` and rank them by frontier loss at the largest compute every one reached.
+
+    Returns ``{'analytic': [...], 'trained': [...], 'result': ScalingResult}``, the first
+    two being lists of ``(rank, spec, name, loss)`` (loss None for the analytic list)."""
+    specs, names = [], {}
+    for c in candidates:
+        spec = c["spec"] if isinstance(c, dict) else str(c)
+        if spec not in names:
+            specs.append(spec)
+            names[spec] = (c.get("name") if isinstance(c, dict) else "") or ""
+    result = scaling(task=task, structures=specs, widths=widths, steps=steps, **kw)
+    losses = {r["spec"]: r["loss_at_common"] for r in result.summary["structures"]}
+    analytic = [(i + 1, s, names[s], None) for i, s in enumerate(specs)]
+    ordered = sorted(specs, key=lambda s: (losses.get(s) is None, losses.get(s) or 0.0))
+    trained = [(i + 1, s, names[s], losses.get(s)) for i, s in enumerate(ordered)]
+    return {"analytic": analytic, "trained": trained, "result": result}
+
+
+def format_rerank(ranks: dict) -> str:
+    """Both rankings side by side."""
+    common = ranks["result"].summary.get("common_flops")
+    label = lambda s, n: f"{n} {s}".strip() if n else s
+    left = [f"{i}. {label(s, n)}" for i, s, n, _ in ranks["analytic"]]
+    right = [f"{i}. {label(s, n)}  loss {_fmt(v)}" for i, s, n, v in ranks["trained"]]
+    w = max(len(x) for x in left + ["analytic ranking"])
+    head = ("analytic ranking".ljust(w) + "   trained ranking (frontier loss at "
+            + (f"{common:.3g} FLOPs)" if common else "equal compute)"))
+    return "\n".join([head, "-" * len(head)] + [a.ljust(w) + "   " + b
+                                                for a, b in zip(left, right)])

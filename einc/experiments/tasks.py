@@ -1,0 +1,382 @@
+"""Training tasks, each small enough for a CPU: ``regression`` and ``charlm``.
+
+A task builds a model whose linear layers carry the structure under test, serves
+deterministic batches (a function of the seed and the step, sliced by data-parallel rank),
+and evaluates a held-out loss. Register a new task with :func:`task`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sysconfig
+import zlib
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnknownNameError
+from .ffmoe import FFMoE
+
+TASKS: dict[str, type] = {}
+
+
+def task(cls):
+    """Register a task class under its ``name``."""
+    TASKS[cls.name] = cls
+    return cls
+
+
+def make_task(name: str, **options):
+    if name not in TASKS:
+        raise UnknownNameError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name](**options)
+
+
+# -- building structured layers --------------------------------------------------------------
+
+_FFMOE = re.compile(r"^\s*ffmoe\s*(?:\((.*)\))?\s*$")
+
+
+def ffmoe_options(spec: str):
+    """``{'experts': E, 'k': K}`` for an ``ffmoe(experts=E,k=K)`` baseline spec, else None."""
+    m = _FFMOE.match(spec) if isinstance(spec, str) else None
+    if m is None:
+        return None
+    opts = {"experts": 8, "k": 2}
+    for part in filter(None, (p.strip() for p in (m.group(1) or "").split(","))):
+        key, _, value = part.partition("=")
+        if key.strip() not in opts or not value.strip().isdigit():
+            raise UnknownNameError(f"ffmoe takes experts=<int> and k=<int>, got {part!r}", spec)
+        opts[key.strip()] = int(value)
+    return opts
+
+
+def structured_layer(spec, d_in: int, d_out: int, bias: bool = True) -> nn.Module:
+    """``einc.compile(spec, d_in, d_out)``; for a ``bttmoe`` spec an ``einc.BTTMoE`` with the
+    spec's experts and k (built directly when compile cannot build it yet)."""
+    from ..runtime import compile as einc_compile
+    try:
+        return einc_compile(spec, d_in, d_out, bias=bias)
+    except (ImportError, AttributeError):
+        layer = _moe_layer(spec, d_in, d_out, bias)
+        if layer is None:
+            raise
+        return layer
+
+
+def _moe_layer(spec, d_in, d_out, bias):
+    from ..analysis import analyze
+    from ..moe import BTTMoE
+    moe = analyze(spec, d_in=d_in, d_out=d_out).moe
+    if moe is None:
+        return None
+    return BTTMoE(d_in, d_out, experts=moe["experts"], k=moe["k"], bias=bias)
+
+
+def structure_model(model: nn.Module, spec, include=None, exclude=None) -> None:
+    """``einc.replace_linear`` with the BTT-MoE fallback of :func:`structured_layer`."""
+    from ..runtime import replace_linear
+    try:
+        replace_linear(model, spec, include=include, exclude=exclude)
+        return
+    except (ImportError, AttributeError):
+        if _moe_layer(spec, 16, 16, False) is None:
+            raise
+    import fnmatch
+    chosen = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear
+              and (include is None or fnmatch.fnmatchcase(n, include))
+              and not (exclude and fnmatch.fnmatchcase(n, exclude))]
+    for name, old in chosen:
+        new = _moe_layer(spec, old.in_features, old.out_features, old.bias is not None)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def add_moe_multipliers(model: nn.Module) -> None:
+    """Give each BTT-MoE core the per-factor rate every structured factor gets (d_in over
+    the core's own fan-in: ``a`` for A, ``g`` for B), where the layer has no
+    ``lr_multipliers`` of its own."""
+    from ..moe import BTTMoE
+    for mod in model.modules():
+        if isinstance(mod, BTTMoE) and not callable(getattr(mod, "lr_multipliers", None)):
+            g, a = mod.input_sizes
+            mults = {"A": mod.in_features / a, "B": mod.in_features / g}
+            object.__setattr__(mod, "lr_multipliers", lambda m=mults: dict(m))
+
+
+def taxonomy(spec, width: int) -> dict:
+    """omega, psi and nu of ``spec`` at a square width (FF-MoE: its dense experts')."""
+    if ffmoe_options(spec) is not None:
+        return {"omega": 0.0, "psi": 1.0, "nu": 1.0}
+    from ..analysis import analyze
+    r = analyze(spec, d=width)
+    num = lambda q: None if q is None else float(q)
+    return {"omega": num(r.omega), "psi": num(r.psi), "nu": num(r.nu)}
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2 ** 62))
+
+
+def _shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    if world == 1:
+        return t
+    if t.shape[0] % world:
+        raise ValueError(f"batch {t.shape[0]} does not split over {world} processes")
+    return t.chunk(world)[rank]
+
+
+# -- regression --------------------------------------------------------------------------------
+
+@task
+class Regression:
+    """MLP regression on a random ReLU teacher.
+
+    Teacher: ``depth`` ReLU layers of ``teacher_width`` on ``d_in``-dimensional Gaussian
+    inputs, He-initialised with a fixed seed, output centred and scaled to unit variance.
+    Student: ``Linear(d_in, w)``, then ``hidden`` structured ``w -> w`` layers (ReLU after
+    each), then ``Linear(w, 1)``. Fresh inputs every step; MSE on a fixed test set.
+    """
+    name = "regression"
+    tokens_per_example = 1
+    default_batch = 512
+    default_lr_sweep = (1e-3, 3e-3, 1e-2)
+
+    def __init__(self, d_in: int = 8, teacher_width: int = 256, teacher_depth: int = 6,
+                 hidden: int = 2, test_size: int = 4096, teacher_seed: int = 0):
+        self.d_in, self.hidden, self.teacher_seed = int(d_in), int(hidden), int(teacher_seed)
+        self.teacher_width, self.teacher_depth = int(teacher_width), int(teacher_depth)
+        self.options = {"d_in": self.d_in, "teacher_width": self.teacher_width,
+                        "teacher_depth": self.teacher_depth, "hidden": self.hidden,
+                        "test_size": int(test_size), "teacher_seed": self.teacher_seed}
+        self.teacher, self.shift, self.scale = _teacher(self.d_in, self.teacher_width,
+                                                        self.teacher_depth, self.teacher_seed)
+        g = torch.Generator().manual_seed(self.teacher_seed + 1)
+        self.test_x = torch.randn(int(test_size), self.d_in, generator=g)
+        self.test_y = self.target(self.test_x)
+
+    @torch.no_grad()
+    def target(self, x):
+        return (self.teacher(x) - self.shift) / self.scale
+
+    def build(self, spec, width: int) -> nn.Module:
+        if ffmoe_options(spec) is not None:
+            raise UnknownNameError("ffmoe is a transformer feed-forward baseline; the "
+                                   "regression task takes einc specs", spec)
+        layers: list[nn.Module] = [nn.Linear(self.d_in, width), nn.ReLU()]
+        for _ in range(self.hidden):
+            layers += [structured_layer(spec, width, width), nn.ReLU()]
+        layers.append(nn.Linear(width, 1))
+        return nn.Sequential(*layers)
+
+    def extra_flops(self, width: int) -> tuple[int, int]:
+        return 0, 0
+
+    def batch(self, step: int, size: int, seed: int, rank: int = 0, world: int = 1):
+        x = torch.randn(size, self.d_in, generator=_step_generator(seed, step))
+        x = _shard(x, rank, world)
+        return x, self.target(x)
+
+    def loss(self, model, batch):
+        x, y = batch
+        return F.mse_loss(model(x), y)
+
+    @torch.no_grad()
+    def evaluate(self, model) -> float:
+        return float(F.mse_loss(model(self.test_x), self.test_y))
+
+
+@lru_cache(maxsize=4)
+def _teacher(d_in, width, depth, seed):
+    g = torch.Generator().manual_seed(seed)
+    dims = [d_in] + [width] * depth
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        lin = nn.Linear(a, b)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(b, a, generator=g) * math.sqrt(2.0 / a))
+            lin.bias.copy_(torch.randn(b, generator=g) * 0.1)
+        layers += [lin, nn.ReLU()]
+    out = nn.Linear(width, 1)
+    with torch.no_grad():
+        out.weight.copy_(torch.randn(1, width, generator=g) / math.sqrt(width))
+        out.bias.zero_()
+    teacher = nn.Sequential(*layers, out).requires_grad_(False)
+    with torch.no_grad():
+        ref = teacher(torch.randn(8192, d_in, generator=g))
+    return teacher, float(ref.mean()), float(ref.std())
+
+
+# -- character-level language model ------------------------------------------------------------
+
+def stdlib_text_files() -> list[str]:
+    """The .py files of this Python's standard library (site-packages left out), sorted."""
+    root = sysconfig.get_paths()["stdlib"]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__",
+                                                                "dist-packages"))
+        found += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+    return sorted(found, key=lambda p: os.path.relpath(p, root))
+
+
+@lru_cache(maxsize=4)
+def load_corpus(train_chars: int, val_chars: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bytes of the standard library: a file goes to validation when the CRC of its relative
+    path is 0 mod 20 (held-out files, not a held-out tail), else to training."""
+    root = sysconfig.get_paths()["stdlib"]
+    train, val, nt, nv = [], [], 0, 0
+    for path in stdlib_text_files():
+        if nt >= train_chars and nv >= val_chars:
+            break
+        held_out = zlib.crc32(os.path.relpath(path, root).encode()) % 20 == 0
+        if (nv >= val_chars) if held_out else (nt >= train_chars):
+            continue
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        (val if held_out else train).append(data)
+        if held_out:
+            nv += len(data)
+        else:
+            nt += len(data)
+    to_t = lambda parts, n: torch.frombuffer(bytearray(b"".join(parts)[:n]), dtype=torch.uint8)
+    tr, va = to_t(train, train_chars), to_t(val, val_chars)
+    if len(tr) < 10_000 or len(va) < 1_000:
+        raise RuntimeError(f"too little standard-library text found under {root}")
+    return tr.long(), va.long()
+
+
+class _Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
+                                           is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, D))
+
+
+class _MLP(nn.Module):
+    def __init__(self, d, ratio):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(d, ratio * d), nn.Linear(ratio * d, d)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class _Block(nn.Module):
+    def __init__(self, d, heads, ratio, moe=None):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = _Attention(d, heads)
+        self.mlp = (_MLP(d, ratio) if moe is None
+                    else FFMoE(d, ratio * d // moe["k"], moe["experts"], moe["k"]))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """A small GPT: byte embedding, learned positions, pre-norm blocks, untied unembedding."""
+
+    def __init__(self, d, layers, heads, context, vocab=256, ratio=4, moe=None):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.blocks = nn.ModuleList(_Block(d, heads, ratio, moe) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        with torch.no_grad():
+            self.tok.weight.normal_(0, 1.0)
+            self.pos.weight.normal_(0, 0.1)
+            self.lm_head.weight.zero_()
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos.weight[: idx.shape[1]]
+        for b in self.blocks:
+            x = b(x)
+        return self.lm_head(self.ln_f(x))
+
+
+@task
+class CharLM:
+    """A small GPT on the bytes of Python's standard library (no download).
+
+    Every linear layer in the blocks (q, k, v, o and the feed-forward maps) takes the
+    structure; the embedding and the unembedding (``lm_head``) stay dense. ``ffmoe(...)``
+    swaps each feed-forward block for :class:`~einc.experiments.ffmoe.FFMoE` with dense
+    attention. Validation loss: mean cross-entropy (nats per byte) on fixed windows of
+    held-out files. Width ``w`` has ``w / head_dim`` heads.
+    """
+    name = "charlm"
+    default_batch = 32
+    default_lr_sweep = (1e-3, 3e-3, 1e-2)
+
+    def __init__(self, context: int = 64, layers: int = 2, head_dim: int = 32, ratio: int = 4,
+                 train_chars: int = 2_000_000, val_chars: int = 200_000,
+                 eval_windows: int = 64):
+        self.context, self.layers, self.head_dim = int(context), int(layers), int(head_dim)
+        self.ratio, self.eval_windows = int(ratio), int(eval_windows)
+        self.options = {"context": self.context, "layers": self.layers,
+                        "head_dim": self.head_dim, "ratio": self.ratio,
+                        "train_chars": int(train_chars), "val_chars": int(val_chars),
+                        "eval_windows": self.eval_windows}
+        self.train, self.val = load_corpus(int(train_chars), int(val_chars))
+        g = torch.Generator().manual_seed(1234)
+        starts = torch.randint(0, len(self.val) - self.context - 1, (self.eval_windows,),
+                               generator=g)
+        self.val_x, self.val_y = self._windows(self.val, starts)
+
+    @property
+    def tokens_per_example(self) -> int:
+        return self.context
+
+    def _windows(self, data, starts):
+        off = torch.arange(self.context + 1)
+        w = data[starts[:, None] + off]
+        return w[:, :-1], w[:, 1:]
+
+    def build(self, spec, width: int) -> nn.Module:
+        moe = ffmoe_options(spec)
+        heads = max(1, width // self.head_dim)
+        if width % heads:
+            raise UnknownNameError(f"width {width} does not split into heads of "
+                                   f"{self.head_dim}")
+        model = GPT(width, self.layers, heads, self.context, ratio=self.ratio, moe=moe)
+        structure_model(model, "dense" if moe else spec, include="blocks.*")
+        return model
+
+    def extra_flops(self, width: int) -> tuple[int, int]:
+        """Attention scores and their weighted sum, per token: 2 maps of T x width,
+        counted over the whole context (causal masking not subtracted)."""
+        fwd = self.layers * 2 * (2 * self.context * width)
+        return fwd, 2 * fwd
+
+    def batch(self, step: int, size: int, seed: int, rank: int = 0, world: int = 1):
+        starts = torch.randint(0, len(self.train) - self.context - 1, (size,),
+                               generator=_step_generator(seed, step))
+        return self._windows(self.train, _shard(starts, rank, world))
+
+    def loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model) -> float:
+        total = 0.0
+        for i in range(0, self.eval_windows, 32):
+            logits = model(self.val_x[i:i + 32])
+            total += float(F.cross_entropy(logits.flatten(0, 1), self.val_y[i:i + 32].flatten(),
+                                           reduction="sum"))
+        return total / self.val_y.numel()

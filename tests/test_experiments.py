@@ -1,0 +1,195 @@
+"""The scaling-law harness: FLOP accounting, frontiers and fits, tiny runs of each task,
+resuming, the process-pool / Ray / DDP execution paths."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import einc
+from einc.experiments import (eval_steps, fit_power_law, frontier, job_key, model_flops,
+                              run_job, scaling)
+from einc.experiments import harness
+from einc.experiments.ffmoe import FFMoE
+from einc.experiments.harness import split_specs
+from einc.experiments.tasks import make_task
+
+TINY_LM = {"context": 16, "layers": 1, "head_dim": 16, "train_chars": 60_000,
+           "val_chars": 8_000, "eval_windows": 8}
+
+
+def _job(**kw):
+    job = {"task": "regression", "spec": "btt", "width": 16, "seed": 0, "lr": 3e-3,
+           "steps": 6, "batch": 32, "options": {"test_size": 128}, "eval_points": 3,
+           "threads": 1}
+    job.update(kw)
+    return job
+
+
+# -- FLOP accounting ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["dense", "btt", "kron", "lowrank(rank=d^(1/2))"])
+def test_flops_are_the_analysis_times_tokens(spec):
+    task = make_task("regression", test_size=16)
+    model = task.build(spec, 64)
+    count = model_flops(model)
+    a_in = einc.analyze("dense", d_in=8, d_out=64)
+    a_mid = einc.analyze(spec, d_in=64, d_out=64)
+    a_out = einc.analyze("dense", d_in=64, d_out=1)
+    assert count.forward == a_in.flops + 2 * a_mid.flops + a_out.flops
+    assert count.backward == a_in.flops_backward + 2 * a_mid.flops_backward + a_out.flops_backward
+    rec = run_job(_job(spec=spec, width=64, steps=4, batch=16))
+    assert rec["flops_per_step"] == (count.forward + count.backward) * 16
+    assert [c[1] for c in rec["curve"]] == [c[0] * rec["flops_per_step"] for c in rec["curve"]]
+
+
+def test_moe_layers_count_active_flops():
+    from einc.moe import BTTMoE
+    moe = BTTMoE(64, 64, experts=8, k=2)
+    count = model_flops(nn.Sequential(moe))
+    report = einc.analyze("bttmoe(experts=8,k=2)", d_in=64, d_out=64)
+    assert count.forward == report.moe["active_flops"] < report.flops
+    assert count.backward == 2 * count.forward
+    ff = FFMoE(32, 64, experts=4, k=2)
+    assert model_flops(nn.Sequential(ff)).forward == 2 * 32 * 4 + 2 * (2 * 2 * 32 * 64)
+
+
+def test_charlm_adds_attention_flops():
+    task = make_task("charlm", **TINY_LM)
+    model = task.build("btt", 32)
+    count = model_flops(model)
+    structured = [layer for layer in count.layers if layer[0].startswith("blocks.")]
+    assert len(structured) == 6 and all(layer[1] == "btt" for layer in structured)
+    assert ("lm_head", "dense", 2 * 32 * 256, 4 * 32 * 256) in count.layers
+    rec = run_job({"task": "charlm", "spec": "btt", "width": 32, "seed": 0, "lr": 1e-3,
+                   "steps": 2, "batch": 4, "options": TINY_LM, "eval_points": 2, "threads": 1})
+    fwd, bwd = task.extra_flops(32)
+    assert rec["flops_per_step"] == (count.total + fwd + bwd) * 4 * 16
+
+
+# -- frontier and fit ----------------------------------------------------------------------------
+
+def test_fit_recovers_a_power_law():
+    rng = np.random.default_rng(0)
+    c = np.geomspace(1e8, 1e12, 30)
+    loss = 40.0 * c ** -0.3 * np.exp(rng.normal(0, 0.01, c.shape))
+    fit = fit_power_law(c, loss)
+    assert abs(fit["b"] - 0.3) < 3 * fit["b_err"] + 1e-3 and fit["b_err"] < 0.01
+    offset = 40.0 * c ** -0.3 + 0.02
+    fit = fit_power_law(c, offset, irreducible=True, bootstrap=20)
+    assert abs(fit["b"] - 0.3) < 0.03 and abs(fit["c"] - 0.02) < 0.005
+
+
+def test_frontier_of_width_curves_has_the_compute_optimal_exponent():
+    # L(N, D) = N^-1/2 + D^-1/2 with C = N D: the compute-optimal loss falls as C^-1/4
+    curves = []
+    for n in np.geomspace(10, 1e5, 40):
+        d = np.geomspace(1, 1e7, 80)
+        curves.append((n * d, n ** -0.5 + d ** -0.5, n))
+    front = frontier(curves, points=40)
+    assert np.all(np.diff(front["loss"]) <= 1e-12)
+    c, l = np.array(front["flops"]), np.array(front["loss"])
+    keep = (c > 1e4) & (c < 1e10)
+    fit = fit_power_law(c[keep], l[keep])
+    assert abs(fit["b"] - 0.25) < 0.01
+    # the envelope is the minimum of the curves wherever they overlap
+    both = frontier([([1, 10, 100], [4, 2, 1]), ([10, 100], [3, 0.5])], grid=[10, 100])
+    assert both["loss"] == [2, 0.5] and both["label"] == [0, 1]
+
+
+def test_split_specs_and_eval_steps():
+    assert split_specs('dense,lowrank(rank=d^(1/2)),bttmoe(experts=8,k=2)') == [
+        "dense", "lowrank(rank=d^(1/2))", "bttmoe(experts=8,k=2)"]
+    assert eval_steps(1000, 5)[-1] == 1000 and eval_steps(1000, 5)[0] == 10
+
+
+# -- end-to-end, resuming ---------------------------------------------------------------------------
+
+def test_regression_end_to_end_and_resume(tmp_path, monkeypatch):
+    kw = dict(structures=["dense", "btt", "bttmoe(experts=4,k=2)"], widths=[16, 32], steps=5,
+              batch=32, lr_sweep=[1e-3, 1e-2], options={"test_size": 64}, eval_points=3,
+              out=str(tmp_path), progress=False)
+    result = scaling("regression", **kw)
+    assert len(result) == 6 and all(r["status"] == "ok" for r in result)
+    assert len(result.sweep) == 6 and set(result.lrs) == set(kw["structures"])
+    for name in ("runs.json", "runs.csv", "summary.json", "table.md", "frontier.png"):
+        assert (tmp_path / name).exists()
+    assert "exponent b" in result.table()
+    assert len(json.loads((tmp_path / "runs.json").read_text())) == 6 + 3  # main + other rates
+
+    def boom(job):
+        raise AssertionError(f"ran {job_key(job)} again")
+    monkeypatch.setattr(harness, "run_job", boom)
+    again = scaling("regression", **kw)
+    assert [r["curve"] for r in again] == [r["curve"] for r in result]
+    with pytest.raises(AssertionError, match="again"):
+        scaling("regression", **dict(kw, widths=[16, 64]))
+
+
+def test_charlm_end_to_end(tmp_path):
+    result = scaling("charlm", structures=["dense", "btt", "bttmoe(experts=4,k=2)",
+                                           "ffmoe(experts=4,k=2)"],
+                     widths=[32], steps=3, batch=4, lr=1e-3, options=TINY_LM,
+                     eval_points=2, progress=False, plot=False)
+    assert [r["status"] for r in result] == ["ok"] * 4
+    assert all(0 < r["final_loss"] < 8 for r in result)
+    by = {r["spec"]: r for r in result}
+    assert by["ffmoe(experts=4,k=2)"]["flops_forward_per_token"] < 1.2 * by["dense"][
+        "flops_forward_per_token"]
+
+
+def test_unknown_task_and_bad_structure():
+    with pytest.raises(einc.UnknownNameError, match="known tasks"):
+        scaling("nope", structures=["dense"], widths=[8], steps=1)
+    rec = run_job(_job(spec="monarch(blocks=5)", width=16))
+    assert rec["status"] == "error" and rec["error"]
+
+
+# -- execution paths -------------------------------------------------------------------------------
+
+def _curves(records):
+    return [(r["spec"], r["width"], r["lr"], [c[2] for c in r["curve"]]) for r in records]
+
+
+def test_process_pool_and_ray_give_the_same_records():
+    kw = dict(structures=["dense", "btt"], widths=[16], steps=4, batch=32, lr=3e-3,
+              options={"test_size": 64}, eval_points=2, progress=False, threads=1)
+    serial = scaling("regression", **kw)
+    pool = scaling("regression", workers=2, **kw)
+    assert _curves(pool) == _curves(serial)
+    ray = pytest.importorskip("ray")
+    got = scaling("regression", workers=2, executor="ray", **kw)
+    assert _curves(got) == _curves(serial)
+    assert not ray.is_initialized()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, job, path):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+    rec = run_job(job)
+    if rank == 0:
+        with open(path, "w") as fh:
+            json.dump(rec, fh)
+    dist.destroy_process_group()
+
+
+def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
+    job = _job(spec="btt", width=16, steps=5, batch=32, eval_points=5)
+    single = run_job(job)
+    path = str(tmp_path / "rank0.json")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), job, path), nprocs=2)
+    with open(path) as fh:
+        ddp = json.load(fh)
+    assert ddp["world_size"] == 2 and ddp["flops_per_step"] == single["flops_per_step"]
+    np.testing.assert_allclose([c[2] for c in ddp["curve"]], [c[2] for c in single["curve"]],
+                               rtol=1e-4)
