@@ -4,7 +4,7 @@ Every job is a plain dict and every result a plain dict, so a job runs the same 
 runs. ``local`` with one worker runs the jobs in order in this process; with more it uses a
 ``concurrent.futures`` process pool (spawned workers). ``ray`` submits one task per job to a
 Ray cluster: a local one by default, or the one at ``ray_address`` (``auto`` or
-``ray://host:10001``); Ray is an optional dependency (``pip install einc[ray]``).
+``ray://host:10001``); Ray is an optional dependency (``pip install ray``).
 
 One job on several GPUs is torch.distributed's business, not the executor's: see
 :func:`dist_env` and ``docs/experiments.md``.
@@ -70,8 +70,8 @@ def _run_ray(fn, jobs, workers, address, on_done):
     try:
         import ray
     except ImportError:
-        raise UnknownNameError("the ray executor needs Ray: pip install 'einc[ray]' (or "
-                               "pip install ray), or use --executor local") from None
+        raise UnknownNameError("the ray executor needs Ray (pip install ray); or use "
+                               "--executor local") from None
     threads = max(int(j.get("threads") or 1) for j in jobs)
     started_here = not ray.is_initialized()
     if started_here:

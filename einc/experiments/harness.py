@@ -6,9 +6,12 @@ Protocol, the same for every structure:
 * Adam on :func:`einc.param_groups` (each structured factor at ``base_lr x`` its muP-style
   multiplier; a BTT-MoE core likewise), linear warm-up over the first 2% of the steps, then
   a constant rate, so every step of a run is a point on its loss-compute curve.
-* The base rate: each structure is trained at the smallest width with every rate of the
-  sweep; the rate with the lowest final held-out loss is used at every larger width (the
-  per-factor multipliers are what lets it transfer). Pass ``lr`` to skip the sweep.
+* The base rate: each structure is trained at its smallest width w0 with every rate of the
+  sweep; the rate with the lowest final held-out loss is used at every larger width w,
+  where the factors of the structured layers get ``base x multiplier x w0 / w`` (muP for
+  Adam: each factor's rate goes as 1 / its own fan-in); the other parameters (input and
+  output layers, embeddings, biases, norms, routers) keep the base rate. Pass ``lr`` to
+  skip the sweep (the rate is then taken at the smallest width).
 * MoE layers add ``aux_weight x`` their auxiliary losses to the training loss.
 * Training FLOPs: :mod:`einc.experiments.flops` (forward + backward per token, from the
   analysis, x tokens); evaluation is not counted.
@@ -53,8 +56,8 @@ def eval_steps(steps: int, points: int) -> list[int]:
 
 def job_key(job: dict) -> str:
     opts = json.dumps(job.get("options") or {}, sort_keys=True)
-    digest = hashlib.sha1(f"{opts}|{job.get('aux_weight')}|{job.get('eval_points')}"
-                          .encode()).hexdigest()[:8]
+    digest = hashlib.sha1(f"{opts}|{job.get('aux_weight')}|{job.get('eval_points')}|"
+                          f"{job.get('lr_width')}".encode()).hexdigest()[:8]
     return (f"{job['task']}_{slug(str(job['spec']))}_w{job['width']}_s{job['seed']}"
             f"_lr{job['lr']:.3g}_n{job['steps']}_b{job['batch']}_{digest}")
 
@@ -116,7 +119,18 @@ def run_job(job: dict) -> dict:
     from ..runtime import param_groups
     if device.type != "cpu":
         model.to(device)
-    opt = torch.optim.Adam(param_groups(model, float(job["lr"])))
+    groups = param_groups(model, float(job["lr"]))
+    # muP transfer: a factor's rate goes as 1/fan-in, so from the sweep's width w0 to width
+    # w the factors of every structured layer get w0/w (param_groups' multipliers already
+    # carry each factor's fan-in relative to a dense layer of the layer's width)
+    ref = job.get("lr_width")
+    if ref:
+        hidden = {id(getattr(m, a)) for m in model.modules()
+                  if callable(getattr(m, "lr_multipliers", None)) for a in m.lr_multipliers()}
+        for g in groups:
+            if all(id(p) in hidden for p in g["params"]):
+                g["lr"] *= float(ref) / int(job["width"])
+    opt = torch.optim.Adam(groups)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     net = model
@@ -232,7 +246,7 @@ def split_specs(text: str) -> list[str]:
             cur += ch
     if cur.strip():
         out.append(cur.strip())
-    return out
+    return [x[1:-1] if len(x) > 1 and x[0] == x[-1] and x[0] in "'\"" else x for x in out]
 
 
 def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 128, 256),
@@ -245,7 +259,8 @@ def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 1
     """Train each structure at each width (and seed) and compare their frontiers.
 
     ``structures``: einc specs (BTT-MoE included) or ``ffmoe(experts=E,k=K)`` for the
-    charlm task. ``lr``: a base rate (or ``{spec: rate}``) to skip the sweep. ``lr_sweep``:
+    charlm task. ``widths``: a list, or ``{spec: list}`` to give structures of different
+    cost per width their own ranges. ``lr``: a base rate (or ``{spec: rate}``) to skip the sweep. ``lr_sweep``:
     the base rates tried at the smallest width (default per task). ``seeds``: a list, or an
     int n for seeds 0..n-1. ``out``: a folder for the records, tables and plot (and for
     resuming). Returns a :class:`ScalingResult` (a list of the main runs' records).
@@ -253,7 +268,11 @@ def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 1
     if task not in TASKS:
         make_task(task)  # raises the error that lists the tasks
     structures = _as_list(structures, str)
-    widths = sorted(set(_as_list(widths, int)))
+    if isinstance(widths, dict):
+        per = {s: sorted(set(_as_list(widths[s], int))) for s in structures}
+    else:
+        per = dict.fromkeys(structures, sorted(set(_as_list(widths, int))))
+    widths = sorted({w for ws in per.values() for w in ws})
     seeds = list(range(seeds)) if isinstance(seeds, int) else _as_list(seeds, int)
     cls = TASKS[task]
     batch = int(batch or cls.default_batch)
@@ -298,7 +317,8 @@ def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 1
     lrs, sweep = {}, []
     if lr is None:
         rates = [float(r) for r in (_as_list(lr_sweep, float) or cls.default_lr_sweep)]
-        jobs = [dict(base, spec=s, width=widths[0], seed=seeds[0], lr=r, role="sweep")
+        jobs = [dict(base, spec=s, width=per[s][0], seed=seeds[0], lr=r, role="sweep",
+                     lr_width=per[s][0])
                 for s in structures for r in rates]
         sweep = execute(jobs)
         for s in structures:
@@ -308,8 +328,8 @@ def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 1
     else:
         lrs = {s: float(lr[s] if isinstance(lr, dict) else lr) for s in structures}
     # 2. every width and seed at that rate (the sweep's own run is reused)
-    jobs = [dict(base, spec=s, width=w, seed=sd, lr=lrs[s], role="main")
-            for s in structures for w in widths for sd in seeds]
+    jobs = [dict(base, spec=s, width=w, seed=sd, lr=lrs[s], role="main", lr_width=per[s][0])
+            for s in structures for w in per[s] for sd in seeds]
     records = [dict(r, role="main") for r in execute(jobs)]
     bar.close()
     summary = summarize(records, widths, irreducible=irreducible)
@@ -360,7 +380,9 @@ def summarize(records, widths, irreducible: bool = False, levels=None) -> dict:
                      "status": sorted({r["status"] for r in recs}),
                      "best_loss": min((r["best_loss"] for r in recs
                                        if r.get("best_loss") is not None), default=None),
-                     "widths": sorted({r["width"] for r in recs})})
+                     "widths": sorted({r["width"] for r in recs}),
+                     "errors": sorted({f"w={r['width']}: {r['error']}" for r in recs
+                                       if r.get("error")})})
     fronts = [r["frontier"]["flops"] for r in rows if r["frontier"]["flops"]]
     if levels is None and fronts:
         lo, hi = min(f[0] for f in fronts), max(f[-1] for f in fronts)
@@ -408,8 +430,9 @@ def format_table(summary: dict) -> str:
                     + ([_fmt(r["loss_at_common"])] if common else []))
     width = [max(len(str(x[c])) for x in [head, *body]) for c in range(len(head))]
     line = lambda xs: "| " + " | ".join(str(x).ljust(w) for x, w in zip(xs, width)) + " |"
+    notes = [f"{r['spec']} failed at {e}" for r in rows for e in r.get("errors", [])]
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in width) + "|",
-                      *map(line, body)])
+                      *map(line, body), *(["", *notes] if notes else [])])
 
 
 # -- files --------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Thin lines are the runs (mean over seeds), one per width; the thick line is the structure's
 frontier and the dashed line its power-law fit. Colour encodes (omega, psi): green for
 omega = 0 and psi = 1 (the paper's best class), orange for parameter sharing (omega > 0),
-blue for reduced rank (psi < 1), purple for both; a structure's shade and line style tell
-structures of one class apart.
+blue for reduced rank (psi < 1), purple for both; a structure's shade, line style and marker
+tell structures of one class apart.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .harness import mean_curves
 
 _CMAPS = {"full": "Greens", "shared": "Oranges", "lowrank": "Blues", "both": "Purples"}
 _STYLES = ["-", "--", "-.", ":"]
+_MARKERS = ["o", "s", "^", "D", "v", "P"]
 
 
 def _family(omega, psi) -> str:
@@ -34,7 +35,7 @@ def plot_frontiers(records, summary, path: str, title: str | None = None) -> str
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for i, (row, fam) in enumerate(zip(rows, fams)):
         same = [j for j, f in enumerate(fams) if f == fam]
-        shade = 0.85 - 0.45 * (same.index(i) / max(len(same) - 1, 1)) if len(same) > 1 else 0.7
+        shade = 0.95 - 0.6 * (same.index(i) / max(len(same) - 1, 1)) if len(same) > 1 else 0.7
         colour = plt.get_cmap(_CMAPS[fam])(shade)
         style = _STYLES[same.index(i) % len(_STYLES)]
         for (spec, _w), (f, l) in sorted(curves.items(), key=lambda kv: kv[0][1]):
@@ -49,7 +50,8 @@ def plot_frontiers(records, summary, path: str, title: str | None = None) -> str
             label += f"  b={fit['b']:.3f}"
             err = fit.get("b_err")
             label += f"±{err:.3f}" if err is not None else ""
-        ax.plot(fr["flops"], fr["loss"], color=colour, lw=2.4, ls=style, label=label)
+        ax.plot(fr["flops"], fr["loss"], color=colour, lw=2.2, ls=style, label=label,
+                marker=_MARKERS[i % len(_MARKERS)], markevery=6, markersize=5)
         if fit.get("b") is not None:
             xs = np.geomspace(max(fit.get("from_flops") or fr["flops"][0], fr["flops"][0]),
                               fr["flops"][-1], 50)
