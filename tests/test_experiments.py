@@ -70,6 +70,23 @@ def test_charlm_adds_attention_flops():
     assert rec["flops_per_step"] == (count.total + fwd + bwd) * 4 * 16
 
 
+def test_rates_transfer_by_fan_in():
+    from einc.experiments.harness import optimizer_groups
+    task = make_task("charlm", **TINY_LM)
+    for spec in ["btt", "ffmoe(experts=4,k=2)", "bttmoe(experts=4,k=2)"]:
+        model = task.build(spec, 64)
+        einc.experiments.tasks.add_moe_multipliers(model)
+        base = {id(p): g["lr"] for g in optimizer_groups(model, 1e-2, None, 64)
+                for p in g["params"]}
+        scaled = {id(p): g["lr"] for g in optimizer_groups(model, 1e-2, 32, 64)
+                  for p in g["params"]}
+        mlp = model.blocks[0].mlp
+        hidden = [mlp.w1, mlp.w2] if spec.startswith("ffmoe") else mlp.fc.factors()
+        assert all(scaled[id(p)] == base[id(p)] / 2 for p in hidden)
+        assert scaled[id(model.lm_head.weight)] == base[id(model.lm_head.weight)] == 1e-2
+        assert scaled[id(model.tok.weight)] == 1e-2
+
+
 # -- frontier and fit ----------------------------------------------------------------------------
 
 def test_fit_recovers_a_power_law():

@@ -40,6 +40,11 @@ class FFMoE(nn.Module):
             self.router.weight.zero_()
             self.router.bias.zero_()
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """Per-factor rates as einc.param_groups reads them: each expert map is a dense
+        layer, so the multiplier relative to a dense layer of its own width is 1."""
+        return {"w1": 1.0, "w2": 1.0}
+
     def flop_count(self) -> tuple[int, int]:
         """Forward and backward FLOPs per token: router plus k experts, each two dense maps
         (2 per multiply-add forward, twice that backward, as einc counts a dense layer)."""

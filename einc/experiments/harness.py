@@ -71,6 +71,23 @@ def _aux_loss(model):
     return total
 
 
+def optimizer_groups(model, lr: float, lr_width: int | None, width: int) -> list[dict]:
+    """``einc.param_groups(model, lr)`` with the muP width transfer: a factor's Adam rate
+    goes as 1 / its fan-in, so from the sweep's width ``lr_width`` to ``width`` the factors
+    of every layer with ``lr_multipliers`` get ``lr_width / width`` more (param_groups'
+    multipliers already carry each factor's fan-in relative to a dense layer of its
+    width). Everything else keeps ``lr``."""
+    from ..runtime import param_groups
+    groups = param_groups(model, lr)
+    if lr_width:
+        hidden = {id(getattr(m, a)) for m in model.modules()
+                  if callable(getattr(m, "lr_multipliers", None)) for a in m.lr_multipliers()}
+        for g in groups:
+            if all(id(p) in hidden for p in g["params"]):
+                g["lr"] *= float(lr_width) / int(width)
+    return groups
+
+
 def run_job(job: dict) -> dict:
     """Train one (structure, width, seed, rate) and return its record (a plain dict).
 
@@ -116,21 +133,10 @@ def run_job(job: dict) -> dict:
                tokens_per_step=tokens, flops_per_step=per_step,
                layers=[list(layer) for layer in count.layers])
 
-    from ..runtime import param_groups
     if device.type != "cpu":
         model.to(device)
-    groups = param_groups(model, float(job["lr"]))
-    # muP transfer: a factor's rate goes as 1/fan-in, so from the sweep's width w0 to width
-    # w the factors of every structured layer get w0/w (param_groups' multipliers already
-    # carry each factor's fan-in relative to a dense layer of the layer's width)
-    ref = job.get("lr_width")
-    if ref:
-        hidden = {id(getattr(m, a)) for m in model.modules()
-                  if callable(getattr(m, "lr_multipliers", None)) for a in m.lr_multipliers()}
-        for g in groups:
-            if all(id(p) in hidden for p in g["params"]):
-                g["lr"] *= float(ref) / int(job["width"])
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam(optimizer_groups(model, float(job["lr"]), job.get("lr_width"),
+                                            int(job["width"])))
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     net = model
