@@ -76,5 +76,5 @@ class UnknownNameError(EincError):
     """An unknown preset, preset parameter, option or registry entry."""
 
 
-class CompileError(EincError):
+class CompileError(EincError, ValueError):
     """A structure cannot be turned into a module with the requested settings."""

@@ -3,11 +3,11 @@ the layout plan. Cached: equal structures at equal sizes share one lowering."""
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
-from ..analysis import DEFAULT_TOLERANCE, analyze, concretize, resolve_dims
+from ..analysis import DEFAULT_TOLERANCE, concretize, resolve_dims
 from ..analysis import path as _path
-from ..analysis.symbolic import symbolic
 from ..ir import Structure
 from ..syntax import parse
 from .plan import Plan, plan
@@ -55,17 +55,18 @@ def lower(spec, d_in=None, d_out=None, tolerance: float = DEFAULT_TOLERANCE) -> 
 @functools.lru_cache(maxsize=1024)
 def _lower(s: Structure, d_in: int, d_out: int, tolerance: float) -> Lowered:
     conc = concretize(s, d_in, d_out, tolerance)
-    report = analyze(s, d_in=d_in, d_out=d_out, tolerance=tolerance)
-    p = plan(s, conc.sizes, cheapest_chains(s, conc.sizes))
+    chains = cheapest_chains(s, conc.sizes)
+    p = plan(s, conc.sizes, chains)
+    params = sum(math.prod(conc.sizes[i] for i in f.indices) for f in s.factors)
+    flops = sum(st.flops(conc.sizes) for st in chains[0])
     return Lowered(s, d_in, d_out, conc.padded_in, conc.padded_out, dict(conc.sizes), p,
-                   report.params, report.flops)
+                   params, flops)
 
 
 def cheapest_chains(s: Structure, sizes: dict):
-    """Every absorption order of least FLOPs (the planner picks the one with fewest copies)."""
-    sym = symbolic(s)
-    args = [sizes[i] for i in sym.index_names]
-    costs = {o: fn(*args) for o, fn in sym.flops_fns.items()}
-    least = min(costs.values())
-    ordered = sorted(costs, key=lambda o: o != sym.order)  # the analysed order first
-    return [_path.chain(s, o) for o in ordered if costs[o] == least]
+    """Every absorption order of least FLOPs at these sizes (the planner then picks the one
+    with the fewest copies). Integer arithmetic only: compiling needs no sympy."""
+    chains = [_path.chain(s, o) for o in _path.orders(s)]
+    costs = [sum(st.flops(sizes) for st in c) for c in chains]
+    least = min(costs)
+    return [c for c, cost in zip(chains, costs) if cost == least]

@@ -63,7 +63,8 @@ def token_name(s: Structure) -> str:
 
 
 # ---------------------------------------------------------------------------- operand checks
-def as_operand(order, groups: dict[str, tuple], matrix: str) -> dict[str, tuple] | None:
+def as_operand(order, groups: dict[str, tuple], matrix: str,
+               unit=frozenset()) -> dict[str, tuple] | None:
     """If memory ``order`` is a copy-free bmm operand with these groups (each a set of
     indices), return each group's index order; ``matrix`` names the two matrix groups.
 
@@ -72,12 +73,16 @@ def as_operand(order, groups: dict[str, tuple], matrix: str) -> dict[str, tuple]
     role = {i: g for g, idx in groups.items() for i in idx}
     seen, out, prev = [], {}, None
     for i in order:
+        if i in unit:  # a size-1 axis has no stride to respect: it goes anywhere
+            out.setdefault(role[i], ())
+            out[role[i]] += (i,)
+            continue
         g = role[i]
         if g != prev:
             if g in seen:
                 return None
             seen.append(g)
-            out[g] = ()
+            out.setdefault(g, ())
             prev = g
         out[g] += (i,)
     if seen and seen[-1] not in matrix:
@@ -113,6 +118,7 @@ def _plan_chain(s, sizes, steps, tok):
     """Depth-first over the memory order of each intermediate; cost = elements copied."""
     final = (tok, *s.output.indices)
     numel = lambda idx: math.prod(sizes[i] for i in idx)
+    unit = frozenset(i for i, v in sizes.items() if v == 1)
     best = [None]
 
     def visit(k, order, cost, acc):
@@ -120,7 +126,7 @@ def _plan_chain(s, sizes, steps, tok):
             return
         st = steps[k]
         b, m, c, r = _step_groups(st, order)
-        groups = as_operand(order, {"B": b, "M": m, "K": c}, "MK")
+        groups = as_operand(order, {"B": b, "M": m, "K": c}, "MK", unit)
         relayout = groups is None
         if relayout:  # copy L into [B][M][K]
             groups = {"B": _keep(order, b), "M": _keep(order, m), "K": _keep(order, c)}
@@ -149,23 +155,17 @@ def _keep(order, group) -> tuple:
 
 
 def _result_orders(groups, right, final, wide=True):
-    """Memory orders for C: runs B, M (orders fixed by L), N (any order), innermost M or N."""
+    """Memory orders for C: a fresh contiguous [B][M][N], or [B][N][M] computed as the
+    transposed product. (Writing into strided views with bmm(out=) would allow more orders,
+    but CPU bmm falls back to a loop orders of magnitude slower for many such views.)"""
     b, m = groups["B"], groups["M"]
     r_perms = (list(itertools.permutations(sorted(right))) if len(right) <= 4 and wide
                else [tuple(sorted(right))])
-    seen = set()
-    if final is not None:  # writing y directly is best when it is a valid result layout
-        fits = as_operand(final, {"B": set(b), "M": set(m), "N": set(right)}, "MN")
-        if fits and fits["B"] == b and fits["M"] == m:
-            seen.add(final)
-            yield final, fits["N"]
+    if final is not None:  # the result is y itself when [B][M][N] is y's order
+        for rp in r_perms:
+            if b + m + rp == final:
+                yield final, rp
+                return
     for rp in r_perms:
-        runs_ = {"B": b, "M": m, "N": rp}
-        for arrangement in itertools.permutations("BMN"):
-            nonempty = [g for g in arrangement if runs_[g]]
-            if nonempty and nonempty[-1] == "B":
-                continue
-            order = tuple(i for g in arrangement for i in runs_[g])
-            if order not in seen:
-                seen.add(order)
-                yield order, rp
+        yield b + m + rp, rp
+        yield b + rp + m, rp

@@ -18,6 +18,6 @@ __all__ = [
     "grouped_mm_available",
 ]
 
-from .layer import BTTMoE, moe_aux_loss, near_square_factors  # noqa: E402
+from .layer import BTTMoE, from_structure, moe_aux_loss, near_square_factors  # noqa: E402
 
-__all__ += ["BTTMoE", "moe_aux_loss", "near_square_factors"]
+__all__ += ["BTTMoE", "from_structure", "moe_aux_loss", "near_square_factors"]

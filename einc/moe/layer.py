@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dispatch import btt_moe_masked, btt_moe_sparse, route
+from ..errors import CompileError
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
 
@@ -113,13 +114,13 @@ class BTTMoE(nn.Module):
     ) -> None:
         super().__init__()
         if cores != 2:
-            raise ValueError(f"BTTMoE supports cores=2 only (got cores={cores})")
+            raise CompileError(f"BTTMoE supports cores=2 only (got cores={cores}); allowed: 2")
         if experts < 1:
-            raise ValueError(f"experts must be >= 1, got {experts}")
+            raise CompileError(f"experts must be >= 1, got {experts}")
         if not 1 <= k <= experts:
-            raise ValueError(f"k must be in [1, experts={experts}], got {k}")
+            raise CompileError(f"k must be in [1, experts={experts}], got {k}")
         if in_features < 1 or out_features < 1:
-            raise ValueError("in_features and out_features must be positive")
+            raise CompileError("in_features and out_features must be positive")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -158,6 +159,18 @@ class BTTMoE(nn.Module):
     def factors(self) -> List[nn.Parameter]:
         """The BTT cores ``[A, B]`` in the order of :attr:`equation`."""
         return [self.A, self.B]
+
+    def lr_multipliers(self) -> dict:
+        """Per-core Adam multipliers by the rule of StructuredLinear (d_in / own fan-in):
+        core A contracts ``a``, core B contracts ``g`` for each expert."""
+        g, a = self.input_sizes
+        return {"A": self.in_features / a, "B": self.in_features / g}
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token: the k active rank-1 BTTs plus the router."""
+        g, a = self.input_sizes
+        f, e = self.output_sizes
+        return 2 * self.k * (g * a * f + f * g * e) + 2 * self.in_features * self.experts
 
     # ------------------------------------------------------------------
     def _route(self, x2: Tensor) -> Tuple[Tensor, Tensor]:
@@ -234,6 +247,22 @@ class BTTMoE(nn.Module):
             f"output_sizes={self.output_sizes}, bias={self.bias is not None}, "
             f"equation='{self.equation}'"
         )
+
+
+def from_structure(s, d_in: int, d_out: int, bias: bool = True, device=None, dtype=None,
+                   tolerance: float = 0.15, **options) -> "BTTMoE":
+    """The BTTMoE for a parsed ``bttmoe(...)`` spec, with the sizes the analysis chose."""
+    from ..analysis import concretize
+
+    if options:
+        raise CompileError(f"unknown option(s) for a BTT-MoE layer: {', '.join(options)}")
+    if s.equation != BTTMoE.equation or s.moe.expert_index != BTTMoE.expert_index:
+        raise CompileError(f"BTT-MoE layers are compiled for two cores ({BTTMoE.equation}); "
+                           f"this spec has {s.equation}: use bttmoe(cores=2)")
+    sizes = concretize(s, d_in, d_out, tolerance).sizes
+    return BTTMoE(d_in, d_out, experts=sizes["r"], k=s.moe.k, bias=bias, device=device,
+                  dtype=dtype, input_sizes=(sizes["g"], sizes["a"]),
+                  output_sizes=(sizes["f"], sizes["e"]))
 
 
 def moe_aux_loss(model: nn.Module) -> Tensor:

@@ -24,20 +24,23 @@ def choose_route(module, x: torch.Tensor) -> str:
     low = module.lowered
     if tokens * low.flops < MEASURE_ABOVE:
         return "fused"
-    key = (low.key, x.dtype, x.device.type, _bucket(tokens))
+    train = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    key = (low.key, x.dtype, x.device.type, _bucket(tokens), train)
     if key not in _CACHE:
-        _CACHE[key] = _measure(module, x.dtype, x.device, min(_bucket(tokens), 1024))
+        _CACHE[key] = _measure(module, x.dtype, x.device, min(_bucket(tokens), 1024), train)
     return _CACHE[key]
 
 
-def _measure(module, dtype, device, tokens: int) -> str:
-    x = torch.randn(tokens, module.in_features, dtype=dtype, device=device, requires_grad=True)
+def _measure(module, dtype, device, tokens: int, train: bool) -> str:
+    """Time forward+backward (training) or forward alone (inference) of every route."""
+    x = torch.randn(tokens, module.in_features, dtype=dtype, device=device, requires_grad=train)
+    step = (lambda: module(x).sum().backward()) if train else (lambda: module(x))
     times = {}
     saved = module.route
     try:
         for route in CANDIDATES:
             module.route = route
-            times[route] = _time(lambda: module(x).sum().backward(), device)
+            times[route] = _time(step, device)
     finally:
         module.route = saved
         module.zero_grad(set_to_none=True)

@@ -24,7 +24,9 @@ def view3(t: torch.Tensor, order, sizes, groups) -> torch.Tensor:
     listed in run order) merged into one dimension."""
     st = _strides(order, sizes)
     shape = tuple(math.prod(sizes[i] for i in g) for g in groups)
-    stride = tuple(st[g[-1]] if g else 1 for g in groups)
+    # a group's stride is its innermost axis's; size-1 axes have none to respect
+    inner = [[i for i in g if sizes[i] != 1] for g in groups]
+    stride = tuple(st[g[-1]] if g else 1 for g in inner)
     return t.as_strided(shape, stride, t.storage_offset())
 
 
@@ -33,18 +35,19 @@ def relayout(t: torch.Tensor, src, dst) -> torch.Tensor:
     return t.permute([src.index(i) for i in dst]).contiguous()
 
 
-def bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out = a @ b per batch. CPU bmm writes row-major results in place with any batch
-    stride but falls back to a slow loop for column-major ones, so those are computed as
-    the transposed product (b^T a^T) into the transposed (row-major) view."""
-    if out.stride(2) == 1 or out.shape[2] == 1:
-        torch.bmm(a, b, out=out)
-    else:
-        torch.bmm(b.transpose(1, 2), a.transpose(1, 2), out=out.transpose(1, 2))
+def bmm_fresh(a: torch.Tensor, b: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """a @ b per batch into a new contiguous tensor: [B][M][N], or [B][N][M] when
+    ``transposed`` (computed as b^T a^T). Never bmm(out=strided view): on CPU many such
+    views fall back to a loop orders of magnitude slower."""
+    if transposed:
+        return torch.bmm(b.transpose(1, 2), a.transpose(1, 2))
+    return torch.bmm(a, b)
 
 
-def _empty(order, sizes, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty([sizes[i] for i in order], dtype=like.dtype, device=like.device)
+def _same(a, b, sizes) -> bool:
+    """Equal memory orders once size-1 axes (which have no stride to respect) are dropped."""
+    drop = lambda o: tuple(i for i in o if sizes[i] != 1)
+    return drop(a) == drop(b)
 
 
 class ChainFunction(torch.autograd.Function):
@@ -60,14 +63,14 @@ class ChainFunction(torch.autograd.Function):
             if st.relayout:
                 cur, order = relayout(cur, order, st.in_order), st.in_order
             f = factors[st.factor]
-            out = _empty(st.out_order, sizes, x)
-            bmm_into(view3(cur, order, sizes, (st.batch, st.left, st.contracted)),
-                     view3(f, st.factor_order, sizes, (st.batch, st.contracted, st.right)),
-                     view3(out, st.out_order, sizes, (st.batch, st.left, st.right)))
+            out = bmm_fresh(view3(cur, order, sizes, (st.batch, st.left, st.contracted)),
+                            view3(f, st.factor_order, sizes, (st.batch, st.contracted, st.right)),
+                            st.out_order != st.batch + st.left + st.right)
+            out = out.view([sizes[i] for i in st.out_order])
             saved.append(cur)
             cur, order = out, st.out_order
-        if plan.output_copy:
-            cur = relayout(cur, order, plan.output_order)
+        cur = relayout(cur, order, plan.output_order) if plan.output_copy else \
+            cur.view([sizes[i] for i in plan.output_order])  # equal up to size-1 axes
         ctx.plan, ctx.sizes = plan, sizes
         ctx.save_for_backward(*saved, *factors)
         return cur
@@ -81,25 +84,28 @@ class ChainFunction(torch.autograd.Function):
         grads = [None] * len(factors)
         d = dy.contiguous()
         last = plan.steps[-1]
-        if plan.output_copy:
-            d = relayout(d, plan.output_order, last.out_order)
+        d = relayout(d, plan.output_order, last.out_order) if plan.output_copy else \
+            d.view([sizes[i] for i in last.out_order])
         for k in range(n - 1, -1, -1):
             st = plan.steps[k]
             dc = view3(d, st.out_order, sizes, (st.batch, st.left, st.right))
             left = view3(saved[k], st.in_order, sizes, (st.batch, st.left, st.contracted))
             f = factors[st.factor]
-            if ctx.needs_input_grad[3 + st.factor]:
-                g = _empty(st.factor_order, sizes, dy)
-                bmm_into(left.transpose(1, 2), dc,
-                         view3(g, st.factor_order, sizes, (st.batch, st.contracted, st.right)))
-                grads[st.factor] = g
+            if ctx.needs_input_grad[3 + st.factor]:  # [B][K][N]: the factor's storage order
+                grads[st.factor] = bmm_fresh(left.transpose(1, 2), dc, False).view(
+                    [sizes[i] for i in st.factor_order])
             if k == 0 and not need_x:
                 break
-            dl = _empty(st.in_order, sizes, dy)
-            rv = view3(f, st.factor_order, sizes, (st.batch, st.contracted, st.right))
-            bmm_into(dc, rv.transpose(1, 2),
-                     view3(dl, st.in_order, sizes, (st.batch, st.left, st.contracted)))
+            # dL in [B][M][K] or [B][K][M], whichever is the order the previous step wrote
+            # (then no copy); else [B][M][K] and one relayout.
             prev = plan.steps[k - 1].out_order if k else plan.input_order
-            d = relayout(dl, st.in_order, prev) if st.relayout else dl
+            b_, m_, k_ = st.batch, st.left, st.contracted
+            transposed = _same(b_ + k_ + m_, prev, sizes) and not _same(b_ + m_ + k_, prev, sizes)
+            rv = view3(f, st.factor_order, sizes, (b_, k_, st.right))
+            dl = bmm_fresh(dc, rv.transpose(1, 2), transposed)
+            got = b_ + k_ + m_ if transposed else b_ + m_ + k_
+            dl = dl.view([sizes[i] for i in got])
+            d = dl.view([sizes[i] for i in prev]) if _same(got, prev, sizes) else \
+                relayout(dl, got, prev)
         dx = d if need_x else None
         return (None, None, dx, *grads)

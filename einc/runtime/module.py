@@ -86,9 +86,12 @@ class StructuredLinear(nn.Module):
 
     # -- init --------------------------------------------------------------------------
     def reset_parameters(self) -> None:
+        # Unit-norm Gaussian columns over each factor's fan-in (see emit.init_views).
         with torch.no_grad():
-            for p, std in zip(self.factors(), emit.init_std(self.lowered)):
-                p.normal_(0.0, std)
+            for p, (perm, shape) in zip(self.factors(), emit.init_views(self.lowered)):
+                w = p.permute(*map(int, perm.split(", "))).reshape(shape)
+                w.normal_()
+                w.div_(w.norm(dim=1, keepdim=True))
             if self.bias is not None:
                 self.bias.zero_()
 
