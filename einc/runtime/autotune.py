@@ -15,6 +15,15 @@ MEASURE_ABOVE = 1 << 24
 CANDIDATES = ("fused", "plain", "einsum")
 
 
+def candidates(x: torch.Tensor) -> tuple[str, ...]:
+    """Routes worth measuring for ``x``: the Triton route only for CUDA inputs with triton."""
+    if x.is_cuda:
+        from .gpu import route_available
+        if route_available(x):
+            return CANDIDATES + ("triton",)
+    return CANDIDATES
+
+
 def _bucket(tokens: int) -> int:
     return 1 << max(0, (tokens - 1).bit_length())
 
@@ -38,7 +47,7 @@ def _measure(module, dtype, device, tokens: int, train: bool) -> str:
     times = {}
     saved = module.route
     try:
-        for route in CANDIDATES:
+        for route in candidates(x):
             module.route = route
             times[route] = _time(step, device)
     finally:

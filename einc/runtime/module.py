@@ -12,7 +12,7 @@ from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
 from .fused import ChainFunction
 
-ROUTES = ("auto", "fused", "plain", "einsum")
+ROUTES = ("auto", "fused", "plain", "einsum", "triton")
 
 
 class StructuredLinear(nn.Module):
@@ -113,6 +113,9 @@ class StructuredLinear(nn.Module):
             return self._plain(self, x)
         if route == "einsum":
             return self.forward_einsum(x)
+        if route == "triton":  # strided Triton kernels, no relayout copies (runtime/gpu.py)
+            from .gpu import forward_triton
+            return forward_triton(self, x)
         return self._forward_fused(x)
 
     def _forward_fused(self, x):
