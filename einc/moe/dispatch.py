@@ -337,7 +337,12 @@ def _sort_slots(expert_idx: Tensor, E: int):
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     token_sorted = torch.div(order, k, rounding_mode="floor")
-    counts = torch.bincount(flat, minlength=E)
+    # Per-expert slot counts from the sorted experts, with a static shape (E,). bincount's
+    # output size depends on the data: a host sync on CUDA and a graph break under
+    # torch.compile.
+    bounds = torch.arange(1, E + 1, device=flat.device, dtype=flat.dtype)
+    ends = torch.searchsorted(flat.index_select(0, order), bounds)  # slots with expert < r + 1
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
     return order, inverse, token_sorted, counts
 
 
