@@ -3,6 +3,8 @@
 import math
 
 import pytest
+
+import einc
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -340,3 +342,9 @@ def test_layer_deterministic_flag():
         outs.append((y, m.A.grad.clone(), m.B.grad.clone(), m.router.weight.grad.clone()))
     for u, v in zip(*outs):
         assert torch.equal(u, v)
+
+
+def test_module_moves_and_casts_like_any_module():
+    m = einc.BTTMoE(64, 64, experts=4, k=2).double()
+    assert m.A.dtype == torch.float64 and m.router.weight.dtype == torch.float64
+    assert m(torch.randn(3, 64, dtype=torch.float64)).dtype == torch.float64

@@ -198,7 +198,7 @@ class BTTMoE(nn.Module):
             entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean()
             self._stats = {"load": frac.detach(), "entropy": entropy, "tokens": N}
 
-    def _apply(self, x: Tensor, masked: bool) -> Tensor:
+    def _evaluate(self, x: Tensor, masked: bool) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dimension {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
@@ -223,11 +223,11 @@ class BTTMoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Sparse evaluation: every token runs only its ``k`` experts."""
-        return self._apply(x, masked=False)
+        return self._evaluate(x, masked=False)
 
     def forward_masked(self, x: Tensor) -> Tensor:
         """Reference evaluation: every expert for every token, masked by the gates."""
-        return self._apply(x, masked=True)
+        return self._evaluate(x, masked=True)
 
     def router_stats(self) -> dict:
         """Statistics of the last forward pass.

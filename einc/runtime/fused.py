@@ -105,7 +105,11 @@ class ChainFunction(torch.autograd.Function):
             dl = bmm_fresh(dc, rv.transpose(1, 2), transposed)
             got = b_ + k_ + m_ if transposed else b_ + m_ + k_
             dl = dl.view([sizes[i] for i in got])
-            d = dl.view([sizes[i] for i in prev]) if _same(got, prev, sizes) else \
-                relayout(dl, got, prev)
+            if _same(got, prev, sizes):
+                d = dl.view([sizes[i] for i in prev])
+            elif k == 0:  # dx may stay a strided view: whoever consumes it decides on a copy
+                d = dl.permute([got.index(i) for i in prev])
+            else:
+                d = relayout(dl, got, prev)
         dx = d if need_x else None
         return (None, None, dx, *grads)
