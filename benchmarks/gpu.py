@@ -1,0 +1,407 @@
+"""Structured linear layers on one GPU: every einc route next to nn.Linear and naive code.
+
+For each width d and structure it times forward, backward and forward+backward (median of
+--reps timed runs after warm-up; CUDA events on a GPU) of
+
+* nn.Linear(d, d) (the baseline of every ratio),
+* the einc routes: triton (strided Triton kernels, no relayout copies), fused (planned bmm
+  chain) and plain (the emitted torch code),
+* two naive routes over the same factors: "einsum" (one torch.einsum per step of the
+  chain, e.g. two for BTT) and "bmm+copy" (per step: transposed view -> reshape copy ->
+  bmm, then permute+copy of the result),
+
+and BTT-MoE (E experts, k per token): sparse dispatch, masked (all experts, gated) and the
+rank-k BTT floor (same useful work, no routing). Routing (top-k + softmax of fixed logits)
+is inside the MoE timings; the router's linear map is not.
+
+    python benchmarks/gpu.py                  # everything (< 5 min on one H100/H200)
+    python benchmarks/gpu.py --quick          # a subset
+    TRITON_INTERPRET=1 python benchmarks/gpu.py --quick --dims 64 --tokens 64   # CPU smoke
+
+Forward is timed with autograd recording (as in training); x requires grad, so backward
+computes dx and every weight gradient. TFLOP/s counts the useful FLOPs of the structure
+(3x forward for forward+backward). Cells that run out of memory are reported as "oom" and
+skipped. Kernel tuning: "--tune heuristic" (default) compiles one tile configuration per
+problem shape, chosen from its sizes; "--tune full" uses the kernel's own autotuning
+(better tiles, much longer compile time).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import einc
+from einc.moe import btt_dense, btt_moe_masked, btt_moe_sparse, route
+from einc.moe.layer import near_square_factors
+from einc.runtime.gpu import route_available
+
+sbmm = importlib.import_module("einc.kernels.strided_bmm")
+
+STRUCTURES = {
+    "btt1": "btt(rank=1)",
+    "btt4": "btt(rank=4)",
+    "monarch": "monarch",
+    "lowrank": "lowrank(rank={r})",  # r = d / 4
+    "theta0": "(0.5|0.25|0.25|0.25|0.5|0.25|0)",
+    "theta1": "(0.5|0.25|0.25|0.25|0.5|0.25|0.25)",
+}
+QUICK_STRUCTURES = ("btt1", "btt4", "theta0")
+EINC_ROUTES = ("triton", "fused", "plain")
+NAIVE_ROUTES = ("einsum", "bmm+copy")
+
+
+# ---------------------------------------------------------------------------- timing
+class Timer:
+    def __init__(self, device: torch.device, warmup: int, reps: int):
+        self.cuda = device.type == "cuda"
+        self.warmup, self.reps = warmup, reps
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def median_ms(self, fn, before=None) -> float:
+        """Median of ``reps`` timed calls of ``fn`` (``before`` runs untimed each time)."""
+        for _ in range(self.warmup):
+            if before:
+                before()
+            fn()
+        self.sync()
+        times = []
+        for _ in range(self.reps):
+            if before:
+                before()
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                times.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t0))
+        self.sync()
+        if self.cuda:
+            times = [s.elapsed_time(e) for s, e in times]
+        return statistics.median(times)
+
+
+def measure(timer: Timer, forward, params) -> dict:
+    """fwd / bwd / fwd+bwd milliseconds of ``forward()`` (returns the output)."""
+    def clear():
+        for p in params:
+            p.grad = None
+
+    y = forward()
+    dy = torch.randn_like(y)
+    out = {"fwd": timer.median_ms(forward)}
+
+    def bwd():
+        y.backward(dy, retain_graph=True)
+
+    out["bwd"] = timer.median_ms(bwd, before=clear)
+    del y
+
+    def step():
+        forward().backward(dy)
+
+    out["f+b"] = timer.median_ms(step, before=clear)
+    clear()
+    return out
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# ---------------------------------------------------------------------------- naive routes
+def naive_forward(m, x, kind: str):
+    """The chain of ``m`` written the naive way over its parameters (same factors/bias)."""
+    low = m.lowered
+    plan = low.plan
+    names = sorted(set(plan.sizes) | {plan.token}, key=str)
+    letter = {i: chr(ord("a") + k) if k < 26 else chr(ord("A") + k - 26) for k, i in enumerate(names)}
+    n = x.shape[0]
+    sizes = dict(plan.sizes, **{plan.token: n})
+    z = x
+    if low.padded_in > low.d_in:
+        z = nn.functional.pad(z, (0, low.padded_in - low.d_in))
+    cur, idx = z.reshape(n, *low.input_sizes), plan.input_order
+    facs = m.factors()
+    for st in plan.steps:
+        f = facs[st.factor]
+        f_idx = m.structure.factors[st.factor].indices
+        out_idx = st.batch + st.left + st.right
+        if kind == "einsum":
+            eq = "".join(letter[i] for i in idx) + "," + "".join(letter[i] for i in f_idx) + \
+                "->" + "".join(letter[i] for i in out_idx)
+            cur = torch.einsum(eq, cur, f)
+        else:  # transposed view -> reshape (a copy unless it is a view) -> bmm
+            prod = lambda g: math.prod(sizes[i] for i in g)
+            left = cur.permute([idx.index(i) for i in st.batch + st.left + st.contracted])
+            left = left.reshape(prod(st.batch), prod(st.left), prod(st.contracted))
+            right = f.permute([f_idx.index(i) for i in st.batch + st.contracted + st.right])
+            right = right.reshape(prod(st.batch), prod(st.contracted), prod(st.right))
+            cur = torch.bmm(left, right).view([sizes[i] for i in out_idx])
+        idx = out_idx
+    y = cur.permute([idx.index(i) for i in plan.output_order]).reshape(n, low.padded_out)
+    y = y[:, :low.d_out]
+    return y + m.bias if m.bias is not None else y
+
+
+# ---------------------------------------------------------------------------- cells
+def spec_for(name: str, d: int) -> str:
+    return STRUCTURES[name].format(r=max(1, d // 4))
+
+
+def linear_cell(timer, d, tokens, dtype, device):
+    lin = nn.Linear(d, d, device=device, dtype=dtype)
+    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    return measure(timer, lambda: lin(x), [x, *lin.parameters()])
+
+
+def structure_cells(timer, name, d, tokens, dtype, device, routes):
+    m = einc.compile(spec_for(name, d), d, dtype=dtype).to(device)
+    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    params = [x, *m.parameters()]
+    flops = m.lowered.flops
+    for route in routes:
+        try:
+            if route in NAIVE_ROUTES:
+                fwd = lambda r=route: naive_forward(m, x, r)  # noqa: E731
+            else:
+                m.route = route
+                fwd = lambda: m(x)  # noqa: E731
+            yield route, flops, measure(timer, fwd, params)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            if not is_oom(exc):
+                raise
+            yield route, flops, "oom"
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def moe_cells(timer, d, E, k, tokens, dtype, device, seed=0):
+    g, a = near_square_factors(d)
+    f, e = near_square_factors(d)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(device, dtype)  # noqa: E731
+    x = rnd(tokens, g, a).requires_grad_()
+    A = rnd(g, a, f, E, scale=a ** -0.5).requires_grad_()
+    B = rnd(f, g, E, e, scale=(k / g) ** 0.5).requires_grad_()
+    W = rnd(E, g * a, scale=(g * a) ** -0.5)
+    logits = (x.detach().reshape(tokens, g * a) @ W.t()).requires_grad_()
+    Ak = rnd(g, a, f, k, scale=a ** -0.5).requires_grad_()
+    Bk = rnd(f, g, k, e, scale=g ** -0.5).requires_grad_()
+    flops = 2 * k * (g * a * f + f * g * e)  # useful forward FLOPs per token
+
+    def sparse():
+        idx, gate = route(logits, k)
+        return btt_moe_sparse(x, A, B, idx, gate)
+
+    def masked():
+        idx, gate = route(logits, k)
+        return btt_moe_masked(x, A, B, idx, gate)
+
+    cands = {
+        "moe-sparse": (sparse, [x, A, B, logits]),
+        "moe-masked": (masked, [x, A, B, logits]),
+        "rank-k floor": (lambda: btt_dense(x, Ak, Bk), [x, Ak, Bk]),
+    }
+    for name, (fn, params) in cands.items():
+        try:
+            yield name, flops, measure(timer, fn, params)
+        except Exception as exc:  # noqa: BLE001
+            if not is_oom(exc):
+                raise
+            yield name, flops, "oom"
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- tuning
+def heuristic_tuning():
+    """One tile configuration per problem shape (no autotuning sweep): compile time, not
+    tuning, dominates a full run otherwise."""
+    import triton
+
+    def configs(_triton):
+        c = lambda bm, bn, bk, s, w: triton.Config(  # noqa: E731
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        return [c(128, 128, 64, 4, 8), c(128, 64, 64, 4, 4), c(64, 128, 64, 4, 4),
+                c(64, 64, 64, 4, 4), c(32, 64, 64, 4, 4), c(64, 32, 64, 4, 4),
+                c(32, 32, 32, 3, 4), c(16, 64, 32, 3, 2), c(64, 16, 32, 3, 2), c(16, 16, 16, 2, 1)]
+
+    def prune(cfgs, named_args, **kwargs):
+        caps = [sbmm._block_cap(named_args[d]) for d in ("M", "N", "K")]
+        fit = [c for c in cfgs if c.kwargs["BLOCK_M"] <= caps[0] and c.kwargs["BLOCK_N"] <= caps[1]
+               and c.kwargs["BLOCK_K"] <= caps[2]]
+        if not fit:
+            fit = [min(cfgs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return [max(fit, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
+
+    if sbmm._KERNEL is None:
+        sbmm._autotune_configs = configs
+        sbmm._prune_configs = prune
+
+
+# ---------------------------------------------------------------------------- report
+def fmt_row(cells):
+    return " | ".join(cells)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a subset: d<=4096, 3 structures, E=8")
+    ap.add_argument("--dims", type=int, nargs="+", default=None)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float32 (CPU)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--experts", type=int, nargs="+", default=None)
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--tune", choices=("heuristic", "full"), default="heuristic")
+    ap.add_argument("--budget", type=float, default=280.0,
+                    help="seconds; cells left when it is spent are skipped")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dims = args.dims or ([1024, 4096] if args.quick else [1024, 4096, 16384])
+    names = QUICK_STRUCTURES if args.quick else tuple(STRUCTURES)
+    experts = args.experts or ([8] if args.quick else [8, 16])
+    reps = min(args.reps, 10) if args.quick else args.reps
+    timer = Timer(device, args.warmup, reps)
+    triton_ok = route_available(torch.empty(0, device=device))
+    if triton_ok and device.type == "cuda" and args.tune == "heuristic":
+        heuristic_tuning()
+    routes = (EINC_ROUTES if triton_ok else EINC_ROUTES[1:]) + NAIVE_ROUTES
+
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "not installed"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU ({platform.processor() or platform.machine()})" + \
+        (", Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "")
+    print(f"# einc GPU benchmark  {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# card: {card}; torch {torch.__version__}; triton {tv}; dtype {str(dtype)[6:]}; "
+          f"tokens {args.tokens}; median of {reps} after {args.warmup} warm-up; tune {args.tune}")
+    if not triton_ok:
+        print("# triton route unavailable here (no triton, or CPU without TRITON_INTERPRET=1)")
+    header = ["d", "layer", "flop ratio", "route", "fwd ms", "bwd ms", "f+b ms", "TFLOP/s",
+              "x Linear f+b"]
+    print(fmt_row(header))
+    print(fmt_row(["---"] * len(header)))
+
+    t_start = time.perf_counter()
+    results = {}  # (d, layer, route) -> (dict | str, flops)
+    skipped = 0
+
+    def emit(d, layer, route, flops, t, base):
+        results[d, layer, route] = (t, flops)
+        ratio = f"{2 * d * d / flops:.1f}"
+        if isinstance(t, str):
+            print(fmt_row([str(d), layer, ratio, route, t, t, t, "-", "-"]))
+            return
+        tflops = 3 * args.tokens * flops / (t["f+b"] * 1e-3) / 1e12
+        speed = f"{base['f+b'] / t['f+b']:.2f}x" if isinstance(base, dict) else "-"
+        print(fmt_row([str(d), layer, ratio, route, f"{t['fwd']:.3f}", f"{t['bwd']:.3f}",
+                       f"{t['f+b']:.3f}", f"{tflops:.3g}", speed]), flush=True)
+
+    def over_budget():
+        return time.perf_counter() - t_start > args.budget
+
+    for d in dims:
+        if over_budget():
+            skipped += 1
+            continue
+        try:
+            base = linear_cell(timer, d, args.tokens, dtype, device)
+        except Exception as exc:  # noqa: BLE001
+            if not is_oom(exc):
+                raise
+            base = "oom"
+        emit(d, "nn.Linear", "dense", 2 * d * d, base, base)
+        for name in names:
+            if over_budget():
+                skipped += 1
+                continue
+            for route, flops, t in structure_cells(timer, name, d, args.tokens, dtype, device, routes):
+                emit(d, name, route, flops, t, base)
+        for E in experts:
+            if over_budget():
+                skipped += 1
+                continue
+            for route, flops, t in moe_cells(timer, d, E, args.k, args.tokens, dtype, device):
+                emit(d, f"bttmoe(E={E},k={args.k})", route, flops, t, base)
+    elapsed = time.perf_counter() - t_start
+    if skipped:
+        print(f"# {skipped} group(s) of cells skipped: time budget of {args.budget:.0f} s spent")
+
+    # -- targets
+    def best(d, layer):
+        ts = [(results[d, layer, r][0]["f+b"], r) for r in EINC_ROUTES
+              if isinstance(results.get((d, layer, r), (None,))[0], dict)]
+        return min(ts) if ts else None
+
+    def speedup(d, layer):
+        lin, b = results.get((d, "nn.Linear", "dense"), (None,))[0], best(d, layer)
+        if not isinstance(lin, dict) or b is None:
+            return None
+        return lin["f+b"] / b[0], b[1]
+
+    def verdict(ok):
+        return "n/a " if ok is None else ("PASS" if ok else "FAIL")
+
+    print("\n# targets (forward+backward, best einc route)")
+    for d, need in ((4096, 4.0), (1024, 1.5)):
+        s = speedup(d, "btt1")
+        print(f"{verdict(None if s is None else s[0] >= need)}  BTT rank 1, d={d}: >= {need}x "
+              f"faster than nn.Linear" + ("" if s is None else f" (got {s[0]:.2f}x, {s[1]})"))
+    for d in dims:
+        if d < 4096:
+            continue
+        for name in names:
+            key = next(((dd, n, r) for (dd, n, r) in results if dd == d and n == name), None)
+            if key is None:
+                continue
+            ratio = 2 * d * d / results[key][1]
+            if ratio < 8:
+                continue
+            s = speedup(d, name)
+            print(f"{verdict(None if s is None else s[0] > 1)}  {name}, d={d} (FLOP ratio "
+                  f"{ratio:.1f}): faster than nn.Linear" +
+                  ("" if s is None else f" (got {s[0]:.2f}x, {s[1]})"))
+    for d in dims:
+        for E in experts:
+            layer = f"bttmoe(E={E},k={args.k})"
+            sp = results.get((d, layer, "moe-sparse"), (None,))[0]
+            fl = results.get((d, layer, "rank-k floor"), (None,))[0]
+            if sp is None and fl is None:
+                continue
+            ok = None if not (isinstance(sp, dict) and isinstance(fl, dict)) else \
+                sp["f+b"] <= 1.3 * fl["f+b"]
+            got = "" if ok is None else f" (got {sp['f+b'] / fl['f+b']:.2f}x)"
+            print(f"{verdict(ok)}  BTT-MoE E={E} k={args.k}, d={d}: sparse within 1.3x of "
+                  f"the rank-k floor{got}")
+    print(f"# total {elapsed:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
