@@ -44,6 +44,16 @@ def bmm_fresh(a: torch.Tensor, b: torch.Tensor, transposed: bool) -> torch.Tenso
     return torch.bmm(a, b)
 
 
+def _factor_grad(left, dc, st, sizes) -> torch.Tensor:
+    """dF = L^T dC. When L is read batch-middle, L^T would be a column-major batch-middle
+    operand (a slow CPU path), so compute (dC^T L) and transpose the small result instead."""
+    order = st.factor_order
+    if left.stride(0) >= max(left.stride(1), left.stride(2)) or left.shape[0] == 1:
+        return bmm_fresh(left.transpose(1, 2), dc, False).view([sizes[i] for i in order])
+    g = bmm_fresh(dc.transpose(1, 2), left, False)  # [B][N][K]
+    return g.transpose(1, 2).contiguous().view([sizes[i] for i in order])
+
+
 def _same(a, b, sizes) -> bool:
     """Equal memory orders once size-1 axes (which have no stride to respect) are dropped."""
     drop = lambda o: tuple(i for i in o if sizes[i] != 1)
@@ -91,9 +101,8 @@ class ChainFunction(torch.autograd.Function):
             dc = view3(d, st.out_order, sizes, (st.batch, st.left, st.right))
             left = view3(saved[k], st.in_order, sizes, (st.batch, st.left, st.contracted))
             f = factors[st.factor]
-            if ctx.needs_input_grad[3 + st.factor]:  # [B][K][N]: the factor's storage order
-                grads[st.factor] = bmm_fresh(left.transpose(1, 2), dc, False).view(
-                    [sizes[i] for i in st.factor_order])
+            if ctx.needs_input_grad[3 + st.factor]:  # in the factor's storage order [B][K][N]
+                grads[st.factor] = _factor_grad(left, dc, st, sizes)
             if k == 0 and not need_x:
                 break
             # dL in [B][M][K] or [B][K][M], whichever is the order the previous step wrote
