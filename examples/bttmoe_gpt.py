@@ -1,61 +1,14 @@
 """Train a small GPT with BTT-MoE in every linear layer next to the same GPT with dense layers."""
 import argparse
 import math
-import sysconfig
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 import einc
-
-
-def corpus(limit=600_000):
-    """Text that ships with Python: the standard library's own source files."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    text, total = [], 0
-    for path in sorted(root.glob("*.py")):
-        chunk = path.read_text(errors="ignore")
-        text.append(chunk)
-        total += len(chunk)
-        if total >= limit:
-            break
-    return "".join(text)
-
-
-class Block(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        h = self.ln1(x)
-        split = lambda z: z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-        att = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)),
-                                             split(self.v(h)), is_causal=True)
-        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
-        return x + self.proj(F.gelu(self.fc(self.ln2(x))))
-
-
-class GPT(nn.Module):
-    def __init__(self, vocab, d, layers, heads, context):
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx):
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.lm_head(self.ln(x))
+from einc.experiments.tasks import GPT, load_corpus  # byte-level GPT; Python's own sources
 
 
 def linear_flops_per_token(model) -> int:
@@ -71,11 +24,9 @@ def linear_flops_per_token(model) -> int:
     return total
 
 
-def train(name, model, data, args):
+def train(name, model, train_data, val_data, args):
     opt = torch.optim.AdamW(einc.param_groups(model, args.lr), weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    split = int(0.9 * len(data))
-    train_data, val_data = data[:split], data[split:]
 
     def batch(src):
         i = torch.randint(0, len(src) - args.context - 1, (args.batch,), generator=g)
@@ -122,23 +73,22 @@ def main():
     ap.add_argument("--log-every", type=int, default=50)
     args = ap.parse_args()
     torch.manual_seed(0)
-    text = corpus()
-    vocab = sorted(set(text))
-    data = torch.tensor([vocab.index(c) for c in text[:400_000]], dtype=torch.long)
+    train_data, val_data = load_corpus(400_000, 40_000)
+    vocab = 256
     spec = f"bttmoe(experts={args.experts}, k={args.k})"
 
-    moe = GPT(len(vocab), args.d, args.layers, args.heads, args.context)
+    moe = GPT(args.d, args.layers, args.heads, args.context, vocab=vocab)
     report = einc.replace_linear(moe, spec, exclude="lm_head")
     # The dense baseline gets the width whose linear layers cost the same FLOPs per token.
-    target = linear_flops_per_token(moe) - 2 * args.d * len(vocab)
+    target = linear_flops_per_token(moe) - 2 * args.d * vocab
     per_width = lambda w: 2 * 12 * w * w * args.layers
     width = max(args.heads, int(round(math.sqrt(target / per_width(1)) / args.heads)) * args.heads)
-    dense = GPT(len(vocab), width, args.layers, args.heads, args.context)
-    print(f"corpus: {len(text):,} characters, vocabulary {len(vocab)}; BTT-MoE {spec} replaced "
-          f"{len(report)} layers at d = {args.d}; dense baseline at d = {width} "
-          "(equal linear FLOPs per token)")
-    val_moe = train(f"BTT-MoE {spec}, d = {args.d}", moe, data, args)
-    val_dense = train(f"dense, d = {width}", dense, data, args)
+    dense = GPT(width, args.layers, args.heads, args.context, vocab=vocab)
+    print(f"corpus: {len(train_data):,} training and {len(val_data):,} validation bytes of "
+          f"Python's standard library; BTT-MoE {spec} replaced {len(report)} layers at "
+          f"d = {args.d}; dense baseline at d = {width} (equal linear FLOPs per token)")
+    val_moe = train(f"BTT-MoE {spec}, d = {args.d}", moe, train_data, val_data, args)
+    val_dense = train(f"dense, d = {width}", dense, train_data, val_data, args)
     print(f"\nvalidation loss after {args.steps} steps: BTT-MoE {val_moe:.3f}, dense "
           f"{val_dense:.3f}")
 
