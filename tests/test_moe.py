@@ -66,6 +66,7 @@ def forward_and_grads(fn, x, A, B, W, b, k, logits_fn=None, seed=1):
 SPARSE_VARIANTS = {
     "strided": lambda *t: btt_moe_sparse(*t, backend="strided"),
     "strided-det": lambda *t: btt_moe_sparse(*t, backend="strided", deterministic=True),
+    "padded": lambda *t: btt_moe_sparse(*t, backend="padded"),
     "auto": lambda *t: btt_moe_sparse(*t),
 }
 
@@ -202,7 +203,7 @@ def test_route_ties_and_gates():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["strided", "auto"] + (["grouped_mm"] if GMM else []))
+@pytest.mark.parametrize("backend", ["strided", "padded", "auto"] + (["grouped_mm"] if GMM else []))
 def test_deterministic_bitwise(backend):
     torch.manual_seed(0)
     x, A, B, W, b = make_problem(200, 4, 8, 4, 8, 6, 2, seed=11, dtype=torch.float32)

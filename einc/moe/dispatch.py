@@ -530,6 +530,43 @@ def _sparse_strided(x, A, B, expert_idx, gate, deterministic, plan=None):
     return _StridedMoE.apply(x, A, B, gate, C, slot_row, row_token, deterministic)
 
 
+def _sparse_padded(x, A, B, expert_idx, gate):
+    """Expert-major padded dispatch with one plain bmm per core (autograd does backward).
+
+    Slots are sorted by expert and laid out as (expert, capacity) rows, capacity = the
+    largest expert load (one host sync). The token rows are gathered straight into the
+    (g, expert, capacity, a) layout core A reads with ``A`` viewed as (g*E, a, f); core B
+    reads the intermediate as (f*E, capacity, g) against ``B`` viewed as (f*E, g, e); each
+    token then gathers its k gated rows back (a gather and a fixed-order sum:
+    deterministic). Padding rows read a zero row and are never gathered back.
+    """
+    g, a, f, E, e = _check_shapes(x, A, B)
+    N, k = expert_idx.shape
+    S = N * k
+    flat = expert_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(
+        0, flat, torch.ones_like(flat))
+    C = max(1, int(counts.max()))  # one host sync: the capacity
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_e = flat[order]
+    row = sorted_e * C + (torch.arange(S, device=x.device) - starts[sorted_e])
+    token_of_row = torch.full((E * C,), N, dtype=torch.long, device=x.device)
+    token_of_row[row] = torch.div(order, k, rounding_mode="floor")
+    slot_row = torch.empty_like(row)
+    slot_row[order] = row  # padded row of each (token, j) slot
+    xz = torch.cat([x, x.new_zeros(1, g, a)]).transpose(0, 1)  # (g, N+1, a)
+    xp = xz[:, token_of_row]  # (g, E*C, a): gathered in core A's layout
+    Ag = A.permute(0, 3, 1, 2).reshape(g * E, a, f)
+    z = torch.bmm(xp.reshape(g * E, C, a), Ag)  # (g*E, C, f) = [g][E][C][f]
+    zf = z.view(g, E, C, f).permute(3, 1, 2, 0).reshape(f * E, C, g)  # one relayout
+    Bf = B.permute(0, 2, 1, 3).reshape(f * E, g, e)
+    out = torch.bmm(zf, Bf).view(f, E * C, e)  # [f][E*C][e]
+    picked = out[:, slot_row].view(f, N, k, e)  # each token's k rows
+    y = (picked * gate.view(1, N, k, 1)).sum(2)  # (f, N, e)
+    return y.permute(1, 0, 2).contiguous()
+
+
 def btt_moe_sparse(
     x: Tensor,
     A: Tensor,
@@ -558,6 +595,8 @@ def btt_moe_sparse(
     * ``"grouped_mm"``: ``torch.nn.functional.grouped_mm`` with jagged
       offsets (no padding, no host sync); needs a device/dtype it supports and
       sizes giving 16-byte aligned strides.
+    * ``"padded"``: (expert, capacity) rows, one plain ``bmm`` per core and autograd for
+      the backward; simple, every dtype, one host sync; deterministic.
     * ``"auto"``: grouped_mm whenever it supports the device, dtype and
       sizes, else the strided kernels.  (On the 2-core CPU used for
       development, ``bmm`` into strided ``out=`` views hit a very slow path
@@ -572,8 +611,13 @@ def btt_moe_sparse(
     N, k = expert_idx.shape
     if gate.shape != (N, k) or x.shape[0] != N:
         raise ValueError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
-    if backend not in ("auto", "grouped_mm", "strided"):
-        raise ValueError(f"unknown backend {backend!r}")
+    if backend not in ("auto", "grouped_mm", "strided", "padded"):
+        raise ValueError(f"unknown backend {backend!r}; known: auto, grouped_mm, strided, "
+                         "padded")
+    if N == 0:
+        return x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum())
+    if backend == "padded":  # measured slower than grouped_mm on the 2-core CPU
+        return _sparse_padded(x, A, B, expert_idx, gate.to(x.dtype))
     gate = gate.to(x.dtype)
     gmm_ok = grouped_mm_available(x.device, x.dtype) and _aligned(x.dtype, g, a, f, e)
     if backend == "grouped_mm":
