@@ -63,7 +63,7 @@ def _perm(src, dst) -> str:
     return ", ".join(str(src.index(i)) for i in dst)
 
 
-def init_views(low: Lowered) -> list[tuple[str, tuple[int, int, int]]]:
+def init_views(low: Lowered) -> list[tuple[tuple[int, ...], tuple[int, int, int]]]:
     """Per factor: the permutation to its storage order and its [B, K, N] matrix shape.
 
     Each factor is initialised as a dense map per batch entry: Gaussian columns over the
@@ -75,7 +75,7 @@ def init_views(low: Lowered) -> list[tuple[str, tuple[int, int, int]]]:
         f = low.structure.factors[st.factor]
         shape = tuple(math.prod(low.sizes[i] for i in g)
                       for g in (st.batch, st.contracted, st.right))
-        out[st.factor] = (_perm(f.indices, st.factor_order), shape)
+        out[st.factor] = (tuple(f.indices.index(i) for i in st.factor_order), shape)
     return out
 
 
@@ -190,7 +190,8 @@ def module_source(low: Lowered, class_name: str = "StructuredLayer", spec: str =
     ]
     lines.append("            # each factor: unit-norm Gaussian columns over its fan-in, per batch entry")
     for a, (perm, shape) in zip(attrs, views):
-        lines.append(f"            w = self.{a}.permute({perm}).reshape{shape}")
+        lines.append(f"            w = self.{a}.permute({', '.join(map(str, perm))})"
+                     f".reshape{shape}")
         lines.append("            w.normal_()")
         lines.append("            w.div_(w.norm(dim=1, keepdim=True))")
     lines += ["            if self.bias is not None:",

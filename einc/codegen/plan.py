@@ -4,13 +4,14 @@ Each step ``C = L * F`` sorts its indices into batch (B: in L, F and C), contrac
 and F only), left (M: in L and C; the token index is always here) and right (N: in F and C),
 and runs as one ``bmm(L[B, M, K], F[B, K, N]) -> C[B, M, N]``.
 
-A bmm reads and writes strided operands without copying when, in each operand, every group
-is one run of adjacent axes (in the same index order in all three operands) and the innermost
-run is a matrix dimension, not the batch. The planner chooses the memory order of every
-intermediate so that it is such an operand both as the result of one step and as the input of
-the next, and stores each factor as [B][K][N]. The results then go straight into the layout
-the next step reads (``bmm(..., out=strided view)``), in forward and in backward. Where no
-order serves both, it counts a copy (a relayout of the operand before the bmm).
+A bmm reads a strided operand without copying when every group is one run of adjacent axes
+(in the same index order as in the other operands) and the innermost run is a matrix
+dimension, not the batch. Each step writes a fresh contiguous result, [B][M][N] or, computed
+as the transposed product, [B][N][M]; the planner picks that choice and the order of the
+right group so that the next step reads the result as such an operand, over every chain of
+least FLOPs, and stores each factor as [B][K][N]. Where no order serves both neighbours it
+records a relayout (one copy of the operand before the bmm). Results are never written into
+strided views (``bmm(out=...)``): on the CPU many such views leave the BLAS fast path.
 
 Pure Python over index names and sizes; no torch.
 """

@@ -1,6 +1,6 @@
 """The planned chain as one autograd Function: every bmm reads strided views of the previous
-result and writes straight into the layout the next step reads (``out=`` a strided view),
-in forward and in backward, so the only copies are the relayouts the plan could not avoid.
+result in the layout the plan chose for it, in forward and in backward, so the only copies
+are the relayouts the plan could not avoid.
 """
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ class StructuredLinear(nn.Module):
         # Unit-norm Gaussian columns over each factor's fan-in (see emit.init_views).
         with torch.no_grad():
             for p, (perm, shape) in zip(self.factors(), emit.init_views(self.lowered)):
-                w = p.permute(*map(int, perm.split(", "))).reshape(shape)
+                w = p.permute(*perm).reshape(shape)
                 w.normal_()
                 w.div_(w.norm(dim=1, keepdim=True))
             if self.bias is not None:
