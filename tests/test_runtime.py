@@ -11,7 +11,7 @@ from einc.analysis import analyze
 from einc.analysis.rank import numerical_rank
 from structures import random_spec
 
-ROUTES = ("fused", "plain", "einsum")
+ROUTES = ("fused", "plain", "steps", "einsum")
 
 
 def _randomize(m, seed=0):

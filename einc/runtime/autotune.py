@@ -12,7 +12,7 @@ import torch
 _CACHE: dict = {}
 #: below this many multiply-adds per call, measuring costs more than it can save
 MEASURE_ABOVE = 1 << 24
-CANDIDATES = ("fused", "plain", "einsum")
+CANDIDATES = ("fused", "plain", "einsum", "steps")
 
 
 def candidates(x: torch.Tensor) -> tuple[str, ...]:

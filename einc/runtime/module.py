@@ -12,7 +12,7 @@ from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
 from .fused import ChainFunction
 
-ROUTES = ("auto", "fused", "plain", "einsum", "triton")
+ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
 
 class StructuredLinear(nn.Module):
@@ -113,42 +113,68 @@ class StructuredLinear(nn.Module):
             return self._plain(self, x)
         if route == "einsum":
             return self.forward_einsum(x)
+        if route == "steps":
+            return self.forward_steps(x)
         if route == "triton":  # strided Triton kernels, no relayout copies (runtime/gpu.py)
             from .gpu import forward_triton
             return forward_triton(self, x)
         return self._forward_fused(x)
 
-    def _forward_fused(self, x):
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (n, padded_in): flattened and zero-padded."""
         low = self.lowered
-        lead = x.shape[:-1]
         z = x.reshape(-1, self.in_features)
         if low.padded_in > low.d_in:
             z = nn.functional.pad(z, (0, low.padded_in - low.d_in))
-        n = z.shape[0]
-        z = z.contiguous().view(n, *low.input_sizes)
-        facs = [p.permute([f.indices.index(i) for i in _storage_order(low, k)])
-                for k, (p, f) in enumerate(zip(self.factors(), self.structure.factors))]
-        y = ChainFunction.apply(low.plan, n, z, *facs).reshape(n, low.padded_out)
+        return z
+
+    def _finish(self, y: torch.Tensor, lead) -> torch.Tensor:
+        """(n, padded_out) -> (..., out_features): padded outputs dropped, bias added."""
+        low = self.lowered
         if low.padded_out > low.d_out:
             y = y[:, :low.d_out]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
+    def _forward_fused(self, x):
+        low = self.lowered
+        z = self._tokens(x)
+        n = z.shape[0]
+        z = z.contiguous().view(n, *low.input_sizes)
+        facs = [p.permute([f.indices.index(i) for i in _storage_order(low, k)])
+                for k, (p, f) in enumerate(zip(self.factors(), self.structure.factors))]
+        y = ChainFunction.apply(low.plan, n, z, *facs).reshape(n, low.padded_out)
+        return self._finish(y, x.shape[:-1])
+
     def forward_einsum(self, x: torch.Tensor) -> torch.Tensor:
         """Reference route: one torch.einsum over the input and the factors."""
         low = self.lowered
-        lead = x.shape[:-1]
-        z = x.reshape(-1, self.in_features)
-        if low.padded_in > low.d_in:
-            z = nn.functional.pad(z, (0, low.padded_in - low.d_in))
         inp, rest = self.equation.split(",", 1)
         facs, out = rest.split("->")
-        y = torch.einsum(f"...{inp},{facs}->...{out}", z.reshape(-1, *low.input_sizes),
-                         *self.factors()).reshape(-1, low.padded_out)[:, :low.d_out]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        y = torch.einsum(f"...{inp},{facs}->...{out}",
+                         self._tokens(x).reshape(-1, *low.input_sizes), *self.factors())
+        return self._finish(y.reshape(-1, low.padded_out), x.shape[:-1])
+
+    def forward_steps(self, x: torch.Tensor) -> torch.Tensor:
+        """One torch.einsum per step of the planned chain: each call picks its own layouts,
+        which wins where the plan needs several relayouts."""
+        low, s = self.lowered, self.structure
+        letters = s.letters()
+        tok = next(c for c in "ZYXWVUTSQPONMLKJIHGFEDCBA" if c not in letters.values())
+        term = lambda idx: "".join(tok if i == low.plan.token else letters[i] for i in idx)
+        z = self._tokens(x).reshape(-1, *low.input_sizes)
+        order = low.plan.input_order
+        facs = self.factors()
+        for st in low.plan.steps:
+            f = s.factors[st.factor]
+            out = st.batch + st.left + st.right
+            z = torch.einsum(f"{term(order)},{''.join(letters[i] for i in f.indices)}"
+                             f"->{term(out)}", z, facs[st.factor])
+            order = out
+        final = low.plan.output_order
+        z = z.permute([order.index(i) for i in final])
+        return self._finish(z.reshape(z.shape[0], low.padded_out), x.shape[:-1])
 
     @torch.no_grad()
     def materialize(self) -> torch.Tensor:
