@@ -1,0 +1,63 @@
+"""The CPU buffer pool: a block is reused only when no tensor refers to it any more."""
+import pytest
+import torch
+
+from einc.runtime import buffers
+
+BIG = (512, 1024)  # 2 MiB of float32, above buffers.MIN_BYTES
+
+
+@pytest.fixture(autouse=True)
+def fresh_pool():
+    buffers.empty_cache()
+    yield
+    buffers.empty_cache()
+
+
+def test_idle_block_is_reused_and_aligned():
+    t = buffers.empty(BIG, torch.float32, "cpu")
+    assert t.shape == BIG and t.is_contiguous() and t.data_ptr() % 64 == 0
+    ptr = t.data_ptr()
+    del t
+    u = buffers.empty(BIG, torch.float32, "cpu")
+    assert u.data_ptr() == ptr
+
+
+def test_block_referenced_by_a_view_is_not_reused():
+    t = buffers.empty(BIG, torch.float32, "cpu")
+    view = t[3:, 5:].T
+    ptr = t.data_ptr()
+    del t
+    u = buffers.empty(BIG, torch.float32, "cpu")
+    assert u.data_ptr() != ptr
+    u.fill_(1.0)
+    view.fill_(2.0)
+    assert (u == 1.0).all()
+
+
+def test_small_requests_and_other_dtypes():
+    small = buffers.empty((4, 4), torch.float32, "cpu")
+    assert small.shape == (4, 4)
+    held = buffers.held()
+    assert buffers.empty((8,), torch.float64, "cpu").numel() == 8
+    assert buffers.held() == held  # small requests bypass the pool
+    b16 = buffers.empty(BIG, torch.bfloat16, "cpu")
+    assert b16.dtype == torch.bfloat16 and b16.shape == BIG
+
+
+def test_limit_and_empty_cache():
+    old = buffers.limit()
+    try:
+        buffers.limit(3 << 20)
+        a = buffers.empty(BIG, torch.float32, "cpu")
+        b = buffers.empty(BIG, torch.float32, "cpu")  # over the limit: an ordinary tensor
+        assert buffers.held() <= 3 << 20
+        assert a.shape == b.shape == BIG
+        del b
+        assert buffers.empty_cache() == 0  # a is still in use
+        del a
+        assert buffers.empty_cache() > 0 and buffers.held() == 0
+        with pytest.raises(ValueError, match=">= 0"):
+            buffers.limit(-1)
+    finally:
+        buffers.limit(old)
