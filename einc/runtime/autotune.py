@@ -12,6 +12,9 @@ import torch
 _CACHE: dict = {}
 #: below this many multiply-adds per call, measuring costs more than it can save
 MEASURE_ABOVE = 1 << 24
+#: the most tokens a measurement runs: a route's rank can change between 1024 and 2048
+#: tokens (chunking, cache fit), so measure at the call's own bucket up to here
+MEASURE_TOKENS = 4096
 CANDIDATES = ("fused", "plain", "einsum", "steps")
 
 
@@ -36,7 +39,8 @@ def choose_route(module, x: torch.Tensor) -> str:
     train = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     key = (low.key, x.dtype, x.device.type, _bucket(tokens), train)
     if key not in _CACHE:
-        _CACHE[key] = _measure(module, x.dtype, x.device, min(_bucket(tokens), 1024), train)
+        tokens = min(_bucket(tokens), MEASURE_TOKENS)
+        _CACHE[key] = _measure(module, x.dtype, x.device, tokens, train)
     return _CACHE[key]
 
 

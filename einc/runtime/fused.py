@@ -1,6 +1,11 @@
 """The planned chain as one autograd Function: every bmm reads strided views of the previous
 result in the layout the plan chose for it, in forward and in backward, so the only copies
 are the relayouts the plan could not avoid.
+
+On the CPU the tokens run in chunks (:func:`chunk_tokens`): each chunk's intermediates stay
+in cache between the steps, so the bmm calls run near the speed of one large GEMM and the
+relayouts become cache-to-cache copies. Every chunk writes its rows of ``y`` (bias
+included) and of ``dx`` in place, and factor gradients accumulate over the chunks.
 """
 from __future__ import annotations
 
@@ -9,6 +14,12 @@ import math
 import torch
 
 from ..codegen.plan import Plan
+from . import buffers
+
+#: CPU cache bytes a chunk's widest intermediate may fill (about one core's L2)
+CHUNK_BYTES = 2 << 20
+#: fewest tokens per chunk: below this the per-call overhead of small bmm calls dominates
+MIN_CHUNK = 128
 
 
 def _strides(order, sizes) -> dict:
@@ -30,28 +41,20 @@ def view3(t: torch.Tensor, order, sizes, groups) -> torch.Tensor:
     return t.as_strided(shape, stride, t.storage_offset())
 
 
-def relayout(t: torch.Tensor, src, dst) -> torch.Tensor:
-    """Copy ``t`` (contiguous in order ``src``) into a contiguous tensor in order ``dst``."""
-    return t.permute([src.index(i) for i in dst]).contiguous()
+def relayout(t: torch.Tensor, src, dst, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy ``t`` (contiguous in order ``src``) into a contiguous tensor in order ``dst``
+    (``out`` when given: a contiguous buffer of the right shape)."""
+    moved = t.permute([src.index(i) for i in dst])
+    return moved.contiguous() if out is None else out.copy_(moved)
 
 
-def bmm_fresh(a: torch.Tensor, b: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """a @ b per batch into a new contiguous tensor: [B][M][N], or [B][N][M] when
+def bmm_into(a: torch.Tensor, b: torch.Tensor, transposed: bool, out: torch.Tensor):
+    """a @ b per batch into the contiguous ``out``: [B][M][N], or [B][N][M] when
     ``transposed`` (computed as b^T a^T). Never bmm(out=strided view): on CPU many such
     views fall back to a loop orders of magnitude slower."""
     if transposed:
-        return torch.bmm(b.transpose(1, 2), a.transpose(1, 2))
-    return torch.bmm(a, b)
-
-
-def _factor_grad(left, dc, st, sizes) -> torch.Tensor:
-    """dF = L^T dC. When L is read batch-middle, L^T would be a column-major batch-middle
-    operand (a slow CPU path), so compute (dC^T L) and transpose the small result instead."""
-    order = st.factor_order
-    if left.stride(0) >= max(left.stride(1), left.stride(2)) or left.shape[0] == 1:
-        return bmm_fresh(left.transpose(1, 2), dc, False).view([sizes[i] for i in order])
-    g = bmm_fresh(dc.transpose(1, 2), left, False)  # [B][N][K]
-    return g.transpose(1, 2).contiguous().view([sizes[i] for i in order])
+        a, b = b.transpose(1, 2), a.transpose(1, 2)
+    return torch.bmm(a, b, out=out)
 
 
 def _same(a, b, sizes) -> bool:
@@ -60,65 +63,195 @@ def _same(a, b, sizes) -> bool:
     return drop(a) == drop(b)
 
 
+def _transposed_result(direct, transposed, want, sizes) -> bool:
+    """Whether to form a result in its ``transposed`` order rather than ``direct`` when it
+    is wanted in order ``want``: where it is that order (no copy), else where it shares the
+    innermost axis with ``want`` (the copy then moves whole rows instead of transposing,
+    several times faster on the CPU)."""
+    if _same(direct, want, sizes) or _same(transposed, want, sizes):
+        return not _same(direct, want, sizes)
+    inner = lambda o: next((i for i in reversed(o) if sizes[i] != 1), None)
+    return inner(transposed) == inner(want) != inner(direct)
+
+
+class Scratch:
+    """Contiguous buffers, one per key, for the temporaries of a chunk loop: each chunk
+    overwrites the previous chunk's. Backed by :mod:`einc.runtime.buffers`, so they are
+    recycled across calls too."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like, self.bufs = like, {}
+
+    def get(self, key, shape) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[key] = _empty([n], self.like)
+        return buf[:n].view(shape)
+
+
+def _empty(shape, like: torch.Tensor) -> torch.Tensor:
+    return buffers.empty(shape, like.dtype, like.device)
+
+
+def chunk_tokens(plan: Plan, tokens: int, device: torch.device, itemsize: int) -> int:
+    """Tokens per chunk. Off the CPU, all of them (a GPU wants large launches). On the CPU,
+    the largest power of two whose widest intermediate fits CHUNK_BYTES, but no fewer than
+    re-read the factors (once per chunk) for as many bytes as the activations take."""
+    if device.type != "cpu":
+        return max(tokens, 1)
+    per_token = lambda o: math.prod(plan.sizes[i] for i in o if i != plan.token)
+    acts = [per_token(o) for o in [plan.input_order, plan.output_order] +
+            [st.out_order for st in plan.steps]]
+    weights = sum(math.prod(plan.sizes[i] for i in st.factor_order) for st in plan.steps)
+    want = max(MIN_CHUNK, CHUNK_BYTES // (max(acts) * itemsize), -(-weights // sum(acts)))
+    chunk = 1 << (want - 1).bit_length()  # round up to a power of two
+    return min(max(tokens, 1), chunk)
+
+
+def _size(sizes, group) -> int:
+    return math.prod(sizes[i] for i in group)
+
+
+def _forward_steps(plan: Plan, sizes: dict, x, factors, scratch: Scratch, rows):
+    """The chain on one chunk, its result written into ``rows`` (this chunk's rows of y,
+    in plan.output_order). Returns each step's input (kept for backward). The last result
+    goes to scratch and is copied into ``rows`` unless its order is already theirs."""
+    cur, order = x, plan.input_order
+    saved = []
+    steps = plan.steps
+    for k, st in enumerate(steps):
+        if st.relayout:
+            buf = _empty([sizes[i] for i in st.in_order], x)
+            cur, order = relayout(cur, order, st.in_order, buf), st.in_order
+        direct = st.out_order == st.batch + st.left + st.right
+        shape = tuple(_size(sizes, g) for g in
+                      ((st.batch, st.left, st.right) if direct else (st.batch, st.right, st.left)))
+        if k == len(steps) - 1:
+            out = rows.view(shape) if not plan.output_copy else scratch.get("out", shape)
+        elif steps[k + 1].relayout:  # only its relayout is kept
+            out = scratch.get(("out", k), shape)
+        else:
+            out = _empty(shape, x)
+        bmm_into(view3(cur, order, sizes, (st.batch, st.left, st.contracted)),
+                 view3(factors[st.factor], st.factor_order, sizes,
+                       (st.batch, st.contracted, st.right)), not direct, out)
+        saved.append(cur)
+        cur, order = out.view([sizes[i] for i in st.out_order]), st.out_order
+    if plan.output_copy:
+        rows.copy_(cur.permute([order.index(i) for i in plan.output_order]))
+    return saved
+
+
+def _backward_steps(plan: Plan, sizes: dict, dy, saved, factors, need_x, need_f, grads,
+                    scratch: Scratch, dx_rows):
+    """Gradients of one chunk: factor gradients added into ``grads``; dx written into
+    ``dx_rows`` (in plan.input_order) unless it is None."""
+    last = plan.steps[-1]
+    if plan.output_copy or not dy.is_contiguous():
+        buf = scratch.get("dy", [sizes[i] for i in last.out_order])
+        d = relayout(dy, plan.output_order, last.out_order, buf)
+    else:
+        d = dy.view([sizes[i] for i in last.out_order])
+    for k in range(len(plan.steps) - 1, -1, -1):
+        st = plan.steps[k]
+        dc = view3(d, st.out_order, sizes, (st.batch, st.left, st.right))
+        left = view3(saved[k], st.in_order, sizes, (st.batch, st.left, st.contracted))
+        f = factors[st.factor]
+        if need_f[st.factor]:
+            grads[st.factor] = _factor_grad(left, dc, grads[st.factor])
+        if k == 0 and dx_rows is None:
+            return
+        # dL in [B][M][K] or [B][K][M], whichever is the order the previous step wrote
+        # (then no copy); else the one a copy into that order moves rows for.
+        prev = plan.steps[k - 1].out_order if k else plan.input_order
+        b_, m_, k_ = st.batch, st.left, st.contracted
+        transposed = _transposed_result(b_ + m_ + k_, b_ + k_ + m_, prev, sizes)
+        groups = (b_, k_, m_) if transposed else (b_, m_, k_)
+        got = groups[0] + groups[1] + groups[2]
+        shape = [_size(sizes, g) for g in groups]
+        fits = _same(got, prev, sizes)
+        if k == 0:
+            out = dx_rows.view(shape) if fits else scratch.get("dx", shape)
+        else:
+            out = scratch.get(("dl", k), shape)
+        rv = view3(f, st.factor_order, sizes, (b_, k_, st.right))
+        bmm_into(dc, rv.transpose(1, 2), transposed, out)
+        dl = out.view([sizes[i] for i in got])
+        if k == 0:
+            if not fits:
+                dx_rows.copy_(dl.permute([got.index(i) for i in prev]))
+        elif fits:
+            d = dl.view([sizes[i] for i in prev])
+        else:
+            d = relayout(dl, got, prev, scratch.get(("dr", k), [sizes[i] for i in prev]))
+
+
+def _factor_grad(left, dc, acc=None) -> tuple[torch.Tensor, bool]:
+    """dF = L^T dC per batch, added into ``acc`` (a previous result of this function) when
+    given. Returns (the 3-D product, whether it is held transposed as [B][N][K]). When L is
+    read batch-middle, L^T would be a column-major batch-middle operand (a slow CPU path),
+    so the product is formed as dC^T L and transposed once, after the last chunk."""
+    if acc is not None:
+        g, held = acc
+        (g.baddbmm_(dc.transpose(1, 2), left) if held else g.baddbmm_(left.transpose(1, 2), dc))
+        return acc
+    held = not (left.stride(0) >= max(left.stride(1), left.stride(2)) or left.shape[0] == 1)
+    a, b = (dc.transpose(1, 2), left) if held else (left.transpose(1, 2), dc)
+    return torch.bmm(a, b, out=_empty([a.shape[0], a.shape[1], b.shape[2]], dc)), held
+
+
+def _factor_result(acc, shape) -> torch.Tensor:
+    """The accumulated factor gradient in the factor's storage order [B][K][N]."""
+    g, held = acc
+    return (g.transpose(1, 2).contiguous() if held else g).view(shape)
+
+
 class ChainFunction(torch.autograd.Function):
-    """y = chain(x, *factors); x contiguous in plan.input_order (token first), each factor
-    contiguous in its step's storage order. Returns y contiguous in plan.output_order."""
+    """y = chain(x, *factors) + bias; x contiguous in plan.input_order (token first), each
+    factor contiguous in its step's storage order, ``bias`` None or shaped like one token's
+    output. Returns y contiguous in plan.output_order. Tokens run ``chunk`` at a time."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, tokens: int, x, *factors):
-        sizes = dict(plan.sizes, **{plan.token: tokens})
-        cur, order = x, plan.input_order
-        saved = []
-        for st in plan.steps:
-            if st.relayout:
-                cur, order = relayout(cur, order, st.in_order), st.in_order
-            f = factors[st.factor]
-            out = bmm_fresh(view3(cur, order, sizes, (st.batch, st.left, st.contracted)),
-                            view3(f, st.factor_order, sizes, (st.batch, st.contracted, st.right)),
-                            st.out_order != st.batch + st.left + st.right)
-            out = out.view([sizes[i] for i in st.out_order])
-            saved.append(cur)
-            cur, order = out, st.out_order
-        cur = relayout(cur, order, plan.output_order) if plan.output_copy else \
-            cur.view([sizes[i] for i in plan.output_order])  # equal up to size-1 axes
-        ctx.plan, ctx.sizes = plan, sizes
+    def forward(ctx, plan: Plan, tokens: int, chunk: int, x, bias, *factors):
+        chunk = max(1, min(chunk, tokens))
+        y = _empty([tokens, *(plan.sizes[i] for i in plan.output_order[1:])], x)
+        scratch, saved = Scratch(x), []
+        for c0 in range(0, tokens, chunk):
+            n = min(chunk, tokens - c0)
+            rows = y[c0:c0 + n]
+            saved += _forward_steps(plan, dict(plan.sizes, **{plan.token: n}), x[c0:c0 + n],
+                                    factors, scratch, rows)
+            if bias is not None:  # while the rows are in cache
+                rows.add_(bias)
+        ctx.plan, ctx.tokens, ctx.chunk, ctx.has_bias = plan, tokens, chunk, bias is not None
         ctx.save_for_backward(*saved, *factors)
-        return cur
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        plan, sizes = ctx.plan, ctx.sizes
-        n = len(plan.steps)
-        saved, factors = ctx.saved_tensors[:n], ctx.saved_tensors[n:]
-        need_x = ctx.needs_input_grad[2]
-        grads = [None] * len(factors)
-        d = dy.contiguous()
-        last = plan.steps[-1]
-        d = relayout(d, plan.output_order, last.out_order) if plan.output_copy else \
-            d.view([sizes[i] for i in last.out_order])
-        for k in range(n - 1, -1, -1):
-            st = plan.steps[k]
-            dc = view3(d, st.out_order, sizes, (st.batch, st.left, st.right))
-            left = view3(saved[k], st.in_order, sizes, (st.batch, st.left, st.contracted))
-            f = factors[st.factor]
-            if ctx.needs_input_grad[3 + st.factor]:  # in the factor's storage order [B][K][N]
-                grads[st.factor] = _factor_grad(left, dc, st, sizes)
-            if k == 0 and not need_x:
-                break
-            # dL in [B][M][K] or [B][K][M], whichever is the order the previous step wrote
-            # (then no copy); else [B][M][K] and one relayout.
-            prev = plan.steps[k - 1].out_order if k else plan.input_order
-            b_, m_, k_ = st.batch, st.left, st.contracted
-            transposed = _same(b_ + k_ + m_, prev, sizes) and not _same(b_ + m_ + k_, prev, sizes)
-            rv = view3(f, st.factor_order, sizes, (b_, k_, st.right))
-            dl = bmm_fresh(dc, rv.transpose(1, 2), transposed)
-            got = b_ + k_ + m_ if transposed else b_ + m_ + k_
-            dl = dl.view([sizes[i] for i in got])
-            if _same(got, prev, sizes):
-                d = dl.view([sizes[i] for i in prev])
-            elif k == 0:  # dx may stay a strided view: whoever consumes it decides on a copy
-                d = dl.permute([got.index(i) for i in prev])
-            else:
-                d = relayout(dl, got, prev)
-        dx = d if need_x else None
-        return (None, None, dx, *grads)
+        plan, tokens, chunk = ctx.plan, ctx.tokens, ctx.chunk
+        nsteps = len(plan.steps)
+        nf = len(ctx.needs_input_grad) - 5
+        saved, factors = ctx.saved_tensors[:-nf], ctx.saved_tensors[-nf:]
+        need_b = ctx.has_bias and ctx.needs_input_grad[4]
+        need_f = ctx.needs_input_grad[5:]
+        grads, db, dx = [None] * nf, None, None
+        if ctx.needs_input_grad[3]:
+            dx = _empty([tokens, *(plan.sizes[i] for i in plan.input_order[1:])], dy)
+        scratch = Scratch(dy)
+        for j, c0 in enumerate(range(0, tokens, chunk)):
+            n = min(chunk, tokens - c0)
+            rows = dy[c0:c0 + n]
+            if need_b:  # while the rows are in cache
+                part = rows.reshape(n, -1).sum(0)
+                db = part if db is None else db.add_(part)
+            _backward_steps(plan, dict(plan.sizes, **{plan.token: n}), rows,
+                            saved[j * nsteps:(j + 1) * nsteps], factors, dx is not None,
+                            need_f, grads, scratch, None if dx is None else dx[c0:c0 + n])
+        if need_b and db is None:  # no tokens
+            db = dy.new_zeros(dy.shape[1:])
+        grads = [_factor_result(g, f.shape) if g is not None else
+                 torch.zeros_like(f) if need_f[k] else None  # no tokens
+                 for k, (g, f) in enumerate(zip(grads, factors))]
+        return (None, None, None, dx, None if db is None else db.view(dy.shape[1:]), *grads)

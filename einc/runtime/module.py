@@ -10,7 +10,7 @@ from ..analysis import DEFAULT_TOLERANCE
 from ..codegen import emit
 from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
-from .fused import ChainFunction
+from .fused import ChainFunction, chunk_tokens
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
@@ -52,6 +52,8 @@ class StructuredLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.route = route
+        #: tokens per chunk of the fused route (None: chosen per call, see chunk_tokens)
+        self.chunk = None
         self._plain = _compile_forward(low, tuple(self._attrs))
         self.reset_parameters()
 
@@ -144,7 +146,13 @@ class StructuredLinear(nn.Module):
         z = z.contiguous().view(n, *low.input_sizes)
         facs = [p.permute([f.indices.index(i) for i in _storage_order(low, k)])
                 for k, (p, f) in enumerate(zip(self.factors(), self.structure.factors))]
-        y = ChainFunction.apply(low.plan, n, z, *facs).reshape(n, low.padded_out)
+        # the bias rides along when no padded outputs sit between it and y
+        fuse = self.bias is not None and low.padded_out == low.d_out
+        bias = self.bias.view([low.sizes[i] for i in low.plan.output_order[1:]]) if fuse else None
+        chunk = self.chunk or chunk_tokens(low.plan, n, z.device, z.element_size())
+        y = ChainFunction.apply(low.plan, n, chunk, z, bias, *facs).reshape(n, low.padded_out)
+        if fuse:
+            return y[:, :low.d_out].reshape(*x.shape[:-1], self.out_features)
         return self._finish(y, x.shape[:-1])
 
     def forward_einsum(self, x: torch.Tensor) -> torch.Tensor:
