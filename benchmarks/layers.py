@@ -33,7 +33,7 @@ def einsum_route(m):
                              f"->{term(st.out)}", z, facs[st.factor])
         order = steps[-1].out
         z = z.permute(0, *[1 + order.index(i) for i in s.output.indices])
-        return z.reshape(x.shape[0], -1)[:, :m.out_features]
+        return z.reshape(x.shape[0], -1)[:, :m.out_features] + m.bias
     return run
 
 
@@ -66,7 +66,7 @@ def naive_bmm_route(m):
             order = tuple(b + ml + nr)
             z = z.view([sz[i] for i in order])
         z = z.permute([order.index(i) for i in ("#", *s.output.indices)])
-        return z.reshape(n, -1)[:, :m.out_features]
+        return z.reshape(n, -1)[:, :m.out_features] + m.bias
     return run
 
 
@@ -110,7 +110,8 @@ def main():
                        "auto vs best naive (f+b)"]))
     print(f"# {args.tokens} tokens; cells are forward / forward+backward medians of "
           f"{args.reps}; 'auto' is einc's default route (measured choice among fused, plain, "
-          "one einsum and one einsum per step); ratios compare forward+backward")
+          "one einsum and one einsum per step); ratios compare forward+backward; every "
+          "route adds the bias, as nn.Linear does")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ all variants of a configuration interleaved so machine load hits them alike):
   (``btt_moe_masked``), i.e. E/k times the useful work;
 * sparse: only the k selected experts per token (``btt_moe_sparse``);
 * floor:  a plain rank-k BTT ``ga,gafr,fgre->fe`` without any routing -- the
-  same useful work with perfect dispatch; the faster of the two dense
-  methods (``bmm`` and ``strided``) is used.
+  same useful work with perfect dispatch; the fastest of the two dense
+  methods of ``einc.moe`` (``bmm`` and ``strided``) and einc's compiled
+  ``btt(rank=k)`` layer (fused route) is used.
+
+The cores are laid out as ``einc.BTTMoE`` stores them (expert-major slices).
 
 Routing (top-k + softmax over fixed router logits) is included in masked and
 sparse; the router's linear map is not (it is the same for both).
@@ -27,6 +30,7 @@ import time
 
 import torch
 
+import einc
 from einc.moe import btt_dense, btt_moe_masked, btt_moe_sparse, route
 
 
@@ -72,13 +76,18 @@ def config(d: int, E: int, k: int, tokens: int, warmup: int, repeats: int, seed:
     g = a = f = e = s
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, g, a, generator=gen).requires_grad_()
-    A = (torch.randn(g, a, f, E, generator=gen) / a**0.5).requires_grad_()
-    B = (torch.randn(f, g, E, e, generator=gen) * (k / g) ** 0.5).requires_grad_()
+    # BTTMoE's storage: (g, E, a, f) and (f, E, g, e), exposed as (g, a, f, E) / (f, g, E, e)
+    A = (torch.randn(g, E, a, f, generator=gen) / a**0.5).permute(0, 2, 3, 1).requires_grad_()
+    B = (torch.randn(f, E, g, e, generator=gen) * (k / g) ** 0.5).permute(0, 2, 1, 3)
+    B.requires_grad_()
     # a trained-looking router: random weights, roughly balanced load
     W = torch.randn(E, d, generator=gen) / d**0.5
     logits = (x.detach().reshape(tokens, d) @ W.t()).requires_grad_()
     Ak = (torch.randn(g, a, f, k, generator=gen) / a**0.5).requires_grad_()
     Bk = (torch.randn(f, g, k, e, generator=gen) / g**0.5).requires_grad_()
+
+    layer = einc.compile(f"btt(rank={k})", d_in=d, d_out=d, bias=False, route="fused")
+    xf = x.detach().reshape(tokens, d).requires_grad_()
 
     def masked():
         idx, gate = route(logits, k)
@@ -93,12 +102,15 @@ def config(d: int, E: int, k: int, tokens: int, warmup: int, repeats: int, seed:
         "sparse": fwd_bwd(sparse, [x, A, B, logits]),
         "floor_bmm": fwd_bwd(lambda: btt_dense(x, Ak, Bk), [x, Ak, Bk]),
         "floor_strided": fwd_bwd(lambda: btt_dense(x, Ak, Bk, method="strided"), [x, Ak, Bk]),
+        "floor_einc": fwd_bwd(lambda: layer(xf), [xf, *layer.parameters()]),
     }
     t = bench(cands, warmup, repeats)
     with torch.no_grad():
         idx, _ = route(logits, k)
         load = torch.bincount(idx.reshape(-1), minlength=E).float()
-    floor = min(t["floor_bmm"], t["floor_strided"])
+    kinds = {"bmm": t["floor_bmm"], "strided": t["floor_strided"], "einc": t["floor_einc"]}
+    floor_kind = min(kinds, key=kinds.get)
+    floor = kinds[floor_kind]
     return {
         "d": d,
         "E": E,
@@ -106,7 +118,7 @@ def config(d: int, E: int, k: int, tokens: int, warmup: int, repeats: int, seed:
         "masked": t["masked"],
         "sparse": t["sparse"],
         "floor": floor,
-        "floor_kind": "bmm" if t["floor_bmm"] <= t["floor_strided"] else "strided",
+        "floor_kind": floor_kind,
         "max_load": (load.max() / load.mean()).item(),
     }
 
@@ -132,7 +144,8 @@ def main() -> None:
     print()
     head = (
         f"{'d':>5} {'E':>3} {'k':>2} | {'masked ms':>10} {'sparse ms':>10} {'floor ms':>9} | "
-        f"{'masked/sparse':>13} {'target':>6} | {'sparse/floor':>12} {'target':>6} | {'max load':>8}"
+        f"{'masked/sparse':>13} {'target':>6} | {'sparse/floor':>12} {'target':>6} | {'max load':>8} "
+        f"{'floor from':>10}"
     )
     print(head)
     print("-" * len(head))
@@ -144,12 +157,12 @@ def main() -> None:
                 f"{d:>5} {E:>3} {args.k:>2} | {r['masked']:>10.1f} {r['sparse']:>10.1f} "
                 f"{r['floor']:>9.1f} | {r['masked'] / r['sparse']:>13.2f} "
                 f"{0.6 * E / args.k:>6.2f} | {r['sparse'] / r['floor']:>12.2f} {1.5:>6.2f} | "
-                f"{r['max_load']:>8.2f}",
+                f"{r['max_load']:>8.2f} {r['floor_kind']:>10}",
                 flush=True,
             )
     print()
-    print("target: masked/sparse >= 0.6*E/k; sparse/floor <= 1.5.  floor = faster of the")
-    print("bmm and strided dense rank-k BTT; max load = busiest expert / mean load.")
+    print("target: masked/sparse >= 0.6*E/k; sparse/floor <= 1.5.  floor = fastest rank-k BTT")
+    print("(einc.moe bmm / strided, einc fused layer); max load = busiest expert / mean load.")
 
 
 if __name__ == "__main__":

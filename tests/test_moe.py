@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from einc.moe.chunked import btt_moe_chunked
 from einc.moe import (
     BTTMoE,
     btt_dense,
@@ -67,6 +68,8 @@ SPARSE_VARIANTS = {
     "strided": lambda *t: btt_moe_sparse(*t, backend="strided"),
     "strided-det": lambda *t: btt_moe_sparse(*t, backend="strided", deterministic=True),
     "padded": lambda *t: btt_moe_sparse(*t, backend="padded"),
+    "chunked": lambda *t: btt_moe_sparse(*t, backend="chunked"),
+    "chunked-2": lambda *t: btt_moe_chunked(*t, chunk=2),  # several chunks per expert
     "auto": lambda *t: btt_moe_sparse(*t),
 }
 
@@ -349,3 +352,29 @@ def test_module_moves_and_casts_like_any_module():
     m = einc.BTTMoE(64, 64, experts=4, k=2).double()
     assert m.A.dtype == torch.float64 and m.router.weight.dtype == torch.float64
     assert m(torch.randn(3, 64, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_chunks_cover_each_expert_run_evenly():
+    from einc.moe.chunked import _chunks
+    counts = [0, 5, 1030, 0, 512, 513]
+    chunks = _chunks(counts, 512)
+    assert [c[1] for c in chunks][0] == 0 and chunks[-1][2] == sum(counts)
+    assert all(b[1] == a[2] for a, b in zip(chunks, chunks[1:]))  # contiguous, in order
+    for r, c in enumerate(counts):
+        mine = [s1 - s0 for e, s0, s1 in chunks if e == r]
+        assert sum(mine) == c and all(0 < m <= 512 for m in mine)
+        assert len(mine) == -(-c // 512) and (not mine or max(mine) - min(mine) <= 1)
+
+
+def test_chunked_backend_is_the_cpu_default_and_handles_any_core_layout():
+    """Contiguous (g, a, f, E) cores and BTTMoE's expert-major storage give one result."""
+    x, A, B, W, b = make_problem(30, 3, 4, 5, 2, 6, 2, seed=3)
+    logits = x.reshape(30, -1) @ W.t() + b
+    idx, gate = route(logits, 2)
+    want = btt_moe_masked(x, A, B, idx, gate)
+    stored = (A.detach().permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),
+              B.detach().permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3))
+    assert stored[0].stride(2) == 1 and not stored[0].is_contiguous()
+    for A_, B_ in [(A, B), stored]:
+        got = btt_moe_chunked(x, A_, B_, idx, gate, chunk=4)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -380,6 +380,8 @@ def _sparse_grouped(x, A, B, expert_idx, gate, deterministic):
     return y.new_zeros(f, N, e).index_add(1, token_sorted, y).transpose(0, 1)
 
 
+BACKENDS = ("auto", "chunked", "grouped_mm", "strided", "padded")
+
 #: the padded capacity is rounded up to a multiple of this (aligned matmul blocks)
 CAPACITY_MULTIPLE = 8
 
@@ -611,11 +613,13 @@ def btt_moe_sparse(
     N, k = expert_idx.shape
     if gate.shape != (N, k) or x.shape[0] != N:
         raise ValueError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
-    if backend not in ("auto", "grouped_mm", "strided", "padded"):
-        raise ValueError(f"unknown backend {backend!r}; known: auto, grouped_mm, strided, "
-                         "padded")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if N == 0:
         return x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum())
+    if backend == "chunked" or (backend == "auto" and x.device.type == "cpu"):
+        from .chunked import btt_moe_chunked
+        return btt_moe_chunked(x, A, B, expert_idx, gate)
     if backend == "padded":  # measured slower than grouped_mm on the 2-core CPU
         return _sparse_padded(x, A, B, expert_idx, gate.to(x.dtype))
     gate = gate.to(x.dtype)

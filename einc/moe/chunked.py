@@ -1,0 +1,153 @@
+"""CPU sparse BTT-MoE: expert-sorted slots in cache-sized chunks.
+
+The ``S = N * k`` (token, expert) slots are sorted by expert and cut into chunks of at
+most ``C`` slots that each lie within one expert's run. A chunk is an ordinary rank-1 BTT
+on ``n <= C`` gathered token rows, so it runs the same way as the fused dense route
+(:mod:`einc.runtime.fused`): gather the rows, one ``bmm`` per core with the expert's slice
+of the cores (strided views, no copies), scale by the gates and add the rows into ``y``,
+all while the chunk's intermediates are in cache. The number of chunks follows the work
+(about ``S / C``, plus one partial chunk per expert), and the large tensors come from the
+recycled pool, so the memory traffic is close to a dense rank-k BTT's.
+
+Backward reuses the saved intermediate ``h`` of every chunk; the gate gradient is
+``<h, dY B^T>`` per slot (no saved output), and core gradients accumulate per expert in
+contiguous buffers that are permuted into the cores' layouts once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..runtime import buffers
+from ..runtime.fused import CHUNK_BYTES, MIN_CHUNK, Scratch
+
+
+def chunk_slots(d_max: int, itemsize: int) -> int:
+    """Slots per chunk: the largest power of two whose widest intermediate (``d_max``
+    values per slot) fits CHUNK_BYTES, at least MIN_CHUNK."""
+    want = max(MIN_CHUNK, CHUNK_BYTES // max(1, d_max * itemsize))
+    return 1 << (want.bit_length() - 1)
+
+
+def _chunks(counts: list[int], size: int) -> list[tuple[int, int, int]]:
+    """(expert, first slot, end slot) of every chunk of the expert-sorted slots: each
+    expert's run in the fewest chunks of at most ``size``, of equal length (+-1) so that
+    no chunk is a small, inefficient tail."""
+    out, start = [], 0
+    for r, c in enumerate(counts):
+        parts = max(1, -(-c // size))
+        bounds = [start + c * i // parts for i in range(parts + 1)]
+        out += [(r, s0, s1) for s0, s1 in zip(bounds, bounds[1:]) if s1 > s0]
+        start += c
+    return out
+
+
+def _expert_major(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """Views (E, g, a, f) of A and (E, f, g, e) of B whose per-expert matrices BLAS reads
+    in place (one unit stride each; BTTMoE stores them so); otherwise contiguous copies,
+    as bmm would copy every matrix of every chunk instead."""
+    As, Bs = A.permute(3, 0, 1, 2), B.permute(2, 0, 1, 3)
+    if 1 not in (As.stride(2), As.stride(3)):
+        As = As.contiguous()
+    if 1 not in (Bs.stride(2), Bs.stride(3)):
+        Bs = Bs.contiguous()
+    return As, Bs
+
+
+def _zeros(shape, like: Tensor) -> Tensor:
+    return buffers.empty(shape, like.dtype, like.device).zero_()
+
+
+class ChunkedMoE(torch.autograd.Function):
+    """y[t] = sum over t's k slots of gate * BTT_r(x[t]); x (N, g, a), A (g, a, f, E),
+    B (f, g, E, e), expert_idx and gate (N, k). Returns (N, f, e)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, expert_idx, gate, chunk: int):
+        N, g, a = x.shape
+        f, E, e = A.shape[2], A.shape[3], B.shape[3]
+        k = expert_idx.shape[1]
+        flat = expert_idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // k                      # token of each sorted slot
+        gates = gate.reshape(-1).index_select(0, order)
+        counts = torch.bincount(flat, minlength=E).tolist()
+        chunks = _chunks(counts, chunk)
+        As, Bs = _expert_major(A, B)
+        y = _zeros([N, f, e], x)
+        scratch, saved = Scratch(x), []
+        for r, s0, s1 in chunks:
+            n, tok = s1 - s0, token[s0:s1]
+            xc = torch.index_select(x, 0, tok, out=scratch.get("x", (n, g, a)))
+            # h = [g][f][n]: the transposed product, read by core B as (f, n, g) unchanged
+            h = buffers.empty((g, f, n), x.dtype, x.device)
+            torch.bmm(As[r].transpose(1, 2), xc.permute(1, 2, 0), out=h)
+            out = torch.bmm(h.permute(1, 2, 0), Bs[r], out=scratch.get("y", (f, n, e)))
+            out.mul_(gates[s0:s1].view(1, n, 1))
+            # index_add_ from a strided source was measured 7x slower than copy + add
+            rows = scratch.get("rows", (n, f, e)).copy_(out.transpose(0, 1))
+            y.index_add_(0, tok, rows)
+            saved.append(h)
+        ctx.chunks, ctx.k, ctx.shape = chunks, k, (N, g, a, f, E, e)
+        ctx.save_for_backward(x, A, B, order, token, gates, *saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, A, B, order, token, gates, *saved = ctx.saved_tensors
+        N, g, a, f, E, e = ctx.shape
+        need_x, need_a, need_b, _, need_gate = ctx.needs_input_grad[:5]
+        As, Bs = _expert_major(A, B)
+        if not dy.is_contiguous():  # gathering rows of a strided tensor copies per row
+            dy = buffers.empty(dy.shape, dy.dtype, dy.device).copy_(dy)
+        dy2 = dy.view(N, f * e)
+        dx = _zeros([N, g, a], x) if need_x else None
+        dA = _zeros([E, g, f, a], x) if need_a else None  # held transposed: [g][f][a]
+        dB = _zeros([E, f, g, e], x) if need_b else None
+        dgate = x.new_empty(order.shape[0]) if need_gate else None
+        scratch = Scratch(x)
+        for (r, s0, s1), h in zip(ctx.chunks, saved):
+            n, tok, gc = s1 - s0, token[s0:s1], gates[s0:s1]
+            rows = torch.index_select(dy2, 0, tok, out=scratch.get("rows", (n, f * e)))
+            dyc = rows.view(n, f, e).transpose(0, 1)  # (f, n, e), read in place
+            # dh before the gate, [f][g][n], read as [g][f][n] in place
+            dhu = torch.bmm(Bs[r], dyc.transpose(1, 2), out=scratch.get("dhu", (f, g, n)))
+            dh = dhu.transpose(0, 1)
+            if dgate is not None:
+                dgate[s0:s1] = torch.mul(h, dh, out=scratch.get("hdh", (g, f, n))).sum((0, 1))
+            if dB is not None:
+                rows.mul_(gc.view(n, 1))
+                dB[r].baddbmm_(h.transpose(0, 1), dyc)  # (f, g, n) @ (f, n, e)
+            if dA is None and dx is None:
+                continue
+            dhu.mul_(gc.view(1, 1, n))
+            if dA is not None:
+                xc = torch.index_select(x, 0, tok, out=scratch.get("x", (n, g, a)))
+                dA[r].baddbmm_(dh, xc.transpose(0, 1))  # (g, f, n) @ (g, n, a)
+            if dx is not None:
+                dxc = torch.bmm(dh.transpose(1, 2), As[r].transpose(1, 2),
+                                out=scratch.get("dx", (g, n, a)))
+                dx.index_add_(0, tok, scratch.get("dxr", (n, g, a)).copy_(dxc.transpose(0, 1)))
+        grads = [None] * 6
+        if dx is not None:
+            grads[0] = dx
+        if dA is not None:
+            grads[1] = dA.permute(1, 3, 2, 0)  # (E, g, f, a) -> (g, a, f, E)
+        if dB is not None:
+            grads[2] = dB.permute(1, 2, 0, 3)  # (E, f, g, e) -> (f, g, E, e)
+        if dgate is not None:
+            flat = torch.empty_like(dgate).index_copy_(0, order, dgate)
+            grads[4] = flat.view(N, ctx.k)
+        return tuple(grads)
+
+
+def btt_moe_chunked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Tensor,
+                    chunk: int | None = None) -> Tensor:
+    """Sparse BTT-MoE on the CPU (see the module docstring); returns (N, f, e)."""
+    x = x.contiguous()
+    if chunk is None:
+        g, a, f, _ = A.shape
+        chunk = chunk_slots(max(g * a, g * f, f * B.shape[3]), x.element_size())
+    return ChunkedMoE.apply(x, A, B, expert_idx, gate.to(x.dtype), chunk)
