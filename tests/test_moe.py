@@ -259,16 +259,17 @@ def test_layer_api_and_shapes():
     assert m2.input_sizes == (3, 4) and m2.bias is None
 
 
-def test_layer_sparse_matches_masked_with_padding():
+@pytest.mark.parametrize("d_in,d_out", [(23, 17), (36, 20)])  # padded; exact (bias folded)
+def test_layer_sparse_matches_masked(d_in, d_out):
     torch.manual_seed(1)
-    m = BTTMoE(23, 17, experts=6, k=2, dtype=DT)
+    m = BTTMoE(d_in, d_out, experts=6, k=2, dtype=DT)
     with torch.no_grad():
         m.router.weight.normal_()
         m.router.bias.normal_()
         m.bias.normal_()
-    x = torch.randn(4, 5, 23, dtype=DT, requires_grad=True)
+    x = torch.randn(4, 5, d_in, dtype=DT, requires_grad=True)
     params = [x, m.A, m.B, m.router.weight, m.router.bias, m.bias]
-    go = torch.randn(4, 5, 17, dtype=DT)
+    go = torch.randn(4, 5, d_out, dtype=DT)
     ys = m(x)
     gs = torch.autograd.grad(ys, params, go)
     ym = m.forward_masked(x)
@@ -279,7 +280,21 @@ def test_layer_sparse_matches_masked_with_padding():
     # padded inputs are zeros: the dropped rows of A get no gradient
     g, a = m.input_sizes
     flat = gs[1].reshape(g * a, -1)
-    assert flat[23:].abs().max() == 0
+    assert g * a == d_in or flat[d_in:].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["chunked", "strided", "padded"])
+def test_sparse_bias_argument(backend):
+    x, A, B, W, b = make_problem(9, 3, 2, 4, 2, 4, 2, seed=5)
+    bias = torch.randn(4, 2, dtype=DT, requires_grad=True)
+    idx, gate = route(x.reshape(9, -1) @ W.t() + b, 2)
+    go = torch.randn(9, 4, 2, dtype=DT)
+    want = btt_moe_masked(x, A, B, idx, gate) + bias
+    got = btt_moe_sparse(x, A, B, idx, gate, backend=backend, bias=bias)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for u, v in zip(torch.autograd.grad(got, [x, A, B, bias], go, retain_graph=True),
+                    torch.autograd.grad(want, [x, A, B, bias], go)):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
 
 
 def test_layer_init_rms():

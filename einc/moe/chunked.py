@@ -6,8 +6,8 @@ on ``n <= C`` gathered token rows, so it runs the same way as the fused dense ro
 (:mod:`einc.runtime.fused`): gather the rows, one ``bmm`` per core with the expert's slice
 of the cores (strided views, no copies), scale by the gates and add the rows into ``y``,
 all while the chunk's intermediates are in cache. The number of chunks follows the work
-(about ``S / C``, plus one partial chunk per expert), and the large tensors come from the
-recycled pool, so the memory traffic is close to a dense rank-k BTT's.
+(about ``S / C + E``: each expert's run in equal parts), and the large tensors come from
+the recycled pool, so the memory traffic is close to a dense rank-k BTT's.
 
 Backward reuses the saved intermediate ``h`` of every chunk; the gate gradient is
 ``<h, dY B^T>`` per slot (no saved output), and core gradients accumulate per expert in
@@ -61,11 +61,11 @@ def _zeros(shape, like: Tensor) -> Tensor:
 
 
 class ChunkedMoE(torch.autograd.Function):
-    """y[t] = sum over t's k slots of gate * BTT_r(x[t]); x (N, g, a), A (g, a, f, E),
-    B (f, g, E, e), expert_idx and gate (N, k). Returns (N, f, e)."""
+    """y[t] = bias + sum over t's k slots of gate * BTT_r(x[t]); x (N, g, a), A (g, a, f, E),
+    B (f, g, E, e), expert_idx and gate (N, k), bias (f, e) or None. Returns (N, f, e)."""
 
     @staticmethod
-    def forward(ctx, x, A, B, expert_idx, gate, chunk: int):
+    def forward(ctx, x, A, B, expert_idx, gate, bias, chunk: int):
         N, g, a = x.shape
         f, E, e = A.shape[2], A.shape[3], B.shape[3]
         k = expert_idx.shape[1]
@@ -76,7 +76,8 @@ class ChunkedMoE(torch.autograd.Function):
         counts = torch.bincount(flat, minlength=E).tolist()
         chunks = _chunks(counts, chunk)
         As, Bs = _expert_major(A, B)
-        y = _zeros([N, f, e], x)
+        y = buffers.empty([N, f, e], x.dtype, x.device)
+        y.copy_(bias.expand(N, f, e)) if bias is not None else y.zero_()
         scratch, saved = Scratch(x), []
         for r, s0, s1 in chunks:
             n, tok = s1 - s0, token[s0:s1]
@@ -98,7 +99,7 @@ class ChunkedMoE(torch.autograd.Function):
     def backward(ctx, dy):
         x, A, B, order, token, gates, *saved = ctx.saved_tensors
         N, g, a, f, E, e = ctx.shape
-        need_x, need_a, need_b, _, need_gate = ctx.needs_input_grad[:5]
+        need_x, need_a, need_b, _, need_gate, need_bias = ctx.needs_input_grad[:6]
         As, Bs = _expert_major(A, B)
         if not dy.is_contiguous():  # gathering rows of a strided tensor copies per row
             dy = buffers.empty(dy.shape, dy.dtype, dy.device).copy_(dy)
@@ -130,7 +131,9 @@ class ChunkedMoE(torch.autograd.Function):
                 dxc = torch.bmm(dh.transpose(1, 2), As[r].transpose(1, 2),
                                 out=scratch.get("dx", (g, n, a)))
                 dx.index_add_(0, tok, scratch.get("dxr", (n, g, a)).copy_(dxc.transpose(0, 1)))
-        grads = [None] * 6
+        grads = [None] * 7
+        if need_bias:
+            grads[5] = dy.sum(0)
         if dx is not None:
             grads[0] = dx
         if dA is not None:
@@ -144,10 +147,11 @@ class ChunkedMoE(torch.autograd.Function):
 
 
 def btt_moe_chunked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Tensor,
-                    chunk: int | None = None) -> Tensor:
-    """Sparse BTT-MoE on the CPU (see the module docstring); returns (N, f, e)."""
+                    chunk: int | None = None, bias: Tensor | None = None) -> Tensor:
+    """Sparse BTT-MoE on the CPU (see the module docstring); returns (N, f, e), plus
+    ``bias`` (shaped (f, e)) when given: y starts from it instead of zeros."""
     x = x.contiguous()
     if chunk is None:
         g, a, f, _ = A.shape
         chunk = chunk_slots(max(g * a, g * f, f * B.shape[3]), x.element_size())
-    return ChunkedMoE.apply(x, A, B, expert_idx, gate.to(x.dtype), chunk)
+    return ChunkedMoE.apply(x, A, B, expert_idx, gate.to(x.dtype), bias, chunk)

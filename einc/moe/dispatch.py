@@ -577,6 +577,7 @@ def btt_moe_sparse(
     gate: Tensor,
     deterministic: bool = False,
     backend: str = "auto",
+    bias: Optional[Tensor] = None,
 ) -> Tensor:
     """BTT-MoE where each token only runs its ``k`` selected experts.
 
@@ -589,24 +590,29 @@ def btt_moe_sparse(
 
     Backends:
 
+    * ``"chunked"`` (CPU): the sorted slots in cache-sized chunks, each within
+      one expert's run and computed as one rank-1 BTT on its gathered rows
+      (:mod:`einc.moe.chunked`); one host sync for the per-expert counts;
+      deterministic (chunks run in a fixed order, CPU ``index_add_`` adds
+      serially).
     * ``"strided"``: padded expert-major layout (capacity = largest expert
       load, one host sync) and ``bmm`` calls on strided slices, arranged so
-      that no transpose of the intermediate is ever materialised.  Fastest on
-      CPU when it takes the fast BLAS path; works for every dtype.  Costs ``E * C / (N * k)`` times the useful
-      work when the load is unbalanced.
+      that no transpose of the intermediate is ever materialised; works for
+      every dtype.  Costs ``E * C / (N * k)`` times the useful work when the
+      load is unbalanced.
     * ``"grouped_mm"``: ``torch.nn.functional.grouped_mm`` with jagged
       offsets (no padding, no host sync); needs a device/dtype it supports and
       sizes giving 16-byte aligned strides.
     * ``"padded"``: (expert, capacity) rows, one plain ``bmm`` per core and autograd for
       the backward; simple, every dtype, one host sync; deterministic.
-    * ``"auto"``: grouped_mm whenever it supports the device, dtype and
-      sizes, else the strided kernels.  (On the 2-core CPU used for
-      development, ``bmm`` into strided ``out=`` views hit a very slow path
-      for some capacities, so grouped_mm is preferred there too.)
+    * ``"auto"``: chunked on the CPU; elsewhere grouped_mm whenever it supports
+      the device, dtype and sizes, else the strided kernels.
 
-    ``deterministic=True`` makes every reduction a gather followed by a
-    fixed-order sum (no ``index_add_``), so results are bitwise reproducible
-    on every device.  Gradients flow to ``x``, ``A``, ``B`` and ``gate``.
+    ``deterministic=True`` makes every reduction of the grouped_mm and strided
+    backends a gather followed by a fixed-order sum (no ``index_add_``), so
+    results are bitwise reproducible on every device.  Gradients flow to ``x``,
+    ``A``, ``B``, ``gate`` and ``bias`` (an optional ``(f, e)`` tensor added to
+    every token's result; the chunked backend starts from it instead of zeros).
     Returns ``(N, f, e)``.
     """
     g, a, f, E, e = _check_shapes(x, A, B)
@@ -616,10 +622,13 @@ def btt_moe_sparse(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if N == 0:
-        return x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum())
+        y = x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum())
+        return y if bias is None else y + bias
     if backend == "chunked" or (backend == "auto" and x.device.type == "cpu"):
         from .chunked import btt_moe_chunked
-        return btt_moe_chunked(x, A, B, expert_idx, gate)
+        return btt_moe_chunked(x, A, B, expert_idx, gate, bias=bias)
+    if bias is not None:
+        return btt_moe_sparse(x, A, B, expert_idx, gate, deterministic, backend) + bias
     if backend == "padded":  # measured slower than grouped_mm on the 2-core CPU
         return _sparse_padded(x, A, B, expert_idx, gate.to(x.dtype))
     gate = gate.to(x.dtype)

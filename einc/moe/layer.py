@@ -213,11 +213,15 @@ class BTTMoE(nn.Module):
         if masked:
             y = btt_moe_masked(xs, self.A, self.B, expert_idx, gate)
         else:
-            y = btt_moe_sparse(xs, self.A, self.B, expert_idx, gate, deterministic=self.deterministic)
+            # the bias rides along where no padded outputs sit between it and y
+            fold = self.bias is not None and f * e == self.out_features
+            y = btt_moe_sparse(xs, self.A, self.B, expert_idx, gate,
+                               deterministic=self.deterministic,
+                               bias=self.bias.view(f, e) if fold else None)
         y = y.reshape(N, f * e)
         if f * e != self.out_features:
             y = y[:, : self.out_features]
-        if self.bias is not None:
+        if self.bias is not None and (masked or not fold):
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
