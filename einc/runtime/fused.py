@@ -95,10 +95,11 @@ def _empty(shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_tokens(plan: Plan, tokens: int, device: torch.device, itemsize: int) -> int:
-    """Tokens per chunk. Off the CPU, all of them (a GPU wants large launches). On the CPU,
-    the largest power of two whose widest intermediate fits CHUNK_BYTES, but no fewer than
-    re-read the factors (once per chunk) for as many bytes as the activations take."""
-    if device.type != "cpu":
+    """Tokens per chunk. Off the CPU, and for one-step chains, all of them (a GPU wants
+    large launches; one bmm has no intermediate to keep in cache). Otherwise the largest
+    power of two whose widest intermediate fits CHUNK_BYTES, but no fewer than re-read the
+    factors (once per chunk) for as many bytes as the activations take."""
+    if device.type != "cpu" or len(plan.steps) == 1:
         return max(tokens, 1)
     per_token = lambda o: math.prod(plan.sizes[i] for i in o if i != plan.token)
     acts = [per_token(o) for o in [plan.input_order, plan.output_order] +
