@@ -190,14 +190,22 @@ def _backward_steps(plan: Plan, sizes: dict, dy, saved, factors, need_x, need_f,
 
 def _factor_grad(left, dc, acc=None) -> tuple[torch.Tensor, bool]:
     """dF = L^T dC per batch, added into ``acc`` (a previous result of this function) when
-    given. Returns (the 3-D product, whether it is held transposed as [B][N][K]). When L is
-    read batch-middle, L^T would be a column-major batch-middle operand (a slow CPU path),
-    so the product is formed as dC^T L and transposed once, after the last chunk."""
+    given. Returns (the 3-D product, whether it is held transposed as [B][N][K]). The form
+    (L^T dC, or dC^T L transposed once after the last chunk) is the one with more row-major
+    operands; on a tie dC^T L where L is read batch-middle (L^T would be a column-major
+    batch-middle operand, a slow CPU path)."""
     if acc is not None:
         g, held = acc
         (g.baddbmm_(dc.transpose(1, 2), left) if held else g.baddbmm_(left.transpose(1, 2), dc))
         return acc
-    held = not (left.stride(0) >= max(left.stride(1), left.stride(2)) or left.shape[0] == 1)
+    # row-major operands per form: both transposed is measured 2x slower for skinny results
+    rows = lambda t: t.stride(2) == 1 or t.shape[2] == 1
+    direct = rows(left.transpose(1, 2)) + rows(dc)
+    flipped = rows(dc.transpose(1, 2)) + rows(left)
+    if direct != flipped:
+        held = flipped > direct
+    else:
+        held = not (left.stride(0) >= max(left.stride(1), left.stride(2)) or left.shape[0] == 1)
     a, b = (dc.transpose(1, 2), left) if held else (left.transpose(1, 2), dc)
     return torch.bmm(a, b, out=_empty([a.shape[0], a.shape[1], b.shape[2]], dc)), held
 
