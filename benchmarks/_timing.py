@@ -34,6 +34,24 @@ def median_ms(fn, reps: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_ms(fns: dict, reps: int = 5, warmup: int = 1) -> dict:
+    """Median ms of each callable, the repetitions taken round-robin (one of each in turn)
+    so that a noisy moment on a shared machine hits every candidate alike."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def table(rows, head) -> str:
     cells = [head] + [[str(c) for c in r] for r in rows]
     width = [max(len(r[c]) for r in cells) for c in range(len(head))]

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import einc  # noqa: E402
-from _timing import header, median_ms, table  # noqa: E402
+from _timing import header, interleaved_ms, table  # noqa: E402
 from einc.analysis import plan as analysed_chain  # noqa: E402
 
 STRUCTURES = ["dense", "btt", "btt(rank=4)", "monarch", "lowrank(rank=d/4)", "kron",
@@ -70,6 +70,13 @@ def naive_bmm_route(m):
     return run
 
 
+def _with_route(m, route):
+    def run(x):
+        m.route = route
+        return m(x)
+    return run
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--d", type=int, nargs="+", default=[1024, 4096])
@@ -82,20 +89,21 @@ def main():
     for d in args.d:
         x = torch.randn(args.tokens, d, requires_grad=True)
         dense = torch.nn.Linear(d, d)
-        t_dense = (median_ms(lambda: dense(x), args.reps),
-                   median_ms(lambda: dense(x).sum().backward(), args.reps))
         for spec in args.structures:
             spec_d = spec.replace("d/4", str(d // 4))
             m = einc.compile(spec_d, d)
-            routes = {"einsum x2": einsum_route(m), "naive bmm": naive_bmm_route(m)}
-            times = {}
-            for name, fn in routes.items():
-                times[name] = (median_ms(lambda: fn(x), args.reps),
-                               median_ms(lambda: fn(x).sum().backward(), args.reps))
+            m(x).sum().backward()  # the auto route measures its choice once, outside the timing
+            routes = {"nn.Linear": dense, "einsum x2": einsum_route(m),
+                      "naive bmm": naive_bmm_route(m)}
             for route in ("fused", "plain", "auto"):
-                m.route = route
-                times[route] = (median_ms(lambda: m(x), args.reps),
-                                median_ms(lambda: m(x).sum().backward(), args.reps))
+                routes[route] = _with_route(m, route)
+            fns = {}
+            for name, fn in routes.items():
+                fns[name, "f"] = lambda fn=fn: fn(x)
+                fns[name, "fb"] = lambda fn=fn: fn(x).sum().backward()
+            ms = interleaved_ms(fns, args.reps)
+            times = {name: (ms[name, "f"], ms[name, "fb"]) for name in routes}
+            t_dense = times["nn.Linear"]
             best_naive = min(times["einsum x2"][1], times["naive bmm"][1])
             einc_best = times["auto"][1]
             rows.append([spec_d, d, f"{2 * d * d / m.lowered.flops:.1f}",
@@ -109,7 +117,7 @@ def main():
                        "einc plain", "einc fused", "einc auto", "auto vs Linear (f+b)",
                        "auto vs best naive (f+b)"]))
     print(f"# {args.tokens} tokens; cells are forward / forward+backward medians of "
-          f"{args.reps}; 'auto' is einc's default route (measured choice among fused, plain, "
+          f"{args.reps}, taken round-robin over a row's routes; 'auto' is einc's default route (measured choice among fused, plain, "
           "one einsum and one einsum per step); ratios compare forward+backward; every "
           "route adds the bias, as nn.Linear does")
 
