@@ -44,16 +44,24 @@ def choose_route(module, x: torch.Tensor) -> str:
     return _CACHE[key]
 
 
-def _measure(module, dtype, device, tokens: int, train: bool) -> str:
-    """Time forward+backward (training) or forward alone (inference) of every route."""
+def _measure(module, dtype, device, tokens: int, train: bool, reps: int = 5) -> str:
+    """Time forward+backward (training) or forward alone (inference) of every route: best
+    of ``reps``, taken round-robin so a noisy moment hits every route alike."""
     x = torch.randn(tokens, module.in_features, dtype=dtype, device=device, requires_grad=train)
     step = (lambda: module(x).sum().backward()) if train else (lambda: module(x))
-    times = {}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    routes = candidates(x)
+    times = dict.fromkeys(routes, float("inf"))
     saved = module.route
     try:
-        for route in candidates(x):
-            module.route = route
-            times[route] = _time(step, device)
+        for rnd in range(reps + 1):
+            for route in routes:
+                module.route = route
+                t0 = time.perf_counter()
+                step()
+                sync()
+                if rnd:  # round 0 warms up
+                    times[route] = min(times[route], time.perf_counter() - t0)
     finally:
         module.route = saved
         module.zero_grad(set_to_none=True)
@@ -70,19 +78,6 @@ def pick(times: dict) -> str:
     best = min(times, key=times.get)
     if "fused" in times and times["fused"] <= (1 + MARGIN) * times[best]:
         return "fused"
-    return best
-
-
-def _time(fn, device, reps: int = 3) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
     return best
 
 
