@@ -61,3 +61,26 @@ def test_limit_and_empty_cache():
             buffers.limit(-1)
     finally:
         buffers.limit(old)
+
+
+def test_threads_never_share_a_live_block():
+    import threading
+    held, errors = [], []
+
+    def worker(k):
+        for _ in range(50):
+            t = buffers.empty(BIG, torch.float32, "cpu")
+            t.fill_(k)
+            if not bool((t == k).all()):
+                errors.append(k)
+            held.append(t) if len(held) < 8 else None
+            del t
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    ptrs = [t.data_ptr() for t in held]
+    assert len(set(ptrs)) == len(ptrs)

@@ -16,6 +16,7 @@ else changes hands: callers get ordinary tensors. Blocks are kept up to ``limit(
 from __future__ import annotations
 
 import sys
+import threading
 
 import torch
 
@@ -24,6 +25,7 @@ MIN_BYTES = 256 << 10
 _ALIGN = 64  # one cache line, the widest vector load
 
 _blocks: dict[int, list[bytearray]] = {}
+_lock = threading.Lock()  # finding an idle block and wrapping it is one step
 _held = 0
 _limit = 2 << 30
 
@@ -47,11 +49,12 @@ def empty_cache() -> int:
     """Drop every idle block; returns the bytes released."""
     global _held
     freed = 0
-    for size, blocks in _blocks.items():
-        idle = set(_idle(blocks))
-        freed += size * len(idle)
-        blocks[:] = [b for i, b in enumerate(blocks) if i not in idle]
-    _held -= freed
+    with _lock:
+        for size, blocks in _blocks.items():
+            idle = set(_idle(blocks))
+            freed += size * len(idle)
+            blocks[:] = [b for i, b in enumerate(blocks) if i not in idle]
+        _held -= freed
     return freed
 
 
@@ -73,23 +76,30 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = numel * itemsize
+    nbytes = numel * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     size = nbytes + _ALIGN
+    with _lock:
+        block = _take(size)
+        if block is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        base = torch.frombuffer(block, dtype=torch.uint8)
+        offset = -base.data_ptr() % _ALIGN
+        # frombuffer wants count in the target dtype's elements and offset in bytes
+        flat = torch.frombuffer(block, dtype=dtype, count=numel, offset=offset)
+    return flat.view(shape)
+
+
+def _take(size: int) -> bytearray | None:
+    """An idle block of ``size`` bytes, a new one within the limit, or None."""
+    global _held
     blocks = _blocks.setdefault(size, [])
     idle = _idle(blocks)
-    block = blocks[idle[0]] if idle else None
-    if block is None:
-        global _held
-        if _held + size > _limit:
-            return torch.empty(shape, dtype=dtype, device=device)
-        block = bytearray(size)
-        blocks.append(block)
-        _held += size
-    base = torch.frombuffer(block, dtype=torch.uint8)
-    offset = -base.data_ptr() % _ALIGN
-    # frombuffer wants count and offset in the target dtype's elements and bytes
-    flat = torch.frombuffer(block, dtype=dtype, count=numel, offset=offset)
-    return flat.view(shape)
+    if idle:
+        return blocks[idle[0]]
+    if _held + size > _limit:
+        return None
+    blocks.append(bytearray(size))
+    _held += size
+    return blocks[-1]
