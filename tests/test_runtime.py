@@ -203,3 +203,23 @@ def test_empty_batch_gives_zero_gradients():
     x = torch.randn(0, 64, requires_grad=True)
     m(x).sum().backward()
     assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_fused_route_low_precision(dtype):
+    m = einc.compile("btt(rank=2)", 256, dtype=dtype, route="fused")
+    m.chunk = 7
+    x = torch.randn(40, 256, dtype=dtype, requires_grad=True)
+    y = m(x)
+    y.float().square().sum().backward()
+    got = [x.grad.float()] + [p.grad.float() for p in m.parameters()]
+    x2 = x.detach().double().requires_grad_()
+    m64 = einc.compile("btt(rank=2)", 256, dtype=torch.float64, route="einsum")
+    m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    y64 = m64(x2)
+    y64.square().sum().backward()
+    want = [x2.grad] + [p.grad for p in m64.parameters()]
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert (y.double() - y64).abs().max() <= tol * y64.abs().max()
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max() <= 2 * tol * b.abs().max()
