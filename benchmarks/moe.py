@@ -94,21 +94,19 @@ def config(d: int, E: int, k: int, tokens: int, warmup: int, repeats: int, seed:
     # and is timed as the faster of the two layouts
     Ac, Bc = A.detach().contiguous().requires_grad_(), B.detach().contiguous().requires_grad_()
 
-    def masked():
-        idx, gate = route(logits, k)
-        return btt_moe_masked(x, A, B, idx, gate)
-
-    def masked_contiguous():
-        idx, gate = route(logits, k)
-        return btt_moe_masked(x, Ac, Bc, idx, gate)
+    def masked(A, B):
+        def run():
+            idx, gate = route(logits, k)
+            return btt_moe_masked(x, A, B, idx, gate)
+        return run
 
     def sparse():
         idx, gate = route(logits, k)
         return btt_moe_sparse(x, A, B, idx, gate)
 
     cands = {
-        "masked": fwd_bwd(masked, [x, A, B, logits]),
-        "masked_contiguous": fwd_bwd(masked_contiguous, [x, Ac, Bc, logits]),
+        "masked": fwd_bwd(masked(A, B), [x, A, B, logits]),
+        "masked_contiguous": fwd_bwd(masked(Ac, Bc), [x, Ac, Bc, logits]),
         "sparse": fwd_bwd(sparse, [x, A, B, logits]),
         "floor_bmm": fwd_bwd(lambda: btt_dense(x, Ak, Bk), [x, Ak, Bk]),
         "floor_strided": fwd_bwd(lambda: btt_dense(x, Ak, Bk, method="strided"), [x, Ak, Bk]),
