@@ -144,7 +144,7 @@ def _forward_steps(plan: Plan, sizes: dict, x, factors, scratch: Scratch, rows):
     return saved
 
 
-def _backward_steps(plan: Plan, sizes: dict, dy, saved, factors, need_x, need_f, grads,
+def _backward_steps(plan: Plan, sizes: dict, dy, saved, factors, need_f, grads,
                     scratch: Scratch, dx_rows):
     """Gradients of one chunk: factor gradients added into ``grads``; dx written into
     ``dx_rows`` (in plan.input_order) unless it is None."""
@@ -256,8 +256,8 @@ class ChainFunction(torch.autograd.Function):
                 part = rows.reshape(n, -1).sum(0)
                 db = part if db is None else db.add_(part)
             _backward_steps(plan, dict(plan.sizes, **{plan.token: n}), rows,
-                            saved[j * nsteps:(j + 1) * nsteps], factors, dx is not None,
-                            need_f, grads, scratch, None if dx is None else dx[c0:c0 + n])
+                            saved[j * nsteps:(j + 1) * nsteps], factors, need_f, grads,
+                            scratch, None if dx is None else dx[c0:c0 + n])
         if need_b and db is None:  # no tokens
             db = dy.new_zeros(dy.shape[1:])
         grads = [_factor_result(g, f.shape) if g is not None else
