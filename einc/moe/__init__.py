@@ -20,4 +20,7 @@ __all__ = [
 
 from .layer import BTTMoE, from_structure, moe_aux_loss, near_square_factors  # noqa: E402
 
-__all__ += ["BTTMoE", "from_structure", "moe_aux_loss", "near_square_factors"]
+from .chunked import btt_moe_chunked  # noqa: E402
+
+__all__ += ["BTTMoE", "from_structure", "moe_aux_loss", "near_square_factors",
+            "btt_moe_chunked"]
