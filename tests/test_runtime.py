@@ -223,3 +223,21 @@ def test_chunked_fused_route_low_precision(dtype):
     assert (y.double() - y64).abs().max() <= tol * y64.abs().max()
     for a, b in zip(got, want):
         assert (a.double() - b).abs().max() <= 2 * tol * b.abs().max()
+
+
+@pytest.mark.parametrize("spec", ["tt(rank=2)", "btt(rank=2, cores=3)", "kron", "monarch"])
+def test_parameters_in_any_layout(spec):
+    """Parameters replaced by plain contiguous tensors (load_state_dict(assign=True), the
+    usual path from a checkpoint or the meta device) give the same results and gradients."""
+    m = einc.compile(spec, 64, 64, dtype=torch.float64)
+    _randomize(m, 3)
+    m.load_state_dict({k: v.contiguous() for k, v in m.state_dict().items()}, assign=True)
+    x = torch.randn(9, 64, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for route in ROUTES:
+        m.route = route
+        y = m(x)
+        results[route] = (y, *torch.autograd.grad(y.square().sum(), [x, *m.parameters()]))
+    for route in ROUTES:
+        for a, b in zip(results[route], results["einsum"]):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), route

@@ -328,7 +328,7 @@ def forward_triton(module, x: torch.Tensor) -> torch.Tensor:
         z = torch.nn.functional.pad(z, (0, low.padded_in - low.d_in))
     n = z.shape[0]
     z = z.contiguous().view(n, *low.input_sizes)
-    facs = [p.permute([f.indices.index(i) for i in _storage_order(low, k)])
+    facs = [p.permute([f.indices.index(i) for i in _storage_order(low, k)]).contiguous()
             for k, (p, f) in enumerate(zip(module.factors(), module.structure.factors))]
     bias = module.bias
     if bias is not None and bias.dtype != z.dtype:

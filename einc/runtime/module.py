@@ -144,7 +144,9 @@ class StructuredLinear(nn.Module):
         z = self._tokens(x)
         n = z.shape[0]
         z = z.contiguous().view(n, *low.input_sizes)
-        facs = [p.permute([f.indices.index(i) for i in _storage_order(low, k)])
+        # contiguous in storage order: free for the layout __init__ gave the parameters, a
+        # copy (with its gradient) where a user replaced them, e.g. load_state_dict(assign=True)
+        facs = [p.permute([f.indices.index(i) for i in _storage_order(low, k)]).contiguous()
                 for k, (p, f) in enumerate(zip(self.factors(), self.structure.factors))]
         # the bias rides along when no padded outputs sit between it and y
         fuse = self.bias is not None and low.padded_out == low.d_out
