@@ -23,3 +23,45 @@ def test_small_problems_skip_measuring_and_large_ones_are_cached():
     assert list(new.values()) == [choice]  # one measurement, cached under one key
     assert autotune.choose_route(big, x) == choice
     assert all(p.grad is None for p in big.parameters())  # measuring left no gradients
+
+
+def _measuring(monkeypatch):
+    autotune._CACHE.clear()
+    monkeypatch.setattr(autotune, "MEASURE_ABOVE", 0)  # measure even a small layer
+
+
+def test_measuring_keeps_accumulated_gradients_hooks_and_rng(monkeypatch):
+    _measuring(monkeypatch)
+    m = einc.compile("btt(rank=2)", 64, dtype=torch.float64)
+    x1, x2 = torch.randn(8, 64, dtype=torch.float64), torch.randn(40, 64, dtype=torch.float64)
+    calls = []
+    for p in m.parameters():
+        p.register_hook(lambda g: calls.append(1))
+    m(x1).sum().backward()          # measures once (bucket 8)
+    n_hooks = len(calls)
+    assert n_hooks == len(list(m.parameters()))  # one call per parameter: the user's pass
+    torch.manual_seed(5)
+    m(x2).sum().backward()          # measures again (bucket 64), mid-accumulation
+    after = torch.rand(1)
+    assert len(calls) == 2 * n_hooks  # only the user's two backward passes ran the hooks
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(1), after)  # the measurement drew nothing from the stream
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.route = "einsum"
+    (m(x1).sum() + m(x2).sum()).backward()
+    for a, p in zip(grads, m.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_measuring_under_activation_checkpointing(monkeypatch):
+    from torch.utils.checkpoint import checkpoint
+    _measuring(monkeypatch)
+    m = einc.compile("btt(rank=2)", 64, dtype=torch.float64)
+    x = torch.randn(16, 64, dtype=torch.float64, requires_grad=True)
+    checkpoint(m, x, use_reentrant=False).sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    m.route = "einsum"
+    m(x).sum().backward()
+    assert torch.allclose(got, x.grad, rtol=1e-10, atol=1e-10)

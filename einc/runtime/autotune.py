@@ -5,6 +5,7 @@ ones time forward+backward of each route once on the real device and keep the fa
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -46,25 +47,30 @@ def choose_route(module, x: torch.Tensor) -> str:
 
 def _measure(module, dtype, device, tokens: int, train: bool, reps: int = 5) -> str:
     """Time forward+backward (training) or forward alone (inference) of every route: best
-    of ``reps``, taken round-robin so a noisy moment hits every route alike."""
-    x = torch.randn(tokens, module.in_features, dtype=dtype, device=device, requires_grad=train)
-    step = (lambda: module(x).sum().backward()) if train else (lambda: module(x))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    routes = candidates(x)
-    times = dict.fromkeys(routes, float("inf"))
-    saved = module.route
-    try:
+    of ``reps``, taken round-robin so a noisy moment hits every route alike.
+
+    The timing runs on a copy of the module through ``forward`` itself, so the caller's
+    gradients, hooks, route and random stream are untouched (the measurement may happen in
+    the middle of gradient accumulation, under activation checkpointing, or in two threads
+    at once)."""
+    twin = copy.deepcopy(module)  # own parameters, no gradients, no tensor hooks
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        x = torch.randn(tokens, module.in_features, dtype=dtype, device=device,
+                        requires_grad=train)
+        step = (lambda: twin.forward(x).sum().backward()) if train else (lambda: twin.forward(x))
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        routes = candidates(x)
+        times = dict.fromkeys(routes, float("inf"))
         for rnd in range(reps + 1):
             for route in routes:
-                module.route = route
+                twin.route = route
                 t0 = time.perf_counter()
                 step()
                 sync()
                 if rnd:  # round 0 warms up
                     times[route] = min(times[route], time.perf_counter() - t0)
-    finally:
-        module.route = saved
-        module.zero_grad(set_to_none=True)
     return pick(times)
 
 
