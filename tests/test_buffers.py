@@ -84,3 +84,38 @@ def test_threads_never_share_a_live_block():
     assert not errors
     ptrs = [t.data_ptr() for t in held]
     assert len(set(ptrs)) == len(ptrs)
+
+
+def test_sizes_share_a_class_and_the_limit_evicts_idle_blocks():
+    old = buffers.limit()
+    try:
+        t = buffers.empty((500, 1024), torch.float32, "cpu")
+        ptr = t.data_ptr()
+        del t
+        u = buffers.empty((510, 1024), torch.float32, "cpu")  # same size class: reused
+        assert u.data_ptr() == ptr
+        del u
+        need = buffers._size_class(900 * 1024 * 4 + 64)
+        buffers.limit(need + 1024)  # room for the new block only once the idle one is gone
+        assert buffers.held() + need > buffers.limit()
+        v = buffers.empty((900, 1024), torch.float32, "cpu")
+        assert buffers.held() == need  # the idle block was dropped, v came from the pool
+        assert [len(b) for b in buffers._blocks.values() if b] == [1]
+        buffers.limit(0)
+        w = buffers.empty((900, 1024), torch.float32, "cpu")  # v is busy: an ordinary tensor
+        assert w.data_ptr() != v.data_ptr() and buffers.held() == need
+    finally:
+        buffers.limit(old)
+
+
+def test_varying_sizes_do_not_grow_the_pool_without_bound():
+    def steps():
+        for step in range(200):
+            n = 300 + (step * 37) % 500  # rows vary every call, like MoE chunk lengths
+            a = buffers.empty((n, 1024), torch.float32, "cpu")
+            b = buffers.empty((n, 512), torch.float32, "cpu")
+            del a, b
+    steps()
+    first = buffers.held()
+    steps()
+    assert buffers.held() == first < 32 << 20  # one block per size class, reused

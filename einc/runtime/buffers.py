@@ -9,9 +9,11 @@ a BTT layer at d = 4096 they were about a third of a training step.
 
 The pool hands out tensors viewing Python ``bytearray`` blocks it keeps. A tensor keeps its
 block referenced for as long as it or any view of it lives, so a block whose only referrer
-is the pool is free: the next request of its size reuses it, already faulted in. Nothing
-else changes hands: callers get ordinary tensors. Blocks are kept up to ``limit()`` bytes;
-:func:`empty_cache` drops the idle ones.
+is the pool is free: the next request of its size class (four per power of two) reuses
+it, already faulted in. Callers get ordinary tensors, except that their storage cannot
+grow (``resize_`` beyond the block, or ``out=`` arguments that must resize, fail). Blocks
+are kept up to ``limit()`` bytes; a new block that would pass it first drops idle blocks
+of other sizes, and :func:`empty_cache` drops every idle one.
 """
 from __future__ import annotations
 
@@ -62,13 +64,20 @@ def _refcounts(blocks) -> list[int]:
     return [sys.getrefcount(b) for b in blocks]
 
 
-#: references to a block only the pool holds, as _refcounts sees them
-_BASE = _refcounts([bytearray(1)])[0]
-
-
 def _idle(blocks) -> list[int]:
-    """Positions of the blocks no tensor refers to any more."""
-    return [i for i, c in enumerate(_refcounts(blocks)) if c <= _BASE]
+    """Positions of the blocks no tensor refers to any more. A fresh probe, held once (by
+    a local, as each block is by the pool), is counted in the same pass: its count is the
+    count of a block nothing else holds, whatever the interpreter adds to both."""
+    probe = bytearray(1)
+    counts = _refcounts([*blocks, probe])
+    return [i for i, c in enumerate(counts[:-1]) if c <= counts[-1]]
+
+
+def _size_class(nbytes: int) -> int:
+    """Block size for a request: rounded up to one of four sizes per power of two (at most
+    25% unused), so that requests of slowly varying size share blocks."""
+    step = 1 << max(0, nbytes.bit_length() - 3)
+    return -(-nbytes // step) * step
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -79,7 +88,7 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     nbytes = numel * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
-    size = nbytes + _ALIGN
+    size = _size_class(nbytes + _ALIGN)
     with _lock:
         block = _take(size)
         if block is None:
@@ -92,14 +101,31 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def _take(size: int) -> bytearray | None:
-    """An idle block of ``size`` bytes, a new one within the limit, or None."""
+    """An idle block of ``size`` bytes, else a new one, after dropping idle blocks of other
+    sizes if the limit needs it; None when the blocks in use leave no room."""
     global _held
     blocks = _blocks.setdefault(size, [])
     idle = _idle(blocks)
     if idle:
         return blocks[idle[0]]
     if _held + size > _limit:
+        _held -= _evict(_held + size - _limit)
+    if _held + size > _limit:
         return None
     blocks.append(bytearray(size))
     _held += size
     return blocks[-1]
+
+
+def _evict(need: int) -> int:
+    """Drop idle blocks, largest sizes first, until ``need`` bytes are freed (or none are
+    left idle); returns the bytes freed."""
+    freed = 0
+    for size in sorted(_blocks, reverse=True):
+        blocks = _blocks[size]
+        for i in sorted(_idle(blocks), reverse=True):  # from the end: indices stay valid
+            if freed >= need:
+                return freed
+            del blocks[i]
+            freed += size
+    return freed
