@@ -241,3 +241,22 @@ def test_parameters_in_any_layout(spec):
     for route in ROUTES:
         for a, b in zip(results[route], results["einsum"]):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), route
+
+
+def test_bfloat16_gradients_do_not_degrade_with_the_number_of_chunks():
+    torch.manual_seed(0)
+    m = einc.compile("btt(rank=2)", 256, dtype=torch.bfloat16, route="fused")
+    x = torch.randn(2048, 256, dtype=torch.bfloat16)
+    ref = einc.compile("btt(rank=2)", 256, dtype=torch.float64, route="einsum")
+    ref.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    ref(x.double()).square().sum().backward()
+
+    def errors(chunk):
+        m.zero_grad()
+        m.chunk = chunk
+        m(x).float().square().sum().backward()
+        return [((p.grad.double() - q.grad).norm() / q.grad.norm()).item()
+                for p, q in zip(m.parameters(), ref.parameters())]
+
+    whole, many = errors(2048), errors(16)  # one chunk vs 128 chunks
+    assert all(b <= 1.5 * a + 1e-4 for a, b in zip(whole, many)), (whole, many)

@@ -56,6 +56,19 @@ def _expert_major(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return As, Bs
 
 
+def _half(t: Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16)
+
+
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor, scratch: Scratch) -> None:
+    """acc += a @ b per batch; a half-precision product goes through scratch into a float32
+    ``acc``."""
+    if acc.dtype == a.dtype:
+        acc.baddbmm_(a, b)
+    else:
+        acc.add_(torch.bmm(a, b, out=scratch.get("acc", (a.shape[0], a.shape[1], b.shape[2]))))
+
+
 def _zeros(shape, like: Tensor) -> Tensor:
     return buffers.empty(shape, like.dtype, like.device).zero_()
 
@@ -106,8 +119,10 @@ class ChunkedMoE(torch.autograd.Function):
             dy = buffers.empty(dy.shape, dy.dtype, dy.device).copy_(dy)
         dy2 = dy.view(N, f * e)
         dx = _zeros([N, g, a], x) if need_x else None
-        dA = _zeros([E, g, f, a], x) if need_a else None  # held transposed: [g][f][a]
-        dB = _zeros([E, f, g, e], x) if need_b else None
+        # core gradients sum over chunks: in float32 for half-precision inputs
+        acc = torch.empty(0, dtype=torch.float32 if _half(x) else x.dtype, device=x.device)
+        dA = _zeros([E, g, f, a], acc) if need_a else None  # held transposed: [g][f][a]
+        dB = _zeros([E, f, g, e], acc) if need_b else None
         dgate = x.new_empty(order.shape[0]) if need_gate else None
         scratch = Scratch(x)
         for (r, s0, s1), h in zip(ctx.chunks, saved):
@@ -121,13 +136,13 @@ class ChunkedMoE(torch.autograd.Function):
                 dgate[s0:s1] = torch.mul(h, dh, out=scratch.get("hdh", (g, f, n))).sum((0, 1))
             if dB is not None:
                 rows.mul_(gc.view(n, 1))
-                dB[r].baddbmm_(h.transpose(0, 1), dyc)  # (f, g, n) @ (f, n, e)
+                _accumulate(dB[r], h.transpose(0, 1), dyc, scratch)  # (f, g, n) @ (f, n, e)
             if dA is None and dx is None:
                 continue
             dhu.mul_(gc.view(1, 1, n))
             if dA is not None:
                 xc = torch.index_select(x, 0, tok, out=scratch.get("x", (n, g, a)))
-                dA[r].baddbmm_(dh, xc.transpose(0, 1))  # (g, f, n) @ (g, n, a)
+                _accumulate(dA[r], dh, xc.transpose(0, 1), scratch)  # (g, f, n) @ (g, n, a)
             if dx is not None:
                 dxc = torch.bmm(dh.transpose(1, 2), As[r].transpose(1, 2),
                                 out=scratch.get("dx", (g, n, a)))
@@ -138,9 +153,9 @@ class ChunkedMoE(torch.autograd.Function):
         if dx is not None:
             grads[0] = dx
         if dA is not None:
-            grads[1] = dA.permute(1, 3, 2, 0)  # (E, g, f, a) -> (g, a, f, E)
+            grads[1] = dA.permute(1, 3, 2, 0).to(A.dtype)  # (E, g, f, a) -> (g, a, f, E)
         if dB is not None:
-            grads[2] = dB.permute(1, 2, 0, 3)  # (E, f, g, e) -> (f, g, E, e)
+            grads[2] = dB.permute(1, 2, 0, 3).to(B.dtype)  # (E, f, g, e) -> (f, g, E, e)
         if dgate is not None:
             flat = torch.empty_like(dgate).index_copy_(0, order, dgate)
             grads[4] = flat.view(N, ctx.k)

@@ -160,7 +160,7 @@ def _backward_steps(plan: Plan, sizes: dict, dy, saved, factors, need_f, grads,
         left = view3(saved[k], st.in_order, sizes, (st.batch, st.left, st.contracted))
         f = factors[st.factor]
         if need_f[st.factor]:
-            grads[st.factor] = _factor_grad(left, dc, grads[st.factor])
+            grads[st.factor] = _factor_grad(left, dc, grads[st.factor], scratch)
         if k == 0 and dx_rows is None:
             return
         # dL in [B][M][K] or [B][K][M], whichever is the order the previous step wrote
@@ -188,32 +188,46 @@ def _backward_steps(plan: Plan, sizes: dict, dy, saved, factors, need_f, grads,
             d = relayout(dl, got, prev, scratch.get(("dr", k), [sizes[i] for i in prev]))
 
 
-def _factor_grad(left, dc, acc=None) -> tuple[torch.Tensor, bool]:
+def _factor_grad(left, dc, acc=None, scratch: Scratch | None = None):
     """dF = L^T dC per batch, added into ``acc`` (a previous result of this function) when
-    given. Returns (the 3-D product, whether it is held transposed as [B][N][K]). The form
+    given. Returns (the 3-D sum, whether it is held transposed as [B][N][K]). The form
     (L^T dC, or dC^T L transposed once after the last chunk) is the one with more row-major
     operands; on a tie dC^T L where L is read batch-middle (L^T would be a column-major
-    batch-middle operand, a slow CPU path)."""
-    if acc is not None:
-        g, held = acc
-        (g.baddbmm_(dc.transpose(1, 2), left) if held else g.baddbmm_(left.transpose(1, 2), dc))
-        return acc
-    # row-major operands per form: both transposed is measured 2x slower for skinny results
-    rows = lambda t: t.stride(2) == 1 or t.shape[2] == 1
-    direct = rows(left.transpose(1, 2)) + rows(dc)
-    flipped = rows(dc.transpose(1, 2)) + rows(left)
-    if direct != flipped:
-        held = flipped > direct
+    batch-middle operand, a slow CPU path). Half-precision products are summed over the
+    chunks in float32, as one large product would accumulate them."""
+    if acc is None:
+        # row-major operands per form: both transposed measured 2x slower for skinny results
+        rows = lambda t: t.stride(2) == 1 or t.shape[2] == 1
+        direct = rows(left.transpose(1, 2)) + rows(dc)
+        flipped = rows(dc.transpose(1, 2)) + rows(left)
+        if direct != flipped:
+            held = flipped > direct
+        else:
+            held = not (left.stride(0) >= max(left.stride(1), left.stride(2))
+                        or left.shape[0] == 1)
     else:
-        held = not (left.stride(0) >= max(left.stride(1), left.stride(2)) or left.shape[0] == 1)
+        g, held = acc
     a, b = (dc.transpose(1, 2), left) if held else (left.transpose(1, 2), dc)
-    return torch.bmm(a, b, out=_empty([a.shape[0], a.shape[1], b.shape[2]], dc)), held
+    shape = (a.shape[0], a.shape[1], b.shape[2])
+    if acc is None:
+        g = torch.bmm(a, b, out=_empty(shape, dc))
+        return (g.float() if _half(g) else g), held
+    if g.dtype == a.dtype:
+        g.baddbmm_(a, b)
+    else:
+        g.add_(torch.bmm(a, b, out=scratch.get("dF", shape)))
+    return acc
 
 
-def _factor_result(acc, shape) -> torch.Tensor:
-    """The accumulated factor gradient in the factor's storage order [B][K][N]."""
+def _half(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16)
+
+
+def _factor_result(acc, like: torch.Tensor) -> torch.Tensor:
+    """The accumulated factor gradient in the factor's storage order [B][K][N], dtype."""
     g, held = acc
-    return (g.transpose(1, 2).contiguous() if held else g).view(shape)
+    g = g.transpose(1, 2).contiguous() if held else g
+    return g.to(like.dtype).view(like.shape)
 
 
 class ChainFunction(torch.autograd.Function):
@@ -252,15 +266,16 @@ class ChainFunction(torch.autograd.Function):
         for j, c0 in enumerate(range(0, tokens, chunk)):
             n = min(chunk, tokens - c0)
             rows = dy[c0:c0 + n]
-            if need_b:  # while the rows are in cache
-                part = rows.reshape(n, -1).sum(0)
+            if need_b:  # while the rows are in cache; half precision summed in float32
+                part = rows.reshape(n, -1).sum(0, dtype=torch.float32 if _half(dy) else None)
                 db = part if db is None else db.add_(part)
             _backward_steps(plan, dict(plan.sizes, **{plan.token: n}), rows,
                             saved[j * nsteps:(j + 1) * nsteps], factors, need_f, grads,
                             scratch, None if dx is None else dx[c0:c0 + n])
         if need_b and db is None:  # no tokens
             db = dy.new_zeros(dy.shape[1:])
-        grads = [_factor_result(g, f.shape) if g is not None else
+        grads = [_factor_result(g, f) if g is not None else
                  torch.zeros_like(f) if need_f[k] else None  # no tokens
                  for k, (g, f) in enumerate(zip(grads, factors))]
-        return (None, None, None, dx, None if db is None else db.view(dy.shape[1:]), *grads)
+        db = None if db is None else db.to(dy.dtype).view(dy.shape[1:])
+        return (None, None, None, dx, db, *grads)
