@@ -21,14 +21,13 @@ import torch
 from torch import Tensor
 
 from ..runtime import buffers
-from ..runtime.fused import CHUNK_BYTES, MIN_CHUNK, Scratch
+from ..runtime.fused import Scratch, cache_fit
 
 
 def chunk_slots(d_max: int, itemsize: int) -> int:
-    """Slots per chunk: the largest power of two whose widest intermediate (``d_max``
-    values per slot) fits CHUNK_BYTES, at least MIN_CHUNK."""
-    want = max(MIN_CHUNK, CHUNK_BYTES // max(1, d_max * itemsize))
-    return 1 << (want.bit_length() - 1)
+    """Slots per chunk: as many as keep the widest intermediate (``d_max`` values per slot)
+    within the fused route's cache budget."""
+    return cache_fit(d_max * itemsize)
 
 
 def _chunks(counts: list[int], size: int) -> list[tuple[int, int, int]]:

@@ -96,18 +96,23 @@ def _empty(shape, like: torch.Tensor) -> torch.Tensor:
 
 def chunk_tokens(plan: Plan, tokens: int, device: torch.device, itemsize: int) -> int:
     """Tokens per chunk. Off the CPU, and for one-step chains, all of them (a GPU wants
-    large launches; one bmm has no intermediate to keep in cache). Otherwise the largest
-    power of two whose widest intermediate fits CHUNK_BYTES, but no fewer than re-read the
-    factors (once per chunk) for as many bytes as the activations take."""
+    large launches; one bmm has no intermediate to keep in cache). Otherwise as many as
+    keep the widest intermediate within CHUNK_BYTES (:func:`cache_fit`), but no fewer than
+    make re-reading the factors (once per chunk) cost less than the activations."""
     if device.type != "cpu" or len(plan.steps) == 1:
         return max(tokens, 1)
     per_token = lambda o: math.prod(plan.sizes[i] for i in o if i != plan.token)
     acts = [per_token(o) for o in [plan.input_order, plan.output_order] +
             [st.out_order for st in plan.steps]]
     weights = sum(math.prod(plan.sizes[i] for i in st.factor_order) for st in plan.steps)
-    want = max(MIN_CHUNK, CHUNK_BYTES // (max(acts) * itemsize), -(-weights // sum(acts)))
-    chunk = 1 << (want - 1).bit_length()  # round up to a power of two
-    return min(max(tokens, 1), chunk)
+    amortised = 1 << (-(-weights // sum(acts)) - 1).bit_length()  # a power of two, up
+    return min(max(tokens, 1), max(cache_fit(max(acts) * itemsize), amortised))
+
+
+def cache_fit(row_bytes: int) -> int:
+    """The largest power of two of rows of ``row_bytes`` within CHUNK_BYTES, at least
+    MIN_CHUNK."""
+    return max(MIN_CHUNK, 1 << (max(1, CHUNK_BYTES // max(1, row_bytes)).bit_length() - 1))
 
 
 def _size(sizes, group) -> int:
@@ -236,7 +241,8 @@ class ChainFunction(torch.autograd.Function):
     output. Returns y contiguous in plan.output_order. Tokens run ``chunk`` at a time."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, tokens: int, chunk: int, x, bias, *factors):
+    def forward(ctx, plan: Plan, chunk: int, x, bias, *factors):
+        tokens = x.shape[0]
         chunk = max(1, min(chunk, tokens))
         y = _empty([tokens, *(plan.sizes[i] for i in plan.output_order[1:])], x)
         scratch, saved = Scratch(x), []
@@ -255,12 +261,12 @@ class ChainFunction(torch.autograd.Function):
     def backward(ctx, dy):
         plan, tokens, chunk = ctx.plan, ctx.tokens, ctx.chunk
         nsteps = len(plan.steps)
-        nf = len(ctx.needs_input_grad) - 5
+        nf = len(ctx.needs_input_grad) - 4
         saved, factors = ctx.saved_tensors[:-nf], ctx.saved_tensors[-nf:]
-        need_b = ctx.has_bias and ctx.needs_input_grad[4]
-        need_f = ctx.needs_input_grad[5:]
+        need_b = ctx.has_bias and ctx.needs_input_grad[3]
+        need_f = ctx.needs_input_grad[4:]
         grads, db, dx = [None] * nf, None, None
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[2]:
             dx = _empty([tokens, *(plan.sizes[i] for i in plan.input_order[1:])], dy)
         scratch = Scratch(dy)
         for j, c0 in enumerate(range(0, tokens, chunk)):
@@ -278,4 +284,4 @@ class ChainFunction(torch.autograd.Function):
                  torch.zeros_like(f) if need_f[k] else None  # no tokens
                  for k, (g, f) in enumerate(zip(grads, factors))]
         db = None if db is None else db.to(dy.dtype).view(dy.shape[1:])
-        return (None, None, None, dx, db, *grads)
+        return (None, None, dx, db, *grads)

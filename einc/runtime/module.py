@@ -152,7 +152,7 @@ class StructuredLinear(nn.Module):
         fuse = self.bias is not None and low.padded_out == low.d_out
         bias = self.bias.view([low.sizes[i] for i in low.plan.output_order[1:]]) if fuse else None
         chunk = self.chunk or chunk_tokens(low.plan, n, z.device, z.element_size())
-        y = ChainFunction.apply(low.plan, n, chunk, z, bias, *facs).reshape(n, low.padded_out)
+        y = ChainFunction.apply(low.plan, chunk, z, bias, *facs).reshape(n, low.padded_out)
         if fuse:
             return y[:, :low.d_out].reshape(*x.shape[:-1], self.out_features)
         return self._finish(y, x.shape[:-1])
