@@ -1,7 +1,11 @@
 """BTT-MoE: sparse dispatch vs. masked reference vs. the rank-k floor.
 
-Times one forward + backward pass (median of a few repeats after warm-up,
-all variants of a configuration interleaved so machine load hits them alike):
+Times one forward + backward pass (median of a few repeats after warm-up). The variants
+of a configuration run in rounds, in a new random order each round, so that machine load
+and whatever one variant leaves in the caches hit them alike (in a fixed order the floors,
+which share ``x``, found it in cache after one another, while sparse ran after the
+cache-flushing masked reference). Upstream gradients are allocated once, outside the
+timed calls. Ratios are medians of the per-round ratios:
 
 * masked: every expert for every token, gated by a dense (N, E) matrix
   (``btt_moe_masked``), i.e. E/k times the useful work;
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import random
 import statistics
 import time
 
@@ -49,26 +54,35 @@ def machine() -> str:
 
 
 def fwd_bwd(fn, params):
+    grad = []  # the upstream gradient, made once: a fresh 16+ MiB tensor costs page faults
+
     def step():
         for p in params:
             p.grad = None
         out = fn()
-        out.backward(torch.ones_like(out))
+        if not grad:
+            grad.append(torch.ones_like(out))
+        out.backward(grad[0])
 
     return step
 
 
-def bench(cands: dict, warmup: int, repeats: int) -> dict:
+def bench(cands: dict, warmup: int, repeats: int, seed: int = 0) -> dict:
+    """Per variant, the list of its times (ms), one per round; rounds run the variants in
+    a new random order."""
     times = {name: [] for name in cands}
     for _ in range(warmup):
         for fn in cands.values():
             fn()
+    order = random.Random(seed)
     for _ in range(repeats):
-        for name, fn in cands.items():
+        names = list(cands)
+        order.shuffle(names)
+        for name in names:
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+            cands[name]()
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return times
 
 
 def config(d: int, E: int, k: int, tokens: int, warmup: int, repeats: int, seed: int = 0):
@@ -112,21 +126,26 @@ def config(d: int, E: int, k: int, tokens: int, warmup: int, repeats: int, seed:
         "floor_strided": fwd_bwd(lambda: btt_dense(x, Ak, Bk, method="strided"), [x, Ak, Bk]),
         "floor_einc": fwd_bwd(lambda: layer(xf), [xf, *layer.parameters()]),
     }
-    t = bench(cands, warmup, repeats)
+    runs = bench(cands, warmup, repeats)
     with torch.no_grad():
         idx, _ = route(logits, k)
         load = torch.bincount(idx.reshape(-1), minlength=E).float()
-    kinds = {"bmm": t["floor_bmm"], "strided": t["floor_strided"], "einc": t["floor_einc"]}
-    floor_kind = min(kinds, key=kinds.get)
-    floor = kinds[floor_kind]
+    med = {name: statistics.median(ts) for name, ts in runs.items()}
+    masked = min(("masked", "masked_contiguous"), key=med.get)
+    floor = min(("floor_bmm", "floor_strided", "floor_einc"), key=med.get)
+    per_round = lambda a, b: sorted(u / v for u, v in zip(runs[a], runs[b]))
+    over_floor = per_round("sparse", floor)
     return {
         "d": d,
         "E": E,
         "k": k,
-        "masked": min(t["masked"], t["masked_contiguous"]),
-        "sparse": t["sparse"],
-        "floor": floor,
-        "floor_kind": floor_kind,
+        "masked": med[masked],
+        "sparse": med["sparse"],
+        "floor": med[floor],
+        "floor_kind": floor.removeprefix("floor_"),
+        "speedup": statistics.median(per_round(masked, "sparse")),
+        "over_floor": statistics.median(over_floor),
+        "over_floor_range": (over_floor[0], over_floor[-1]),
         "max_load": (load.max() / load.mean()).item(),
     }
 
@@ -137,7 +156,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--experts", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--dims", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats for d <= 1024 (3 above)")
+    ap.add_argument("--repeats", type=int, default=9, help="timed rounds for d <= 1024 (3 above)")
     ap.add_argument("--quick", action="store_true", help="d=1024 only")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -152,8 +171,8 @@ def main() -> None:
     print()
     head = (
         f"{'d':>5} {'E':>3} {'k':>2} | {'masked ms':>10} {'sparse ms':>10} {'floor ms':>9} | "
-        f"{'masked/sparse':>13} {'target':>6} | {'sparse/floor':>12} {'target':>6} | {'max load':>8} "
-        f"{'floor from':>10}"
+        f"{'masked/sparse':>13} {'target':>6} | {'sparse/floor':>12} {'rounds':>11} {'target':>6} | "
+        f"{'max load':>8} {'floor from':>10}"
     )
     print(head)
     print("-" * len(head))
@@ -161,16 +180,18 @@ def main() -> None:
         for E in args.experts:
             reps = args.repeats if d <= 1024 else max(2, min(args.repeats, 3))
             r = config(d, E, args.k, args.tokens, warmup=1, repeats=reps)
+            lo, hi = r["over_floor_range"]
             print(
                 f"{d:>5} {E:>3} {args.k:>2} | {r['masked']:>10.1f} {r['sparse']:>10.1f} "
-                f"{r['floor']:>9.1f} | {r['masked'] / r['sparse']:>13.2f} "
-                f"{0.6 * E / args.k:>6.2f} | {r['sparse'] / r['floor']:>12.2f} {1.5:>6.2f} | "
+                f"{r['floor']:>9.1f} | {r['speedup']:>13.2f} {0.6 * E / args.k:>6.2f} | "
+                f"{r['over_floor']:>12.2f} {f'{lo:.2f}-{hi:.2f}':>11} {1.5:>6.2f} | "
                 f"{r['max_load']:>8.2f} {r['floor_kind']:>10}",
                 flush=True,
             )
     print()
-    print("target: masked/sparse >= 0.6*E/k; sparse/floor <= 1.5.  floor = fastest rank-k BTT")
-    print("(einc.moe bmm / strided, einc fused layer); max load = busiest expert / mean load.")
+    print("target: masked/sparse >= 0.6*E/k; sparse/floor <= 1.5 (medians of per-round ratios;")
+    print("rounds: lowest-highest round). floor = fastest rank-k BTT (einc.moe bmm / strided,")
+    print("einc fused layer); max load = busiest expert / mean load.")
 
 
 if __name__ == "__main__":
