@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--experts", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--dims", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--repeats", type=int, default=9, help="timed rounds for d <= 1024 (3 above)")
+    ap.add_argument("--repeats", type=int, default=9, help="timed rounds for d <= 1024 (at most 5 above)")
     ap.add_argument("--quick", action="store_true", help="d=1024 only")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -178,7 +178,7 @@ def main() -> None:
     print("-" * len(head))
     for d in dims:
         for E in args.experts:
-            reps = args.repeats if d <= 1024 else max(2, min(args.repeats, 3))
+            reps = args.repeats if d <= 1024 else max(2, min(args.repeats, 5))
             r = config(d, E, args.k, args.tokens, warmup=1, repeats=reps)
             lo, hi = r["over_floor_range"]
             print(
