@@ -189,8 +189,10 @@ class BTTMoE(nn.Module):
             return
         acc = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         probs = torch.softmax(acc, dim=-1)
-        counts = torch.bincount(expert_idx.reshape(-1), minlength=E)
-        frac = counts.to(probs.dtype) / (N * self.k)
+        # counted by comparison, not bincount: on a GPU bincount waits for the host to
+        # learn the largest index, a sync in every layer's forward
+        chosen = expert_idx.reshape(-1, 1) == torch.arange(E, device=expert_idx.device)
+        frac = chosen.sum(0).to(probs.dtype) / (N * self.k)
         balance = E * (frac * probs.mean(0)).sum()
         z_loss = torch.logsumexp(acc, dim=-1).pow(2).mean()
         self.aux_loss = (balance + Z_LOSS_WEIGHT * z_loss).to(logits.dtype)
