@@ -260,3 +260,14 @@ def test_bfloat16_gradients_do_not_degrade_with_the_number_of_chunks():
 
     whole, many = errors(2048), errors(16)  # one chunk vs 128 chunks
     assert all(b <= 1.5 * a + 1e-4 for a, b in zip(whole, many)), (whole, many)
+
+
+def test_torch_func_grad_takes_a_plain_route():
+    from torch.func import functional_call, grad
+    m = einc.compile("btt(rank=2)", 32, bias=True).double()
+    x = torch.randn(9, 32, dtype=torch.float64)
+    params = dict(m.named_parameters())
+    got = grad(lambda p: functional_call(m, p, (x,)).square().sum())(params)
+    m(x).square().sum().backward()
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-10)

@@ -165,6 +165,8 @@ def btt_moe_chunked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: T
                     chunk: int | None = None, bias: Tensor | None = None) -> Tensor:
     """Sparse BTT-MoE on the CPU (see the module docstring); returns (N, f, e), plus
     ``bias`` (shaped (f, e)) when given: y starts from it instead of zeros."""
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive integer (slots per chunk), got {chunk!r}")
     x = x.contiguous()
     if chunk is None:
         g, a, f, _ = A.shape

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..runtime.fused import tracing
+
 __all__ = [
     "route",
     "dense_gates",
@@ -211,6 +213,7 @@ def btt_moe_masked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Te
 _GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@torch.compiler.disable  # a probe with real tensors, also when called while tracing
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_works(device_type: str, device_index: Optional[int], dtype: torch.dtype) -> bool:
     """Probe once whether ``grouped_mm`` runs (forward and both backward forms) here."""
@@ -624,6 +627,8 @@ def btt_moe_sparse(
     if N == 0:
         y = x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum())
         return y if bias is None else y + bias
+    if backend == "auto" and tracing():
+        backend = "padded"  # plain torch ops with autograd: torch.compile and torch.func
     if backend == "chunked" or (backend == "auto" and x.device.type == "cpu"):
         from .chunked import btt_moe_chunked
         return btt_moe_chunked(x, A, B, expert_idx, gate, bias=bias)
@@ -632,7 +637,8 @@ def btt_moe_sparse(
     if backend == "padded":  # measured slower than grouped_mm on the 2-core CPU
         return _sparse_padded(x, A, B, expert_idx, gate.to(x.dtype))
     gate = gate.to(x.dtype)
-    gmm_ok = grouped_mm_available(x.device, x.dtype) and _aligned(x.dtype, g, a, f, e)
+    gmm_ok = backend != "strided" and _aligned(x.dtype, g, a, f, e) and \
+        grouped_mm_available(x.device, x.dtype)
     if backend == "grouped_mm":
         if not gmm_ok:
             raise RuntimeError(

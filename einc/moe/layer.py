@@ -113,6 +113,10 @@ class BTTMoE(nn.Module):
         output_sizes: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features),
+                            ("experts", experts), ("k", k), ("cores", cores)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise CompileError(f"{name} must be an integer, got {value!r}")
         if cores != 2:
             raise CompileError(f"BTTMoE supports cores=2 only (got cores={cores}); allowed: 2")
         if experts < 1:
@@ -178,6 +182,14 @@ class BTTMoE(nn.Module):
         expert_idx, gate = route(logits, self.k)
         self._record(logits, expert_idx)
         return expert_idx, gate
+
+    def __getstate__(self):
+        # aux_loss is part of the last forward's graph, which copy.deepcopy and pickle
+        # refuse (non-leaf tensor): copies keep its value, detached
+        state = dict(super().__getstate__())
+        if state.get("aux_loss") is not None:
+            state["aux_loss"] = state["aux_loss"].detach()
+        return state
 
     def _record(self, logits: Tensor, expert_idx: Tensor) -> None:
         N, E = logits.shape

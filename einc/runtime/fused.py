@@ -109,6 +109,17 @@ def chunk_tokens(plan: Plan, tokens: int, device: torch.device, itemsize: int) -
     return min(max(tokens, 1), max(cache_fit(max(acts) * itemsize), amortised))
 
 
+def tracing() -> bool:
+    """Whether torch.compile is tracing or a torch.func transform (grad, vmap, ...) is
+    active. The custom autograd Functions here write into preallocated buffers and use the
+    old ``forward(ctx, ...)`` form, which neither supports; ``auto`` routes then take
+    plain torch ops instead."""
+    if torch.compiler.is_compiling():
+        return True
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
 def cache_fit(row_bytes: int) -> int:
     """The largest power of two of rows of ``row_bytes`` within CHUNK_BYTES, at least
     MIN_CHUNK."""

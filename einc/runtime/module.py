@@ -10,7 +10,7 @@ from ..analysis import DEFAULT_TOLERANCE
 from ..codegen import emit
 from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
-from .fused import ChainFunction, chunk_tokens
+from .fused import ChainFunction, chunk_tokens, tracing
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
@@ -110,7 +110,7 @@ class StructuredLinear(nn.Module):
                                f"shape {tuple(x.shape)}")
         route = self.route
         if route == "auto":
-            route = "plain" if torch.compiler.is_compiling() else _auto_route(self, x)
+            route = "plain" if tracing() else _auto_route(self, x)
         if route == "plain":
             return self._plain(self, x)
         if route == "einsum":
