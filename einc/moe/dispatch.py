@@ -572,6 +572,13 @@ def _sparse_padded(x, A, B, expert_idx, gate):
     return y.permute(1, 0, 2).contiguous()
 
 
+@torch.compiler.disable
+def _sparse_eager(x, A, B, expert_idx, gate, deterministic, bias):
+    """The auto backend outside the compiled graph: its autograd functions write into
+    preallocated buffers, which torch.compile cannot trace."""
+    return btt_moe_sparse(x, A, B, expert_idx, gate, deterministic, "auto", bias)
+
+
 def btt_moe_sparse(
     x: Tensor,
     A: Tensor,
@@ -628,7 +635,9 @@ def btt_moe_sparse(
         y = x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum())
         return y if bias is None else y + bias
     if backend == "auto" and tracing():
-        backend = "padded"  # plain torch ops with autograd: torch.compile and torch.func
+        if torch.compiler.is_compiling():  # run eagerly, between two compiled graphs
+            return _sparse_eager(x, A, B, expert_idx, gate, deterministic, bias)
+        backend = "padded"  # torch.func: plain torch ops with autograd
     if backend == "chunked" or (backend == "auto" and x.device.type == "cpu"):
         from .chunked import btt_moe_chunked
         return btt_moe_chunked(x, A, B, expert_idx, gate, bias=bias)
