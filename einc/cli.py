@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import EincError
@@ -65,14 +66,31 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.run(args) or 0
+        code = args.run(args) or 0
+        sys.stdout.flush()  # a full disk or closed pipe shows up here, not at exit
+        return code
     except EincError as e:
         print(f"einc: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `einc ... | head`
+        _drop_stdout()
         return 0
+    except OSError as e:  # e.g. writing the result to a full disk
+        _drop_stdout()
+        print(f"einc: {e}", file=sys.stderr)
+        return 1
+
+
+def _drop_stdout() -> None:
+    """Point stdout at the null device, so that the interpreter's final flush of what
+    could not be written raises nothing more."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def test_analyze_json():
     assert out["d_in"] == out["d_out"] == 4096
     assert (out["omega"], out["psi"], out["nu"]) == (0, 1, 0.75)
     assert out["redundant"] is False and out["degenerate"] is False
+    assert out["rank_cut"] and set(out["rank_cut"]) <= set(out["sizes"])
 
 
 def test_analyze_rectangular():
@@ -46,6 +47,9 @@ def test_analyze_rectangular():
     (["analyze", "(0.5|0|0.6|0|0.5|0.5|0)", "--d", "64"], "must sum to 1", "  " + "^" * 23),
     (["analyze", "btt", "--d", "5"], "padding", None),
     (["analyze", "btt"], "give d", None),
+    (["analyze", "bttmoe(experts=4, k=4) with r = 2", "--d", "1024"],
+     "top-4 routing needs at least 4 experts", None),
+    (["analyze", "btt", "--d", "64", "--tolerance", "nan"], "finite number >= 0", None),
 ])
 def test_errors_exit_2_without_traceback(args, fragment, caret):
     r = einc(*args)
@@ -61,3 +65,13 @@ def test_errors_exit_2_without_traceback(args, fragment, caret):
 def test_usage_errors_exit_2():
     r = einc("analyze", "btt", "--d", "many")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_an_unwritable_stdout_is_an_error_without_traceback():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "einc", "analyze", "btt", "--d", "1024"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("einc: ") and "No space left" in r.stderr

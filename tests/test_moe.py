@@ -476,3 +476,14 @@ def test_torch_compile_runs_the_layer_and_its_backward():
                       backend="aot_eager")
     torch.testing.assert_close(f(xs), btt_moe_masked(xs, m.A, m.B, idx, gate),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_width_is_a_compile_error_and_autocast_inputs_run():
+    m = einc.BTTMoE(16, 16, experts=4, k=2)
+    with pytest.raises(einc.CompileError, match="last dimension 16"):
+        m(torch.randn(3, 12))
+    x = torch.randn(5, 16)
+    want = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x.bfloat16().requires_grad_())
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)

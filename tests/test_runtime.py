@@ -271,3 +271,29 @@ def test_torch_func_grad_takes_a_plain_route():
     m(x).square().sum().backward()
     for name, p in m.named_parameters():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_route_is_checked_when_set():
+    m = einc.compile("btt", 64)
+    with pytest.raises(einc.CompileError, match="unknown route 'bogus'"):
+        m.route = "bogus"
+    m.route = "plain"
+    assert m.route == "plain"
+
+
+def test_a_mismatched_input_dtype_is_a_clear_error():
+    m = einc.compile("btt", 64)
+    with pytest.raises(einc.CompileError, match="input dtype torch.float64 differs"):
+        m(torch.randn(3, 64, dtype=torch.float64))
+
+
+def test_autocast_runs_the_plain_route_in_low_precision():
+    m = einc.compile("btt(rank=2)", 64)
+    x = torch.randn(5, 64)
+    want = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for inp in (x, x.bfloat16()):
+            got = m(inp.requires_grad_())
+            got.float().sum().backward()
+            assert inp.grad is not None
+            torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)

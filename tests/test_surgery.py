@@ -1,6 +1,7 @@
 """einc.replace_linear on a GPT-2-style model."""
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 import einc
@@ -65,3 +66,12 @@ def test_bttmoe_everywhere_but_the_head():
     losses = train(model, 40, aux=True)
     assert sum(losses[-10:]) < sum(losses[:10])
     assert einc.moe_aux_loss(model).item() > 0
+
+
+def test_a_bare_linear_is_refused_and_errors_keep_their_class():
+    with pytest.raises(einc.CompileError, match="itself an nn.Linear"):
+        einc.replace_linear(nn.Linear(64, 64), "btt")
+    model = nn.Sequential(nn.Linear(64, 64))
+    with pytest.raises(einc.UnknownNameError, match="layer '0'.*unknown preset"):
+        einc.replace_linear(model, "foo")
+    assert type(model[0]) is nn.Linear

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import replace
 from fractions import Fraction
 
+from ..errors import SizeError
 from ..ir import Structure
 from ..sizes import Size
 from . import path as path_mod
@@ -79,6 +80,9 @@ def _numel(indices, sizes) -> int:
 def _moe_info(s: Structure, sizes: dict, d_in: int, params: int) -> dict:
     """Per-token costs count only the k routed experts, plus the router (d_in -> E)."""
     e, k = sizes[s.moe.expert_index], s.moe.k
+    if k > e:  # the preset checks k <= experts, but `with` may resize the expert index
+        raise SizeError(f"top-{k} routing needs at least {k} experts, but the expert index "
+                        f"{s.moe.expert_index!r} has size {e}")
     active = dict(sizes, **{s.moe.expert_index: k})
     steps = plan(s, active)
     from .symbolic import symbolic

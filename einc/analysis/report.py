@@ -68,7 +68,8 @@ class Report:
             "factors": {k: list(v) for k, v in self.factors.items()},
             "params": self.params, "flops": self.flops, "flops_backward": self.flops_backward,
             "omega": _num(self.omega), "psi": _num(self.psi), "nu": _num(self.nu),
-            "rank_bound": self.rank_bound, "path": list(self.path),
+            "rank_bound": self.rank_bound, "rank_cut": list(self.rank_cut),
+            "path": list(self.path),
             "largest_intermediate": self.largest_intermediate,
             "params_formula": self.params_formula, "flops_formula": self.flops_formula,
         }

@@ -214,7 +214,8 @@ class BTTMoE(nn.Module):
 
     def _evaluate(self, x: Tensor, masked: bool) -> Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dimension {self.in_features}, got {tuple(x.shape)}")
+            raise CompileError(f"expected input with last dimension {self.in_features}, got "
+                               f"shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         N = x2.shape[0]
@@ -223,6 +224,8 @@ class BTTMoE(nn.Module):
         expert_idx, gate = self._route(x2)
         if g * a != self.in_features:
             x2 = F.pad(x2, (0, g * a - self.in_features))
+        if torch.is_autocast_enabled(x2.device.type):  # the experts run in their own dtype
+            x2 = x2.to(self.A.dtype)
         xs = x2.reshape(N, g, a)
         if masked:
             y = btt_moe_masked(xs, self.A, self.B, expert_idx, gate)

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..analysis import DEFAULT_TOLERANCE, resolve_dims
 from ..codegen.lower import as_structure
-from ..errors import CompileError, EincError, SizeError
+from ..errors import CompileError, EincError
 from .module import StructuredLinear
 
 
@@ -81,6 +81,10 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
+        if not name:  # the model itself: nothing holds it that could be updated in place
+            raise CompileError("replace_linear swaps layers inside a model, and this model is "
+                               "itself an nn.Linear: build its replacement with "
+                               f"einc.compile(spec, {mod.in_features}, {mod.out_features})")
         chosen.append((name, mod))
     built, report = [], ReplaceReport()
     for name, old in chosen:
@@ -88,9 +92,9 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
         try:
             new = compile(spec, old.in_features, old.out_features, bias=old.bias is not None,
                           device=w.device, dtype=w.dtype, tolerance=tolerance, **options)
-        except EincError as e:
-            raise SizeError(f"layer {name!r} ({old.in_features} -> {old.out_features}) cannot "
-                            f"take {spec!r}: {e.message}", e.source, e.pos) from None
+        except EincError as e:  # same error class, naming the layer
+            raise type(e)(f"layer {name!r} ({old.in_features} -> {old.out_features}) cannot "
+                          f"take {spec!r}: {e.message}", e.source, e.pos, e.hint) from None
         if old.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(old.bias)

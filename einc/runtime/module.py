@@ -30,8 +30,7 @@ class StructuredLinear(nn.Module):
                  device=None, dtype=None, *, route: str = "auto",
                  tolerance: float = DEFAULT_TOLERANCE):
         super().__init__()
-        if route not in ROUTES:
-            raise CompileError(f"unknown route {route!r}; known routes: {', '.join(ROUTES)}")
+        _check_route(route)
         structure = as_structure(spec)
         if structure.moe is not None:
             raise CompileError("a bttmoe spec builds an einc.BTTMoE: use einc.compile or "
@@ -56,6 +55,15 @@ class StructuredLinear(nn.Module):
         self.chunk = None
         self._plain = _compile_forward(low, tuple(self._attrs))
         self.reset_parameters()
+
+    @property
+    def route(self) -> str:
+        """How forward computes, one of ROUTES (see docs/compile.md); checked when set."""
+        return self._route
+
+    @route.setter
+    def route(self, value: str) -> None:
+        self._route = _check_route(value)
 
     # -- conventions -----------------------------------------------------------------
     @property
@@ -108,9 +116,16 @@ class StructuredLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise CompileError(f"expected input with last dimension {self.in_features}, got "
                                f"shape {tuple(x.shape)}")
+        # autocast casts inside torch ops, which the plain routes use and the fused ones
+        # (computing in the factors' dtype) do not
+        autocast = torch.is_autocast_enabled(x.device.type)
         route = self.route
         if route == "auto":
-            route = "plain" if tracing() else _auto_route(self, x)
+            route = "plain" if tracing() or autocast else _auto_route(self, x)
+        dtype = self.factors()[0].dtype
+        if x.dtype != dtype and not (autocast and route in ("plain", "einsum", "steps")):
+            raise CompileError(f"input dtype {x.dtype} differs from the layer's {dtype}: convert "
+                               f"one of them (x.to({dtype}) or module.to({x.dtype}))")
         if route == "plain":
             return self._plain(self, x)
         if route == "einsum":
@@ -224,6 +239,12 @@ def _compile_forward(low: Lowered, attrs: tuple[str, ...]):
              namespace)
         _FORWARD_CACHE[key] = namespace["forward"]
     return _FORWARD_CACHE[key]
+
+
+def _check_route(route) -> str:
+    if route not in ROUTES:
+        raise CompileError(f"unknown route {route!r}; known routes: {', '.join(ROUTES)}")
+    return route
 
 
 def _auto_route(module: StructuredLinear, x: torch.Tensor) -> str:
