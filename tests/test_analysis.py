@@ -260,8 +260,49 @@ def test_padding_tolerance():
     assert (rep.padded_in, rep.padded_out) == (6, 6)
     with pytest.raises(einc.SizeError, match="tolerance of 0%"):
         analyze("btt", d=1000, tolerance=0)
-    with pytest.raises(einc.SizeError, match="tolerance must be >= 0"):
-        analyze("btt", d=1024, tolerance=-0.1)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(einc.SizeError, match="tolerance must be a finite number >= 0"):
+            analyze("btt", d=1024, tolerance=bad)
+
+
+def test_least_padding_with_many_free_sizes():
+    """Beyond 14 free sizes, interchangeable ones are searched by how many round up, so
+    btt(cores=8) still gets the least padding (2^4 * 3^4 = 1296 fits exactly)."""
+    rep = analyze("btt(cores=8)", d=1296)
+    assert (rep.padded_in, rep.padded_out) == (1296, 1296)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 5), st.floats(0.05, 0.95), st.sampled_from("io")),
+                min_size=1, max_size=9),
+       st.floats(0.9, 1.2), st.floats(0.9, 1.2))
+def test_grouped_rounding_matches_brute_force(entries, scale_in, scale_out):
+    """The grouped search (used beyond 14 free sizes) finds a padding as small as trying
+    every rounding."""
+    import itertools
+    import math
+    from types import SimpleNamespace
+    from einc.analysis.concrete import _choose_grouped
+    free = [(f"{side}{j}", lo, lo + 1, lo + frac) for j, (lo, frac, side) in enumerate(entries)]
+    ins = [n for n, *_ in free if n[0] == "i"] + ["a"]
+    outs = [n for n, *_ in free if n[0] == "o"] + ["b"]
+    s = SimpleNamespace(input=SimpleNamespace(indices=ins), output=SimpleNamespace(indices=outs))
+    fixed = {"a": 2, "b": 3}
+    real = lambda side: math.prod(v for n, _, _, v in free if n[0] == side)
+    d_in, d_out = max(1, round(2 * real("i") * scale_in)), max(1, round(3 * real("o") * scale_out))
+    got = _choose_grouped(s, fixed, free, d_in, d_out)
+    best = None
+    for choice in itertools.product(*[(lo, hi) for _, lo, hi, _ in free]):
+        sizes = dict(fixed, **{n: c for (n, *_), c in zip(free, choice)})
+        pin, pout = math.prod(sizes[i] for i in ins), math.prod(sizes[i] for i in outs)
+        if pin >= d_in and pout >= d_out:
+            best = min(best or math.inf, pin / d_in + pout / d_out)
+    if best is None:
+        assert got is None
+    else:
+        pin, pout = math.prod(got[i] for i in ins), math.prod(got[i] for i in outs)
+        assert pin >= d_in and pout >= d_out
+        assert pin / d_in + pout / d_out == pytest.approx(best)
 
 
 @pytest.mark.parametrize("kwargs,fragment", [

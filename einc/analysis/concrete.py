@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 from ..errors import SizeError
@@ -15,7 +16,8 @@ from ..ir import Structure
 from ..sizes import ceil_int
 
 DEFAULT_TOLERANCE = 0.15
-_MAX_SEARCH = 1 << 14
+#: up to this many free sizes every rounding is tried; beyond, interchangeable ones are grouped
+EXHAUSTIVE = 14
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,8 @@ def concretize(s: Structure, d_in: int, d_out: int,
 
 def _choose(s, fixed, free, d_in, d_out):
     """The rounding of the free sizes with the least padding (ties: closest to the real sizes)."""
-    if len(free) > 14:  # 2^14 roundings at most; beyond that round up, which always fits
-        return {**fixed, **{n: hi for n, lo, hi, v in free}}
+    if len(free) > EXHAUSTIVE:
+        return _choose_grouped(s, fixed, free, d_in, d_out)
     best, best_key = None, None
     for choice in itertools.product(*[(lo, hi) for _, lo, hi, _ in free]):
         sizes = dict(fixed)
@@ -129,6 +131,47 @@ def _choose(s, fixed, free, d_in, d_out):
         if best_key is None or key < best_key:
             best, best_key = sizes, key
     return best
+
+
+def _choose_grouped(s, fixed, free, d_in, d_out):
+    """:func:`_choose` for many free sizes. Those that round between the same two integers
+    and sit in the same operands are interchangeable for padding, so only how many of each
+    such group round up matters; the ones rounded up are those with the largest real sizes
+    (least drift). The search is then a product of (group size + 1) choices instead of
+    2 ** (free sizes)."""
+    count_in, count_out = Counter(s.input.indices), Counter(s.output.indices)
+    groups: dict[tuple, list] = {}
+    for entry in free:
+        name, lo, hi, _ = entry
+        groups.setdefault((lo, hi, count_in[name], count_out[name]), []).append(entry)
+    keys = list(groups)
+    for members in groups.values():
+        members.sort(key=lambda t: -t[3])
+    if math.prod(len(groups[k]) + 1 for k in keys) > 1 << EXHAUSTIVE:  # round all up: fits
+        return {**fixed, **{n: hi for n, lo, hi, v in free}}
+    base_in = _prod(fixed[i] for i in s.input.indices if i in fixed)
+    base_out = _prod(fixed[i] for i in s.output.indices if i in fixed)
+    best, best_key = None, None
+    for ups in itertools.product(*[range(len(groups[k]) + 1) for k in keys]):
+        pin, pout, drift = base_in, base_out, 0.0
+        for (lo, hi, m_in, m_out), u in zip(keys, ups):
+            members = groups[lo, hi, m_in, m_out]
+            factor = hi ** u * lo ** (len(members) - u)
+            pin, pout = pin * factor ** m_in, pout * factor ** m_out
+            drift += sum(abs(math.log((hi if j < u else lo) / v))
+                         for j, (_, _, _, v) in enumerate(members))
+        if pin < d_in or pout < d_out:
+            continue
+        key = (pin / d_in + pout / d_out, drift)
+        if best_key is None or key < best_key:
+            best, best_key = ups, key
+    if best is None:
+        return None
+    sizes = dict(fixed)
+    for (lo, hi, m_in, m_out), u in zip(keys, best):
+        for j, (name, *_) in enumerate(groups[lo, hi, m_in, m_out]):
+            sizes[name] = hi if j < u else lo
+    return sizes
 
 
 def _shortfall(s, fixed, free, d_in, d_out) -> str:
