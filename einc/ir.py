@@ -12,8 +12,12 @@ import string
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
-from .errors import Pos
+from .errors import Pos, StructureError
 from .sizes import Size
+
+#: The most indices a structure may have: torch.einsum names each index with one of the 52
+#: ASCII letters, and einc keeps one letter free for the batch (token) index.
+MAX_INDICES = len(string.ascii_letters) - 1
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,10 @@ class Structure:
     def letters(self) -> dict[str, str]:
         """One letter per index, for torch.einsum: the index's own name when it is one letter."""
         names = self.index_names
+        if len(names) > MAX_INDICES:  # syntax.build refuses these; a hand-built IR may not
+            raise StructureError(f"this structure has {len(names)} indices; einc allows at "
+                                 f"most {MAX_INDICES} (one letter each for torch.einsum)",
+                                 self.source or None, self.input.pos)
         if all(len(n) == 1 and n in string.ascii_letters for n in names):
             return {n: n for n in names}
         pool = iter(string.ascii_letters)

@@ -10,8 +10,15 @@ import inspect
 from fractions import Fraction
 
 from .errors import Pos, SizeError, UnknownNameError
-from .ir import MoE, Operand, Structure
-from .sizes import Size
+from .ir import MAX_INDICES, MoE, Operand, Structure
+from .sizes import Size, size_problem
+
+#: A c-core btt or tt has 3c - 1 indices (c inputs, c outputs, c - 1 ranks), a c-core
+#: bttmoe 2c + 1 (one expert index): the most cores that stay within MAX_INDICES.
+MAX_CORES = (MAX_INDICES + 1) // 3
+MAX_MOE_CORES = (MAX_INDICES - 1) // 2
+_CORES_WHY = (f"a c-core {{}} has {{}} indices and einc allows at most {MAX_INDICES}, "
+              "one einsum letter each")
 
 PRESETS: dict[str, callable] = {}
 
@@ -58,13 +65,13 @@ def monarch(blocks=None):
 def btt(rank=1, cores=2):
     """Block tensor-train: core k maps input index k (from the last) to output index k and
     also carries the outputs already produced and the inputs not yet consumed."""
-    return _btt(rank, _int_param(cores, "cores", 2), shared_rank=False)
+    return _btt(rank, _cores(cores, "btt", MAX_CORES, "3c - 1"), shared_rank=False)
 
 
 @preset
 def tt(rank=1, cores=2):
     """Tensor-train matrix (MPO): core k is [r_(k-1), i_k, o_k, r_k]."""
-    c = _int_param(cores, "cores", 2)
+    c = _cores(cores, "tt", MAX_CORES, "3c - 1")
     ins, outs, ranks = _names(c)
     bond = [None] + ranks + [None]
     cores_ = []
@@ -84,7 +91,8 @@ def bttmoe(experts=8, k=2, cores=2):
     top = _int_param(k, "k", 1)
     if top > e:
         raise ValueError(f"k = {top} exceeds experts = {e}")
-    x, cores_, y, sizes = _btt(Size.const(e), _int_param(cores, "cores", 2), shared_rank=True)
+    x, cores_, y, sizes = _btt(Size.const(e), _cores(cores, "bttmoe", MAX_MOE_CORES, "2c + 1"),
+                               shared_rank=True)
     return x, cores_, y, sizes, MoE("r", top)
 
 
@@ -124,11 +132,20 @@ def _op(name, indices) -> str:
     return f"{name}[{' '.join(indices)}]"
 
 
-def _int_param(value, name: str, minimum: int) -> int:
+def _int_param(value, name: str, minimum: int, maximum: int | None = None,
+               why: str | None = None) -> int:
     v = value if isinstance(value, int) else (value.coeff if value.is_const else None)
+    shown = value.short() if isinstance(value, Size) else value
     if v is None or Fraction(v).denominator != 1 or v < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {shown}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{name} must be an integer from {minimum} to {maximum}, got {shown}"
+                         + (f": {why}" if why else ""))
     return int(v)
+
+
+def _cores(value, preset_name: str, maximum: int, count: str) -> int:
+    return _int_param(value, "cores", 2, maximum, _CORES_WHY.format(preset_name, count))
 
 
 def lower_preset(name: str, args, spec: str, pos: Pos, bindings=()) -> Structure:
@@ -147,8 +164,9 @@ def lower_preset(name: str, args, spec: str, pos: Pos, bindings=()) -> Structure
                                    f"its parameters: {known}")
         if key in kwargs:
             raise UnknownNameError(f"parameter {key!r} given twice", spec, kpos)
-        if value.is_const and (value.coeff.denominator != 1 or value.coeff <= 0):
-            raise SizeError(f"{key} = {value} is not a positive integer", spec, vpos)
+        problem = size_problem(value)
+        if problem:
+            raise SizeError(f"{key} = {value.short()} {problem}", spec, vpos)
         kwargs[key], arg_pos[key] = value, vpos
     try:
         result = fn(**kwargs)

@@ -16,8 +16,8 @@ from pathlib import Path
 import lark
 
 from .errors import Pos, SizeError, SpecSyntaxError, StructureError, UnknownNameError
-from .ir import Index, MoE, Operand, Structure
-from .sizes import SYMBOLS, Size, is_positive_integer
+from .ir import MAX_INDICES, Index, MoE, Operand, Structure
+from .sizes import SYMBOLS, Size, check_bounds, number, size_problem
 
 
 # ---------------------------------------------------------------------------- grammar
@@ -185,43 +185,76 @@ def _bindings(node: lark.Tree, spec: str, indices=frozenset()) -> list[Binding]:
 
 def eval_size(node, spec: str, signed: bool = False) -> Size:
     """Evaluate a size expression tree to a monomial (``signed``: inside an exponent, where
-    a minus sign is allowed: ``d_out^(-1/4)``)."""
-    if isinstance(node, lark.Token):
-        raise SpecSyntaxError("expected a size expression", spec, _pos(node, spec))
-    kind = node.data
-    if kind == "number":
-        return Size.const(Fraction(node.children[0].value))
-    if kind == "symbol":
-        name = node.children[0].value
-        if name not in SYMBOLS:
-            raise SizeError(f"unknown size symbol {name!r}; sizes may use numbers and "
-                            f"{', '.join(SYMBOLS)}", spec, _pos(node, spec))
-        return Size.symbol(name)
-    if kind == "neg":
-        if signed:
-            return Size.const(-1) * eval_size(node.children[0], spec, signed)
-        raise SizeError("sizes must be positive", spec, _pos(node, spec))
-    if kind == "add":
-        raise SizeError("sizes are products, quotients and powers (no sums): write 2*d, "
-                        "d/4 or d^(1/2)", spec, _pos(node.children[1], spec))
-    left, op, right = node.children
-    if kind == "mul":
-        a, b = eval_size(left, spec, signed), eval_size(right, spec, signed)
-        return a * b if op.value == "*" else a / b
-    if kind == "pow":
-        exponent = _exponent(right, spec)
+    a minus sign is allowed: ``d_out^(-1/4)``).
+
+    The walk is iterative (an expression may be thousands of operators long) and every
+    sub-expression is bounded (:func:`einc.sizes.check_bounds`) as soon as it is computed;
+    an error names the sub-expression that failed.
+    """
+    # (node, signed, children done); values of finished sub-expressions on `done`
+    todo, done = [(node, signed, False)], []
+    while todo:
+        n, sgn, ready = todo.pop()
+        if isinstance(n, lark.Token):
+            raise SpecSyntaxError("expected a size expression", spec, _pos(n, spec))
+        kind = n.data
+        if not ready:
+            if kind in ("number", "symbol"):
+                done.append(_leaf(n, spec))
+            elif kind == "add":
+                raise SizeError("sizes are products, quotients and powers (no sums): write "
+                                "2*d, d/4 or d^(1/2)", spec, _pos(n.children[1], spec))
+            elif kind == "neg":
+                if not sgn:
+                    raise SizeError("sizes must be positive", spec, _pos(n, spec))
+                todo += [(n, sgn, True), (n.children[0], sgn, False)]
+            elif kind == "mul":  # the left operand is evaluated first
+                todo += [(n, sgn, True), (n.children[2], sgn, False), (n.children[0], sgn, False)]
+            elif kind == "pow":  # the exponent first; the base is never signed
+                todo += [(n, sgn, True), (n.children[0], False, False), (n.children[2], True, False)]
+            else:  # pragma: no cover
+                raise SpecSyntaxError(f"unexpected {kind}", spec, _pos(n, spec))
+            continue
         try:
-            return eval_size(left, spec) ** exponent
+            if kind == "neg":
+                value = Size.const(-1) * done.pop()
+            elif kind == "mul":
+                b, a = done.pop(), done.pop()
+                value = a * b if n.children[1].value == "*" else a / b
+            else:  # pow
+                base, exponent = done.pop(), done.pop()
+                if not exponent.is_const:
+                    raise SizeError("an exponent must be a number", spec,
+                                    _pos(n.children[2], spec))
+                value = base ** exponent.coeff
+            done.append(check_bounds(value))
+        except SizeError as e:
+            if e.pos is not None:
+                raise
+            raise SizeError(e.message.replace("this value", _snippet(n, spec), 1), spec,
+                            _pos(n, spec)) from None
         except ValueError as e:
-            raise SizeError(str(e), spec, _pos(node, spec)) from None
-    raise SpecSyntaxError(f"unexpected {kind}", spec, _pos(node, spec))  # pragma: no cover
+            raise SizeError(str(e), spec, _pos(n, spec)) from None
+    return done.pop()
 
 
-def _exponent(node, spec: str) -> Fraction:
-    value = eval_size(node, spec, signed=True)
-    if not value.is_const:
-        raise SizeError("an exponent must be a number", spec, _pos(node, spec))
-    return Fraction(value.coeff)
+def _snippet(node, spec: str) -> str:
+    """The text of a sub-expression for a message, when it is short."""
+    text = spec[node.meta.start_pos:node.meta.end_pos]
+    return text if len(text) <= 24 else "this expression"
+
+
+def _leaf(node, spec: str) -> Size:
+    token = node.children[0]
+    if node.data == "number":
+        try:
+            return number(token.value)
+        except SizeError as e:
+            raise SizeError(e.message, spec, _pos(node, spec)) from None
+    if token.value not in SYMBOLS:
+        raise SizeError(f"unknown size symbol {token.value!r}; sizes may use numbers and "
+                        f"{', '.join(SYMBOLS)}", spec, _pos(node, spec))
+    return Size.symbol(token.value)
 
 
 def _theta_values(body: lark.Tree, spec: str) -> list[tuple[Fraction, Pos]]:
@@ -252,6 +285,7 @@ def build(inp: Operand, factors, output: Operand, bindings: list[Binding], spec:
     """Check an einsum and solve its sizes; every spelling of a structure goes through here."""
     factors = tuple(factors)
     _check_names(inp, factors, output, spec)
+    _check_count(inp, factors, output, spec)
     _check_indices(inp, factors, output, spec)
     order = []
     for op in (inp, *factors, output):
@@ -279,6 +313,21 @@ def _check_names(inp, factors, output, spec):
         seen[op.name] = op
         for i, p in zip(op.indices, op.index_pos or [None] * len(op.indices)):
             _check_identifier(i, "index", spec, p)
+
+
+def _check_count(inp, factors, output, spec):
+    """At most MAX_INDICES distinct indices: torch.einsum names each with one letter."""
+    seen = set()
+    for op in (inp, *factors, output):
+        for k, i in enumerate(op.indices):
+            seen.add(i)
+            if len(seen) > MAX_INDICES:
+                pos = op.index_pos[k] if op.index_pos else (op.pos or inp.pos)
+                total = len({j for o in (inp, *factors, output) for j in o.indices})
+                raise StructureError(
+                    f"this structure has {total} indices; einc allows at most {MAX_INDICES} "
+                    "(torch.einsum names each index with one of the 52 letters, and one is kept "
+                    "for the batch)", spec, pos)
 
 
 def _check_identifier(name: str, what: str, spec, pos):
@@ -334,8 +383,8 @@ def solve_sizes(order, inp: Operand, output: Operand, bindings: list[Binding], s
 
     def give(root, value, pos, name):
         if root in values and values[root][0] != value:
-            raise SizeError(f"index {name!r} is given two sizes: {values[root][0]} and "
-                            f"{value}", spec, pos)
+            raise SizeError(f"index {name!r} is given two sizes: {values[root][0].short()} and "
+                            f"{value.short()}", spec, pos)
         values.setdefault(root, (value, pos))
 
     def union(a, b, pos):
@@ -350,8 +399,9 @@ def solve_sizes(order, inp: Operand, output: Operand, bindings: list[Binding], s
             if name not in parent:
                 raise SizeError(f"unknown index {name!r} in the sizes; the indices are "
                                 f"{', '.join(order)}", spec, pos)
-        if b.value is not None and b.value.is_const and not is_positive_integer(b.value.coeff):
-            raise SizeError(f"size {b.value} is not a positive integer", spec, b.value_pos)
+        problem = None if b.value is None else size_problem(b.value)
+        if problem:
+            raise SizeError(f"size {b.value.short()} {problem}", spec, b.value_pos)
         first = b.names[0][0]
         for name, pos in b.names[1:]:
             union(first, name, pos)

@@ -11,7 +11,7 @@ from fractions import Fraction
 
 from .errors import Pos, SizeError
 from .ir import Operand, Structure
-from .sizes import Size
+from .sizes import Size, short
 
 CLASSES = ("alpha", "beta", "gamma", "delta", "eps", "phi", "rho")
 #: class -> (index letter, size symbol)
@@ -31,7 +31,8 @@ def lower_theta(values, spec: str, pos: Pos, bindings=()) -> Structure:
         raise SizeError("a theta point fixes every size: remove the `with` clause", spec, pos)
     for (v, p), name in zip(values, CLASSES):
         if not 0 <= v <= 1:
-            raise SizeError(f"{name} = {v} is out of range: exponents lie in [0, 1]", spec, p)
+            raise SizeError(f"{name} = {short(v)} is out of range: exponents lie in [0, 1]",
+                            spec, p)
     theta = dict(zip(CLASSES, (v for v, _ in values)))
     for group, what in ((("alpha", "beta", "gamma"), "d_in"), (("delta", "eps", "phi"), "d_out")):
         total = sum(theta[c] for c in group)
@@ -58,4 +59,4 @@ def structure_from_theta(theta: tuple[Fraction, ...], spec: str = "") -> Structu
 
 
 def _fmt(q: Fraction) -> str:
-    return str(q) if q.denominator == 1 else f"{q.numerator}/{q.denominator}"
+    return short(q)

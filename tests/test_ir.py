@@ -3,7 +3,9 @@ import dataclasses
 
 import pytest
 
-from einc.ir import canonical_form
+from einc import StructureError
+from einc.ir import MAX_INDICES, Index, Operand, Structure, canonical_form
+from einc.sizes import Size
 from einc.syntax import parse
 
 BTT = "x[g a] A[g a f r] B[f g r e] -> y[f e] with g = a, f = e, r = 2"
@@ -86,3 +88,14 @@ def test_spellings():
     conc = s.with_sizes({"blk": 4, "a": 4, "o": 8, "r": 2, "b": 8})
     assert conc.is_concrete and conc.concrete_sizes()["o"] == 8
     assert conc != s
+
+
+def test_letters_refuse_more_indices_than_einsum_has():
+    """A hand-built IR past the limit gets a clear error, not StopIteration."""
+    names = [f"i{k}" for k in range(MAX_INDICES + 1)]
+    s = Structure(Operand("x", tuple(names)), (Operand("W", (*names, "o")),), Operand("y", ("o",)),
+                  tuple(Index(n, Size.const(2)) for n in (*names, "o")))
+    with pytest.raises(StructureError, match=f"at most {MAX_INDICES}"):
+        s.equation
+    ok = parse("btt(cores=17)")  # 50 indices: every one gets its own letter
+    assert len(set(ok.letters().values())) == len(ok.indices) == 50

@@ -182,6 +182,37 @@ BAD = [
     ("btt(cores=1)", SizeError, "cores must be an integer >= 2", 11, 1),
     ("bttmoe(experts=4, k=8)", SizeError, "k = 8 exceeds experts = 4", 21, 1),
     ("btt with q = 2", SizeError, "unknown index 'q'", 10, 1),
+    # division by zero, anywhere a size expression is written
+    ("i,ir,ro->o with r = 4/0", SizeError, "division by zero", 21, 3),
+    ("i,ir,ro->o with r = 2*d/(4*0)", SizeError, "division by zero", 21, 9),
+    ("i,ir,ro->o with r = 0^-1", SizeError, "division by zero", 21, 4),
+    ("btt(rank=1/0)", SizeError, "division by zero", 10, 3),
+    ("(1/0|0|1|0|1|0|0)", SizeError, "division by zero", 2, 3),
+    ("x[i j] W[i j o] -> y[o] with i = 0*d", SizeError, "size 0*d is not positive", 34, 3),
+    # values beyond the limits are refused before they are computed
+    ("btt(rank=1e400)", SizeError, "1e400 is far too large (~1e+400)", 10, 5),
+    ("btt(rank=2^100000)", SizeError, "2^100000 is far too large", 10, 8),
+    ("btt(rank=10^(10^6))", SizeError, "10^(10^6) is far too large (~1e+1000000)", 10, 9),
+    ("btt(rank=d^(10^10))", SizeError, "exponents of d, d_in, d_out and d_min lie between", 10, 9),
+    ("i,ir,ro->o with r = 0.5^(-200)", SizeError, "far too large (~1.6e+60)", 21, 10),
+    ("i,ir,ro->o with r = 2^40", SizeError,
+     "size 1099511627776 is above the largest size einc accepts (2^32 = 4294967296)", 21, 4),
+    ("btt(rank=2^40)", SizeError, "rank = 1099511627776 is above the largest size", 10, 4),
+    ("bttmoe(experts=2^40, k=1)", SizeError, "experts = 1099511627776 is above", 16, 4),
+    ("(1e-400|0|1|0|1|0|0)", SizeError, "1e-400 is far too small (~1e-400)", 2, 6),
+    ("i,ir,ro->o with r = 1.0000000000000000000000000000000000000000001", SizeError,
+     "has too many digits", 21, 45),
+    # short values in messages, the expression under the caret
+    ("i,ir,ro->o with r = 2^(1/3)", SizeError, "size ~1.26 is not a positive integer", 21, 7),
+    ("btt(rank=2^(1/3))", SizeError, "rank = ~1.26 is not a positive integer", 10, 7),
+    ("i,ir,ro->o with r = 1e-400", SizeError, "1e-400 is far too small (~1e-400)", 21, 6),
+    # core counts within the 51-index limit
+    ("btt(cores=20)", SizeError, "cores must be an integer from 2 to 17, got 20", 11, 2),
+    ("btt(cores=60)", SizeError, "a c-core btt has 3c - 1 indices", 11, 2),
+    ("tt(cores=18)", SizeError, "cores must be an integer from 2 to 17", 10, 2),
+    ("bttmoe(cores=26)", SizeError, "cores must be an integer from 2 to 25", 14, 2),
+    ("x[" + " ".join(f"i{k}" for k in range(60)) + "] W[" + " ".join(f"i{k}" for k in range(60))
+     + " o] -> y[o]", StructureError, "61 indices; einc allows at most 51", 197, 3),
 ]
 
 
@@ -214,3 +245,81 @@ def test_multiline_spec_reports_the_line():
     e = info.value
     assert (e.line, e.column) == (2, 21)
     assert str(e).split("\n")[1] == "    B[f g r e] -> y[f z] with r = 4"
+
+
+# ---------------------------------------------------------------------------- limits
+def _message(spec):
+    with pytest.raises(EincError) as info:
+        parse(spec)
+    return info.value
+
+
+def test_messages_stay_short():
+    """Tiny, huge and irrational values are shown rounded, never as long fractions."""
+    for spec in ("i,ir,ro->o with r = 1e-400", "i,ir,ro->o with r = 2^(1/3)",
+                 "btt(rank=1e400)", "i,ir,ro->o with r = 1" + "0" * 5000,
+                 "i,ir,ro->o with r = 0." + "0" * 5000 + "1", "btt(rank=2^100000)"):
+        e = _message(spec)
+        assert isinstance(e, SizeError) and len(e.message) < 160, e.message
+
+
+def test_long_expressions_do_not_recurse():
+    ones = "*".join(["1"] * 3000)
+    s = parse(f"i,ir,ro->o with r = {ones}*4")
+    assert s.size("r").coeff == 4
+    assert parse("i,ir,ro->o with r = 4^(" + "-" * 3000 + "1/2)").size("r").coeff == 2
+    # 3000 factors of 2 are refused as too large, at the factor that crosses the bound
+    e = _message("i,ir,ro->o with r = " + "*".join(["2"] * 3000))
+    assert isinstance(e, SizeError) and "far too large" in e.message
+
+
+def test_the_limits_themselves_are_accepted():
+    assert parse("i,ir,ro->o with r = 2^32").size("r").coeff == 2 ** 32
+    assert parse("i,ir,ro->o with r = 2^100/2^98").size("r").coeff == 4
+    assert parse("i,ir,ro->o with r = d^32/d^31").size("r") == parse("lowrank(rank=d)").size("r")
+
+
+def test_most_cores_parse():
+    for spec, n in (("btt(cores=17)", 50), ("tt(cores=17)", 50),
+                    ("bttmoe(cores=25, experts=4, k=1)", 51)):
+        s = parse(spec)
+        assert len(s.indices) == n
+        assert len(set(s.equation) - set(",->")) == n  # one einsum letter per index
+
+
+def test_widths_beyond_the_limit_are_refused():
+    with pytest.raises(SizeError, match=r"d_in = 9007199254740993 is above the largest width"):
+        einc.analyze("i,io->o", 9007199254740993)
+    with pytest.raises(SizeError, match=r"d_in = ~1e\+300 is above the largest width"):
+        einc.analyze("btt", 10 ** 300)
+    with pytest.raises(SizeError, match="d_in = 1099511627776"):
+        einc.analyze("i,io->o", d_in=2 ** 40, d_out=64)
+    with pytest.raises(SizeError, match=r"size d\^2 is ~1.1e\+12 at d = 1048576"):
+        einc.analyze("i,ir,ro->o with r = d^2", 2 ** 20)
+    rep = einc.analyze("i,io->o", 2 ** 32)
+    assert rep.sizes == {"i": 2 ** 32, "o": 2 ** 32}
+
+
+@pytest.mark.parametrize("n", [30000, 65535])
+def test_large_widths_round_exactly(n):
+    """d = n^2 + 1: sqrt(d) is n + 1/(2n), so btt needs n x (n + 1), not n x n."""
+    rep = einc.analyze("btt", n * n + 1)
+    assert sorted((rep.sizes["g"], rep.sizes["a"])) == [n, n + 1]
+    assert rep.padded_in == n * (n + 1)
+
+
+@pytest.mark.parametrize("spec", [
+    "i,ir,ro->o with r = 4/0", "btt(rank=1e400)", "btt(rank=d^(10^10))", "btt(cores=20)",
+    "i,ir,ro->o with r = " + "*".join(["2"] * 3000)])
+def test_cli_reports_limits_without_traceback(spec, capsys):
+    from einc.cli import main
+    assert main(["analyze", spec, "--d", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("einc: ") and "Traceback" not in err and "^" in err
+
+
+def test_cli_refuses_huge_width(capsys):
+    from einc.cli import main
+    assert main(["analyze", "btt", "--d", str(10 ** 300)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("einc: d_in = ~1e+300 is above the largest width") and len(err) < 200
