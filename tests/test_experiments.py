@@ -212,3 +212,138 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
     assert ddp["world_size"] == 2 and ddp["flops_per_step"] == single["flops_per_step"]
     np.testing.assert_allclose([c[2] for c in ddp["curve"]], [c[2] for c in single["curve"]],
                                rtol=1e-4)
+
+
+# -- arguments checked before any run -------------------------------------------------------------
+
+def test_split_specs_keeps_quoted_specs_whole():
+    assert split_specs("'i,io->o',btt") == ["i,io->o", "btt"]
+    assert split_specs('dense, "i,io->o" ,lowrank(rank=4)') == ["dense", "i,io->o",
+                                                                "lowrank(rank=4)"]
+    assert split_specs("'(x)',\"a'b\"") == ["(x)", "a'b"]
+    with pytest.raises(einc.SpecSyntaxError, match="unclosed"):
+        split_specs("dense,'i,io->o")
+
+
+def test_a_quoted_einsum_trains():
+    result = scaling("regression", structures="'i,io->o',dense", widths=[8], steps=2,
+                     batch=16, lr=1e-3, options={"test_size": 16}, eval_points=2,
+                     progress=False, plot=False)
+    assert [r["spec"] for r in result] == ["i,io->o", "dense"]
+    assert all(r["status"] == "ok" for r in result)
+
+
+@pytest.fixture
+def no_runs(monkeypatch):
+    def boom(job):
+        raise AssertionError(f"ran {job_key(job)} before checking the arguments")
+    monkeypatch.setattr(harness, "run_job", boom)
+
+
+@pytest.mark.parametrize("kwargs,error,text", [
+    ({"structures": ["btt(rank="]}, einc.SpecSyntaxError, "ends too early"),
+    ({"structures": ["dense", "nope"]}, einc.UnknownNameError, "unknown preset"),
+    ({"structures": ["ffmoe(experts=4,k=2)"]}, einc.UnknownNameError, "takes einc specs"),
+    ({"structures": []}, einc.EincError, "no structures"),
+    ({"widths": [0]}, einc.SizeError, "widths must be integers >= 1"),
+    ({"widths": "abc"}, einc.SizeError, "widths must be integers >= 1"),
+    ({"widths": {"btt": [8]}}, einc.SizeError, "no entry for 'dense'"),
+    ({"steps": -1}, einc.SizeError, "steps must be an integer >= 1"),
+    ({"steps": 0}, einc.SizeError, "steps must be an integer >= 1"),
+    ({"seeds": 0}, einc.SizeError, "seeds"),
+    ({"seeds": "abc"}, einc.SizeError, "seeds must be integers >= 0"),
+    ({"batch": 0}, einc.SizeError, "batch must be an integer >= 1"),
+    ({"workers": 0}, einc.SizeError, "workers must be an integer >= 1"),
+    ({"eval_points": 0}, einc.SizeError, "eval_points must be an integer >= 1"),
+    ({"lr": 0}, einc.SizeError, "lr must be a number > 0"),
+    ({"lr_sweep": "abc"}, einc.SizeError, "lr_sweep"),
+    ({"options": {"bogus": 1}}, einc.UnknownNameError, "unknown option 'bogus'"),
+    ({"options": {"hidden": "abc"}}, einc.SizeError, "hidden of the regression task"),
+])
+def test_scaling_checks_its_arguments_before_any_run(no_runs, kwargs, error, text):
+    kw = dict(structures=["dense", "btt"], widths=[8], steps=2, progress=False)
+    with pytest.raises(error, match=text):
+        scaling("regression", **dict(kw, **kwargs))
+
+
+def test_unknown_task_option_lists_the_options():
+    with pytest.raises(einc.UnknownNameError) as e:
+        make_task("regression", bogus=1)
+    assert all(name in str(e.value) for name in ("hidden", "teacher_width", "test_size"))
+
+
+def test_output_folder_is_checked_before_any_run(no_runs, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    kw = dict(structures=["dense"], widths=[8], steps=2, progress=False)
+    with pytest.raises(einc.EincError, match="exists and is not a folder"):
+        scaling("regression", out=str(afile), **kw)
+    with pytest.raises(einc.EincError, match="is not a folder"):
+        scaling("regression", out=str(afile / "sub"), **kw)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "runs").write_text("")
+    with pytest.raises(einc.EincError, match="'runs'"):
+        scaling("regression", out=str(tmp_path / "out"), **kw)
+
+
+def test_when_every_run_fails_the_first_error_is_reported(tmp_path):
+    # monarch(blocks=5) parses but needs too much padding at width 16: every run fails
+    with pytest.raises(einc.EincError, match=r"every run failed; the first "
+                       r"\(monarch\(blocks=5\) at width 16\): .*padding"):
+        scaling("regression", structures=["monarch(blocks=5)"], widths=[16], steps=2,
+                lr=1e-3, options={"test_size": 16}, eval_points=2, progress=False,
+                out=str(tmp_path))
+    assert not (tmp_path / "frontier.png").exists()
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # the failed run is still on disk
+
+
+def _main(capsys, *args):
+    from einc.cli import main
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+TINY = ["--widths", "8", "--steps", "2", "--lr", "1e-3", "--eval-points", "2",
+        "--option", "test_size=16", "--no-progress"]
+
+
+@pytest.mark.parametrize("args,text", [
+    (["--widths", "abc"], "argument --widths: takes comma-separated integers >= 1"),
+    (["--widths", "0"], "argument --widths"),
+    (["--seeds", "abc"], "argument --seeds"),
+    (["--lr-sweep", "abc"], "argument --lr-sweep: takes comma-separated numbers > 0"),
+    (["--option", "noequals"], "argument --option: takes KEY=VALUE"),
+    (["--option", "bogus=1"], "unknown option 'bogus' for the regression task"),
+    (["--batch", "0"], "argument --batch: takes an integer >= 1"),
+    (["--workers", "0"], "argument --workers: takes an integer >= 1"),
+    (["--eval-points", "0"], "argument --eval-points: takes an integer >= 1"),
+    (["--steps", "-1"], "argument --steps: takes an integer >= 1"),
+    (["--structures", "btt(rank="], "ends too early"),
+    (["--out", "AFILE"], "exists and is not a folder"),
+])
+def test_scaling_cli_refuses_bad_arguments(no_runs, capsys, tmp_path, args, text):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    args = [str(afile) if a == "AFILE" else a for a in args]
+    rc, out, err = _main(capsys, "experiment", "scaling", *TINY, *args)
+    assert rc == 2 and text in err and out == ""
+
+
+@pytest.mark.parametrize("args,text", [
+    (["--train-widths", "abc"], "argument --train-widths"),
+    (["--train-steps", "0"], "argument --train-steps: takes an integer >= 1"),
+    (["--train-option", "bogus=1"], "unknown option 'bogus'"),
+    (["--train-out", "AFILE"], "exists and is not a folder"),
+])
+def test_search_train_arguments_are_checked_before_searching(no_runs, capsys, tmp_path, args,
+                                                             text):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    args = [str(afile) if a == "AFILE" else a for a in args]
+    rc, out, err = _main(capsys, "search", "--d", "64", "--k", "4", "--top", "2",
+                         "--train", "regression", *args)
+    assert rc == 2 and text in err and out == ""  # nothing searched or printed

@@ -238,3 +238,60 @@ def test_plots(tmp_path):
     res = search(d=256, k=4, top=5)
     paths = plot(res, tmp_path)
     assert {p.rsplit("/", 1)[-1] for p in paths} == {"cube.png", "pareto.png"}
+
+
+# -- arguments checked before searching ---------------------------------------------------
+def _main(capsys, *args):
+    """``einc search ARGS`` in this process: (exit status, stdout, stderr)."""
+    from einc.cli import main
+    try:
+        rc = main(["search", *args])
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_top_zero_means_all_in_python_and_on_the_command_line(capsys):
+    every = search(d=64, k=4, top=None)
+    assert len(every) == every.counts["passed"] > 20
+    assert list(search(d=64, k=4, top=0)) == list(every)
+    rc, out, _ = _main(capsys, "--d", "64", "--k", "4", "--top", "0", "--json")
+    assert rc == 0 and json.loads(out) == list(every)
+    with pytest.raises(einc.SizeError, match="0 or None for all"):
+        search(d=64, k=4, top=-1)
+
+
+def test_sort_measured_needs_measure(capsys):
+    with pytest.raises(einc.EincError, match="--measure"):
+        search(d=64, k=4, sort="measured")
+    rc, out, err = _main(capsys, "--d", "64", "--k", "4", "--sort", "measured")
+    assert rc == 2 and out == "" and "nothing is measured" in err
+
+
+@pytest.mark.parametrize("args,text", [
+    (["--batch", "0"], "argument --batch: takes an integer >= 1, got '0'"),
+    (["--top", "-1"], "argument --top: takes an integer >= 0"),
+])
+def test_counts_are_checked_when_parsing(capsys, args, text):
+    rc, out, err = _main(capsys, "--d", "64", "--k", "4", *args)
+    assert rc == 2 and out == "" and text in err
+
+
+def test_plot_destination_is_checked_before_searching(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases = [(afile, "exists and is not a folder"), (afile / "plots", "is not a folder")]
+    if sys.platform.startswith("linux"):  # /proc takes no new folders, even from root
+        cases.append(("/proc/einc-plots", "cannot create the plot folder"))
+    for dest, text in cases:
+        rc, out, err = _main(capsys, "--d", "64", "--k", "4", "--plot", str(dest))
+        assert rc == 2 and text in err and str(dest) in err
+        assert out == ""  # refused before the search printed anything
+    # a folder made for --plot is taken back when the search refuses its options
+    rc, out, err = _main(capsys, "--k", "0", "--plot", str(tmp_path / "new" / "plots"))
+    assert rc == 2 and "k = 0" in err and not (tmp_path / "new").exists()
+    rc, out, err = _main(capsys, "--d", "64", "--k", "4", "--top", "3", "--plot",
+                         str(tmp_path / "made" / "plots"))
+    assert rc == 0 and (tmp_path / "made" / "plots" / "cube.png").exists()

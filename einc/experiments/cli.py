@@ -1,54 +1,74 @@
 """``einc experiment scaling``: train structures and compare their compute-optimal frontiers."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..cli import command
+from ..space.checks import int_at_least, int_list, positive_float, positive_float_list
+
+
+def _option_pair(text: str) -> tuple:
+    """An argparse ``type`` for ``--option KEY=VALUE``: the value as an int, else a float,
+    else the text."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE (for example hidden=3), got {text!r}")
+    value = value.strip()
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
 
 
 def _options(pairs) -> dict:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"einc: error: --option takes KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            try:
-                out[key] = float(value)
-            except ValueError:
-                out[key] = value
-    return out
+    return dict(pairs or [])
+
+
+def _seeds(text: str):
+    """An argparse ``type`` for ``--seeds``: a count n > 1 (seeds 0..n-1) or a list."""
+    text = text.strip()
+    try:
+        if "," not in text and int(text) > 1:
+            return int(text)
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError("takes a count (3: seeds 0,1,2) or comma-separated "
+                                         f"seeds >= 0 (0,1,2), got {text!r}")
+    return seeds
 
 
 def add_training_arguments(p, *, prefix: str = "") -> None:
     """The arguments ``einc experiment scaling`` and ``einc search --train`` share."""
-    p.add_argument(f"--{prefix}seeds", default="0", help="seeds: a list (0,1,2) or a count "
-                   "(3) (default 0)")
-    p.add_argument(f"--{prefix}batch", type=int, help="global batch size (default: the "
-                   "task's: 512 examples for regression, 32 sequences for charlm)")
-    p.add_argument(f"--{prefix}lr", type=float, help="one base learning rate for every "
-                   "structure (skips the sweep)")
-    p.add_argument(f"--{prefix}lr-sweep", help="base rates tried at the smallest width, "
-                   "comma-separated (default: 1e-3,3e-3,1e-2)")
-    p.add_argument(f"--{prefix}workers", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument(f"--{prefix}seeds", type=_seeds, default="0", help="seeds: a list (0,1,2) "
+                   "or a count (3) (default 0)")
+    p.add_argument(f"--{prefix}batch", type=int_at_least(1), help="global batch size "
+                   "(default: the task's: 512 examples for regression, 32 sequences for charlm)")
+    p.add_argument(f"--{prefix}lr", type=positive_float, help="one base learning rate for "
+                   "every structure (skips the sweep)")
+    p.add_argument(f"--{prefix}lr-sweep", type=positive_float_list, help="base rates tried at "
+                   "the smallest width, comma-separated (default: 1e-3,3e-3,1e-2)")
+    p.add_argument(f"--{prefix}workers", type=int_at_least(1), default=1,
+                   help="runs at a time (default 1)")
     p.add_argument(f"--{prefix}executor", default="local", choices=["local", "ray"],
                    help="local: this process or a process pool; ray: a Ray cluster")
     p.add_argument(f"--{prefix}ray-address", help="Ray cluster address (default: start a "
                    "local one)")
-    p.add_argument(f"--{prefix}option", action="append", metavar="KEY=VALUE",
-                   help="task option, repeatable (context=64, layers=2, hidden=2, ...)")
-    p.add_argument(f"--{prefix}eval-points", type=int, default=24,
+    p.add_argument(f"--{prefix}option", type=_option_pair, action="append",
+                   metavar="KEY=VALUE", help="task option, repeatable (context=64, layers=2, "
+                   "hidden=2, ...); an unknown option lists the task's options")
+    p.add_argument(f"--{prefix}eval-points", type=int_at_least(1), default=24,
                    help="evaluations per run, log-spaced (default 24)")
 
 
 def _common(args, prefix=""):
     get = lambda name: getattr(args, prefix + name)
-    seeds = get("seeds")
-    seeds = int(seeds) if seeds.isdigit() and "," not in seeds and int(seeds) > 1 else [
-        int(s) for s in seeds.split(",")]
-    return dict(seeds=seeds, batch=get("batch"), lr=get("lr"), lr_sweep=get("lr_sweep"),
+    return dict(seeds=get("seeds"), batch=get("batch"), lr=get("lr"), lr_sweep=get("lr_sweep"),
                 workers=get("workers"), executor=get("executor"),
                 ray_address=get("ray_address"), options=_options(get("option")),
                 eval_points=get("eval_points"))
@@ -64,11 +84,16 @@ def _register(sub):
         "held-out loss against training FLOPs counted by einc's analysis, and fit each "
         "structure's frontier with a power law. Finished runs in --out are not redone.")
     s.add_argument("--task", default="regression", help="regression or charlm")
-    s.add_argument("--structures", default="dense,btt", help='comma-separated specs, e.g. '
-                   'dense,btt,kron,"lowrank(rank=d^(1/2))","bttmoe(experts=8,k=2)"')
-    s.add_argument("--widths", default="64,128,256", help="comma-separated widths")
-    s.add_argument("--steps", type=int, default=1000, help="training steps per run")
-    s.add_argument("--out", help="folder for runs, tables and the plot (and for resuming)")
+    s.add_argument("--structures", default="dense,btt", help="comma-separated specs, e.g. "
+                   'dense,btt,kron,"lowrank(rank=d^(1/2))","bttmoe(experts=8,k=2)"; commas '
+                   "inside parentheses stay in their spec, and a spec in quotes is one item, "
+                   "so an einsum with commas goes in quotes: \"dense,'i,io->o'\"")
+    s.add_argument("--widths", type=int_list(1), default="64,128,256",
+                   help="comma-separated widths (default 64,128,256)")
+    s.add_argument("--steps", type=int_at_least(1), default=1000,
+                   help="training steps per run (default 1000)")
+    s.add_argument("--out", help="folder for runs, tables and the plot (and for resuming); "
+                   "checked, and created, before any run")
     s.add_argument("--irreducible", action="store_true", help="fit loss = a C^-b + c")
     s.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
     add_training_arguments(s)
@@ -80,8 +105,8 @@ def _scaling(args) -> int:
     from .harness import scaling, split_specs
 
     result = scaling(task=args.task, structures=split_specs(args.structures),
-                     widths=[int(w) for w in args.widths.split(",")], steps=args.steps,
-                     out=args.out, irreducible=args.irreducible,
+                     widths=args.widths, steps=args.steps, out=args.out,
+                     irreducible=args.irreducible,
                      progress=False if args.no_progress else None, **_common(args))
     print(result.table())
     print("\nbase learning rates: " + ", ".join(f"{s}: {v:.3g}" for s, v in result.lrs.items()))
@@ -90,14 +115,24 @@ def _scaling(args) -> int:
     return 0
 
 
-def train_rerank(args, records) -> int:
-    """The ``einc search --train TASK`` step: print the analytic and trained rankings."""
+def check_training(args) -> tuple[dict, list[str]]:
+    """Check the ``einc search --train`` arguments before the search runs. Returns the
+    keyword arguments of :func:`~einc.experiments.harness.rerank` and the folders made for
+    ``--train-out``."""
+    from .harness import check_scaling, prepare_out
+
+    kw = dict(task=args.train, widths=args.train_widths, steps=args.train_steps,
+              **_common(args, prefix="train_"))
+    check_scaling(**{k: v for k, v in kw.items() if k != "ray_address"})
+    created = prepare_out(args.train_out)
+    kw.update(out=args.train_out, progress=False if args.no_progress else None)
+    return kw, created
+
+
+def train_rerank(training: dict, records) -> int:
+    """The ``einc search --train TASK`` step: print the analytic and trained rankings.
+    ``training``: the keyword arguments :func:`check_training` returned."""
     from .harness import format_rerank, rerank
 
-    ranks = rerank(records, task=args.train,
-                   widths=[int(w) for w in args.train_widths.split(",")],
-                   steps=args.train_steps, out=args.train_out,
-                   progress=False if args.no_progress else None,
-                   **_common(args, prefix="train_"))
-    print(format_rerank(ranks))
+    print(format_rerank(rerank(records, **training)))
     return 0

@@ -30,13 +30,18 @@ import os
 import sys
 import time
 
+import numbers
+
 import numpy as np
 
-from ..errors import EincError
+from ..errors import EincError, Pos, SizeError, SpecSyntaxError, UnknownNameError
+from ..space.checks import prepare_folder, remove_folders
+from ..syntax import parse
 from . import fit as fitting
-from .executors import dist_env, run_jobs
+from .executors import EXECUTORS, dist_env, run_jobs
 from .flops import model_flops, slug
-from .tasks import TASKS, add_moe_multipliers, make_task, taxonomy
+from .tasks import (TASKS, add_moe_multipliers, check_options, ffmoe_options, make_task,
+                    taxonomy)
 
 WARMUP_FRACTION = 0.02
 DEFAULT_AUX_WEIGHT = 0.01
@@ -227,32 +232,179 @@ class ScalingResult(list):
         return format_table(self.summary)
 
 
-def _as_list(value, cast):
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [cast(v) for v in split_specs(value)]
-    if isinstance(value, (int, float)) and cast is int:
-        return [int(value)]
-    return [cast(v) for v in value]
-
-
 def split_specs(text: str) -> list[str]:
-    """Split a comma-separated list at top-level commas (``lowrank(rank=4),btt``)."""
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        if ch in "([":
+    """Split a comma-separated list at top-level commas (``lowrank(rank=4),btt``).
+
+    Commas inside parentheses or brackets stay in their item, and so do commas inside
+    quotes: a quoted item is one item and loses its quotes, so a compact einsum can be
+    given as ``dense,'i,io->o'`` (or ``"i,io->o"``). An unclosed quote is an error."""
+    out, depth, cur, quote, opened = [], 0, "", None, 0
+    for i, ch in enumerate(text):
+        if quote is not None:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote, opened = ch, i
+        elif ch in "([":
             depth += 1
         elif ch in ")]":
             depth -= 1
-        if ch == "," and depth == 0:
+        if ch == "," and depth == 0 and quote is None:
             out.append(cur.strip())
             cur = ""
         else:
             cur += ch
+    if quote is not None:
+        raise SpecSyntaxError(f"unclosed {quote} quote in the list of specs", text,
+                              Pos.at(text, opened))
     if cur.strip():
         out.append(cur.strip())
     return [x[1:-1] if len(x) > 1 and x[0] == x[-1] and x[0] in "'\"" else x for x in out]
+
+
+# -- checking the arguments of a scaling run, before anything is trained ------------------------
+
+def _int_value(v):
+    """``v`` as an int when it is integer-valued (int, numpy int, 3.0, "3"), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _count(value, what: str, minimum: int = 1) -> int:
+    v = _int_value(value)
+    if v is None or v < minimum:
+        raise SizeError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return v
+
+
+def _items(value) -> list:
+    if isinstance(value, str):
+        return split_specs(value)
+    if isinstance(value, numbers.Number):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        return [value]
+
+
+def _ints(value, what: str, minimum: int = 1) -> list[int]:
+    got = [_int_value(v) for v in _items(value)]
+    if not got or any(v is None or v < minimum for v in got):
+        raise SizeError(f"{what} must be integers >= {minimum}, got {value!r}")
+    return got
+
+
+def _number(value, what: str, positive: bool = True) -> float:
+    try:
+        v = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise SizeError(f"{what} must be a number {'>' if positive else '>='} 0, got {value!r}")
+    return v
+
+
+def _check_structure(spec: str, task: str) -> None:
+    """Parse ``spec`` with einc's parser (or read an ``ffmoe(...)`` baseline), so that a
+    misspelt structure fails before any run."""
+    if ffmoe_options(spec) is not None:  # raises for bad ffmoe options
+        if not getattr(TASKS[task], "accepts_ffmoe", False):
+            raise UnknownNameError(f"{spec!r} is a transformer feed-forward MoE baseline; the "
+                                   f"{task} task takes einc specs", spec)
+        return
+    parse(spec)
+
+
+def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 256),
+                  steps=1000, seeds=(0,), batch=None, lr=None, lr_sweep=None, workers=1,
+                  executor: str = "local", options=None, eval_points=24, threads=None,
+                  aux_weight=DEFAULT_AUX_WEIGHT) -> dict:
+    """Check and normalise the arguments of :func:`scaling` without training anything;
+    raise an :class:`~einc.errors.EincError` for the first bad one. ``structures=None``
+    checks everything but the structures (``einc search --train`` checks its options
+    before it knows its candidates)."""
+    if task not in TASKS:
+        make_task(task)  # raises the error that lists the tasks
+    cls = TASKS[task]
+    if structures is not None:
+        structures = list(dict.fromkeys(str(s) for s in _items(structures)))
+        if not structures:
+            raise EincError("no structures to train")
+        for s in structures:
+            _check_structure(s, task)
+    if isinstance(widths, dict):
+        missing = [s for s in structures or [] if s not in widths]
+        if missing:
+            raise SizeError(f"widths has no entry for {', '.join(map(repr, missing))}")
+        per = {s: sorted(set(_ints(widths[s], f"the widths of {s!r}")))
+               for s in structures or []}
+        every = sorted({w for ws in per.values() for w in ws})
+    else:
+        every = sorted(set(_ints(widths, "widths")))
+        per = dict.fromkeys(structures or [], every)
+    if isinstance(seeds, numbers.Number) and not isinstance(seeds, bool):
+        seeds = list(range(_count(seeds, "seeds (a count)")))
+    else:
+        seeds = _ints(seeds, "seeds", minimum=0)
+    if isinstance(lr, dict):
+        missing = [s for s in structures or [] if s not in lr]
+        if missing:
+            raise SizeError(f"lr has no rate for {', '.join(map(repr, missing))}")
+        lr = {s: _number(v, f"the rate of {s!r}") for s, v in lr.items()}
+    elif lr is not None:
+        lr = _number(lr, "lr")
+    rates = None
+    if lr_sweep is not None:
+        rates = [_number(r, "every lr_sweep rate") for r in _items(lr_sweep)]
+        if not rates:
+            raise SizeError(f"lr_sweep must hold rates > 0, got {lr_sweep!r}")
+    if executor not in EXECUTORS:
+        raise UnknownNameError(f"unknown executor {executor!r}; known executors: "
+                               f"{', '.join(EXECUTORS)}")
+    return {"task": task, "structures": structures, "per": per, "widths": every,
+            "steps": _count(steps, "steps"), "seeds": seeds,
+            "batch": cls.default_batch if batch is None else _count(batch, "batch"),
+            "lr": lr, "lr_sweep": rates, "workers": _count(workers, "workers"),
+            "executor": executor, "options": check_options(task, options or {}),
+            "eval_points": _count(eval_points, "eval_points"),
+            "threads": None if threads is None else _count(threads, "threads"),
+            "aux_weight": _number(aux_weight, "aux_weight", positive=False)}
+
+
+def prepare_out(out) -> list[str]:
+    """Make sure ``out`` (and ``out/runs``) can hold the runs before any is trained; returns
+    the folders created."""
+    if not out:
+        return []
+    created = prepare_folder(out, "output folder")
+    runs = os.path.join(out, "runs")
+    if os.path.lexists(runs) and not os.path.isdir(runs):
+        remove_folders(created)
+        raise EincError(f"the output folder {out!r} holds a file 'runs' where the runs go")
+    return created
+
+
+def _all_failed(records) -> EincError:
+    """The error to raise when no run reached a finite held-out loss."""
+    failed = [r for r in records if r.get("error")]
+    if failed:
+        r = failed[0]
+        return EincError(f"every run failed; the first ({r['spec']} at width {r['width']}): "
+                         f"{r['error']}")
+    rates = ", ".join(f"{v:.3g}" for v in sorted({r["lr"] for r in records}))
+    return EincError(f"every run diverged (no finite held-out loss at learning rate {rates}); "
+                     "try lower rates (lr, lr_sweep; --lr, --lr-sweep)")
 
 
 def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 128, 256),
@@ -270,18 +422,24 @@ def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 1
     the base rates tried at the smallest width (default per task). ``seeds``: a list, or an
     int n for seeds 0..n-1. ``out``: a folder for the records, tables and plot (and for
     resuming). Returns a :class:`ScalingResult` (a list of the main runs' records).
+
+    Every argument is checked (structures parsed, ``out`` made) before the first run, see
+    :func:`check_scaling`; when no run reaches a finite held-out loss an
+    :class:`~einc.errors.EincError` reports the first run's error.
     """
-    if task not in TASKS:
-        make_task(task)  # raises the error that lists the tasks
-    structures = _as_list(structures, str)
-    if isinstance(widths, dict):
-        per = {s: sorted(set(_as_list(widths[s], int))) for s in structures}
-    else:
-        per = dict.fromkeys(structures, sorted(set(_as_list(widths, int))))
-    widths = sorted({w for ws in per.values() for w in ws})
-    seeds = list(range(seeds)) if isinstance(seeds, int) else _as_list(seeds, int)
+    if structures is None:
+        raise EincError("no structures to train")
+    a = check_scaling(task=task, structures=structures, widths=widths, steps=steps,
+                      seeds=seeds, batch=batch, lr=lr, lr_sweep=lr_sweep, workers=workers,
+                      executor=executor, options=options, eval_points=eval_points,
+                      threads=threads, aux_weight=aux_weight)
+    structures, per, widths, seeds, batch = (a["structures"], a["per"], a["widths"],
+                                             a["seeds"], a["batch"])
+    steps, lr, workers, options, eval_points, threads, aux_weight = (
+        a["steps"], a["lr"], a["workers"], a["options"], a["eval_points"], a["threads"],
+        a["aux_weight"])
     cls = TASKS[task]
-    batch = int(batch or cls.default_batch)
+    prepare_out(out)
     rank, world = dist_env()
     lead = rank == 0
     if threads is None:
@@ -322,7 +480,7 @@ def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 1
     # 1. base rate per structure, at the smallest width
     lrs, sweep = {}, []
     if lr is None:
-        rates = [float(r) for r in (_as_list(lr_sweep, float) or cls.default_lr_sweep)]
+        rates = list(a["lr_sweep"] or cls.default_lr_sweep)
         jobs = [dict(base, spec=s, width=per[s][0], seed=seeds[0], lr=r, role="sweep",
                      lr_width=per[s][0])
                 for s in structures for r in rates]
@@ -338,6 +496,8 @@ def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 1
             for s in structures for w in per[s] for sd in seeds]
     records = [dict(r, role="main") for r in execute(jobs)]
     bar.close()
+    if not any(math.isfinite(c[2]) for r in records for c in r.get("curve") or []):
+        raise _all_failed(records)  # nothing to fit or plot: say why every run failed
     summary = summarize(records, widths, irreducible=irreducible)
     summary.update(task=task, lrs=lrs, lr_sweep=sorted({r["lr"] for r in sweep}),
                    steps=int(steps), batch=batch, seeds=seeds, widths=widths,

@@ -6,7 +6,9 @@ and evaluates a held-out loss. Register a new task with :func:`task`.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 import os
 import re
 import sysconfig
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnknownNameError
+from ..errors import SizeError, UnknownNameError
 from .ffmoe import FFMoE
 
 TASKS: dict[str, type] = {}
@@ -32,7 +34,51 @@ def task(cls):
 def make_task(name: str, **options):
     if name not in TASKS:
         raise UnknownNameError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[name](**options)
+    return TASKS[name](**check_options(name, options))
+
+
+def task_options(name: str) -> dict:
+    """``{option: default}``: the keyword arguments the task ``name`` takes."""
+    if name not in TASKS:
+        raise UnknownNameError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    params = inspect.signature(TASKS[name].__init__).parameters.values()
+    return {p.name: p.default for p in params if p.name != "self"
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_options(name: str, options: dict) -> dict:
+    """The options of task ``name``, checked against what its constructor takes: an unknown
+    option lists the known ones; an integer option needs an integer at least the task's
+    ``option_minimum`` (1 unless the task says otherwise), a number option a finite number."""
+    known = task_options(name)
+    minimum = getattr(TASKS[name], "option_minimum", {})
+    out = {}
+    for key, value in dict(options).items():
+        if key not in known:
+            raise UnknownNameError(
+                f"unknown option {key!r} for the {name} task",
+                hint=f"options of the {name} task: "
+                + ", ".join(f"{k} (default {v:_})" if isinstance(v, int) else f"{k} (default {v})"
+                            for k, v in known.items()))
+        default = known[key]
+        if isinstance(default, bool):
+            out[key] = value
+        elif isinstance(default, int):
+            lo = minimum.get(key, 1)
+            v = (int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                 else int(value) if isinstance(value, float) and value.is_integer() else None)
+            if v is None or v < lo:
+                raise SizeError(f"option {key} of the {name} task takes an integer >= {lo}, "
+                                f"got {value!r}")
+            out[key] = v
+        elif isinstance(default, float):
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value):
+                raise SizeError(f"option {key} of the {name} task takes a number, got {value!r}")
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
 
 
 # -- building structured layers --------------------------------------------------------------
@@ -141,6 +187,7 @@ class Regression:
     each), then ``Linear(w, 1)``. Fresh inputs every step; MSE on a fixed test set.
     """
     name = "regression"
+    option_minimum = {"teacher_seed": 0}
     tokens_per_example = 1
     default_batch = 512
     default_lr_sweep = (1e-3, 3e-3, 1e-2)
@@ -320,6 +367,8 @@ class CharLM:
     held-out files. Width ``w`` has ``w / head_dim`` heads.
     """
     name = "charlm"
+    accepts_ffmoe = True
+    option_minimum = {"train_chars": 10_000, "val_chars": 1_000}
     default_batch = 32
     default_lr_sweep = (1e-3, 3e-3, 1e-2)
 
@@ -333,6 +382,9 @@ class CharLM:
                         "train_chars": int(train_chars), "val_chars": int(val_chars),
                         "eval_windows": self.eval_windows}
         self.train, self.val = load_corpus(int(train_chars), int(val_chars))
+        if self.context + 1 >= min(len(self.train), len(self.val)):
+            raise SizeError(f"context {self.context} does not fit the text: give a shorter "
+                            f"context or more val_chars ({len(self.val)} bytes held out)")
         g = torch.Generator().manual_seed(1234)
         starts = torch.randint(0, len(self.val) - self.context - 1, (self.eval_windows,),
                                generator=g)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 
 from ..cli import _add_width, command
+from ..errors import EincError
+from .checks import int_at_least, int_list, remove_folders
 
 
 @command
@@ -32,22 +34,25 @@ def _register(sub):
     p.add_argument("--transpose", action="store_true", help="also identify a structure with "
                    "its transpose (needs d_in = d_out)")
     p.add_argument("--sort", default="paper", help="sort key: " + ", ".join(SORT_KEYS)
-                   + " (default paper)")
-    p.add_argument("--top", type=int, default=None, help=f"rows to show (default "
-                   f"{DEFAULT_TOP}; 0 for all)")
+                   + " (default paper; measured needs --measure)")
+    p.add_argument("--top", type=int_at_least(0), default=None, help=f"rows to show "
+                   f"(default {DEFAULT_TOP}; 0 for all)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON list of records")
     out.add_argument("--csv", action="store_true", help="print CSV")
     p.add_argument("--plot", metavar="DIR", help="write cube.png and pareto.png to DIR "
-                   "(needs matplotlib)")
+                   "(needs matplotlib; DIR is checked, and created, before searching)")
     p.add_argument("--measure", action="store_true", help="time forward+backward of the "
                    "compiled top candidates")
-    p.add_argument("--batch", type=int, default=64, help="batch size for --measure (default 64)")
+    p.add_argument("--batch", type=int_at_least(1), default=64,
+                   help="batch size for --measure (default 64)")
     p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
     p.add_argument("--train", metavar="TASK", help="re-rank the shown candidates by training "
                    "them (einc experiment scaling on TASK: regression or charlm)")
-    p.add_argument("--train-widths", default="32,64,128", help="widths for --train")
-    p.add_argument("--train-steps", type=int, default=300, help="steps per run for --train")
+    p.add_argument("--train-widths", type=int_list(1), default="32,64,128",
+                   help="comma-separated widths for --train (default 32,64,128)")
+    p.add_argument("--train-steps", type=int_at_least(1), default=300,
+                   help="steps per run for --train (default 300)")
     p.add_argument("--train-out", metavar="DIR", help="folder for --train's runs (resumable)")
     try:
         from ..experiments.cli import add_training_arguments
@@ -62,13 +67,32 @@ def _search(args) -> int:
 
     from .rank import DEFAULT_TOP, search, table, to_csv
 
-    top = DEFAULT_TOP if args.top is None else (None if args.top == 0 else args.top)
-    result = search(args.d, d_in=args.d_in, d_out=args.d_out, factors=args.factors, k=args.k,
-                    max_flops=args.max_flops, max_params=args.max_params,
-                    min_psi=args.min_psi, max_omega=args.max_omega, sort=args.sort, top=top,
-                    transpose=args.transpose, exclude_degenerate=args.exclude_degenerate,
-                    tolerance=args.tolerance, measure=args.measure, batch=args.batch,
-                    progress=False if args.no_progress else None)
+    top = DEFAULT_TOP if args.top is None else args.top  # 0: all, in search() too
+    # Everything that can be checked is checked before the search: the plot folder and the
+    # --train arguments (folders made here are taken back if the search refuses its options).
+    created, training = [], None
+    try:
+        if args.plot:
+            from .plot import prepare
+            created += prepare(args.plot)
+        if args.train:
+            try:
+                from ..experiments.cli import check_training
+            except ImportError as e:
+                raise EincError(f"--train needs torch, which could not be imported: {e}"
+                                ) from None
+            training, made = check_training(args)
+            created += made
+        result = search(args.d, d_in=args.d_in, d_out=args.d_out, factors=args.factors,
+                        k=args.k, max_flops=args.max_flops, max_params=args.max_params,
+                        min_psi=args.min_psi, max_omega=args.max_omega, sort=args.sort,
+                        top=top, transpose=args.transpose,
+                        exclude_degenerate=args.exclude_degenerate, tolerance=args.tolerance,
+                        measure=args.measure, batch=args.batch,
+                        progress=False if args.no_progress else None)
+    except BaseException:
+        remove_folders(created)
+        raise
     if args.json:
         print(json.dumps(list(result), indent=2))
     elif args.csv:
@@ -80,7 +104,7 @@ def _search(args) -> int:
     if args.train and result:
         from ..experiments.cli import train_rerank
         print()
-        train_rerank(args, list(result))
+        train_rerank(training, list(result))
     if args.plot:
         from .plot import plot
 

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from ..errors import EincError
+from .checks import prepare_folder
 
 MAX_POINTS = 20_000
 
@@ -28,10 +29,17 @@ def _pyplot():
     return plt
 
 
+def prepare(directory) -> list[str]:
+    """Check, before a search, that its plots can be written: matplotlib imports and
+    ``directory`` is (or can be made) a writable folder. Returns the folders it created."""
+    _pyplot()
+    return prepare_folder(directory, "plot folder")
+
+
 def plot(result, directory) -> list[str]:
     """Write the plots of a :class:`~einc.space.rank.SearchResult`; returns the paths."""
     plt = _pyplot()
-    os.makedirs(directory, exist_ok=True)
+    prepare_folder(directory, "plot folder")
     c = result.candidates
     if not len(c):
         raise EincError("nothing to plot: no candidate passed the filters")

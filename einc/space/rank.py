@@ -33,7 +33,7 @@ SORT_KEYS = {
     "psi": "psi descending",
     "nu": "nu ascending",
     "rank": "rank bound descending",
-    "measured": "measured forward+backward time ascending (needs measuring)",
+    "measured": "measured forward+backward time ascending (needs measure=True, --measure)",
 }
 
 
@@ -121,8 +121,11 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
 
     ``search(d=1024, max_flops="0.1x")`` returns a list of records (dicts with the fields of
     ``einc analyze --json`` plus ``name``), best first; ``top`` keeps the first ``top``
-    (default 20; None: all). Budgets are numbers or multiples of the dense layer's ("0.1x"); the FLOP
-    budget defaults to the dense layer's ("none" lifts it). ``measure=True`` times the first ``top`` (default 20) compiled modules.
+    (default 20; 0 or None: all, as ``--top 0`` on the command line). Budgets are numbers or
+    multiples of the dense layer's ("0.1x"); the FLOP budget defaults to the dense layer's
+    ("none" lifts it). ``measure=True`` times the first ``top`` (default 20) compiled modules
+    with a batch of ``batch``; ``sort="measured"`` orders them by that time and needs
+    ``measure=True``.
     """
     if d is None and d_in is None and d_out is None:
         d = DEFAULT_D
@@ -136,7 +139,14 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
         raise SizeError(f"the padding tolerance must be >= 0, got {tolerance}")
     check_sort_key(sort)
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
-        raise SizeError(f"top must be a non-negative integer, got {top!r}")
+        raise SizeError(f"top must be a non-negative integer (0 or None for all), got {top!r}")
+    if top == 0:
+        top = None
+    if sort == "measured" and not measure:
+        raise EincError("sort key 'measured' orders by measured time, and nothing is "
+                        "measured: add --measure (measure=True in Python)")
+    if measure and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise SizeError(f"the batch size for measuring must be an integer >= 1, got {batch!r}")
     if transpose and din != dout:
         raise SizeError(f"transpose identifies W with its transpose, which needs d_in = d_out "
                         f"(got {din} and {dout})")

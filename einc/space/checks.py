@@ -1,0 +1,119 @@
+"""Checks made before any expensive work: output folders (``einc search --plot DIR``,
+``einc experiment scaling --out DIR``) and argparse value types for counts and lists, so
+that bad input fails at once with a message naming the option (exit status 2)."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from ..errors import EincError
+
+
+def prepare_folder(path, what: str = "output folder") -> list[str]:
+    """Make sure ``path`` is a folder this process can write to, creating it (and missing
+    parents) if needed. Returns the folders created, outermost first, so that a caller whose
+    later checks fail can take them back with :func:`remove_folders`. Raises an
+    :class:`~einc.errors.EincError` naming ``what`` when the path is a file, sits under a
+    file, or cannot be created or written."""
+    path = os.fspath(path)
+    if not path:
+        raise EincError(f"the {what} is an empty path")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise EincError(f"the {what} {path!r} exists and is not a folder")
+    missing, p = [], os.path.abspath(path)
+    while not os.path.isdir(p):
+        if os.path.lexists(p):
+            raise EincError(f"cannot create the {what} {path!r}: {p!r} is not a folder")
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    created: list[str] = []
+    try:
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                if os.path.isdir(folder):  # made meanwhile by another process (torchrun)
+                    continue
+                raise
+            created.append(folder)
+    except OSError as e:
+        remove_folders(created)
+        raise EincError(f"cannot create the {what} {path!r}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        remove_folders(created)
+        raise EincError(f"cannot write to the {what} {path!r}: permission denied")
+    return created
+
+
+def remove_folders(created) -> None:
+    """Remove folders :func:`prepare_folder` created, innermost first, if still empty."""
+    for folder in reversed(list(created)):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
+# -- argparse value types -------------------------------------------------------------------
+
+def _int(text: str) -> int:
+    return int(str(text).strip().replace("_", ""))
+
+
+def int_at_least(minimum: int):
+    """An argparse ``type``: an integer >= ``minimum``."""
+    def parse(text):
+        try:
+            value = _int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"takes an integer >= {minimum}, got {text!r}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def int_list(minimum: int):
+    """An argparse ``type``: comma-separated integers, each >= ``minimum``."""
+    def parse(text):
+        try:
+            values = [_int(v) for v in str(text).split(",") if v.strip()]
+        except ValueError:
+            values = None
+        if not values or any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"takes comma-separated integers >= {minimum} "
+                                             f"(for example 64,128,256), got {text!r}")
+        return values
+    parse.__name__ = "integer list"
+    return parse
+
+
+def _positive(text) -> float | None:
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def positive_float(text):
+    """An argparse ``type``: a finite number > 0."""
+    value = _positive(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"takes a number > 0 (for example 3e-3), got {text!r}")
+    return value
+
+
+def positive_float_list(text):
+    """An argparse ``type``: comma-separated finite numbers > 0."""
+    parts = [v for v in str(text).split(",") if v.strip()]
+    values = [_positive(v) for v in parts]
+    if not values or any(v is None for v in values):
+        raise argparse.ArgumentTypeError("takes comma-separated numbers > 0 (for example "
+                                         f"1e-3,3e-3,1e-2), got {text!r}")
+    return values
