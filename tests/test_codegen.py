@@ -1,5 +1,7 @@
 """Emitted source: readable, standalone, equivalent to the in-memory module, and safe."""
 import importlib.util
+import os
+import stat
 import subprocess
 import sys
 
@@ -7,7 +9,8 @@ import pytest
 import torch
 
 import einc
-from einc.codegen.emit import module_source, safe_name
+from einc.cli import main
+from einc.codegen.emit import module_source, reserved_names, safe_name
 from einc.codegen.lower import lower
 
 
@@ -81,6 +84,46 @@ def test_hostile_names_are_refused(hostile):
         einc.compile(hostile, 8, 8)
 
 
+def test_every_reserved_name_is_renamed_and_works(tmp_path):
+    # the reserved set is derived from nn.Module, StructuredLinear and the emitted code;
+    # every name in it must give a working module, in memory and as a standalone file
+    names = sorted(n for n in reserved_names() if not (n.startswith("__") and n.endswith("__")))
+    assert {"dump_patches", "T_destination", "compile", "chunk", "forward_steps", "x"} <= set(names)
+    x = torch.randn(2, 8)
+    for name in names:
+        spec = f"u[i] {name}[i r] V[r o] -> v[o] with r = 2"
+        m = einc.compile(spec, 8, 8)
+        attr = m.factor_names()[0]
+        assert attr == safe_name(name) != name and m.factors()[0] is getattr(m, attr), name
+        assert m(x).shape == (2, 8), name
+        namespace = {}
+        exec(compile(module_source(m.lowered, "Layer", spec), "<emitted>", "exec"), namespace)
+        theirs = namespace["Layer"]()
+        theirs.load_state_dict(m.state_dict())
+        assert torch.allclose(theirs(x), m(x), atol=1e-5), name
+    path = tmp_path / "g.py"
+    out = subprocess.run([sys.executable, "-m", "einc", "compile",
+                          "x[i] dump_patches[i r] chunk[r o] -> y[o] with r = 2", "--d", "8",
+                          "-o", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    layer = load_module(path, "StructuredLinear")()
+    assert layer(x).shape == (2, 8)
+
+
+@pytest.mark.parametrize("name", ["class", "\u00dcn\u00efcode", "torch", "nn", "super",
+                                  "__name__", "A b", "Layer\n"])
+def test_class_names_that_break_the_module_are_refused(name):
+    with pytest.raises(einc.CompileError, match="ASCII Python identifier"):
+        module_source(lower("btt", 64), name)
+
+
+@pytest.mark.parametrize("name", ["Layer", "math", "bias", "forward", "x", "equation"])
+def test_accepted_class_names_give_a_working_module(name):
+    namespace = {}
+    exec(compile(module_source(lower("btt", 64), name), "<emitted>", "exec"), namespace)
+    assert namespace[name]()(torch.randn(2, 64)).shape == (2, 64)
+
+
 def test_safe_name_never_returns_raw_text():
     for raw in ["a b", "1x", "x'y", "del", "__class__", "bias"]:
         name = safe_name(raw)
@@ -96,6 +139,74 @@ def test_compile_cli_errors_leave_nothing_behind(tmp_path):
     out = subprocess.run([sys.executable, "-m", "einc", "compile", "btt", "--d", "64",
                           "--class-name", "not valid"], capture_output=True, text=True)
     assert out.returncode == 2 and "identifier" in out.stderr
+    for name in ["class", "super"]:  # a keyword; a builtin the generated __init__ calls
+        out = subprocess.run([sys.executable, "-m", "einc", "compile", "btt", "--d", "64",
+                              "--class-name", name], capture_output=True, text=True)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert "--class-name" in out.stderr and out.stdout == ""
+
+
+def compile_to(path, **kw):
+    return subprocess.run([sys.executable, "-m", "einc", "compile", "btt", "--d", "64", "-o",
+                           str(path)], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_compile_cli_replaces_only_regular_files(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "to_fifo").symlink_to(tmp_path / "fifo")
+    (tmp_path / "to_null").symlink_to(os.devnull)  # replacing the link spares the device
+    before = sorted(tmp_path.iterdir())
+    for name, why in [("fifo", "FIFO"), ("folder", "directory"), ("to_fifo", "FIFO"),
+                      ("to_null", "device")]:
+        out = compile_to(tmp_path / name)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert str(tmp_path / name) in out.stderr and why in out.stderr
+    assert sorted(tmp_path.iterdir()) == before
+    assert stat.S_ISFIFO((tmp_path / "fifo").stat().st_mode)
+    assert (tmp_path / "to_fifo").is_symlink() and (tmp_path / "to_null").is_symlink()
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+def test_compile_cli_keeps_links_and_modes(tmp_path):
+    target = tmp_path / "real.py"
+    target.write_text("old")
+    target.chmod(0o751)
+    (tmp_path / "link.py").symlink_to(target)
+    assert compile_to(tmp_path / "link.py").returncode == 0
+    assert (tmp_path / "link.py").is_symlink() and "class BttLinear" in target.read_text()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o751
+    out = compile_to(tmp_path / "new.py", preexec_fn=lambda: os.umask(0o002))
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE((tmp_path / "new.py").stat().st_mode) == 0o664  # not mkstemp's 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.py", "new.py", "real.py"]
+
+
+def test_compile_cli_os_errors_are_einc_errors(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    paths = [tmp_path / "file" / "x.py"] + [p for p in ["/proc/x.py", "/sys/x.py"]
+                                            if os.path.isdir(os.path.dirname(p))]
+    for path in paths:
+        out = compile_to(path)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert f"cannot write {path}" in out.stderr
+    # a failure after the temporary file exists removes it again
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", fail)
+    assert main(["compile", "btt", "--d", "64", "-o", str(tmp_path / "layer.py")]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_compile_cli_reports_a_failed_stdout_write():
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "einc", "compile", "btt", "--d", "64"],
+                             stdout=full, stderr=subprocess.PIPE, text=True)
+    assert out.returncode == 2 and "cannot write to standard output" in out.stderr
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr
 
 
 def test_torch_compile_has_no_graph_breaks_and_export_works():

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import stat
 import sys
-import tempfile
 
 from ..cli import _add_width, command
 from ..errors import CompileError
@@ -31,7 +32,7 @@ def class_name_for(spec: str) -> str:
 
 def _run(args) -> int:
     from ..analysis import resolve_dims
-    from .emit import module_source
+    from .emit import check_class_name, module_source
     from .lower import as_structure, lower
 
     s = as_structure(args.spec)
@@ -41,24 +42,80 @@ def _run(args) -> int:
     d_in, d_out = resolve_dims(s, args.d, args.d_in, args.d_out)
     low = lower(s, d_in, d_out, args.tolerance)
     name = args.class_name or class_name_for(args.spec)
-    if not name.isidentifier():
-        raise CompileError(f"--class-name {name!r} is not a Python identifier")
+    check_class_name(low, name, "--class-name")
     text = module_source(low, name, args.spec)
     if not args.output:
-        sys.stdout.write(text)
+        _write_stdout(text)
         return 0
-    # Write to a temporary file and rename: no half-written module is ever left behind.
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        raise CompileError(f"cannot write {args.output}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, args.output)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    _write_file(args.output, text)
     print(f"wrote {args.output}: class {name}, {low.d_in} -> {low.d_out}, "
           f"{low.params:,} parameters", file=sys.stderr)
     return 0
+
+
+def _write_stdout(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        # The unwritten text stays buffered and the interpreter's final flush would fail
+        # again, with a traceback-like message: let that flush go to the null device.
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+        if isinstance(e, BrokenPipeError):  # `einc compile ... | head`: not an error
+            raise
+        raise CompileError(f"cannot write to standard output: {e.strerror or e}") from None
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _write_file(path: str, text: str) -> None:
+    """Replace ``path`` atomically: write a temporary file beside it, then rename, so that
+    no half-written module is ever left behind. Only a regular file is replaced (through a
+    symlink: its target, keeping the link), and it keeps its mode; a new file gets the mode
+    open() would give it (0o666 less the umask)."""
+    target = os.path.realpath(path)
+    try:
+        old = os.stat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        old = None
+    except OSError as e:  # e.g. a symlink loop
+        raise CompileError(f"cannot write {path}: {e.strerror or e}") from None
+    if old is not None and not stat.S_ISREG(old.st_mode):
+        kind = next((k for test, k in _KINDS if test(old.st_mode)), "not a regular file")
+        via = f" ({target})" if target != os.path.abspath(path) else ""
+        raise CompileError(f"cannot write {path}: it is {kind}{via}; -o only creates or "
+                           "replaces regular files")
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        why = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise CompileError(f"cannot write {path}: folder {folder} {why}")
+    # O_EXCL with mode 0o666: the kernel applies the umask (and default ACLs) as for any
+    # new file, where mkstemp would force 0o600
+    tmp = os.path.join(folder, f".{os.path.basename(target)[:64]}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise CompileError(f"cannot write {path}: cannot create a file in {folder}: "
+                           f"{e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        if old is not None:
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))
+        os.replace(tmp, target)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise CompileError(f"cannot write {path}: {e.strerror or e}") from None
+        raise

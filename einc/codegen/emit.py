@@ -8,15 +8,19 @@ comments, escaped by :func:`comment`.
 """
 from __future__ import annotations
 
+import dis
+import functools
 import keyword
 import math
 import re
+import symtable
 
+from ..errors import CompileError
 from .lower import Lowered
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-#: attribute names of nn.Module (and of our modules) a factor may not shadow
-RESERVED = frozenset({
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: names earlier versions reserved by hand: kept so that their state_dict keys stay the same
+_LEGACY_RESERVED = frozenset({
     "bias", "weight", "forward", "training", "parameters", "buffers", "modules", "children",
     "state_dict", "load_state_dict", "to", "cuda", "cpu", "float", "double", "half", "type",
     "apply", "train", "eval", "zero_grad", "register_buffer", "register_parameter", "extra_repr",
@@ -25,18 +29,79 @@ RESERVED = frozenset({
     "lr_multipliers", "plan", "x", "y", "z", "n", "lead", "torch", "nn", "math", "self",
     "requires_grad_", "share_memory", "named_parameters", "get_parameter", "dtype", "device",
 })
+#: class name used while deriving which names a generated module relies on
+_PLACEHOLDER = "EincGeneratedClass"
+
+
+@functools.cache
+def reserved_names() -> frozenset[str]:
+    """Names a factor attribute may not take: every attribute of torch.nn.Module (class and
+    instance), every attribute StructuredLinear defines or assigns, and every name the
+    generated module and forward use. Derived, not listed, so that it follows torch and einc."""
+    from torch import nn
+
+    from ..runtime.module import StructuredLinear  # lazy: that module imports this one
+    from .lower import lower
+
+    names = set(_LEGACY_RESERVED) | set(dir(nn.Module)) | set(vars(nn.Module()))
+    names |= set(dir(StructuredLinear)) | _assigned_attributes(StructuredLinear)
+    table = symtable.symtable(_module_text(lower("dense", 2, 2), ["W"], _PLACEHOLDER),
+                              "<einc module>", "exec")
+    for scope in _scopes(table):  # module imports, class attributes, forward locals
+        if scope.get_type() != "function" or scope.get_name() == "forward":
+            names |= set(scope.get_identifiers())
+    return frozenset(names - {_PLACEHOLDER})
+
+
+def __getattr__(name):  # RESERVED was a constant; it now needs torch, so it is computed late
+    if name == "RESERVED":
+        return reserved_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _assigned_attributes(cls) -> set[str]:
+    """Attribute names the methods of ``cls`` (and its einc bases) assign, e.g. ``self.chunk``:
+    instance attributes that dir(cls) does not show."""
+    out = set()
+    for klass in cls.__mro__:
+        if not klass.__module__.startswith("einc."):
+            continue
+        for value in vars(klass).values():
+            funcs = (value.fget, value.fset, value.fdel) if isinstance(value, property) \
+                else (getattr(value, "__func__", value),)
+            codes = [f.__code__ for f in funcs if hasattr(f, "__code__")]
+            while codes:
+                code = codes.pop()
+                codes += [c for c in code.co_consts if hasattr(c, "co_code")]
+                out |= {i.argval for i in dis.get_instructions(code)
+                        if i.opname in ("STORE_ATTR", "DELETE_ATTR")}
+    return out
+
+
+def _scopes(table):
+    stack = [table]
+    while stack:
+        t = stack.pop()
+        yield t
+        stack += t.get_children()
 
 
 def safe_name(name: str) -> str:
     """A factor's attribute name: its own when that is a plain, unreserved identifier, else
     a sanitised one (never raw text in generated code)."""
-    if not _IDENT.match(name) or keyword.iskeyword(name) or name.startswith("_"):
+    if not _IDENT.fullmatch(name) or keyword.iskeyword(name) or name.startswith("_"):
         cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name).strip("_") or "factor"
         name = "w_" + cleaned
-    if name in RESERVED or keyword.iskeyword(name):
+    if name in reserved_names() or keyword.iskeyword(name):
         name = "w_" + name
-    assert _IDENT.match(name) and not keyword.iskeyword(name)
+    assert _IDENT.fullmatch(name) and not keyword.iskeyword(name)
     return name
+
+
+def padding_gain(low: Lowered) -> float:
+    """sqrt(padded_in / d_in): zero-padding the input to padded_in entries scales its RMS by
+    the inverse, which one factor's initialisation makes up for."""
+    return math.sqrt(low.padded_in / low.d_in)
 
 
 def attribute_names(low: Lowered) -> list[str]:
@@ -138,10 +203,42 @@ def forward_source(low: Lowered, attrs: list[str]) -> str:
 
 def module_source(low: Lowered, class_name: str = "StructuredLayer", spec: str = "") -> str:
     """A standalone module file that imports only torch."""
-    if not _IDENT.match(class_name) or keyword.iskeyword(class_name):
-        raise ValueError(f"class name {class_name!r} is not a Python identifier")
+    check_class_name(low, class_name)
+    return _module_text(low, attribute_names(low), class_name, spec)
+
+
+def check_class_name(low: Lowered, name: str, what: str = "class name") -> None:
+    """Refuse a class name that is not a plain ASCII identifier, or that would shadow a name
+    the generated module relies on (its imports, the builtins it calls)."""
+    used = _module_globals(low)
+    why = None
+    if not isinstance(name, str) or not _IDENT.fullmatch(name):
+        why = "it is not an ASCII Python identifier"
+    elif keyword.iskeyword(name):
+        why = "it is a Python keyword"
+    elif name.startswith("__") and name.endswith("__"):
+        why = "it is a dunder name, which Python itself uses"
+    elif name in used:
+        why = f"the generated module uses {name!r} itself"
+    if why:
+        raise CompileError(f"{what} {name!r} cannot be used: {why}; a class name must be an "
+                           "ASCII Python identifier, not a keyword or dunder name, and none of "
+                           f"the names the generated module uses ({', '.join(sorted(used))})")
+
+
+def _module_globals(low: Lowered) -> frozenset[str]:
+    """Module-level names of the generated text (imports, definitions) and the global or
+    builtin names its code looks up: what a class of the same name would shadow."""
+    table = symtable.symtable(_module_text(low, attribute_names(low), _PLACEHOLDER),
+                              "<einc module>", "exec")
+    names = set(table.get_identifiers())
+    for scope in _scopes(table):
+        names |= {sym.get_name() for sym in scope.get_symbols() if sym.is_global()}
+    return frozenset(names - {_PLACEHOLDER})
+
+
+def _module_text(low: Lowered, attrs: list[str], class_name: str, spec: str = "") -> str:
     s = low.structure
-    attrs = attribute_names(low)
     views = init_views(low)
     sizes = ", ".join(f"{comment(i)}={low.sizes[i]}" for i in s.index_names)
     lines = [
@@ -194,6 +291,9 @@ def module_source(low: Lowered, class_name: str = "StructuredLayer", spec: str =
                      f".reshape{shape}")
         lines.append("            w.normal_()")
         lines.append("            w.div_(w.norm(dim=1, keepdim=True))")
+    if low.padded_in != low.d_in:
+        lines.append(f"            self.{attrs[0]}.mul_({padding_gain(low)!r})  "
+                     f"# input zero-padded {low.d_in} -> {low.padded_in}: keep its RMS")
     lines += ["            if self.bias is not None:",
               "                self.bias.zero_()",
               ""]
