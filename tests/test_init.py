@@ -89,3 +89,23 @@ def test_lr_multipliers_and_param_groups():
     torch.optim.AdamW(groups)  # accepted by an optimizer
     with pytest.raises(einc.CompileError):
         einc.param_groups(model, lr=0)
+
+
+@pytest.mark.parametrize("spec,d", [("(1/4|1/4|1/2|1/2|1/4|1/4|1/4)", 1024), ("btt", 1000),
+                                    ("monarch", 1000), ("btt(rank=2, cores=3)", 1001)])
+def test_zero_padded_input_keeps_unit_rms(spec, d):
+    """Zero-padding the input to padded_in entries dilutes its RMS by sqrt(d_in/padded_in)
+    (0.94 for the first case before the first factor made up for it); the standalone file
+    initialises the same way."""
+    from einc.codegen.emit import module_source
+    torch.manual_seed(0)
+    m = einc.compile(spec, d, bias=False)
+    assert m.lowered.padded_in > d
+    namespace = {}
+    exec(compile(module_source(m.lowered, "Layer", spec), "<layer>", "exec"), namespace)
+    standalone = namespace["Layer"](bias=False)
+    x = torch.randn(512, d)
+    with torch.no_grad():
+        for layer in (m, standalone):
+            rms = (layer(x).square().mean().sqrt() / x.square().mean().sqrt()).item()
+            assert 0.97 <= rms <= 1.03, (type(layer).__name__, rms)

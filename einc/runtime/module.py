@@ -102,6 +102,9 @@ class StructuredLinear(nn.Module):
                 w = p.permute(*perm).reshape(shape)
                 w.normal_()
                 w.div_(w.norm(dim=1, keepdim=True))
+            # the input is zero-padded to padded_in entries, which dilutes its RMS; the map
+            # is linear in each factor, so one factor makes up for it
+            self.factors()[0].mul_(emit.padding_gain(self.lowered))
             if self.bias is not None:
                 self.bias.zero_()
 
