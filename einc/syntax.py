@@ -442,8 +442,10 @@ def _check_product(op: Operand, sizes, what: str, spec: str):
     total = Size.const(1)
     for i in op.indices:
         total = total * sizes[i]
+    # a side may also multiply to the other side's width (`with o = i`): it then needs
+    # d_in and d_out to agree, or padding, which sizing at concrete widths checks
     ok = total.is_const or (total.coeff == 1 and len(total.powers) == 1 and
-                            total.powers[0] in ((what, 1), ("d", 1)))
+                            total.powers[0] in ((what, 1), ("d", 1), ("d_in", 1), ("d_out", 1)))
     if not ok:
         raise SizeError(f"the sizes of {op.name}[{' '.join(op.indices)}] multiply to {total}, "
                         f"which cannot match {what}", spec, op.pos)

@@ -323,3 +323,13 @@ def test_cli_refuses_huge_width(capsys):
     assert main(["analyze", "btt", "--d", str(10 ** 300)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("einc: d_in = ~1e+300 is above the largest width") and len(err) < 200
+
+
+def test_an_output_index_tied_to_an_input_index_needs_matching_widths():
+    """`with o = i` makes y multiply to d_in: fine for a square layer, a sizing error (not a
+    parse error) when the widths differ beyond the padding tolerance."""
+    spec = "x[i] W[i o] -> y[o] with o = i"
+    rep = einc.analyze(spec, d=64)
+    assert rep.sizes == {"i": 64, "o": 64}
+    with pytest.raises(einc.SizeError, match="cannot cover d_out = 128"):
+        einc.analyze(spec, d_in=64, d_out=128)
