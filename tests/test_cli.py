@@ -49,7 +49,7 @@ def test_analyze_rectangular():
     (["analyze", "btt"], "give d", None),
     (["analyze", "bttmoe(experts=4, k=4) with r = 2", "--d", "1024"],
      "top-4 routing needs at least 4 experts", None),
-    (["analyze", "btt", "--d", "64", "--tolerance", "nan"], "finite number >= 0", None),
+    (["analyze", "btt", "--d", "64", "--tolerance", "nan"], "tolerance must be a number >= 0", None),
 ])
 def test_errors_exit_2_without_traceback(args, fragment, caret):
     r = einc(*args)

@@ -222,3 +222,13 @@ def test_torch_compile_has_no_graph_breaks_and_export_works():
     assert xg.grad is not None and m.factors()[0].grad is not None
     exported = torch.export.export(m, (x,))
     assert torch.allclose(exported.module()(x), m(x), atol=1e-5)
+
+
+def test_compile_cli_refuses_a_folder_path(tmp_path):
+    keep = tmp_path / "keep.py"
+    keep.write_text("keep\n")
+    for target in (f"{keep}/", f"{tmp_path / 'newdir'}/"):
+        out = subprocess.run([sys.executable, "-m", "einc", "compile", "dense", "--d", "8",
+                              "-o", target], capture_output=True, text=True)
+        assert out.returncode == 2 and "names a folder" in out.stderr, out.stderr
+    assert keep.read_text() == "keep\n" and not (tmp_path / "newdir").exists()

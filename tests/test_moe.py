@@ -487,3 +487,21 @@ def test_wrong_width_is_a_compile_error_and_autocast_inputs_run():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = m(x.bfloat16().requires_grad_())
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
+def test_numpy_integer_sizes_are_accepted():
+    np = pytest.importorskip("numpy")
+    m = einc.BTTMoE(np.int64(16), np.int64(16), experts=np.int64(4), k=np.int32(2))
+    assert (m.in_features, m.experts, m.k) == (16, 4, 2) and type(m.k) is int
+
+
+def test_non_strict_export_does_not_recurse(monkeypatch):
+    """torch.export (non-strict) reports compiling but does not honour compiler.disable: the
+    eager fallback must name a concrete backend instead of coming back to "auto"."""
+    import einc.moe.dispatch as dispatch
+    monkeypatch.setattr(dispatch, "tracing", lambda: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x, A, B, W, b = make_problem(6, 2, 3, 2, 3, 4, 2)
+    idx, gate = route(x.reshape(6, -1) @ W.t() + b, 2)
+    got = btt_moe_sparse(x, A, B, idx, gate)
+    torch.testing.assert_close(got, btt_moe_masked(x, A, B, idx, gate), rtol=1e-10, atol=1e-10)

@@ -297,3 +297,8 @@ def test_autocast_runs_the_plain_route_in_low_precision():
             got.float().sum().backward()
             assert inp.grad is not None
             torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
+def test_meta_device_forward_gives_shapes():
+    m = einc.compile("btt", 64, device="meta")
+    assert m(torch.empty(4, 64, device="meta")).shape == (4, 64)

@@ -81,6 +81,8 @@ def _write_file(path: str, text: str) -> None:
     no half-written module is ever left behind. Only a regular file is replaced (through a
     symlink: its target, keeping the link), and it keeps its mode; a new file gets the mode
     open() would give it (0o666 less the umask)."""
+    if path.endswith(("/", os.sep)) or os.path.basename(path) in ("", ".", ".."):
+        raise CompileError(f"cannot write {path}: it names a folder; -o takes a file path")
     target = os.path.realpath(path)
     try:
         old = os.stat(target)

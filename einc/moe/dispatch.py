@@ -575,8 +575,16 @@ def _sparse_padded(x, A, B, expert_idx, gate):
 @torch.compiler.disable
 def _sparse_eager(x, A, B, expert_idx, gate, deterministic, bias):
     """The auto backend outside the compiled graph: its autograd functions write into
-    preallocated buffers, which torch.compile cannot trace."""
-    return btt_moe_sparse(x, A, B, expert_idx, gate, deterministic, "auto", bias)
+    preallocated buffers, which torch.compile cannot trace. Named explicitly, since where
+    disable() does not apply (non-strict torch.export) "auto" would come back here."""
+    g, a, f, _, e = _check_shapes(x, A, B)
+    if x.device.type == "cpu":
+        backend = "chunked"
+    elif _aligned(x.dtype, g, a, f, e) and grouped_mm_available(x.device, x.dtype):
+        backend = "grouped_mm"
+    else:
+        backend = "strided"
+    return btt_moe_sparse(x, A, B, expert_idx, gate, deterministic, backend, bias)
 
 
 def btt_moe_sparse(

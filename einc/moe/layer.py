@@ -20,6 +20,7 @@ Each forward pass stores ``aux_loss``: the switch load-balancing loss
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from .dispatch import btt_moe_masked, btt_moe_sparse, route
 from ..errors import CompileError
+from ..runtime.fused import autocasting
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
 
@@ -113,10 +115,14 @@ class BTTMoE(nn.Module):
         output_sizes: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
+        sizes = {}
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("experts", experts), ("k", k), ("cores", cores)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise CompileError(f"{name} must be an integer, got {value!r}")
+            sizes[name] = int(value)  # numpy integers too
+        in_features, out_features = sizes["in_features"], sizes["out_features"]
+        experts, k, cores = sizes["experts"], sizes["k"], sizes["cores"]
         if cores != 2:
             raise CompileError(f"BTTMoE supports cores=2 only (got cores={cores}); allowed: 2")
         if experts < 1:
@@ -224,7 +230,7 @@ class BTTMoE(nn.Module):
         expert_idx, gate = self._route(x2)
         if g * a != self.in_features:
             x2 = F.pad(x2, (0, g * a - self.in_features))
-        if torch.is_autocast_enabled(x2.device.type):  # the experts run in their own dtype
+        if autocasting(x2.device):  # the experts run in their own dtype
             x2 = x2.to(self.A.dtype)
         xs = x2.reshape(N, g, a)
         if masked:

@@ -120,6 +120,15 @@ def tracing() -> bool:
     return bool(active and active())
 
 
+def autocasting(device: torch.device) -> bool:
+    """Whether autocast is on for this device (False for devices without autocast, such
+    as meta, where torch.is_autocast_enabled raises)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
 def cache_fit(row_bytes: int) -> int:
     """The largest power of two of rows of ``row_bytes`` within CHUNK_BYTES, at least
     MIN_CHUNK."""

@@ -10,7 +10,7 @@ from ..analysis import DEFAULT_TOLERANCE
 from ..codegen import emit
 from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
-from .fused import ChainFunction, chunk_tokens, tracing
+from .fused import ChainFunction, autocasting, chunk_tokens, tracing
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
@@ -121,7 +121,7 @@ class StructuredLinear(nn.Module):
                                f"shape {tuple(x.shape)}")
         # autocast casts inside torch ops, which the plain routes use and the fused ones
         # (computing in the factors' dtype) do not
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = autocasting(x.device)
         route = self.route
         if route == "auto":
             route = "plain" if tracing() or autocast else _auto_route(self, x)

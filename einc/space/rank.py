@@ -135,8 +135,8 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
         d_in = d_in if d_in is not None else d_out
         d_out = d_out if d_out is not None else d_in
     din, dout = resolve_dims(_NoStructure, d, d_in, d_out)
-    if tolerance is None or tolerance < 0:
-        raise SizeError(f"the padding tolerance must be >= 0, got {tolerance}")
+    if tolerance is None or not tolerance >= 0:  # NaN fails every comparison
+        raise SizeError(f"the padding tolerance must be a number >= 0, got {tolerance}")
     check_sort_key(sort)
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
         raise SizeError(f"top must be a non-negative integer (0 or None for all), got {top!r}")
