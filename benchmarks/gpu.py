@@ -23,11 +23,12 @@ computes dx and every weight gradient. TFLOP/s counts the useful FLOPs of the st
 (3x forward for forward+backward). Cells that run out of memory are reported as "oom" and
 skipped. Kernel tuning: "--tune heuristic" (default) compiles one tile configuration per
 problem shape, chosen from its sizes; "--tune full" uses the kernel's own autotuning
-(better tiles, much longer compile time).
+(better tiles, much longer compile time); see einc.kernels.set_tuning.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import importlib
 import math
@@ -121,6 +122,59 @@ def measure(timer: Timer, forward, params) -> dict:
     return out
 
 
+PROFILE_WANTED: set = set()  # (d, layer, route) cells whose f+b step gets a kernel table
+PROFILES: list = []  # printed after the main table
+
+
+def profile_step(label: str, forward, params, steps: int = 5) -> None:
+    """Device time per forward+backward step of each kernel (torch.profiler), top 15."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def clear():
+        for p in params:
+            p.grad = None
+
+    y = forward()
+    dy = torch.randn_like(y)
+    del y
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            clear()
+            forward().backward(dy)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / steps / 1e3, ev.count // steps, ev.key))
+    rows.sort(reverse=True)
+    lines = [f"## profile {label}: device ms per f+b step, top kernels (total "
+             f"{sum(r[0] for r in rows):.3f} ms)"]
+    lines += [f"{ms:8.3f} ms  x{n:<4d} {name[:110]}" for ms, n, name in rows[:15]]
+    print("\n".join(lines) + "\n", flush=True)
+    PROFILES.append("\n".join(lines))
+
+
+def timed(timer, key, forward, params) -> dict:
+    """measure(), plus a kernel profile when the cell was asked for with --profile."""
+    out = measure(timer, forward, params)
+    if key in PROFILE_WANTED:
+        profile_step(":".join(map(str, key)), forward, params)
+    return out
+
+
+def failure(exc: BaseException, *cell) -> str:
+    """The table entry of a cell that raised: "oom", or "error" with the reason printed."""
+    if is_oom(exc):
+        return "oom"
+    print(f"# error in {':'.join(map(str, cell))}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    return "error"
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -171,11 +225,19 @@ def linear_cell(timer, d, tokens, dtype, device):
     return measure(timer, lambda: lin(x), [x, *lin.parameters()])
 
 
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.detach().double(), ref.detach().double()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def structure_cells(timer, name, d, tokens, dtype, device, routes):
     m = einc.compile(spec_for(name, d), d, dtype=dtype).to(device)
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
     params = [x, *m.parameters()]
     flops = m.lowered.flops
+    # reference: one torch.einsum per step over float32 copies of the same factors
+    with torch.no_grad():
+        ref = naive_forward(copy.deepcopy(m).float(), x.float(), "einsum")
     for route in routes:
         try:
             if route in NAIVE_ROUTES:
@@ -183,11 +245,11 @@ def structure_cells(timer, name, d, tokens, dtype, device, routes):
             else:
                 m.route = route
                 fwd = lambda: m(x)  # noqa: E731
-            yield route, flops, measure(timer, fwd, params)
+            with torch.no_grad():
+                err = rel_err(fwd(), ref)
+            yield route, flops, timed(timer, (d, name, route), fwd, params), err
         except Exception as exc:  # noqa: BLE001 - report and go on
-            if not is_oom(exc):
-                raise
-            yield route, flops, "oom"
+            yield route, flops, failure(exc, d, name, route), None
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -215,47 +277,29 @@ def moe_cells(timer, d, E, k, tokens, dtype, device, seed=0):
         idx, gate = route(logits, k)
         return btt_moe_masked(x, A, B, idx, gate)
 
+    # the floors: a rank-k BTT with two bmm calls, and einc's own btt(rank=k) layer
+    layer = einc.compile(f"btt(rank={k})", g * a, f * e, dtype=dtype).to(device)
+    layer.route = "triton" if route_available(x) else "fused"
+    xf = x.detach().reshape(tokens, g * a).requires_grad_()
     cands = {
         "moe-sparse": (sparse, [x, A, B, logits]),
         "moe-masked": (masked, [x, A, B, logits]),
         "rank-k floor": (lambda: btt_dense(x, Ak, Bk), [x, Ak, Bk]),
+        "einc floor": (lambda: layer(xf), [xf, *layer.parameters()]),
     }
+    with torch.no_grad():  # reference: the masked route over float32 copies
+        idx, gate = route(logits, k)
+        ref = btt_moe_masked(x.float(), A.float(), B.float(), idx, gate.float())
     for name, (fn, params) in cands.items():
         try:
-            yield name, flops, measure(timer, fn, params)
-        except Exception as exc:  # noqa: BLE001
-            if not is_oom(exc):
-                raise
-            yield name, flops, "oom"
+            with torch.no_grad():
+                err = None if name.endswith("floor") else rel_err(fn(), ref)
+            yield name, flops, timed(timer, (d, f"bttmoe(E={E},k={k})", name), fn, params), err
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            yield name, flops, failure(exc, d, f"bttmoe(E={E},k={k})", name), None
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------- tuning
-def heuristic_tuning():
-    """One tile configuration per problem shape (no autotuning sweep): compile time, not
-    tuning, dominates a full run otherwise."""
-    import triton
-
-    def configs(_triton):
-        c = lambda bm, bn, bk, s, w: triton.Config(  # noqa: E731
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        return [c(128, 128, 64, 4, 8), c(128, 64, 64, 4, 4), c(64, 128, 64, 4, 4),
-                c(64, 64, 64, 4, 4), c(32, 64, 64, 4, 4), c(64, 32, 64, 4, 4),
-                c(32, 32, 32, 3, 4), c(16, 64, 32, 3, 2), c(64, 16, 32, 3, 2), c(16, 16, 16, 2, 1)]
-
-    def prune(cfgs, named_args, **kwargs):
-        caps = [sbmm._block_cap(named_args[d]) for d in ("M", "N", "K")]
-        fit = [c for c in cfgs if c.kwargs["BLOCK_M"] <= caps[0] and c.kwargs["BLOCK_N"] <= caps[1]
-               and c.kwargs["BLOCK_K"] <= caps[2]]
-        if not fit:
-            fit = [min(cfgs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-        return [max(fit, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
-
-    if sbmm._KERNEL is None:
-        sbmm._autotune_configs = configs
-        sbmm._prune_configs = prune
 
 
 # ---------------------------------------------------------------------------- report
@@ -276,7 +320,19 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", choices=("heuristic", "full"), default="heuristic")
     ap.add_argument("--budget", type=float, default=280.0,
                     help="seconds; cells left when it is spent are skipped")
+    ap.add_argument("--batch-block", type=int, default=None,
+                    help="batch entries per program of the batch-block kernel (0: off); "
+                         "default: einc.kernels.strided_bmm.BATCH_BLOCK")
+    ap.add_argument("--profile", nargs="+", default=[], metavar="D:LAYER:ROUTE",
+                    help="print a kernel table of these cells' f+b step, e.g. 4096:btt1:triton "
+                         "or '4096:bttmoe(E=8,k=2):moe-sparse'")
     args = ap.parse_args(argv)
+    for item in args.profile:
+        d_s, _, rest = item.partition(":")
+        layer, _, route_name = rest.rpartition(":")
+        if not (d_s.isdigit() and layer and route_name):
+            ap.error(f"--profile takes D:LAYER:ROUTE, got {item!r}")
+        PROFILE_WANTED.add((int(d_s), layer, route_name))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -286,8 +342,9 @@ def main(argv=None) -> int:
     reps = min(args.reps, 10) if args.quick else args.reps
     timer = Timer(device, args.warmup, reps)
     triton_ok = route_available(torch.empty(0, device=device))
-    if triton_ok and device.type == "cuda" and args.tune == "heuristic":
-        heuristic_tuning()
+    sbmm.set_tuning(args.tune)
+    if args.batch_block is not None:
+        sbmm.BATCH_BLOCK = args.batch_block
     routes = (EINC_ROUTES if triton_ok else EINC_ROUTES[1:]) + NAIVE_ROUTES
 
     try:
@@ -300,11 +357,12 @@ def main(argv=None) -> int:
         (", Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "")
     print(f"# einc GPU benchmark  {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# card: {card}; torch {torch.__version__}; triton {tv}; dtype {str(dtype)[6:]}; "
-          f"tokens {args.tokens}; median of {reps} after {args.warmup} warm-up; tune {args.tune}")
+          f"tokens {args.tokens}; median of {reps} after {args.warmup} warm-up; tune {args.tune}; "
+          f"batch block {sbmm.BATCH_BLOCK}")
     if not triton_ok:
         print("# triton route unavailable here (no triton, or CPU without TRITON_INTERPRET=1)")
     header = ["d", "layer", "flop ratio", "route", "fwd ms", "bwd ms", "f+b ms", "TFLOP/s",
-              "x Linear f+b"]
+              "x Linear f+b", "rel err"]
     print(fmt_row(header))
     print(fmt_row(["---"] * len(header)))
 
@@ -312,16 +370,17 @@ def main(argv=None) -> int:
     results = {}  # (d, layer, route) -> (dict | str, flops)
     skipped = 0
 
-    def emit(d, layer, route, flops, t, base):
+    def emit(d, layer, route, flops, t, base, err=None):
         results[d, layer, route] = (t, flops)
         ratio = f"{2 * d * d / flops:.1f}"
         if isinstance(t, str):
-            print(fmt_row([str(d), layer, ratio, route, t, t, t, "-", "-"]))
+            print(fmt_row([str(d), layer, ratio, route, t, t, t, "-", "-", "-"]))
             return
         tflops = 3 * args.tokens * flops / (t["f+b"] * 1e-3) / 1e12
         speed = f"{base['f+b'] / t['f+b']:.2f}x" if isinstance(base, dict) else "-"
         print(fmt_row([str(d), layer, ratio, route, f"{t['fwd']:.3f}", f"{t['bwd']:.3f}",
-                       f"{t['f+b']:.3f}", f"{tflops:.3g}", speed]), flush=True)
+                       f"{t['f+b']:.3f}", f"{tflops:.3g}", speed,
+                       "-" if err is None else f"{err:.1e}"]), flush=True)
 
     def over_budget():
         return time.perf_counter() - t_start > args.budget
@@ -341,14 +400,15 @@ def main(argv=None) -> int:
             if over_budget():
                 skipped += 1
                 continue
-            for route, flops, t in structure_cells(timer, name, d, args.tokens, dtype, device, routes):
-                emit(d, name, route, flops, t, base)
+            for route, flops, t, err in structure_cells(timer, name, d, args.tokens, dtype, device,
+                                                        routes):
+                emit(d, name, route, flops, t, base, err)
         for E in experts:
             if over_budget():
                 skipped += 1
                 continue
-            for route, flops, t in moe_cells(timer, d, E, args.k, args.tokens, dtype, device):
-                emit(d, f"bttmoe(E={E},k={args.k})", route, flops, t, base)
+            for route, flops, t, err in moe_cells(timer, d, E, args.k, args.tokens, dtype, device):
+                emit(d, f"bttmoe(E={E},k={args.k})", route, flops, t, base, err)
     elapsed = time.perf_counter() - t_start
     if skipped:
         print(f"# {skipped} group(s) of cells skipped: time budget of {args.budget:.0f} s spent")
@@ -391,7 +451,9 @@ def main(argv=None) -> int:
         for E in experts:
             layer = f"bttmoe(E={E},k={args.k})"
             sp = results.get((d, layer, "moe-sparse"), (None,))[0]
-            fl = results.get((d, layer, "rank-k floor"), (None,))[0]
+            floors = [results.get((d, layer, f), (None,))[0] for f in ("rank-k floor", "einc floor")]
+            floors = [f for f in floors if isinstance(f, dict)]
+            fl = min(floors, key=lambda f: f["f+b"]) if floors else None
             if sp is None and fl is None:
                 continue
             ok = None if not (isinstance(sp, dict) and isinstance(fl, dict)) else \
@@ -399,6 +461,8 @@ def main(argv=None) -> int:
             got = "" if ok is None else f" (got {sp['f+b'] / fl['f+b']:.2f}x)"
             print(f"{verdict(ok)}  BTT-MoE E={E} k={args.k}, d={d}: sparse within 1.3x of "
                   f"the rank-k floor{got}")
+    for table in PROFILES:
+        print("\n" + table)
     print(f"# total {elapsed:.1f} s")
     return 0
 

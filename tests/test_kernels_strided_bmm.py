@@ -409,3 +409,91 @@ def test_autotune_pruning_keeps_fitting_configs(kernel):
     assert kept(4096, 4096, 4096, torch.float32) == [64, 16]  # 128x256x64 fp32 overflows smem
     assert kept(40, 40, 20, torch.float16) == [64, 16]
     assert kept(3, 3, 3, torch.float16) == [16]
+
+
+def test_tuning_modes_and_heuristic_tiles(monkeypatch):
+    monkeypatch.setattr(sbmm_module, "_tuning", None)
+    monkeypatch.delenv("EINC_TRITON_TUNE", raising=False)
+    assert sbmm_module.tuning() == "heuristic"
+    monkeypatch.setenv("EINC_TRITON_TUNE", "full")
+    assert sbmm_module.tuning() == "full"
+    monkeypatch.setenv("EINC_TRITON_TUNE", "fastest")
+    with pytest.raises(ValueError, match="heuristic"):
+        sbmm_module.tuning()
+    with pytest.raises(ValueError, match="full"):
+        sbmm_module.set_tuning("nope")
+    sbmm_module.set_tuning("heuristic")
+    assert sbmm_module.tuning() == "heuristic"
+
+    def tile(m, n, k, size):
+        c = sbmm_module._heuristic_config(m, n, k, size)
+        return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_stages"]
+
+    assert tile(8192, 64, 64, 2) == (128, 64, 64, 4)  # BTT step at d = 4096
+    assert tile(8192, 1024, 4096, 2)[:3] == (128, 256, 64)
+    assert tile(3, 3, 3, 4) == (16, 32, 16, 2)  # nothing fits: the smallest tile
+    for m, n, k, size in [(8192, 1024, 4096, 4), (40, 40, 20, 2), (100, 7, 300, 8)]:
+        bm, bn, bk, stages = tile(m, n, k, size)
+        assert bm <= max(16, 1 << (m - 1).bit_length()) and bn <= max(16, 1 << (n - 1).bit_length())
+        assert stages * (bm + bn) * bk * size <= sbmm_module._SHARED_MEMORY_BUDGET
+
+
+@pytest.fixture
+def blocked_launches(monkeypatch):
+    """Count launches of the batch-block kernel (operand contiguous along the batch)."""
+    calls = {"blocked": 0}
+    original = sbmm_module._blocks_batch
+
+    def counted(problem):
+        hit = original(problem)
+        calls["blocked"] += hit
+        return hit
+
+    monkeypatch.setattr(sbmm_module, "_blocks_batch", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("nb, m, n, k, where", [
+    (37, 33, 17, 40, "c"),  # batch not a multiple of the block, ragged tiles
+    (5, 20, 48, 16, "a"),  # A read across the batch
+    (64, 16, 16, 16, "b"),
+])
+def test_batch_contiguous_operands_use_the_batch_block_kernel(kernel, blocked_launches, dtype, nb, m, n, k,
+                                                                where):
+    gen = torch.Generator().manual_seed(nb + m)
+    shapes = {"a": (nb, m, k), "b": (nb, k, n), "c": (nb, m, n)}
+    # the chosen operand stores the batch innermost; the others are row-major
+    batch_last = {w: contiguous_strides(s[1:] + s[:1]) for w, s in shapes.items()}
+    strides = {w: batch_last[w][-1:] + batch_last[w][:-1] if w == where else contiguous_strides(s)
+               for w, s in shapes.items()}
+    a = torch.as_strided(torch.randn(nb * m * k, generator=gen, dtype=torch.float64), shapes["a"], strides["a"])
+    b = torch.as_strided(torch.randn(nb * k * n, generator=gen, dtype=torch.float64), shapes["b"], strides["b"])
+    a, b = (t.to(DEVICE, dtype) for t in (a, b))
+    # .to() keeps the strides of a dense tensor: check the layout really is batch-innermost
+    spec = StridedBmmSpec.from_views(a, b, batch_ndim=1, k_ndim=1, c_strides=strides["c"])
+    assert min(spec.a_strides if where == "a" else spec.b_strides if where == "b" else spec.c_strides) == 1
+    c = strided_bmm(a, b, spec, backend="triton")
+    assert blocked_launches["blocked"] == 1
+    close(c, einsum_reference(a, b, spec), dtype)
+    # accumulate into an existing result, and both gradients (three blocked launches more
+    # at most: each gradient is a product over the same axes)
+    acc = c.detach().clone()
+    strided_bmm(a, b, spec, out=acc, accumulate=True, backend="triton")
+    close(acc, 2 * einsum_reference(a, b, spec), dtype)
+    if dtype != torch.bfloat16:
+        ag, bg = a.detach().requires_grad_(), b.detach().requires_grad_()
+        dc = torch.randn(spec.c_shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+        got = torch.autograd.grad(strided_bmm(ag, bg, spec, backend="triton"), (ag, bg), dc)
+        want = torch.autograd.grad(strided_bmm_reference(ag, bg, spec), (ag, bg), dc)
+        for u, v in zip(got, want):
+            close(u, v, dtype)
+
+
+def test_batch_block_switch(monkeypatch):
+    problem = sbmm_module._make_problem(sbmm_module._spec_axes(StridedBmmSpec(
+        batch_sizes=(8,), m_sizes=(4,), n_sizes=(4,), k_sizes=(4,),
+        a_strides=(16, 4, 1), b_strides=(16, 4, 1), c_strides=(1, 32, 8))), "a", "b", "c")
+    assert sbmm_module._blocks_batch(problem)
+    monkeypatch.setattr(sbmm_module, "BATCH_BLOCK", 0)
+    assert not sbmm_module._blocks_batch(problem)

@@ -505,3 +505,90 @@ def test_non_strict_export_does_not_recurse(monkeypatch):
     idx, gate = route(x.reshape(6, -1) @ W.t() + b, 2)
     got = btt_moe_sparse(x, A, B, idx, gate)
     torch.testing.assert_close(got, btt_moe_masked(x, A, B, idx, gate), rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# CUDA (skipped without a GPU): the GPU backends against a float64 CPU reference
+# ---------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA_BACKENDS = ["auto", "grouped_mm", "strided", "padded"]
+
+
+def _rel(u, v):
+    u, v = u.detach().double(), v.detach().double()
+    return float((u - v).norm() / v.norm().clamp_min(1e-30))
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("N,E,k", [(1000, 8, 2), (37, 4, 4), (0, 8, 2), (513, 16, 1)])
+def test_cuda_sparse_matches_float64_reference(dtype, tol, backend, N, E, k):
+    g, a, f, e = 8, 16, 16, 8  # 16-byte aligned strides in both dtypes
+    x, A, B, W, b = make_problem(N, g, a, f, e, E, k, seed=N + E, dtype=DT)
+    ref, rgrads, idx, gate = forward_and_grads(btt_moe_masked, x, A, B, W, b, k)
+    if backend == "grouped_mm" and not grouped_mm_available(torch.device("cuda"), dtype):
+        pytest.skip("grouped_mm unsupported here")
+    dev = [t.detach().to("cuda", dtype).requires_grad_() for t in (x, A, B)]
+    gate_d = gate.detach().to("cuda", dtype).requires_grad_()
+    out = btt_moe_sparse(*dev, idx.cuda(), gate_d, backend=backend)
+    assert out.device.type == "cuda" and out.dtype == dtype
+    if N == 0:
+        assert out.shape == (0, f, e)
+        return
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=DT)
+    grads = torch.autograd.grad(out, [*dev, gate_d], go.to("cuda", dtype))
+    # reference gradients for x, A, B and the gates, in float64 on the CPU
+    xr, Ar, Br = (t.detach().requires_grad_() for t in (x, A, B))
+    gr = gate.detach().requires_grad_()
+    want = btt_moe_masked(xr, Ar, Br, idx, gr)
+    wgrads = torch.autograd.grad(want, [xr, Ar, Br, gr], go)
+    assert _rel(out.cpu(), want) < tol
+    for name, u, v in zip("x A B gate".split(), grads, wgrads):
+        assert torch.isfinite(u).all(), name
+        assert _rel(u.cpu(), v) < tol, name
+
+
+@cuda
+def test_cuda_layer_trains_and_matches_masked():
+    torch.manual_seed(0)
+    m = BTTMoE(256, 192, experts=8, k=2, device="cuda")
+    with torch.no_grad():
+        m.router.weight.normal_(0, 0.05)
+    x = torch.randn(4, 300, 256, device="cuda", requires_grad=True)
+    y = m(x)
+    ym = m.forward_masked(x)
+    assert _rel(y, ym) < 2e-3
+    params = [x, *m.parameters()]
+    gs = torch.autograd.grad((y ** 2).sum() + m.aux_loss, params)
+    gm = torch.autograd.grad((m.forward_masked(x) ** 2).sum() + m.aux_loss, params)
+    for u, v in zip(gs, gm):
+        assert _rel(u, v) < 2e-3
+    stats = m.router_stats()
+    assert abs(float(stats["load"].sum()) - 1.0) < 1e-5
+
+
+@cuda
+def test_cuda_deterministic_bitwise():
+    x, A, B, W, b = make_problem(2000, 8, 16, 16, 8, 8, 2, seed=3, dtype=torch.float32)
+    dev = [t.detach().cuda().requires_grad_() for t in (x, A, B)]
+    idx, gate = route((x.reshape(2000, -1) @ W.t()).detach().cuda(), 2)
+    runs = []
+    for _ in range(2):
+        out = btt_moe_sparse(*dev, idx, gate, deterministic=True)
+        runs.append([out, *torch.autograd.grad(out.square().sum(), dev)])
+    for u, v in zip(*runs):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.skipif(not GMM, reason="grouped_mm not available for float32 on this CPU build")
+def test_grouped_mm_splits_calls_over_the_group_limit(monkeypatch):
+    """More (core index, expert) groups than one grouped_mm call takes: several calls."""
+    import einc.moe.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "GMM_MAX_GROUPS", 6)  # E = 4: one core index per call
+    x, A, B, W, b = make_problem(29, 4, 8, 4, 8, 4, 2, seed=2, dtype=torch.float32)
+    om, gm, _, _ = forward_and_grads(btt_moe_masked, x, A, B, W, b, 2)
+    fn = lambda *t: btt_moe_sparse(*t, backend="grouped_mm")  # noqa: E731
+    assert_same((om, gm), forward_and_grads(fn, x, A, B, W, b, 2)[:2], tol=1e-4)

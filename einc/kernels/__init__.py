@@ -8,20 +8,26 @@ pure-torch reference is used when it is missing.
 
 from .strided_bmm import (
     MAX_GROUP_AXES,
+    TUNING_MODES,
     StridedBmmFunction,
     StridedBmmSpec,
     contiguous_strides,
     strided_bmm,
     strided_bmm_reference,
+    set_tuning,
     triton_available,
+    tuning,
 )
 
 __all__ = [
     "MAX_GROUP_AXES",
+    "TUNING_MODES",
     "StridedBmmFunction",
     "StridedBmmSpec",
     "contiguous_strides",
     "strided_bmm",
     "strided_bmm_reference",
+    "set_tuning",
     "triton_available",
+    "tuning",
 ]

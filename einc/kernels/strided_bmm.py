@@ -24,7 +24,7 @@ Triton is optional: it is imported on first use and everything falls back to
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -40,7 +40,10 @@ __all__ = [
     "contiguous_strides",
     "strided_bmm",
     "strided_bmm_reference",
+    "TUNING_MODES",
+    "set_tuning",
     "triton_available",
+    "tuning",
 ]
 
 #: Axes per group the kernel decomposes an index into (after merging).
@@ -417,7 +420,7 @@ def _padded(group: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
 _triton = None  # the triton module once imported
 tl = None  # triton.language, looked up by the kernel source at compile time
 _unravel3 = None  # jitted helper, called by name from the kernel
-_KERNEL = None
+_KERNELS: dict = {}  # tuning mode -> decorated kernel
 
 
 def _interpreting() -> bool:
@@ -452,7 +455,7 @@ def _unravel3_fn(idx, s1, s2):
 
 
 def _strided_bmm_kernel_fn(
-    x_ptr, y_ptr, out_ptr, alpha,
+    x_ptr, y_ptr, out_ptr, bias_ptr, alpha, ROW, BIAS_N,
     M, N, K,
     # Strides; axis order within a group is outer -> inner.
     x_sb0, x_sb1, x_sb2, x_sm0, x_sm1, x_sm2, x_sk0, x_sk1, x_sk2,
@@ -461,7 +464,7 @@ def _strided_bmm_kernel_fn(
     # Inner axis sizes of each group (the outer one is implied by M, N, K).
     B1: tl.constexpr, B2: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
     N1: tl.constexpr, N2: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    ACCUMULATE: tl.constexpr, INDEX_64: tl.constexpr,
+    ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -516,43 +519,108 @@ def _strided_bmm_kernel_fn(
         acc = tl.dot(x, y, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     acc = acc * alpha
-    out_ptrs = out_ptr + o_m[:, None] + o_n[None, :]
+    o = o_m[:, None] + o_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(out_ptr + o, mask=mask, other=0.0).to(ACC_DTYPE)
+    if HAS_BIAS:  # out is [rows][ROW]: the column is the offset within its row
+        col = (o + (b0 * o_sb0 + b1 * o_sb1 + b2 * o_sb2)) % ROW
+        acc += tl.load(bias_ptr + col, mask=mask & (col < BIAS_N), other=0.0).to(ACC_DTYPE)
+    tl.store(out_ptr + o, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _batch_block_kernel_fn(
+    x_ptr, y_ptr, out_ptr, bias_ptr, alpha, ROW, BIAS_N,
+    NB, M, N, K,
+    x_sb0, x_sb1, x_sb2, x_sm0, x_sm1, x_sm2, x_sk0, x_sk1, x_sk2,
+    y_sb0, y_sb1, y_sb2, y_sk0, y_sk1, y_sk2, y_sn0, y_sn1, y_sn2,
+    o_sb0, o_sb1, o_sb2, o_sm0, o_sm1, o_sm2, o_sn0, o_sn1, o_sn2,
+    B1: tl.constexpr, B2: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # The same product as _strided_bmm_kernel_fn, BLOCK_B batch entries per program (a
+    # batched tl.dot). Used where an operand is contiguous along the batch: one entry per
+    # program would touch that operand one element per 32-byte sector. Batch blocks are
+    # the innermost grid index, so programs that share those sectors run side by side.
+    pid = tl.program_id(0)
+    tiles_b = tl.cdiv(NB, BLOCK_B)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_bb = pid % tiles_b
+    pid_m = (pid // tiles_b) // tiles_n
+    pid_n = (pid // tiles_b) % tiles_n
+
+    rb = pid_bb * BLOCK_B + tl.arange(0, BLOCK_B)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INDEX_64:
+        rb = rb.to(tl.int64)
+        rm = rm.to(tl.int64)
+        rn = rn.to(tl.int64)
+    b0, b1, b2 = _unravel3(rb, B1, B2)
+    m0, m1, m2 = _unravel3(rm, M1, M2)
+    n0, n1, n2 = _unravel3(rn, N1, N2)
+    x_bm = (b0 * x_sb0 + b1 * x_sb1 + b2 * x_sb2)[:, None, None] + \
+        (m0 * x_sm0 + m1 * x_sm1 + m2 * x_sm2)[None, :, None]
+    y_bn = (b0 * y_sb0 + b1 * y_sb1 + b2 * y_sb2)[:, None, None] + \
+        (n0 * y_sn0 + n1 * y_sn1 + n2 * y_sn2)[None, None, :]
+    mask_b = rb < NB
+    mask_bm = mask_b[:, None, None] & (rm < M)[None, :, None]
+    mask_bn = mask_b[:, None, None] & (rn < N)[None, None, :]
+
+    acc = tl.zeros((BLOCK_B, BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k_start in range(0, K, BLOCK_K):
+        rk = k_start + tl.arange(0, BLOCK_K)
+        if INDEX_64:
+            rk = rk.to(tl.int64)
+        k0, k1, k2 = _unravel3(rk, K1, K2)
+        x_k = k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
+        y_k = k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
+        mask_k = rk < K
+        x = tl.load(x_ptr + x_bm + x_k[None, None, :], mask=mask_bm & mask_k[None, None, :], other=0.0)
+        y = tl.load(y_ptr + y_bn + y_k[None, :, None], mask=mask_bn & mask_k[None, :, None], other=0.0)
+        if UPCAST_DOT:
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(x, y, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    acc = acc * alpha
+    o = (b0 * o_sb0 + b1 * o_sb1 + b2 * o_sb2)[:, None, None] + \
+        (m0 * o_sm0 + m1 * o_sm1 + m2 * o_sm2)[None, :, None] + \
+        (n0 * o_sn0 + n1 * o_sn1 + n2 * o_sn2)[None, None, :]
+    mask = mask_bm & (rn < N)[None, None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptr + o, mask=mask, other=0.0).to(ACC_DTYPE)
+    if HAS_BIAS:  # out is [rows][ROW]: the column is the offset within its row
+        col = o % ROW
+        acc += tl.load(bias_ptr + col, mask=mask & (col < BIAS_N), other=0.0).to(ACC_DTYPE)
+    tl.store(out_ptr + o, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). Hopper-oriented: big tiles for big GEMMs,
+# small ones because structured layers are often many small blocks (Monarch blocks of 32-64).
+_CANDIDATES = (
+    (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 5, 2),
+    (32, 64, 64, 4, 4), (64, 32, 64, 4, 4), (32, 32, 64, 3, 2), (16, 64, 64, 3, 2),
+    (64, 16, 64, 3, 2), (32, 32, 32, 3, 2), (16, 64, 32, 3, 2), (64, 16, 32, 3, 2),
+    (16, 32, 16, 2, 1),
+)
+#: the interpreter runs programs one after another in numpy: one medium tile keeps the
+#: launch count (and test time) low
+_INTERPRETER_TILE = (32, 32, 32, 1, 4)
 
 
 def _autotune_configs(triton):
-    def cfg(bm, bn, bk, stages, warps, group_m=8):
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}
+    def cfg(bm, bn, bk, stages, warps):
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
         return triton.Config(meta, num_stages=stages, num_warps=warps)
 
     if _interpreting():
-        # The interpreter runs programs one after another in numpy: one
-        # medium tile keeps the launch count (and test time) low.
-        return [cfg(32, 32, 32, 1, 4)]
-    # Hopper-oriented: big tiles for big GEMMs, small ones because structured
-    # layers are often many small blocks (e.g. Monarch blocks of 32-64).
-    return [
-        cfg(128, 256, 64, 3, 8),
-        cfg(256, 128, 64, 3, 8),
-        cfg(128, 128, 64, 4, 8),
-        cfg(128, 128, 32, 4, 4),
-        cfg(128, 64, 64, 4, 4),
-        cfg(64, 128, 64, 4, 4),
-        cfg(64, 64, 64, 4, 4),
-        cfg(64, 64, 32, 5, 2),
-        cfg(32, 64, 64, 4, 4),
-        cfg(64, 32, 64, 4, 4),
-        cfg(32, 32, 64, 3, 2),
-        cfg(16, 64, 64, 3, 2),
-        cfg(64, 16, 64, 3, 2),
-        cfg(32, 32, 32, 3, 2),
-        cfg(16, 64, 32, 3, 2),
-        cfg(64, 16, 32, 3, 2),
-        cfg(16, 32, 16, 2, 1),
-    ]
+        return [cfg(*_INTERPRETER_TILE)]
+    return [cfg(*c) for c in _CANDIDATES]
 
 
 def _block_cap(extent: int) -> int:
@@ -562,27 +630,111 @@ def _block_cap(extent: int) -> int:
 _SHARED_MEMORY_BUDGET = 200 * 1024  # bytes; an H100 SM has 228 KiB
 
 
+def _config_fits(c, M: int, N: int, K: int, itemsize: int) -> bool:
+    """Tile no larger than the problem (rounded up to a power of two) and operand buffers
+    that fit in shared memory."""
+    bm, bn, bk, stages = c[:4]
+    smem = stages * (bm + bn) * bk * itemsize  # one A and one B tile per stage
+    return bm <= _block_cap(M) and bn <= _block_cap(N) and bk <= _block_cap(K) and \
+        smem <= _SHARED_MEMORY_BUDGET
+
+
 def _prune_configs(configs, named_args, **kwargs):
     """Skip tiles much larger than the problem (wasted work, wasted tuning)
     and pipelines whose operand buffers would not fit in shared memory."""
-    cap_m, cap_n, cap_k = (_block_cap(named_args[d]) for d in ("M", "N", "K"))
     itemsize = named_args["x_ptr"].element_size()
+    dims = [named_args[d] for d in ("M", "N", "K")]
 
-    def fits(c):
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        smem = c.num_stages * (bm + bn) * bk * itemsize  # one A and one B tile per stage
-        return bm <= cap_m and bn <= cap_n and bk <= cap_k and smem <= _SHARED_MEMORY_BUDGET
+    def key(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages)
 
-    kept = [c for c in configs if fits(c)]
+    kept = [c for c in configs if _config_fits(key(c), *dims, itemsize)]
     if kept:
         return kept
     return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
-def _get_kernel():
-    """Decorate the kernel on first use (the interpreter choice is made here)."""
-    global tl, _unravel3, _KERNEL
-    if _KERNEL is None:
+#: Tile choice: "heuristic" compiles one configuration per problem shape, picked from its
+#: sizes (no timing; the default, since timing every candidate costs seconds per new
+#: shape and a structured layer launches many shapes); "full" lets Triton's autotuner
+#: time every fitting candidate on first use of a shape. Environment: EINC_TRITON_TUNE.
+TUNING_MODES = ("heuristic", "full")
+_tuning = None  # set_tuning() or the environment; read at the first launch
+
+
+def set_tuning(mode: str) -> None:
+    """Choose how the kernel picks its tiles: one of :data:`TUNING_MODES`."""
+    global _tuning
+    if mode not in TUNING_MODES:
+        raise ValueError(f"tuning must be one of {TUNING_MODES}, got {mode!r}")
+    _tuning = mode
+
+
+def tuning() -> str:
+    """The tuning mode in force (``set_tuning``, else ``EINC_TRITON_TUNE``, else heuristic)."""
+    if _tuning is not None:
+        return _tuning
+    mode = os.environ.get("EINC_TRITON_TUNE", "heuristic").strip().lower() or "heuristic"
+    if mode not in TUNING_MODES:
+        raise ValueError(f"EINC_TRITON_TUNE must be one of {TUNING_MODES}, got {mode!r}")
+    return mode
+
+
+def _heuristic_config(M: int, N: int, K: int, itemsize: int) -> dict:
+    """One tile for a problem: the largest candidate that fits it and shared memory
+    (largest BLOCK_M x BLOCK_N, then BLOCK_K), as the pruning rule of "full" would keep."""
+    cands = [c for c in _CANDIDATES if _config_fits(c, M, N, K, itemsize)]
+    if not cands:
+        cands = [min(_CANDIDATES, key=lambda c: c[0] * c[1] * c[2])]
+    bm, bn, bk, stages, warps = max(cands, key=lambda c: (c[0] * c[1], c[2], -c[4]))
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+            "num_stages": stages, "num_warps": warps}
+
+
+#: Batch entries per program where an operand is contiguous along the batch (bytes of
+#: one 32-byte sector, at most 16); 0 switches batch blocking off. Environment:
+#: EINC_BATCH_BLOCK.
+BATCH_BLOCK = int(os.environ.get("EINC_BATCH_BLOCK", "16"))
+
+
+def _batch_block_config(NB: int, M: int, N: int, K: int, itemsize: int) -> dict:
+    """Tile of the batch-block kernel: a sector's worth of batch entries, 16-32 wide
+    m/n/k tiles (a batched tl.dot needs >= 16), accumulators within 64 registers a thread."""
+    bb = max(2, min(BATCH_BLOCK, 32 // itemsize, 1 << (NB - 1).bit_length()))
+    bm, bn, bk = (min(32, _block_cap(v)) for v in (M, N, K))
+    if _interpreting():
+        bb, bm, bn, bk = min(bb, 4), 16, 16, 16
+    warps = max(1, min(8, bb * bm * bn // 2048))
+    return {"BLOCK_B": bb, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+            "num_stages": 2, "num_warps": warps}
+
+
+def _blocks_batch(problem: "_Problem") -> bool:
+    """Whether an operand's fastest axis (stride 1) is a batch axis, so that the product
+    should run several batch entries per program (:func:`_batch_block_kernel_fn`)."""
+    if BATCH_BLOCK < 2 or problem.size("batch") < 2:
+        return False
+    batch = problem.groups["batch"]
+    return any(ax[col] == 1 for ax in batch for col in (1, 2, 3))
+
+
+def _batch_innermost_first(problem: "_Problem") -> "_Problem":
+    """The batch group ordered so that the axis of stride 1 (for the first operand that has
+    one) is innermost: consecutive entries of a block are then neighbours in memory."""
+    batch = list(problem.groups["batch"])
+    for col in (3, 1, 2):  # the output first: partial writes cost more than reads
+        if any(ax[col] == 1 for ax in batch):
+            batch.sort(key=lambda ax: ax[col], reverse=True)
+            break
+    groups = dict(problem.groups, batch=_merge_axes(batch))
+    return _Problem(groups)
+
+
+def _get_kernel(mode: str = "full"):
+    """Decorate the kernel on first use (the interpreter choice is made here): the plain
+    jitted kernel for "heuristic", wrapped in Triton's autotuner for "full"."""
+    global tl, _unravel3
+    if mode not in _KERNELS:
         triton = _import_triton()
         if triton is None:
             raise RuntimeError("triton is not installed")
@@ -590,14 +742,18 @@ def _get_kernel():
 
         tl = language
         _unravel3 = triton.jit(_unravel3_fn)
-        _KERNEL = triton.autotune(
-            configs=_autotune_configs(triton),
-            key=["M", "N", "K", "ACCUMULATE"],
-            prune_configs_by={"early_config_prune": _prune_configs},
-            # Tuning launches the kernel repeatedly: keep C intact for accumulate.
-            restore_value=["out_ptr"],
-        )(triton.jit(_strided_bmm_kernel_fn))
-    return _KERNEL
+        if "heuristic" not in _KERNELS:
+            _KERNELS["heuristic"] = triton.jit(_strided_bmm_kernel_fn)
+            _KERNELS["batch_block"] = triton.jit(_batch_block_kernel_fn)
+        if mode == "full":
+            _KERNELS["full"] = triton.autotune(
+                configs=_autotune_configs(triton),
+                key=["M", "N", "K", "ACCUMULATE"],
+                prune_configs_by={"early_config_prune": _prune_configs},
+                # Tuning launches the kernel repeatedly: keep C intact for accumulate.
+                restore_value=["out_ptr"],
+            )(_KERNELS["heuristic"])
+    return _KERNELS[mode]
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -606,9 +762,20 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _launch(problem: _Problem, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, alpha: float, accumulate: bool):
-    """Run the Triton kernel on a canonical problem; pointers are the data_ptrs."""
-    kernel = _get_kernel()
+def _problem_key(problem: _Problem) -> tuple:
+    return tuple(problem.groups[role] for role in _ROLES)
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(key: tuple, dtype: torch.dtype, accumulate: bool, has_bias: bool, mode: str,
+                 batch_block: int):
+    """Everything about a launch but the pointers and alpha, computed once per problem:
+    (kernel name, size and stride arguments, constexprs, grid, output span)."""
+    problem = _Problem(dict(zip(_ROLES, key)))
+    blocked = _blocks_batch(problem)
+    if blocked:
+        problem = _batch_innermost_first(problem)
+        blocked = len(problem.groups["batch"]) <= MAX_GROUP_AXES
     groups = {role: _padded(problem.groups[role]) for role in _ROLES}
     M, N, K = problem.size("m"), problem.size("n"), problem.size("k")
     n_batch = problem.size("batch")
@@ -619,35 +786,65 @@ def _launch(problem: _Problem, x: torch.Tensor, y: torch.Tensor, out: torch.Tens
     x_args = strides("batch", 1) + strides("m", 1) + strides("k", 1)
     y_args = strides("batch", 2) + strides("k", 2) + strides("n", 2)
     o_args = strides("batch", 3) + strides("m", 3) + strides("n", 3)
-    inner = {}
+    consts = {}
     for role, name in (("batch", "B"), ("m", "M"), ("n", "N"), ("k", "K")):
-        inner[f"{name}1"], inner[f"{name}2"] = groups[role][1][0], groups[role][2][0]
+        consts[f"{name}1"], consts[f"{name}2"] = groups[role][1][0], groups[role][2][0]
 
     # int32 offsets overflow past 2**31 elements; masked tail lanes may also
     # step one tile beyond the span, hence the margin.
     span = max(sum(ax[0] * ax[col] for role in _ROLES for ax in groups[role]) for col in (1, 2, 3))
     reach = span + 256 * max(abs(v) for v in [1, *x_args, *y_args, *o_args])
-    index_64 = reach >= 2**31 or max(M, N, K) >= 2**31 - 256
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    interpreting = _interpreting()
+    consts.update(
+        ACCUMULATE=bool(accumulate),
+        HAS_BIAS=bool(has_bias),
+        INDEX_64=reach >= 2**31 or max(M, N, K, n_batch) >= 2**31 - 256,
+        ACC_DTYPE=_triton.language.float64 if dtype == torch.float64 else _triton.language.float32,
+        INPUT_PRECISION=_input_precision(dtype),
+        # The interpreter multiplies bf16 as raw integer bits; fp32 is exact.
+        UPCAST_DOT=interpreting and dtype == torch.bfloat16,
+    )
+    if blocked:
+        tile = _batch_block_config(n_batch, M, N, K, itemsize)
+        sizes = (n_batch, M, N, K)
+        grid = (_cdiv(n_batch, tile["BLOCK_B"]) * _cdiv(M, tile["BLOCK_M"]) * _cdiv(N, tile["BLOCK_N"]),)
+        name = "batch_block"
+    elif mode == "full":
+        tile, sizes, name = {}, (M, N, K), "full"
 
-    acc_dtype = _triton.language.float64 if x.dtype == torch.float64 else _triton.language.float32
-    # Hand the output over as a flat view of its footprint so that the
-    # autotuner's restore_value saves and restores exactly those elements.
-    out_flat = torch.as_strided(out, (_problem_out_span(problem),), (1,), out.storage_offset())
+        def grid(meta):
+            return (n_batch * _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
+    else:
+        tile, sizes, name = _heuristic_config(M, N, K, itemsize), (M, N, K), "heuristic"
+        grid = (n_batch * _cdiv(M, tile["BLOCK_M"]) * _cdiv(N, tile["BLOCK_N"]),)
+    consts.update(tile)
+    args = (*sizes, *x_args, *y_args, *o_args)
+    return name, args, consts, grid, _problem_out_span(problem)
 
-    def grid(meta):
-        return (n_batch * _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
 
-    device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with device:  # Triton launches on the current CUDA device
-        kernel[grid](
-            x, y, out_flat, float(alpha), M, N, K,
-            *x_args, *y_args, *o_args,
-            **inner,
-            ACCUMULATE=bool(accumulate), INDEX_64=index_64,
-            ACC_DTYPE=acc_dtype, INPUT_PRECISION=_input_precision(x.dtype),
-            # The interpreter multiplies bf16 as raw integer bits; fp32 is exact.
-            UPCAST_DOT=_interpreting() and x.dtype == torch.bfloat16,
-        )  # fmt: skip
+def _launch(problem: _Problem, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, alpha: float,
+            accumulate: bool, bias: torch.Tensor | None = None, row: int = 1):
+    """Run the Triton kernel on a canonical problem; pointers are the data_ptrs.
+
+    ``bias`` (contiguous, length <= ``row``): added to every result whose offset from
+    ``out``'s data_ptr is ``r * row + c`` with ``c < len(bias)``, i.e. per column of an
+    output that is a row-major ``[rows][row]`` matrix."""
+    mode = "full" if _interpreting() else tuning()
+    name, args, consts, grid, out_span = _launch_plan(
+        _problem_key(problem), x.dtype, bool(accumulate), bias is not None, mode, BATCH_BLOCK)
+    head = (out if bias is None else bias, float(alpha), int(row), 0 if bias is None else bias.numel())
+    _get_kernel(mode)
+    kernel = _KERNELS[name]
+    if name == "full":
+        # A flat view of the output's footprint, so that the autotuner's restore_value
+        # saves and restores exactly those elements.
+        out = torch.as_strided(out, (out_span,), (1,), out.storage_offset())
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):  # Triton launches on the current CUDA device
+            kernel[grid](x, y, out, *head, *args, **consts)
+    else:
+        kernel[grid](x, y, out, *head, *args, **consts)
 
 
 def _problem_out_span(problem: _Problem) -> int:
@@ -663,16 +860,16 @@ def _triton_usable(t: torch.Tensor) -> bool:
     return triton_available() and t.dtype in _KERNEL_DTYPES and (t.is_cuda or _interpreting())
 
 
-def _run(problem, x, y, out, alpha, accumulate) -> None:
-    """Kernel launch with the degenerate sizes handled on the host."""
+def _run(problem, x, y, out, alpha, accumulate, bias=None, row=1) -> None:
+    """Kernel launch with the degenerate sizes handled on the host (see _launch for bias)."""
     if problem.size("batch") * problem.size("m") * problem.size("n") == 0:
         return
-    if problem.size("k") == 0:
+    if problem.size("k") == 0 and bias is None:
         if not accumulate:
             axes = problem.out_axes()
             _strided_view(out, [s for s, _ in axes], [st for _, st in axes]).zero_()
         return
-    _launch(problem, x, y, out, alpha, accumulate)
+    _launch(problem, x, y, out, alpha, accumulate, bias, row)
 
 
 # ---------------------------------------------------------------------------

@@ -211,6 +211,8 @@ def btt_moe_masked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Te
 
 
 _GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: groups per grouped_mm call (CUDA's grouped_mm refuses 1024 and more)
+GMM_MAX_GROUPS = 512
 
 
 @torch.compiler.disable  # a probe with real tensors, also when called while tracing
@@ -362,18 +364,27 @@ def _sparse_grouped(x, A, B, expert_idx, gate, deterministic):
     order, inverse, token_sorted, counts = _sort_slots(expert_idx, E)
     ends = torch.cumsum(counts, 0)
 
-    def offsets(batch: int) -> Tensor:
-        base = torch.arange(batch, device=x.device, dtype=ends.dtype) * S
-        return (base[:, None] + ends[None, :]).reshape(-1).to(torch.int32)
+    def batched(rows: Tensor, mats: Tensor, batch: int) -> Tensor:
+        """(batch * S, K) rows against (batch * E, K, N) matrices, groups (batch, expert);
+        split into calls of at most GMM_MAX_GROUPS groups (grouped_mm's limit)."""
+        per_call = max(1, GMM_MAX_GROUPS // E)
+        base = torch.arange(min(batch, per_call), device=x.device, dtype=ends.dtype) * S
+        offs = (base[:, None] + ends[None, :]).reshape(-1).to(torch.int32)
+        parts = []
+        for b0 in range(0, batch, per_call):
+            nb = min(per_call, batch - b0)
+            parts.append(_GroupedMM.apply(rows[b0 * S:(b0 + nb) * S], mats[b0 * E:(b0 + nb) * E],
+                                          offs[:nb * E]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # core A: gather tokens straight into (g, S, a); groups (g, r)
     xs = _Dispatch.apply(x.transpose(0, 1), token_sorted, inverse, k, 1)
     A_g = A.permute(0, 3, 1, 2).reshape(g * E, a, f)
-    z = _GroupedMM.apply(xs.reshape(g * S, a), A_g, offsets(g))  # (g*S, f)
+    z = batched(xs.reshape(g * S, a), A_g, g)  # (g*S, f)
     # core B: (f, S, g); groups (f, r)
     zt = z.view(g, S, f).permute(2, 1, 0).reshape(f * S, g)
     B_f = B.permute(0, 2, 1, 3).reshape(f * E, g, e)
-    y = _GroupedMM.apply(zt, B_f, offsets(f)).view(f, S, e)
+    y = batched(zt, B_f, f).view(f, S, e)
     # gate and combine the k slots of every token
     if deterministic:
         y = _Unsort.apply(y, inverse, order, 1).view(f, N, k, e)

@@ -87,12 +87,15 @@ def _op(sizes, groups, a_str, b_str, c_str) -> _Op:
     return _Op(spec, problem if fits else None)
 
 
-def _run(op: _Op, a, b, out, accumulate=False) -> None:
-    """Launch ``op`` (pointers from each tensor's data_ptr), or its torch reference."""
+def _run(op: _Op, a, b, out, accumulate=False, bias=None) -> None:
+    """Launch ``op`` (pointers from each tensor's data_ptr), or its torch reference.
+    ``bias``: added per column of ``out``, a row-major ``[n][columns]`` matrix."""
     if op.fits and sbmm._triton_usable(a):
-        sbmm._run(op.problem, a, b, out, 1.0, accumulate)
+        sbmm._run(op.problem, a, b, out, 1.0, accumulate, bias, out.shape[-1] if bias is not None else 1)
     else:
         sbmm.strided_bmm_reference(a, b, op.spec, out, accumulate=accumulate)
+        if bias is not None:
+            out[:, :bias.numel()] += bias
 
 
 @dataclass(frozen=True)
@@ -241,17 +244,12 @@ class TritonChainFunction(torch.autograd.Function):
         y = None
         for k, st in enumerate(steps):
             last = k == n - 1
-            acc = False
-            if last and direct_y:
-                y = x.new_empty(tokens, padded_out)
-                if bias is not None:
-                    y[:, :prog.d_out].copy_(bias)
-                    y[:, prog.d_out:].zero_()
-                    acc = True
-                out = y
+            if last and direct_y:  # bias added in the kernel's epilogue
+                out = y = x.new_empty(tokens, padded_out)
             else:
                 out = x.new_empty(prog.numel(prog.write[k]))
-            _run(prog.ops[k].fwd, cur, factors[st.factor], out, accumulate=acc)
+            _run(prog.ops[k].fwd, cur, factors[st.factor], out,
+                 bias=bias if last and direct_y else None)
             saved.append(cur)
             if not last:
                 w, r = prog.write[k], prog.read[k + 1]
