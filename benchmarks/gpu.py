@@ -58,6 +58,7 @@ STRUCTURES = {
 }
 QUICK_STRUCTURES = ("btt1", "btt4", "theta0")
 EINC_ROUTES = ("triton", "fused", "plain")
+MOE_BACKENDS = ("grouped_mm", "padded", "triton")  # timed next to auto
 NAIVE_ROUTES = ("einsum", "bmm+copy")
 
 
@@ -269,9 +270,9 @@ def moe_cells(timer, d, E, k, tokens, dtype, device, seed=0):
     Bk = rnd(f, g, k, e, scale=g ** -0.5).requires_grad_()
     flops = 2 * k * (g * a * f + f * g * e)  # useful forward FLOPs per token
 
-    def sparse():
+    def sparse(backend="auto"):
         idx, gate = route(logits, k)
-        return btt_moe_sparse(x, A, B, idx, gate)
+        return btt_moe_sparse(x, A, B, idx, gate, backend=backend)
 
     def masked():
         idx, gate = route(logits, k)
@@ -282,7 +283,8 @@ def moe_cells(timer, d, E, k, tokens, dtype, device, seed=0):
     layer.route = "triton" if route_available(x) else "fused"
     xf = x.detach().reshape(tokens, g * a).requires_grad_()
     cands = {
-        "moe-sparse": (sparse, [x, A, B, logits]),
+        "moe-sparse": (sparse, [x, A, B, logits]),  # the auto backend
+        **{f"moe-{b}": (lambda b=b: sparse(b), [x, A, B, logits]) for b in MOE_BACKENDS},
         "moe-masked": (masked, [x, A, B, logits]),
         "rank-k floor": (lambda: btt_dense(x, Ak, Bk), [x, Ak, Bk]),
         "einc floor": (lambda: layer(xf), [xf, *layer.parameters()]),

@@ -429,9 +429,10 @@ def test_tuning_modes_and_heuristic_tiles(monkeypatch):
         c = sbmm_module._heuristic_config(m, n, k, size)
         return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_stages"]
 
-    assert tile(8192, 64, 64, 2) == (128, 64, 64, 4)  # BTT step at d = 4096
+    assert tile(8192, 64, 64, 2) == (128, 64, 64, 1)  # BTT step at d = 4096: one K step
+    assert tile(8192, 64, 1024, 2) == (128, 64, 64, 4)
     assert tile(8192, 1024, 4096, 2)[:3] == (128, 256, 64)
-    assert tile(3, 3, 3, 4) == (16, 32, 16, 2)  # nothing fits: the smallest tile
+    assert tile(3, 3, 3, 4) == (16, 32, 16, 1)  # nothing fits: the smallest tile
     for m, n, k, size in [(8192, 1024, 4096, 4), (40, 40, 20, 2), (100, 7, 300, 8)]:
         bm, bn, bk, stages = tile(m, n, k, size)
         assert bm <= max(16, 1 << (m - 1).bit_length()) and bn <= max(16, 1 << (n - 1).bit_length())

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from einc.moe.chunked import btt_moe_chunked
+from einc.moe.dispatch import _sparse_triton
 from einc.moe import (
     BTTMoE,
     btt_dense,
@@ -68,6 +69,8 @@ SPARSE_VARIANTS = {
     "strided": lambda *t: btt_moe_sparse(*t, backend="strided"),
     "strided-det": lambda *t: btt_moe_sparse(*t, backend="strided", deterministic=True),
     "padded": lambda *t: btt_moe_sparse(*t, backend="padded"),
+    # the layouts of the triton backend over torch matmuls (the kernel is tested below)
+    "triton": lambda x, A, B, i, g: _sparse_triton(x, A, B, i, g.to(x.dtype), kernel="torch"),
     "chunked": lambda *t: btt_moe_sparse(*t, backend="chunked"),
     "chunked-2": lambda *t: btt_moe_chunked(*t, chunk=2),  # several chunks per expert
     "auto": lambda *t: btt_moe_sparse(*t),
@@ -131,6 +134,19 @@ def test_sparse_matches_masked_cases(N, g, a, f, e, E, k):
     om, idx, gate, (x, A, B) = check_equal(N, g, a, f, e, E, k)
     ref = plain_reference(x.detach(), A.detach(), B.detach(), idx, gate.detach())
     torch.testing.assert_close(om.detach(), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("N,E,k", [(9, 5, 2), (1, 4, 2), (20, 8, 1), (7, 4, 4)])
+def test_triton_backend_through_the_strided_kernel(N, E, k):
+    """backend="triton" on the strided kernel (the Triton interpreter on a CPU)."""
+    from einc.kernels import triton_available
+
+    if not triton_available():
+        pytest.skip("the strided kernel cannot run here (no triton, or no interpreter)")
+    x, A, B, W, b = make_problem(N, 3, 4, 5, 2, E, k, seed=N)
+    masked = forward_and_grads(btt_moe_masked, x, A, B, W, b, k)[:2]
+    fn = lambda *t: btt_moe_sparse(*t, backend="triton")  # noqa: E731
+    assert_same(masked, forward_and_grads(fn, x, A, B, W, b, k)[:2])
 
 
 def test_expert_without_tokens_and_all_on_one_expert():
@@ -206,7 +222,7 @@ def test_route_ties_and_gates():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["strided", "padded", "auto"] + (["grouped_mm"] if GMM else []))
+@pytest.mark.parametrize("backend", ["strided", "padded", "triton", "auto"] + (["grouped_mm"] if GMM else []))
 def test_deterministic_bitwise(backend):
     torch.manual_seed(0)
     x, A, B, W, b = make_problem(200, 4, 8, 4, 8, 6, 2, seed=11, dtype=torch.float32)
@@ -283,7 +299,7 @@ def test_layer_sparse_matches_masked(d_in, d_out):
     assert g * a == d_in or flat[d_in:].abs().max() == 0
 
 
-@pytest.mark.parametrize("backend", ["chunked", "strided", "padded"])
+@pytest.mark.parametrize("backend", ["chunked", "strided", "padded", "triton"])
 def test_sparse_bias_argument(backend):
     x, A, B, W, b = make_problem(9, 3, 2, 4, 2, 4, 2, seed=5)
     bias = torch.randn(4, 2, dtype=DT, requires_grad=True)
@@ -512,7 +528,7 @@ def test_non_strict_export_does_not_recurse(monkeypatch):
 # ---------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-CUDA_BACKENDS = ["auto", "grouped_mm", "strided", "padded"]
+CUDA_BACKENDS = ["auto", "grouped_mm", "strided", "padded", "triton"]
 
 
 def _rel(u, v):
@@ -592,3 +608,18 @@ def test_grouped_mm_splits_calls_over_the_group_limit(monkeypatch):
     om, gm, _, _ = forward_and_grads(btt_moe_masked, x, A, B, W, b, 2)
     fn = lambda *t: btt_moe_sparse(*t, backend="grouped_mm")  # noqa: E731
     assert_same((om, gm), forward_and_grads(fn, x, A, B, W, b, 2)[:2], tol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["auto", "grouped_mm", "triton"])
+def test_cuda_more_groups_than_one_grouped_mm_call(backend):
+    g, a, f, e, E, k = 80, 8, 72, 8, 16, 2  # 1280 and 1152 (core index, expert) groups
+    x, A, B, W, b = make_problem(300, g, a, f, e, E, k, seed=9, dtype=DT)
+    ref, _, idx, gate = forward_and_grads(btt_moe_masked, x, A, B, W, b, k)
+    if backend == "grouped_mm" and not grouped_mm_available(torch.device("cuda"), torch.float32):
+        pytest.skip("grouped_mm unsupported here")
+    dev = [t.detach().to("cuda", torch.float32).requires_grad_() for t in (x, A, B)]
+    out = btt_moe_sparse(*dev, idx.cuda(), gate.detach().cuda().float(), backend=backend)
+    assert _rel(out.cpu(), ref) < 2e-3
+    grads = torch.autograd.grad(out.square().sum(), dev)
+    assert all(torch.isfinite(t).all() for t in grads)

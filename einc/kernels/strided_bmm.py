@@ -687,6 +687,9 @@ def _heuristic_config(M: int, N: int, K: int, itemsize: int) -> dict:
     if not cands:
         cands = [min(_CANDIDATES, key=lambda c: c[0] * c[1] * c[2])]
     bm, bn, bk, stages, warps = max(cands, key=lambda c: (c[0] * c[1], c[2], -c[4]))
+    # Structured layers often contract 32-64 long axes: one or two K steps leave nothing to
+    # pipeline, and fewer buffers let more programs share a multiprocessor.
+    stages = min(stages, max(1, _cdiv(K, bk)))
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
             "num_stages": stages, "num_warps": warps}
 

@@ -394,7 +394,7 @@ def _sparse_grouped(x, A, B, expert_idx, gate, deterministic):
     return y.new_zeros(f, N, e).index_add(1, token_sorted, y).transpose(0, 1)
 
 
-BACKENDS = ("auto", "chunked", "grouped_mm", "strided", "padded")
+BACKENDS = ("auto", "chunked", "grouped_mm", "strided", "padded", "triton")
 
 #: the padded capacity is rounded up to a multiple of this (aligned matmul blocks)
 CAPACITY_MULTIPLE = 8
@@ -583,6 +583,57 @@ def _sparse_padded(x, A, B, expert_idx, gate):
     return y.permute(1, 0, 2).contiguous()
 
 
+class _GatherRows(torch.autograd.Function):
+    """``x2.index_select(0, row_token)`` whose backward sums, in a fixed order, the ``k``
+    padded rows of each token (found through ``slot_row``): no atomics, deterministic.
+    Padding rows (never in ``slot_row``) get no gradient, as their outputs are dropped."""
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, row_token: Tensor, slot_row: Tensor) -> Tensor:
+        ctx.save_for_backward(slot_row)
+        return x2.index_select(0, row_token)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (slot_row,) = ctx.saved_tensors
+        N, k = slot_row.shape
+        picked = grad.index_select(0, slot_row.reshape(-1)).view(N, k, grad.shape[1])
+        return picked.sum(1), None, None
+
+
+def _sparse_triton(x, A, B, expert_idx, gate, plan=None, kernel="auto"):
+    """Padded expert-major dispatch on the strided kernel (:mod:`einc.kernels`).
+
+    Rows ``(E, C)`` (capacity ``C`` = the largest expert load, one host sync). Core A runs
+    as one strided product with batch ``(g, expert)`` and writes the intermediate straight
+    in the ``[f][E][C][g]`` order core B reads (batch ``(f, expert)``), which writes the
+    expert outputs token-major; no copy between the cores. Each token then gathers its
+    ``k`` rows and sums them with its gates. Without triton (or off CUDA) the strided
+    products run as torch matmuls over the same views (``kernel="torch"`` forces that).
+    """
+    from ..kernels import StridedBmmSpec, strided_bmm
+
+    g, a, f, E, e = _check_shapes(x, A, B)
+    N, k = expert_idx.shape
+    C, slot_row, row_token = plan if plan is not None else _padded_plan(expert_idx, E)
+    slot_row = slot_row.view(N, k)
+    Cs = max(C, 1)  # strides stay valid for an empty batch
+    xs = _GatherRows.apply(x.reshape(N, g * a), row_token, slot_row)  # (E*C, g*a)
+    xv = xs.view(E, C, g, a).permute(2, 0, 1, 3)  # batch (g, E), m C, k a
+    Av = A.permute(0, 3, 1, 2)  # (g, E, a, f)
+    spec = StridedBmmSpec.from_views(xv, Av, batch_ndim=2, k_ndim=1,
+                                     c_strides=(1, Cs * g, g, E * Cs * g))  # stored [f][E][C][g]
+    z = strided_bmm(xv, Av, spec, backend=kernel)
+    zv = z.permute(3, 1, 2, 0)  # (f, E, C, g): batch (f, E), m C, k g
+    Bv = B.permute(0, 2, 1, 3)  # (f, E, g, e)
+    spec = StridedBmmSpec.from_views(zv, Bv, batch_ndim=2, k_ndim=1,
+                                     c_strides=(e, Cs * f * e, f * e, 1))  # stored [E][C][f][e]
+    u = strided_bmm(zv, Bv, spec, backend=kernel)
+    rows = u.permute(1, 2, 0, 3).reshape(E * C, f * e)  # a view: u is stored [E][C][f][e]
+    picked = rows.index_select(0, slot_row.reshape(-1)).view(N, k, f * e)
+    return (picked * gate.unsqueeze(-1)).sum(1).view(N, f, e)
+
+
 @torch.compiler.disable
 def _sparse_eager(x, A, B, expert_idx, gate, deterministic, bias):
     """The auto backend outside the compiled graph: its autograd functions write into
@@ -634,6 +685,10 @@ def btt_moe_sparse(
       sizes giving 16-byte aligned strides.
     * ``"padded"``: (expert, capacity) rows, one plain ``bmm`` per core and autograd for
       the backward; simple, every dtype, one host sync; deterministic.
+    * ``"triton"``: (expert, capacity) rows and one strided product per core on
+      :func:`einc.kernels.strided_bmm` (the Triton kernel on CUDA, torch matmuls
+      elsewhere), the intermediate written in the layout the second core reads; one host
+      sync; token gradients summed in a fixed order.
     * ``"auto"``: chunked on the CPU; elsewhere grouped_mm whenever it supports
       the device, dtype and sizes, else the strided kernels.
 
@@ -664,6 +719,8 @@ def btt_moe_sparse(
         return btt_moe_sparse(x, A, B, expert_idx, gate, deterministic, backend) + bias
     if backend == "padded":  # measured slower than grouped_mm on the 2-core CPU
         return _sparse_padded(x, A, B, expert_idx, gate.to(x.dtype))
+    if backend == "triton":
+        return _sparse_triton(x, A, B, expert_idx, gate.to(x.dtype))
     gate = gate.to(x.dtype)
     gmm_ok = backend != "strided" and _aligned(x.dtype, g, a, f, e) and \
         grouped_mm_available(x.device, x.dtype)
