@@ -322,9 +322,6 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", choices=("heuristic", "full"), default="heuristic")
     ap.add_argument("--budget", type=float, default=280.0,
                     help="seconds; cells left when it is spent are skipped")
-    ap.add_argument("--batch-block", type=int, default=None,
-                    help="batch entries per program of the batch-block kernel (0: off); "
-                         "default: einc.kernels.strided_bmm.BATCH_BLOCK")
     ap.add_argument("--profile", nargs="+", default=[], metavar="D:LAYER:ROUTE",
                     help="print a kernel table of these cells' f+b step, e.g. 4096:btt1:triton "
                          "or '4096:bttmoe(E=8,k=2):moe-sparse'")
@@ -345,8 +342,6 @@ def main(argv=None) -> int:
     timer = Timer(device, args.warmup, reps)
     triton_ok = route_available(torch.empty(0, device=device))
     sbmm.set_tuning(args.tune)
-    if args.batch_block is not None:
-        sbmm.BATCH_BLOCK = args.batch_block
     routes = (EINC_ROUTES if triton_ok else EINC_ROUTES[1:]) + NAIVE_ROUTES
 
     try:
@@ -359,8 +354,7 @@ def main(argv=None) -> int:
         (", Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "")
     print(f"# einc GPU benchmark  {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# card: {card}; torch {torch.__version__}; triton {tv}; dtype {str(dtype)[6:]}; "
-          f"tokens {args.tokens}; median of {reps} after {args.warmup} warm-up; tune {args.tune}; "
-          f"batch block {sbmm.BATCH_BLOCK}")
+          f"tokens {args.tokens}; median of {reps} after {args.warmup} warm-up; tune {args.tune}")
     if not triton_ok:
         print("# triton route unavailable here (no triton, or CPU without TRITON_INTERPRET=1)")
     header = ["d", "layer", "flop ratio", "route", "fwd ms", "bwd ms", "f+b ms", "TFLOP/s",

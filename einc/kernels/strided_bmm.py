@@ -28,7 +28,7 @@ import functools
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -339,12 +339,22 @@ def _split(values: tuple[int, ...], lengths: Sequence[int]) -> list[tuple[int, .
 
 @dataclass(frozen=True)
 class _Problem:
-    """Per role, the axes as ``(size, x_stride, y_stride, out_stride)`` tuples."""
+    """Per role, the axes as ``(size, x_stride, y_stride, out_stride)`` tuples.
+
+    ``launches`` memoises, per launch setting, what _launch derives from the problem (its
+    key, tile, arguments and compiled kernels): a chain launches the same problems every
+    step, and the host time of a launch is what small structured layers are bound by."""
 
     groups: dict
+    launches: dict = field(default_factory=dict, compare=False, repr=False)
+    extents: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for role, axes in self.groups.items():
+            self.extents[role] = math.prod(ax[0] for ax in axes)
 
     def size(self, role: str) -> int:
-        return math.prod(ax[0] for ax in self.groups[role])
+        return self.extents[role]
 
     def out_axes(self) -> list[tuple[int, int]]:
         return [(ax[0], ax[3]) for role in ("batch", "m", "n") for ax in self.groups[role]]
@@ -455,7 +465,7 @@ def _unravel3_fn(idx, s1, s2):
 
 
 def _strided_bmm_kernel_fn(
-    x_ptr, y_ptr, out_ptr, bias_ptr, alpha, ROW, BIAS_N,
+    x_ptr, y_ptr, out_ptr, bias_ptr, ws_ptr, alpha, ROW, BIAS_N, K_CHUNK, WS_STRIDE,
     M, N, K,
     # Strides; axis order within a group is outer -> inner.
     x_sb0, x_sb1, x_sb2, x_sm0, x_sm1, x_sm2, x_sk0, x_sk1, x_sk2,
@@ -467,10 +477,16 @@ def _strided_bmm_kernel_fn(
     ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     # One program per (batch, m-tile, n-tile), flattened into a 1-D grid so the
-    # batch can exceed the 65535 limit of the other grid axes.
+    # batch can exceed the 65535 limit of the other grid axes. With SPLIT_K > 1 each tile's
+    # reduction is cut into SPLIT_K chunks of K_CHUNK, one program each, whose partial sums
+    # go to the float workspace ws[split][batch][M][N] (summed after the launch): for
+    # products with few tiles and a long reduction (weight gradients over all tokens).
     pid = tl.program_id(0)
+    pid_s = pid % SPLIT_K
+    pid = pid // SPLIT_K
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     pid_b = pid // (tiles_m * tiles_n)
@@ -503,14 +519,16 @@ def _strided_bmm_kernel_fn(
     mask_n = rn < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k_start in range(0, K, BLOCK_K):
+    k_lo = pid_s * K_CHUNK
+    k_hi = tl.minimum(K, k_lo + K_CHUNK)
+    for k_start in range(k_lo, k_hi, BLOCK_K):
         rk = k_start + tl.arange(0, BLOCK_K)
         if INDEX_64:
             rk = rk.to(tl.int64)
         k0, k1, k2 = _unravel3(rk, K1, K2)
         x_k = k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
         y_k = k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
-        mask_k = rk < K
+        mask_k = rk < k_hi
         x = tl.load(x_ptr + x_m[:, None] + x_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         y = tl.load(y_ptr + y_k[:, None] + y_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if UPCAST_DOT:
@@ -519,8 +537,12 @@ def _strided_bmm_kernel_fn(
         acc = tl.dot(x, y, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     acc = acc * alpha
-    o = o_m[:, None] + o_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        ws = ws_ptr + (pid_s * WS_STRIDE + pid_b.to(tl.int64) * M * N) + rm[:, None] * N + rn[None, :]
+        tl.store(ws, acc, mask=mask)
+        return
+    o = o_m[:, None] + o_n[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptr + o, mask=mask, other=0.0).to(ACC_DTYPE)
     if HAS_BIAS:  # out is [rows][ROW]: the column is the offset within its row
@@ -529,81 +551,12 @@ def _strided_bmm_kernel_fn(
     tl.store(out_ptr + o, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _batch_block_kernel_fn(
-    x_ptr, y_ptr, out_ptr, bias_ptr, alpha, ROW, BIAS_N,
-    NB, M, N, K,
-    x_sb0, x_sb1, x_sb2, x_sm0, x_sm1, x_sm2, x_sk0, x_sk1, x_sk2,
-    y_sb0, y_sb1, y_sb2, y_sk0, y_sk1, y_sk2, y_sn0, y_sn1, y_sn2,
-    o_sb0, o_sb1, o_sb2, o_sm0, o_sm1, o_sm2, o_sn0, o_sn1, o_sn2,
-    B1: tl.constexpr, B2: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
-    N1: tl.constexpr, N2: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    # The same product as _strided_bmm_kernel_fn, BLOCK_B batch entries per program (a
-    # batched tl.dot). Used where an operand is contiguous along the batch: one entry per
-    # program would touch that operand one element per 32-byte sector. Batch blocks are
-    # the innermost grid index, so programs that share those sectors run side by side.
-    pid = tl.program_id(0)
-    tiles_b = tl.cdiv(NB, BLOCK_B)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_bb = pid % tiles_b
-    pid_m = (pid // tiles_b) // tiles_n
-    pid_n = (pid // tiles_b) % tiles_n
-
-    rb = pid_bb * BLOCK_B + tl.arange(0, BLOCK_B)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if INDEX_64:
-        rb = rb.to(tl.int64)
-        rm = rm.to(tl.int64)
-        rn = rn.to(tl.int64)
-    b0, b1, b2 = _unravel3(rb, B1, B2)
-    m0, m1, m2 = _unravel3(rm, M1, M2)
-    n0, n1, n2 = _unravel3(rn, N1, N2)
-    x_bm = (b0 * x_sb0 + b1 * x_sb1 + b2 * x_sb2)[:, None, None] + \
-        (m0 * x_sm0 + m1 * x_sm1 + m2 * x_sm2)[None, :, None]
-    y_bn = (b0 * y_sb0 + b1 * y_sb1 + b2 * y_sb2)[:, None, None] + \
-        (n0 * y_sn0 + n1 * y_sn1 + n2 * y_sn2)[None, None, :]
-    mask_b = rb < NB
-    mask_bm = mask_b[:, None, None] & (rm < M)[None, :, None]
-    mask_bn = mask_b[:, None, None] & (rn < N)[None, None, :]
-
-    acc = tl.zeros((BLOCK_B, BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k_start in range(0, K, BLOCK_K):
-        rk = k_start + tl.arange(0, BLOCK_K)
-        if INDEX_64:
-            rk = rk.to(tl.int64)
-        k0, k1, k2 = _unravel3(rk, K1, K2)
-        x_k = k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
-        y_k = k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
-        mask_k = rk < K
-        x = tl.load(x_ptr + x_bm + x_k[None, None, :], mask=mask_bm & mask_k[None, None, :], other=0.0)
-        y = tl.load(y_ptr + y_bn + y_k[None, :, None], mask=mask_bn & mask_k[None, :, None], other=0.0)
-        if UPCAST_DOT:
-            x = x.to(tl.float32)
-            y = y.to(tl.float32)
-        acc = tl.dot(x, y, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-
-    acc = acc * alpha
-    o = (b0 * o_sb0 + b1 * o_sb1 + b2 * o_sb2)[:, None, None] + \
-        (m0 * o_sm0 + m1 * o_sm1 + m2 * o_sm2)[None, :, None] + \
-        (n0 * o_sn0 + n1 * o_sn1 + n2 * o_sn2)[None, None, :]
-    mask = mask_bm & (rn < N)[None, None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptr + o, mask=mask, other=0.0).to(ACC_DTYPE)
-    if HAS_BIAS:  # out is [rows][ROW]: the column is the offset within its row
-        col = o % ROW
-        acc += tl.load(bias_ptr + col, mask=mask & (col < BIAS_N), other=0.0).to(ACC_DTYPE)
-    tl.store(out_ptr + o, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). Hopper-oriented: big tiles for big GEMMs,
 # small ones because structured layers are often many small blocks (Monarch blocks of 32-64).
 _CANDIDATES = (
     (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 32, 4, 4),
-    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 5, 2),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 32, 32, 3, 4), (64, 64, 64, 4, 4),
+    (64, 64, 32, 5, 2),
     (32, 64, 64, 4, 4), (64, 32, 64, 4, 4), (32, 32, 64, 3, 2), (16, 64, 64, 3, 2),
     (64, 16, 64, 3, 2), (32, 32, 32, 3, 2), (16, 64, 32, 3, 2), (64, 16, 32, 3, 2),
     (16, 32, 16, 2, 1),
@@ -694,45 +647,6 @@ def _heuristic_config(M: int, N: int, K: int, itemsize: int) -> dict:
             "num_stages": stages, "num_warps": warps}
 
 
-#: Batch entries per program where an operand is contiguous along the batch (bytes of
-#: one 32-byte sector, at most 16); 0 switches batch blocking off. Environment:
-#: EINC_BATCH_BLOCK.
-BATCH_BLOCK = int(os.environ.get("EINC_BATCH_BLOCK", "16"))
-
-
-def _batch_block_config(NB: int, M: int, N: int, K: int, itemsize: int) -> dict:
-    """Tile of the batch-block kernel: a sector's worth of batch entries, 16-32 wide
-    m/n/k tiles (a batched tl.dot needs >= 16), accumulators within 64 registers a thread."""
-    bb = max(2, min(BATCH_BLOCK, 32 // itemsize, 1 << (NB - 1).bit_length()))
-    bm, bn, bk = (min(32, _block_cap(v)) for v in (M, N, K))
-    if _interpreting():
-        bb, bm, bn, bk = min(bb, 4), 16, 16, 16
-    warps = max(1, min(8, bb * bm * bn // 2048))
-    return {"BLOCK_B": bb, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-            "num_stages": 2, "num_warps": warps}
-
-
-def _blocks_batch(problem: "_Problem") -> bool:
-    """Whether an operand's fastest axis (stride 1) is a batch axis, so that the product
-    should run several batch entries per program (:func:`_batch_block_kernel_fn`)."""
-    if BATCH_BLOCK < 2 or problem.size("batch") < 2:
-        return False
-    batch = problem.groups["batch"]
-    return any(ax[col] == 1 for ax in batch for col in (1, 2, 3))
-
-
-def _batch_innermost_first(problem: "_Problem") -> "_Problem":
-    """The batch group ordered so that the axis of stride 1 (for the first operand that has
-    one) is innermost: consecutive entries of a block are then neighbours in memory."""
-    batch = list(problem.groups["batch"])
-    for col in (3, 1, 2):  # the output first: partial writes cost more than reads
-        if any(ax[col] == 1 for ax in batch):
-            batch.sort(key=lambda ax: ax[col], reverse=True)
-            break
-    groups = dict(problem.groups, batch=_merge_axes(batch))
-    return _Problem(groups)
-
-
 def _get_kernel(mode: str = "full"):
     """Decorate the kernel on first use (the interpreter choice is made here): the plain
     jitted kernel for "heuristic", wrapped in Triton's autotuner for "full"."""
@@ -747,7 +661,6 @@ def _get_kernel(mode: str = "full"):
         _unravel3 = triton.jit(_unravel3_fn)
         if "heuristic" not in _KERNELS:
             _KERNELS["heuristic"] = triton.jit(_strided_bmm_kernel_fn)
-            _KERNELS["batch_block"] = triton.jit(_batch_block_kernel_fn)
         if mode == "full":
             _KERNELS["full"] = triton.autotune(
                 configs=_autotune_configs(triton),
@@ -771,14 +684,10 @@ def _problem_key(problem: _Problem) -> tuple:
 
 @functools.lru_cache(maxsize=4096)
 def _launch_plan(key: tuple, dtype: torch.dtype, accumulate: bool, has_bias: bool, mode: str,
-                 batch_block: int):
+                 precision: str, processors: int):
     """Everything about a launch but the pointers and alpha, computed once per problem:
-    (kernel name, size and stride arguments, constexprs, grid, output span)."""
+    (kernel name, size and stride arguments, constexprs, grid, output span, K splits)."""
     problem = _Problem(dict(zip(_ROLES, key)))
-    blocked = _blocks_batch(problem)
-    if blocked:
-        problem = _batch_innermost_first(problem)
-        blocked = len(problem.groups["batch"]) <= MAX_GROUP_AXES
     groups = {role: _padded(problem.groups[role]) for role in _ROLES}
     M, N, K = problem.size("m"), problem.size("n"), problem.size("k")
     n_batch = problem.size("batch")
@@ -802,28 +711,101 @@ def _launch_plan(key: tuple, dtype: torch.dtype, accumulate: bool, has_bias: boo
     consts.update(
         ACCUMULATE=bool(accumulate),
         HAS_BIAS=bool(has_bias),
-        INDEX_64=reach >= 2**31 or max(M, N, K, n_batch) >= 2**31 - 256,
+        INDEX_64=reach >= 2**31 or max(M, N, K) >= 2**31 - 256,
         ACC_DTYPE=_triton.language.float64 if dtype == torch.float64 else _triton.language.float32,
-        INPUT_PRECISION=_input_precision(dtype),
+        INPUT_PRECISION=precision,
         # The interpreter multiplies bf16 as raw integer bits; fp32 is exact.
         UPCAST_DOT=interpreting and dtype == torch.bfloat16,
     )
-    if blocked:
-        tile = _batch_block_config(n_batch, M, N, K, itemsize)
-        sizes = (n_batch, M, N, K)
-        grid = (_cdiv(n_batch, tile["BLOCK_B"]) * _cdiv(M, tile["BLOCK_M"]) * _cdiv(N, tile["BLOCK_N"]),)
-        name = "batch_block"
-    elif mode == "full":
-        tile, sizes, name = {}, (M, N, K), "full"
+    split, chunk = 1, K
+    if mode == "full":
+        tile, name = {}, "full"
 
         def grid(meta):
             return (n_batch * _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
     else:
-        tile, sizes, name = _heuristic_config(M, N, K, itemsize), (M, N, K), "heuristic"
-        grid = (n_batch * _cdiv(M, tile["BLOCK_M"]) * _cdiv(N, tile["BLOCK_N"]),)
-    consts.update(tile)
-    args = (*sizes, *x_args, *y_args, *o_args)
-    return name, args, consts, grid, _problem_out_span(problem)
+        tile, name = _heuristic_config(M, N, K, itemsize), "heuristic"
+        tiles = n_batch * _cdiv(M, tile["BLOCK_M"]) * _cdiv(N, tile["BLOCK_N"])
+        if not has_bias:
+            split, chunk = _split_k(tiles, K, tile["BLOCK_K"], processors)
+        grid = (split * tiles,)
+    consts.update(tile, SPLIT_K=split)
+    args = (chunk, n_batch * M * N, M, N, K, *x_args, *y_args, *o_args)
+    return name, args, consts, grid, _problem_out_span(problem), split
+
+
+def _split_k(tiles: int, K: int, block_k: int, processors: int) -> tuple[int, int]:
+    """(splits, K per split) for a product of ``tiles`` output tiles: split the reduction
+    when there are fewer tiles than two per multiprocessor and each part keeps at least
+    four K steps (the partial sums cost a write and a read of the result per split)."""
+    steps = _cdiv(K, block_k)
+    if tiles >= 2 * processors or steps < 8:
+        return 1, K
+    split = min(_cdiv(2 * processors, tiles), steps // 4, 64)
+    chunk = _cdiv(steps, split) * block_k
+    return _cdiv(K, chunk), chunk
+
+
+_PROCESSORS: dict = {}
+
+
+def _processors(t: torch.Tensor) -> int:
+    """Multiprocessors of ``t``'s GPU (4 under the interpreter, so that tests split)."""
+    if not t.is_cuda:
+        return 4
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if index not in _PROCESSORS:
+        _PROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _PROCESSORS[index]
+
+
+#: Launch compiled kernels directly after their first launch (see _direct_launch); set
+#: EINC_TRITON_DIRECT_LAUNCH=0 to always go through Triton's JIT dispatch.
+DIRECT_LAUNCH = os.environ.get("EINC_TRITON_DIRECT_LAUNCH", "1") != "0"
+
+
+_SHARED_LAUNCHES: dict = {}  # problem key -> the memo of _Problem.launches
+
+
+def _launch_hooks():
+    try:
+        from triton import knobs
+
+        return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    except ImportError:  # before Triton 3.4 the hooks sat on CompiledKernel
+        from triton.compiler import CompiledKernel
+
+        return CompiledKernel.launch_enter_hook, CompiledKernel.launch_exit_hook
+
+
+def _direct_launch(compiled, names, grid, values: dict) -> None:
+    """Run an already compiled kernel with Triton's own launcher, skipping JITFunction.run
+    (argument binding, specialisation, cache lookup: most of a launch's host time on a slow
+    host, and a structured layer launches six or more small kernels per step). The
+    arguments go in signature order, constexprs included, as JITFunction.run passes them."""
+    _DirectLauncher(compiled, [values[n] for n in names], {})(grid, {})
+
+
+class _DirectLauncher:
+    """A compiled kernel and its argument list in signature order, with the slots that
+    change between launches (pointers, alpha) filled in per call."""
+
+    def __init__(self, compiled, args: list, slots: dict):
+        from triton.runtime import driver
+
+        self.compiled, self.args, self.slots = compiled, args, slots
+        self.driver = driver
+        self.hooks = _launch_hooks()
+
+    def __call__(self, grid, values: dict) -> None:
+        args = self.args.copy()
+        for name, pos in self.slots.items():
+            args[pos] = values[name]
+        c = self.compiled
+        active = self.driver.active
+        stream = active.get_current_stream(active.get_current_device())
+        meta = c.launch_metadata(grid, stream, *args)
+        c.run(grid[0], 1, 1, stream, c.function, c.packed_metadata, meta, *self.hooks, *args)
 
 
 def _launch(problem: _Problem, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, alpha: float,
@@ -833,21 +815,77 @@ def _launch(problem: _Problem, x: torch.Tensor, y: torch.Tensor, out: torch.Tens
     ``bias`` (contiguous, length <= ``row``): added to every result whose offset from
     ``out``'s data_ptr is ``r * row + c`` with ``c < len(bias)``, i.e. per column of an
     output that is a row-major ``[rows][row]`` matrix."""
-    mode = "full" if _interpreting() else tuning()
-    name, args, consts, grid, out_span = _launch_plan(
-        _problem_key(problem), x.dtype, bool(accumulate), bias is not None, mode, BATCH_BLOCK)
-    head = (out if bias is None else bias, float(alpha), int(row), 0 if bias is None else bias.numel())
-    _get_kernel(mode)
-    kernel = _KERNELS[name]
-    if name == "full":
-        # A flat view of the output's footprint, so that the autotuner's restore_value
-        # saves and restores exactly those elements.
-        out = torch.as_strided(out, (out_span,), (1,), out.storage_offset())
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):  # Triton launches on the current CUDA device
-            kernel[grid](x, y, out, *head, *args, **consts)
+    global DIRECT_LAUNCH
+    interpreting = _interpreting()
+    mode = tuning()
+    setting = (x.dtype, bool(accumulate), bias is not None, mode, _input_precision(x.dtype),
+               _processors(x))
+    launches = problem.launches
+    if not launches:  # problems built per call (strided_bmm) share one memo per key
+        if len(_SHARED_LAUNCHES) >= 4096:
+            _SHARED_LAUNCHES.clear()
+        launches = _SHARED_LAUNCHES.setdefault(_problem_key(problem), launches)
+        object.__setattr__(problem, "launches", launches)
+    plan = launches.get(setting)
+    if plan is None:
+        plan = launches[setting] = _launch_plan(_problem_key(problem), *setting)
+    name, args, consts, grid, out_span, split = plan
+    ws = out
+    if split > 1:  # partial sums of the split reduction, in the accumulator's precision
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        ws = torch.empty(split * args[1], dtype=acc, device=out.device)
+    head = (out if bias is None else bias, ws, float(alpha), int(row), 0 if bias is None else bias.numel())
+    switch = x.is_cuda and x.device.index != torch.cuda.current_device()
+    direct = DIRECT_LAUNCH and name != "full" and not interpreting and not switch
+    launched = False
+    if direct:
+        # Triton specialises pointers on 16-byte alignment: part of the compiled kernel's key
+        key = (setting, x.device.index, row, head[4],
+               *(t.data_ptr() % 16 == 0 for t in (x, y, out, head[0], ws)))
+        launcher = launches.get(key)
+        if launcher is not None:
+            try:
+                launcher(grid, {"x_ptr": x, "y_ptr": y, "out_ptr": out, "bias_ptr": head[0],
+                                "ws_ptr": ws, "alpha": head[2]})
+                launched = True
+            except (AttributeError, TypeError, KeyError):  # another Triton: use its dispatch
+                DIRECT_LAUNCH = False
+    if not launched:
+        _get_kernel(mode)
+        kernel = _KERNELS[name]
+        target = out
+        if name == "full":
+            # A flat view of the output's footprint, so that the autotuner's restore_value
+            # saves and restores exactly those elements.
+            target = torch.as_strided(out, (out_span,), (1,), out.storage_offset())
+        if switch:
+            with torch.cuda.device(x.device):  # Triton launches on the current CUDA device
+                kernel[grid](x, y, target, *head, *args, **consts)
+        else:
+            compiled = kernel[grid](x, y, target, *head, *args, **consts)
+            if direct and all(hasattr(compiled, a) for a in
+                              ("run", "function", "packed_metadata", "launch_metadata")):
+                names = list(kernel.arg_names)
+                values = dict(zip(names, (x, y, out, *head, *args)), **consts)
+                slots = {n: names.index(n) for n in ("x_ptr", "y_ptr", "out_ptr", "bias_ptr", "ws_ptr", "alpha")}
+                try:
+                    launches[key] = _DirectLauncher(compiled, [values[n] for n in names], slots)
+                except (KeyError, ImportError, AttributeError):
+                    DIRECT_LAUNCH = False
+    if split > 1:
+        _reduce_splits(problem, ws, split, out, accumulate)
+
+
+def _reduce_splits(problem: _Problem, ws: torch.Tensor, split: int, out: torch.Tensor,
+                   accumulate: bool) -> None:
+    """Sum the ``split`` partial results (a fixed order: deterministic) into ``out``."""
+    axes = problem.out_axes()
+    view = _strided_view(out, [s for s, _ in axes], [st for _, st in axes])
+    total = ws.view(split, -1).sum(0).view([s for s, _ in axes])
+    if accumulate:
+        view.add_(total)
     else:
-        kernel[grid](x, y, out, *head, *args, **consts)
+        view.copy_(total)
 
 
 def _problem_out_span(problem: _Problem) -> int:

@@ -601,13 +601,43 @@ class _GatherRows(torch.autograd.Function):
         return picked.sum(1), None, None
 
 
+class _Combine(torch.autograd.Function):
+    """``y[t] = sum_j gate[t, j] * rows[slot_row[t, j]]``, the ``k`` products in a fixed
+    order. Backward writes each used row's gradient once (``index_copy_``: no atomics;
+    unused padding rows get zeros) and each gate's gradient as a row dot product."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, slot_row: Tensor, gate: Tensor) -> Tensor:
+        N, k = slot_row.shape
+        picked = rows.index_select(0, slot_row.reshape(-1)).view(N, k, rows.shape[1])
+        y = picked[:, 0] * gate[:, :1]
+        for j in range(1, k):
+            y.addcmul_(picked[:, j], gate[:, j:j + 1])
+        ctx.save_for_backward(picked, slot_row, gate)
+        ctx.rows = rows.shape[0]
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        picked, slot_row, gate = ctx.saved_tensors
+        N, k = slot_row.shape
+        d_rows = d_gate = None
+        if ctx.needs_input_grad[0]:
+            d_rows = dy.new_zeros(ctx.rows, dy.shape[1])
+            scaled = gate.unsqueeze(-1) * dy.unsqueeze(1)  # (N, k, width)
+            d_rows.index_copy_(0, slot_row.reshape(-1), scaled.reshape(N * k, -1))
+        if ctx.needs_input_grad[2]:
+            d_gate = torch.bmm(picked, dy.unsqueeze(-1)).squeeze(-1)
+        return d_rows, None, d_gate
+
+
 def _sparse_triton(x, A, B, expert_idx, gate, plan=None, kernel="auto"):
     """Padded expert-major dispatch on the strided kernel (:mod:`einc.kernels`).
 
     Rows ``(E, C)`` (capacity ``C`` = the largest expert load, one host sync). Core A runs
-    as one strided product with batch ``(g, expert)`` and writes the intermediate straight
-    in the ``[f][E][C][g]`` order core B reads (batch ``(f, expert)``), which writes the
-    expert outputs token-major; no copy between the cores. Each token then gathers its
+    as one strided product with batch ``(g, expert)`` and writes the intermediate as
+    ``[g][E][f][C]``, rows innermost, which core B (batch ``(f, expert)``) reads in place;
+    both products then move whole rows of slots, and no copy sits between the cores. Each token then gathers its
     ``k`` rows and sums them with its gates. Without triton (or off CUDA) the strided
     products run as torch matmuls over the same views (``kernel="torch"`` forces that).
     """
@@ -622,7 +652,7 @@ def _sparse_triton(x, A, B, expert_idx, gate, plan=None, kernel="auto"):
     xv = xs.view(E, C, g, a).permute(2, 0, 1, 3)  # batch (g, E), m C, k a
     Av = A.permute(0, 3, 1, 2)  # (g, E, a, f)
     spec = StridedBmmSpec.from_views(xv, Av, batch_ndim=2, k_ndim=1,
-                                     c_strides=(1, Cs * g, g, E * Cs * g))  # stored [f][E][C][g]
+                                     c_strides=(E * f * Cs, f * Cs, 1, Cs))  # stored [g][E][f][C]
     z = strided_bmm(xv, Av, spec, backend=kernel)
     zv = z.permute(3, 1, 2, 0)  # (f, E, C, g): batch (f, E), m C, k g
     Bv = B.permute(0, 2, 1, 3)  # (f, E, g, e)
@@ -630,8 +660,7 @@ def _sparse_triton(x, A, B, expert_idx, gate, plan=None, kernel="auto"):
                                      c_strides=(e, Cs * f * e, f * e, 1))  # stored [E][C][f][e]
     u = strided_bmm(zv, Bv, spec, backend=kernel)
     rows = u.permute(1, 2, 0, 3).reshape(E * C, f * e)  # a view: u is stored [E][C][f][e]
-    picked = rows.index_select(0, slot_row.reshape(-1)).view(N, k, f * e)
-    return (picked * gate.unsqueeze(-1)).sum(1).view(N, f, e)
+    return _Combine.apply(rows, slot_row, gate).view(N, f, e)
 
 
 @torch.compiler.disable

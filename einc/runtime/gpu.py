@@ -133,6 +133,14 @@ class Program:
     f_strides: tuple
     _dy_ops: dict
 
+    def __post_init__(self):
+        # which edges need a relayout copy, looked up on every call
+        p, n, sz = self.plan, len(self.plan.steps), self.sizes
+        self.copy_in = not _same(self.read[0], p.input_order, sz)
+        self.copy_between = tuple(not _same(self.write[k], self.read[k + 1], sz) for k in range(n - 1))
+        self.direct_y = _same(self.write[-1], p.output_order, sz)
+        self.padded_out = math.prod(sz[i] for i in p.output_order[1:])
+
     @property
     def copies(self) -> int:
         """Relayout copies in forward (backward has the same number)."""
@@ -235,12 +243,12 @@ class TritonChainFunction(torch.autograd.Function):
         plan, sizes = prog.plan, prog.sizes
         steps, n = plan.steps, len(plan.steps)
         tokens = prog.tokens
-        padded_out = math.prod(sizes[i] for i in plan.output_order[1:])
+        padded_out = prog.padded_out
         cur = x
-        if not _same(prog.read[0], plan.input_order, sizes):
+        if prog.copy_in:
             cur = relayout(_shaped(x, plan.input_order, sizes), plan.input_order, prog.read[0])
         saved = []
-        direct_y = _same(prog.write[-1], plan.output_order, sizes)
+        direct_y = prog.direct_y
         y = None
         for k, st in enumerate(steps):
             last = k == n - 1
@@ -253,7 +261,7 @@ class TritonChainFunction(torch.autograd.Function):
             saved.append(cur)
             if not last:
                 w, r = prog.write[k], prog.read[k + 1]
-                cur = out if _same(w, r, sizes) else relayout(_shaped(out, w, sizes), w, r)
+                cur = relayout(_shaped(out, w, sizes), w, r) if prog.copy_between[k] else out
         if not direct_y:
             y = relayout(_shaped(out, prog.write[-1], sizes), prog.write[-1],
                          plan.output_order).view(tokens, padded_out)
@@ -277,12 +285,11 @@ class TritonChainFunction(torch.autograd.Function):
 
         # dC of the last step: dy through its own strides where the kernel can read them
         last_ops = prog.ops[-1]
-        if _same(prog.write[-1], plan.output_order, sizes):
+        if prog.direct_y:
             d = dy
-            out_idx = plan.output_order[1:]
-            inner = _strides(out_idx, sizes)
-            dy_str = {plan.token: dy.stride(0), **{i: dy.stride(1) * s for i, s in inner.items()}}
-            if dy_str != _strides(plan.output_order, sizes):
+            if dy.stride() != (prog.padded_out, 1):  # an expanded or strided dy, read in place
+                inner = _strides(plan.output_order[1:], sizes)
+                dy_str = {plan.token: dy.stride(0), **{i: dy.stride(1) * s for i, s in inner.items()}}
                 last_ops = prog.last_ops(dy_str)
                 if not (last_ops.dF.fits and last_ops.dL.fits):
                     d, last_ops = dy.contiguous(), prog.ops[-1]
@@ -304,7 +311,8 @@ class TritonChainFunction(torch.autograd.Function):
             _run(ops.dL, d, f, dl)
             r = prog.read[k]
             w = prog.write[k - 1] if k else plan.input_order
-            d = dl if _same(r, w, sizes) else relayout(_shaped(dl, r, sizes), r, w)
+            copy = prog.copy_between[k - 1] if k else prog.copy_in
+            d = relayout(_shaped(dl, r, sizes), r, w) if copy else dl
         if need_x:
             dx = d.view([sizes[i] for i in plan.input_order])
         return (None, dx, dbias, *grads)
@@ -317,8 +325,6 @@ def forward_triton(module, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(
             f"route 'triton' cannot run for a tensor on {x.device}: it needs triton and a "
             "CUDA device (or TRITON_INTERPRET=1 for the interpreter on CPU)")
-    from .module import _storage_order
-
     low = module.lowered
     lead = x.shape[:-1]
     z = x.reshape(-1, module.in_features)
@@ -326,8 +332,7 @@ def forward_triton(module, x: torch.Tensor) -> torch.Tensor:
         z = torch.nn.functional.pad(z, (0, low.padded_in - low.d_in))
     n = z.shape[0]
     z = z.contiguous().view(n, *low.input_sizes)
-    facs = [p.permute([f.indices.index(i) for i in _storage_order(low, k)]).contiguous()
-            for k, (p, f) in enumerate(zip(module.factors(), module.structure.factors))]
+    facs = module._storage_factors()
     bias = module.bias
     if bias is not None and bias.dtype != z.dtype:
         bias = bias.to(z.dtype)

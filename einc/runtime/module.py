@@ -54,6 +54,9 @@ class StructuredLinear(nn.Module):
         #: tokens per chunk of the fused route (None: chosen per call, see chunk_tokens)
         self.chunk = None
         self._plain = _compile_forward(low, tuple(self._attrs))
+        #: per factor, the permutation from its spec order to its storage order
+        self._to_storage = tuple(tuple(f.indices.index(i) for i in _storage_order(low, k))
+                                 for k, f in enumerate(structure.factors))
         self.reset_parameters()
 
     @property
@@ -164,8 +167,7 @@ class StructuredLinear(nn.Module):
         z = z.contiguous().view(n, *low.input_sizes)
         # contiguous in storage order: free for the layout __init__ gave the parameters, a
         # copy (with its gradient) where a user replaced them, e.g. load_state_dict(assign=True)
-        facs = [p.permute([f.indices.index(i) for i in _storage_order(low, k)]).contiguous()
-                for k, (p, f) in enumerate(zip(self.factors(), self.structure.factors))]
+        facs = self._storage_factors()
         # the bias rides along when no padded outputs sit between it and y
         fuse = self.bias is not None and low.padded_out == low.d_out
         bias = self.bias.view([low.sizes[i] for i in low.plan.output_order[1:]]) if fuse else None
@@ -174,6 +176,16 @@ class StructuredLinear(nn.Module):
         if fuse:
             return y[:, :low.d_out].reshape(*x.shape[:-1], self.out_features)
         return self._finish(y, x.shape[:-1])
+
+    def _storage_factors(self) -> list:
+        """Each factor as a contiguous view in its storage order (a copy only if the
+        parameter was replaced by a tensor of another layout)."""
+        perms = self.__dict__.get("_to_storage")
+        if perms is None:  # a module pickled before the permutations were kept
+            perms = self._to_storage = tuple(
+                tuple(f.indices.index(i) for i in _storage_order(self.lowered, k))
+                for k, f in enumerate(self.structure.factors))
+        return [p.permute(perm).contiguous() for p, perm in zip(self.factors(), perms)]
 
     def forward_einsum(self, x: torch.Tensor) -> torch.Tensor:
         """Reference route: one torch.einsum over the input and the factors."""
