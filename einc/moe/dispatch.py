@@ -625,7 +625,7 @@ class _Combine(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_rows = dy.new_zeros(ctx.rows, dy.shape[1])
             scaled = gate.unsqueeze(-1) * dy.unsqueeze(1)  # (N, k, width)
-            d_rows.index_copy_(0, slot_row.reshape(-1), scaled.reshape(N * k, -1))
+            d_rows.index_copy_(0, slot_row.reshape(-1), scaled.reshape(N * k, dy.shape[1]))
         if ctx.needs_input_grad[2]:
             d_gate = torch.bmm(picked, dy.unsqueeze(-1)).squeeze(-1)
         return d_rows, None, d_gate
