@@ -551,6 +551,7 @@ def test_split_reduction_for_few_tiles_and_a_long_k(kernel, dtype, monkeypatch):
 
     monkeypatch.setattr(sbmm_module, "_split_k", recorded)
     monkeypatch.setattr(sbmm_module, "_SHARED_LAUNCHES", {})
+    monkeypatch.setattr(sbmm_module, "SPLIT_MIN_BYTES", 0)
     gen = torch.Generator().manual_seed(3)
     # batch (2,), m (3, 5) over two axes, n (7,), k (300, 2): K = 600 split in parts
     a = random_layout((2, 3, 5, 300, 2), gen, pad=True).to(dtype)
@@ -565,8 +566,10 @@ def test_split_reduction_for_few_tiles_and_a_long_k(kernel, dtype, monkeypatch):
 
 
 def test_split_k_rule():
-    assert sbmm_module._split_k(tiles=64, K=8192, block_k=64, processors=132) == (5, 1664)
-    assert sbmm_module._split_k(tiles=300, K=8192, block_k=64, processors=132) == (1, 8192)
-    assert sbmm_module._split_k(tiles=1, K=256, block_k=64, processors=132) == (1, 256)  # 4 steps
-    split, chunk = sbmm_module._split_k(tiles=8, K=65536, block_k=64, processors=132)
+    big = 128 << 20
+    assert sbmm_module._split_k(tiles=64, K=8192, block_k=64, processors=132, traffic=big) == (5, 1664)
+    assert sbmm_module._split_k(tiles=300, K=8192, block_k=64, processors=132, traffic=big) == (1, 8192)
+    assert sbmm_module._split_k(tiles=1, K=256, block_k=64, processors=132, traffic=big) == (1, 256)  # 4 steps
+    assert sbmm_module._split_k(tiles=32, K=8192, block_k=64, processors=132, traffic=32 << 20) == (1, 8192)
+    split, chunk = sbmm_module._split_k(tiles=8, K=65536, block_k=64, processors=132, traffic=big)
     assert split == 32 and chunk * split >= 65536 and chunk % 64 == 0

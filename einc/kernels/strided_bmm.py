@@ -727,19 +727,26 @@ def _launch_plan(key: tuple, dtype: torch.dtype, accumulate: bool, has_bias: boo
         tile, name = _heuristic_config(M, N, K, itemsize), "heuristic"
         tiles = n_batch * _cdiv(M, tile["BLOCK_M"]) * _cdiv(N, tile["BLOCK_N"])
         if not has_bias:
-            split, chunk = _split_k(tiles, K, tile["BLOCK_K"], processors)
+            traffic = n_batch * K * (M + N) * itemsize  # bytes of the two operands
+            split, chunk = _split_k(tiles, K, tile["BLOCK_K"], processors, traffic)
         grid = (split * tiles,)
     consts.update(tile, SPLIT_K=split)
     args = (chunk, n_batch * M * N, M, N, K, *x_args, *y_args, *o_args)
     return name, args, consts, grid, _problem_out_span(problem), split
 
 
-def _split_k(tiles: int, K: int, block_k: int, processors: int) -> tuple[int, int]:
+#: the least operand traffic (bytes) worth a split reduction: below it the product takes
+#: a few microseconds anyway, less than the summing of the parts costs the host
+SPLIT_MIN_BYTES = 64 << 20
+
+
+def _split_k(tiles: int, K: int, block_k: int, processors: int, traffic: int) -> tuple[int, int]:
     """(splits, K per split) for a product of ``tiles`` output tiles: split the reduction
-    when there are fewer tiles than two per multiprocessor and each part keeps at least
-    four K steps (the partial sums cost a write and a read of the result per split)."""
+    when there are fewer tiles than two per multiprocessor, the operands are large and each
+    part keeps at least four K steps (the partial sums cost a write and a read of the result
+    per split, and two more operations on the host)."""
     steps = _cdiv(K, block_k)
-    if tiles >= 2 * processors or steps < 8:
+    if tiles >= 2 * processors or steps < 8 or traffic < SPLIT_MIN_BYTES:
         return 1, K
     split = min(_cdiv(2 * processors, tiles), steps // 4, 64)
     chunk = _cdiv(steps, split) * block_k

@@ -50,6 +50,7 @@ __all__ = [
     "btt_moe_masked",
     "btt_moe_sparse",
     "grouped_mm_available",
+    "measure_backends",
 ]
 
 
@@ -663,18 +664,82 @@ def _sparse_triton(x, A, B, expert_idx, gate, plan=None, kernel="auto"):
     return _Combine.apply(rows, slot_row, gate).view(N, f, e)
 
 
+#: tokens the measurement of the GPU backends runs at most (the call's power-of-two bucket)
+MEASURE_TOKENS = 8192
+_AUTO: dict = {}  # (sizes, dtype, device, token bucket, training) -> measured backend
+
+
+def _gpu_candidates(x: Tensor, g: int, a: int, f: int, e: int) -> list:
+    """Sparse backends worth timing for ``x`` off the CPU, in order of preference."""
+    from ..kernels import triton_available
+
+    names = []
+    if x.is_cuda and triton_available():
+        names.append("triton")
+    if _aligned(x.dtype, g, a, f, e) and grouped_mm_available(x.device, x.dtype):
+        names.append("grouped_mm")
+    return names + ["padded"]
+
+
+def _auto_backend(x: Tensor, A: Tensor, B: Tensor, k: int) -> str:
+    """The fastest sparse backend for this layer shape off the CPU, measured once per
+    (sizes, dtype, device, token bucket, training) and cached. Which one wins depends on
+    the width and on how fast the host launches work (on an H200: the strided-kernel
+    backend from d = 4096 up by 2-3x, the others at d = 1024, where the host is the limit)."""
+    g, a, f, E, e = _check_shapes(x, A, B)
+    N = x.shape[0]
+    bucket = 1 << max(0, (N - 1).bit_length())
+    train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, A, B))
+    key = (g, a, f, e, E, k, x.dtype, x.device, bucket, train)
+    if key not in _AUTO:
+        names = _gpu_candidates(x, g, a, f, e)
+        _AUTO[key] = names[0] if len(names) == 1 else \
+            measure_backends(names, (g, a, f, e, E, k), x.dtype, x.device, min(bucket, MEASURE_TOKENS), train)
+    return _AUTO[key]
+
+
+def measure_backends(names, sizes, dtype, device, tokens: int, train: bool, reps: int = 3) -> str:
+    """Time each sparse backend on random inputs of these sizes (forward and backward when
+    ``train``; best of ``reps`` after one warm-up, taken round-robin) and return the
+    fastest. The caller's tensors, gradients and random stream are untouched."""
+    import time
+
+    g, a, f, e, E, k = sizes
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda *_: None)
+    with torch.random.fork_rng(devices=[device] if cuda else []), torch.autocast(device.type, enabled=False), \
+            torch.set_grad_enabled(train):
+        x = torch.randn(tokens, g, a, device=device, dtype=dtype, requires_grad=train)
+        A = (torch.randn(g, a, f, E, device=device, dtype=dtype) * a ** -0.5).requires_grad_(train)
+        B = (torch.randn(f, g, E, e, device=device, dtype=dtype) * g ** -0.5).requires_grad_(train)
+        logits = torch.randn(tokens, E, device=device, dtype=torch.float32, requires_grad=train)
+        dy = torch.randn(tokens, f, e, device=device, dtype=dtype) if train else None
+
+        def run(name):
+            idx, gate = route(logits, k)
+            y = btt_moe_sparse(x, A, B, idx, gate, backend=name)
+            if train:
+                torch.autograd.backward(y, dy, inputs=[x, A, B, logits])
+
+        best = {}
+        for name in names:
+            run(name)  # compiles kernels, fills caches
+        for _ in range(reps):
+            for name in names:
+                sync(device)
+                start = time.perf_counter()
+                run(name)
+                sync(device)
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    return min(names, key=best.get)
+
+
 @torch.compiler.disable
 def _sparse_eager(x, A, B, expert_idx, gate, deterministic, bias):
     """The auto backend outside the compiled graph: its autograd functions write into
     preallocated buffers, which torch.compile cannot trace. Named explicitly, since where
     disable() does not apply (non-strict torch.export) "auto" would come back here."""
-    g, a, f, _, e = _check_shapes(x, A, B)
-    if x.device.type == "cpu":
-        backend = "chunked"
-    elif _aligned(x.dtype, g, a, f, e) and grouped_mm_available(x.device, x.dtype):
-        backend = "grouped_mm"
-    else:
-        backend = "strided"
+    backend = "chunked" if x.device.type == "cpu" else _auto_backend(x, A, B, expert_idx.shape[1])
     return btt_moe_sparse(x, A, B, expert_idx, gate, deterministic, backend, bias)
 
 
@@ -718,8 +783,9 @@ def btt_moe_sparse(
       :func:`einc.kernels.strided_bmm` (the Triton kernel on CUDA, torch matmuls
       elsewhere), the intermediate written in the layout the second core reads; one host
       sync; token gradients summed in a fixed order.
-    * ``"auto"``: chunked on the CPU; elsewhere grouped_mm whenever it supports
-      the device, dtype and sizes, else the strided kernels.
+    * ``"auto"``: chunked on the CPU; elsewhere the fastest of triton, grouped_mm (where
+      it supports the device, dtype and sizes) and padded, measured once per layer shape,
+      dtype, device and token bucket (:func:`measure_backends`).
 
     ``deterministic=True`` makes every reduction of the grouped_mm and strided
     backends a gather followed by a fixed-order sum (no ``index_add_``), so
@@ -744,6 +810,8 @@ def btt_moe_sparse(
     if backend == "chunked" or (backend == "auto" and x.device.type == "cpu"):
         from .chunked import btt_moe_chunked
         return btt_moe_chunked(x, A, B, expert_idx, gate, bias=bias)
+    if backend == "auto":
+        backend = _auto_backend(x, A, B, k)
     if bias is not None:
         return btt_moe_sparse(x, A, B, expert_idx, gate, deterministic, backend) + bias
     if backend == "padded":  # measured slower than grouped_mm on the 2-core CPU
