@@ -641,6 +641,12 @@ def test_measure_backends_times_each_and_leaves_the_caller_alone():
     assert torch.equal(torch.randn(3), before)  # random stream untouched
     assert dispatch.measure_backends(["padded"], (2, 4, 3, 4, 4, 2), torch.float32,
                                      torch.device("cpu"), tokens=16, train=False, reps=1) == "padded"
+    # a backend that cannot run here (grouped_mm refuses float64) is left out, not fatal
+    assert dispatch.measure_backends(["grouped_mm", "padded"], (2, 4, 3, 4, 4, 2), torch.float64,
+                                     torch.device("cpu"), tokens=16, train=True, reps=1) == "padded"
+    with pytest.raises(RuntimeError):
+        dispatch.measure_backends(["grouped_mm"], (2, 4, 3, 4, 4, 2), torch.float64,
+                                  torch.device("cpu"), tokens=16, train=True, reps=1)
 
 
 def test_auto_backend_off_the_cpu_is_measured_once_per_shape(monkeypatch):

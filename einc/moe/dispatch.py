@@ -721,9 +721,15 @@ def measure_backends(names, sizes, dtype, device, tokens: int, train: bool, reps
             if train:
                 torch.autograd.backward(y, dy, inputs=[x, A, B, logits])
 
-        best = {}
-        for name in names:
-            run(name)  # compiles kernels, fills caches
+        best, failures = {}, []
+        for name in list(names):
+            try:
+                run(name)  # compiles kernels, fills caches
+            except Exception as exc:  # a backend this device or build cannot run: skip it
+                failures.append(exc)
+                names = [n for n in names if n != name]
+        if not names:
+            raise failures[0]
         for _ in range(reps):
             for name in names:
                 sync(device)
