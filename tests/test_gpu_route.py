@@ -183,3 +183,16 @@ def test_weight_gradients_with_a_split_reduction(spec, monkeypatch):
     monkeypatch.setattr(gpu.sbmm, "_split_k", lambda *a: splits.append(original(*a)[0]) or original(*a))
     _compare(spec, 64, 64, torch.float64, 1e-12, tokens=140)
     assert max(splits) > 1
+
+
+def test_a_strided_bias_is_read_correctly():
+    """The bias is added in the kernel's epilogue with unit stride: a parameter replaced by
+    a strided tensor must still give the right result."""
+    m = einc.compile("btt(rank=1)", 64, dtype=torch.float64).to(DEVICE)
+    _randomize(m)
+    m.bias = torch.nn.Parameter(torch.randn(128, dtype=torch.float64, device=DEVICE)[::2])
+    x = torch.randn(9, 64, dtype=torch.float64, device=DEVICE)
+    m.route = "einsum"
+    want = m(x)
+    m.route = "triton"
+    torch.testing.assert_close(m(x), want, rtol=1e-12, atol=1e-12)

@@ -535,6 +535,20 @@ def test_direct_launch_repeats_the_first_launch_exactly(monkeypatch):
     first, second = calls[0][2], calls[1][2]
     assert len(first) == len(second) == len(inspect.signature(sbmm_module._strided_bmm_kernel_fn).parameters)
     assert all(u is v or u == v for u, v in zip(first, second))
+    # the memo keeps no tensor of the first launch alive
+    launcher = next(v for v in problem.launches.values() if isinstance(v, sbmm_module._DirectLauncher))
+    assert not any(isinstance(v, torch.Tensor) for v in launcher.args)
+    # once a direct launch went through, an error is raised, not retried through dispatch
+    # (the kernel may already have been queued)
+    assert launcher.proven
+
+    def broken(*args):
+        raise TypeError("launcher failed")
+
+    monkeypatch.setattr(Compiled, "run", broken)
+    with pytest.raises(TypeError, match="launcher failed"):
+        sbmm_module._launch(problem, a, b, out, 0.5, False, bias, 8)
+    assert [c[0] for c in calls] == ["dispatch", "direct"] and sbmm_module.DIRECT_LAUNCH
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -573,3 +587,18 @@ def test_split_k_rule():
     assert sbmm_module._split_k(tiles=32, K=8192, block_k=64, processors=132, traffic=32 << 20) == (1, 8192)
     split, chunk = sbmm_module._split_k(tiles=8, K=65536, block_k=64, processors=132, traffic=big)
     assert split == 32 and chunk * split >= 65536 and chunk % 64 == 0
+
+
+def test_gradient_of_an_expanded_view_is_per_element(kernel):
+    """b = b0.expand(...) is broadcast by torch, not by the spec: autograd wants one
+    gradient per element of the view and sums them itself."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(6, 40, 3, generator=gen, dtype=torch.float64).permute(0, 2, 1).to(DEVICE).requires_grad_()
+    b0 = torch.randn(40, 5, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    b = b0.expand(6, 40, 5)
+    spec = StridedBmmSpec.from_views(a, b, batch_ndim=1, k_ndim=1)
+    g = torch.randn(spec.c_shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    got = torch.autograd.grad(strided_bmm(a, b, spec, backend="triton"), (a, b0), g)
+    want = torch.autograd.grad(torch.matmul(a, b), (a, b0), g)
+    for u, v in zip(got, want):
+        close(u, v, torch.float64)

@@ -670,3 +670,26 @@ def test_auto_backend_off_the_cpu_is_measured_once_per_shape(monkeypatch):
     assert len(calls) == 2 and calls[1][3] is False
     monkeypatch.setattr(dispatch, "_gpu_candidates", lambda *a: ["padded"])
     assert dispatch._auto_backend(x[:5], A, B, 2) == "padded" and len(calls) == 2  # nothing to compare
+    monkeypatch.setattr(dispatch, "_gpu_candidates", lambda *a: ["triton", "padded"])
+    assert dispatch._auto_backend(x[:5], A, B, 2, deterministic=True) == "triton"  # fixed, not timed
+    assert len(calls) == 2
+
+
+def test_auto_backend_measures_inside_activation_checkpointing(monkeypatch):
+    """The first call of a layer may sit in a checkpointed block: the measurement's own
+    forward and backward must not count as tensors of the checkpointed forward."""
+    import einc.moe.dispatch as dispatch
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setattr(dispatch, "_AUTO", {})
+    monkeypatch.setattr(dispatch, "_gpu_candidates", lambda *a: ["triton", "padded"])
+    x, A, B, W, b = make_problem(40, 2, 4, 3, 4, 4, 2)
+    idx, gate = route((x.reshape(40, -1) @ W.t()).detach(), 2)
+
+    def block(x, A, B):
+        backend = dispatch._auto_backend(x, A, B, 2)
+        return btt_moe_sparse(x, A, B, idx, gate.detach(), backend=backend).square().sum()
+
+    loss = checkpoint(block, x, A, B, use_reentrant=False)
+    loss.backward()
+    assert x.grad is not None and len(dispatch._AUTO) == 1

@@ -24,7 +24,6 @@ Triton is optional: it is imported on first use and everything falls back to
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Sequence
@@ -682,7 +681,6 @@ def _problem_key(problem: _Problem) -> tuple:
     return tuple(problem.groups[role] for role in _ROLES)
 
 
-@functools.lru_cache(maxsize=4096)
 def _launch_plan(key: tuple, dtype: torch.dtype, accumulate: bool, has_bias: bool, mode: str,
                  precision: str, processors: int):
     """Everything about a launch but the pointers and alpha, computed once per problem:
@@ -800,9 +798,14 @@ class _DirectLauncher:
     def __init__(self, compiled, args: list, slots: dict):
         from triton.runtime import driver
 
+        args = list(args)
+        for pos in slots.values():  # hold no tensor of the first launch
+            args[pos] = None
         self.compiled, self.args, self.slots = compiled, args, slots
         self.driver = driver
-        self.hooks = _launch_hooks()
+        #: set after the first call went through: from then on an error is not a sign of
+        #: another Triton, and the launch may already have been queued
+        self.proven = False
 
     def __call__(self, grid, values: dict) -> None:
         args = self.args.copy()
@@ -812,7 +815,8 @@ class _DirectLauncher:
         active = self.driver.active
         stream = active.get_current_stream(active.get_current_device())
         meta = c.launch_metadata(grid, stream, *args)
-        c.run(grid[0], 1, 1, stream, c.function, c.packed_metadata, meta, *self.hooks, *args)
+        c.run(grid[0], 1, 1, stream, c.function, c.packed_metadata, meta, *_launch_hooks(), *args)
+        self.proven = True
 
 
 def _launch(problem: _Problem, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, alpha: float,
@@ -847,16 +851,22 @@ def _launch(problem: _Problem, x: torch.Tensor, y: torch.Tensor, out: torch.Tens
     launched = False
     if direct:
         # Triton specialises pointers on 16-byte alignment: part of the compiled kernel's key
-        key = (setting, x.device.index, row, head[4],
+        # (and on every pointer's dtype; x's is in the setting)
+        key = (setting, x.device.index, row, head[4], y.dtype, out.dtype, head[0].dtype,
                *(t.data_ptr() % 16 == 0 for t in (x, y, out, head[0], ws)))
         launcher = launches.get(key)
         if launcher is not None:
-            try:
-                launcher(grid, {"x_ptr": x, "y_ptr": y, "out_ptr": out, "bias_ptr": head[0],
-                                "ws_ptr": ws, "alpha": head[2]})
+            values = {"x_ptr": x, "y_ptr": y, "out_ptr": out, "bias_ptr": head[0], "ws_ptr": ws,
+                      "alpha": head[2]}
+            if launcher.proven:
+                launcher(grid, values)
                 launched = True
-            except (AttributeError, TypeError, KeyError):  # another Triton: use its dispatch
-                DIRECT_LAUNCH = False
+            else:
+                try:
+                    launcher(grid, values)
+                    launched = True
+                except (AttributeError, TypeError, KeyError):  # another Triton: its dispatch
+                    DIRECT_LAUNCH = False
     if not launched:
         _get_kernel(mode)
         kernel = _KERNELS[name]
@@ -1066,6 +1076,10 @@ class StridedBmmFunction(torch.autograd.Function):
 def _kernel_grad(problem, x, y, target, shape, strides, alpha, backend):
     """Gradient for ``target`` written by the kernel in its layout, or None if it cannot be."""
     if backend == "torch" or not (_triton_usable(target) and _fits_kernel(problem)):
+        return None
+    if any(st == 0 and sz > 1 for sz, st in zip(target.shape, target.stride())):
+        # an expanded view: autograd wants one gradient per element of the view (its own
+        # backward then sums them), not the sum the kernel would write through stride 0
         return None
     inside, exact = _covers_exactly(target, shape, strides)
     if not inside:

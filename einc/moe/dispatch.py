@@ -252,6 +252,13 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return _grouped_mm_works(device.type, device.index, dtype)
 
 
+def _gmm_usable(x: Tensor, g: int, a: int, f: int, e: int, E: int) -> bool:
+    """grouped_mm runs here: device and dtype supported, 16-byte aligned strides, and one
+    call's groups (one core index times the experts) within its limit."""
+    return E <= GMM_MAX_GROUPS and _aligned(x.dtype, g, a, f, e) and \
+        grouped_mm_available(x.device, x.dtype)
+
+
 def _aligned(dtype: torch.dtype, *sizes: int) -> bool:
     # grouped_mm needs every non-unit stride to be a multiple of 16 bytes
     elem = torch.empty((), dtype=dtype).element_size()
@@ -669,31 +676,33 @@ MEASURE_TOKENS = 8192
 _AUTO: dict = {}  # (sizes, dtype, device, token bucket, training) -> measured backend
 
 
-def _gpu_candidates(x: Tensor, g: int, a: int, f: int, e: int) -> list:
+def _gpu_candidates(x: Tensor, g: int, a: int, f: int, e: int, E: int) -> list:
     """Sparse backends worth timing for ``x`` off the CPU, in order of preference."""
     from ..kernels import triton_available
 
     names = []
     if x.is_cuda and triton_available():
         names.append("triton")
-    if _aligned(x.dtype, g, a, f, e) and grouped_mm_available(x.device, x.dtype):
+    if _gmm_usable(x, g, a, f, e, E):
         names.append("grouped_mm")
     return names + ["padded"]
 
 
-def _auto_backend(x: Tensor, A: Tensor, B: Tensor, k: int) -> str:
+def _auto_backend(x: Tensor, A: Tensor, B: Tensor, k: int, deterministic: bool = False) -> str:
     """The fastest sparse backend for this layer shape off the CPU, measured once per
     (sizes, dtype, device, token bucket, training) and cached. Which one wins depends on
     the width and on how fast the host launches work (on an H200: the strided-kernel
-    backend from d = 4096 up by 2-3x, the others at d = 1024, where the host is the limit)."""
+    backend from d = 4096 up by 2-3x, the others at d = 1024, where the host is the limit).
+    With ``deterministic`` nothing is timed: the first candidate runs, so the same inputs
+    give the same bits in every process."""
     g, a, f, E, e = _check_shapes(x, A, B)
     N = x.shape[0]
     bucket = 1 << max(0, (N - 1).bit_length())
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, A, B))
-    key = (g, a, f, e, E, k, x.dtype, x.device, bucket, train)
+    key = (g, a, f, e, E, k, x.dtype, x.device, bucket, train, deterministic)
     if key not in _AUTO:
-        names = _gpu_candidates(x, g, a, f, e)
-        _AUTO[key] = names[0] if len(names) == 1 else \
+        names = _gpu_candidates(x, g, a, f, e, E)
+        _AUTO[key] = names[0] if len(names) == 1 or deterministic else \
             measure_backends(names, (g, a, f, e, E, k), x.dtype, x.device, min(bucket, MEASURE_TOKENS), train)
     return _AUTO[key]
 
@@ -707,8 +716,10 @@ def measure_backends(names, sizes, dtype, device, tokens: int, train: bool, reps
     g, a, f, e, E, k = sizes
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda *_: None)
+    # identity saved-tensor hooks: under activation checkpointing the caller's hooks would
+    # otherwise see the measurement's tensors as part of the checkpointed forward
     with torch.random.fork_rng(devices=[device] if cuda else []), torch.autocast(device.type, enabled=False), \
-            torch.set_grad_enabled(train):
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.set_grad_enabled(train):
         x = torch.randn(tokens, g, a, device=device, dtype=dtype, requires_grad=train)
         A = (torch.randn(g, a, f, E, device=device, dtype=dtype) * a ** -0.5).requires_grad_(train)
         B = (torch.randn(f, g, E, e, device=device, dtype=dtype) * g ** -0.5).requires_grad_(train)
@@ -745,7 +756,8 @@ def _sparse_eager(x, A, B, expert_idx, gate, deterministic, bias):
     """The auto backend outside the compiled graph: its autograd functions write into
     preallocated buffers, which torch.compile cannot trace. Named explicitly, since where
     disable() does not apply (non-strict torch.export) "auto" would come back here."""
-    backend = "chunked" if x.device.type == "cpu" else _auto_backend(x, A, B, expert_idx.shape[1])
+    backend = "chunked" if x.device.type == "cpu" else \
+        _auto_backend(x, A, B, expert_idx.shape[1], deterministic)
     return btt_moe_sparse(x, A, B, expert_idx, gate, deterministic, backend, bias)
 
 
@@ -817,7 +829,7 @@ def btt_moe_sparse(
         from .chunked import btt_moe_chunked
         return btt_moe_chunked(x, A, B, expert_idx, gate, bias=bias)
     if backend == "auto":
-        backend = _auto_backend(x, A, B, k)
+        backend = _auto_backend(x, A, B, k, deterministic)
     if bias is not None:
         return btt_moe_sparse(x, A, B, expert_idx, gate, deterministic, backend) + bias
     if backend == "padded":  # measured slower than grouped_mm on the 2-core CPU
@@ -825,13 +837,13 @@ def btt_moe_sparse(
     if backend == "triton":
         return _sparse_triton(x, A, B, expert_idx, gate.to(x.dtype))
     gate = gate.to(x.dtype)
-    gmm_ok = backend != "strided" and _aligned(x.dtype, g, a, f, e) and \
-        grouped_mm_available(x.device, x.dtype)
+    gmm_ok = backend != "strided" and _gmm_usable(x, g, a, f, e, E)
     if backend == "grouped_mm":
         if not gmm_ok:
             raise RuntimeError(
                 f"grouped_mm unsupported for device={x.device}, dtype={x.dtype}, "
-                f"sizes g={g}, a={a}, f={f}, e={e} (needs 16-byte aligned strides)"
+                f"sizes g={g}, a={a}, f={f}, e={e}, experts={E} (needs 16-byte aligned strides "
+                f"and at most {GMM_MAX_GROUPS} experts)"
             )
         return _sparse_grouped(x, A, B, expert_idx, gate, deterministic)
     if backend == "auto" and gmm_ok:

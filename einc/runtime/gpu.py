@@ -334,8 +334,8 @@ def forward_triton(module, x: torch.Tensor) -> torch.Tensor:
     z = z.contiguous().view(n, *low.input_sizes)
     facs = module._storage_factors()
     bias = module.bias
-    if bias is not None and bias.dtype != z.dtype:
-        bias = bias.to(z.dtype)
+    if bias is not None:  # the kernel reads it with unit stride, in the input's dtype
+        bias = bias.to(z.dtype).contiguous()
     prog = _program(low.plan, n, low.d_out, facs)
     y = TritonChainFunction.apply(prog, z, bias, *facs)
     if low.padded_out > low.d_out:
