@@ -469,8 +469,9 @@ def test_direct_launch_passes_every_argument_in_signature_order(monkeypatch):
 
     monkeypatch.setattr(triton.runtime.driver, "_active", Driver(), raising=False)
     monkeypatch.setattr(type(triton.runtime.driver), "active", property(lambda self: Driver()), raising=False)
-    values = {n: i for i, n in enumerate(names)}
-    sbmm_module._direct_launch(Compiled(), names, (7,), values)
+    slots = {"x_ptr": 0, "alpha": names.index("alpha")}
+    launcher = sbmm_module._DirectLauncher(Compiled(), list(range(len(names))), slots)
+    launcher((7,), {"x_ptr": 0, "alpha": names.index("alpha")})
     assert seen["grid"] == (7, 1, 1) and (seen["function"], seen["packed"]) == ("fn", "meta")
     assert list(seen["args"]) == list(range(len(names)))
 

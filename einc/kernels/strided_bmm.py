@@ -764,7 +764,7 @@ def _processors(t: torch.Tensor) -> int:
     return _PROCESSORS[index]
 
 
-#: Launch compiled kernels directly after their first launch (see _direct_launch); set
+#: Launch compiled kernels directly after their first launch (see _DirectLauncher); set
 #: EINC_TRITON_DIRECT_LAUNCH=0 to always go through Triton's JIT dispatch.
 DIRECT_LAUNCH = os.environ.get("EINC_TRITON_DIRECT_LAUNCH", "1") != "0"
 
@@ -783,17 +783,13 @@ def _launch_hooks():
         return CompiledKernel.launch_enter_hook, CompiledKernel.launch_exit_hook
 
 
-def _direct_launch(compiled, names, grid, values: dict) -> None:
-    """Run an already compiled kernel with Triton's own launcher, skipping JITFunction.run
-    (argument binding, specialisation, cache lookup: most of a launch's host time on a slow
-    host, and a structured layer launches six or more small kernels per step). The
-    arguments go in signature order, constexprs included, as JITFunction.run passes them."""
-    _DirectLauncher(compiled, [values[n] for n in names], {})(grid, {})
-
-
 class _DirectLauncher:
-    """A compiled kernel and its argument list in signature order, with the slots that
-    change between launches (pointers, alpha) filled in per call."""
+    """Runs an already compiled kernel with Triton's own launcher, skipping JITFunction.run
+    (argument binding, specialisation, cache lookup: most of a launch's host time on a slow
+    host, and a structured layer launches six or more small kernels per step).
+
+    ``args`` is the argument list in signature order, constexprs included, as
+    JITFunction.run passes it; the ``slots`` (pointers, alpha) are filled in per call."""
 
     def __init__(self, compiled, args: list, slots: dict):
         from triton.runtime import driver
