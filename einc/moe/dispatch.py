@@ -591,24 +591,6 @@ def _sparse_padded(x, A, B, expert_idx, gate):
     return y.permute(1, 0, 2).contiguous()
 
 
-class _GatherRows(torch.autograd.Function):
-    """``x2.index_select(0, row_token)`` whose backward sums, in a fixed order, the ``k``
-    padded rows of each token (found through ``slot_row``): no atomics, deterministic.
-    Padding rows (never in ``slot_row``) get no gradient, as their outputs are dropped."""
-
-    @staticmethod
-    def forward(ctx, x2: Tensor, row_token: Tensor, slot_row: Tensor) -> Tensor:
-        ctx.save_for_backward(slot_row)
-        return x2.index_select(0, row_token)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (slot_row,) = ctx.saved_tensors
-        N, k = slot_row.shape
-        picked = grad.index_select(0, slot_row.reshape(-1)).view(N, k, grad.shape[1])
-        return picked.sum(1), None, None
-
-
 class _Combine(torch.autograd.Function):
     """``y[t] = sum_j gate[t, j] * rows[slot_row[t, j]]``, the ``k`` products in a fixed
     order. Backward writes each used row's gradient once (``index_copy_``: no atomics;
@@ -639,24 +621,27 @@ class _Combine(torch.autograd.Function):
         return d_rows, None, d_gate
 
 
-def _sparse_triton(x, A, B, expert_idx, gate, plan=None, kernel="auto"):
+def _sparse_triton(x, A, B, expert_idx, gate, kernel="auto"):
     """Padded expert-major dispatch on the strided kernel (:mod:`einc.kernels`).
 
     Rows ``(E, C)`` (capacity ``C`` = the largest expert load, one host sync). Core A runs
     as one strided product with batch ``(g, expert)`` and writes the intermediate as
-    ``[g][E][f][C]``, rows innermost, which core B (batch ``(f, expert)``) reads in place;
-    both products then move whole rows of slots, and no copy sits between the cores. Each token then gathers its
-    ``k`` rows and sums them with its gates. Without triton (or off CUDA) the strided
-    products run as torch matmuls over the same views (``kernel="torch"`` forces that).
+    ``[g][E][f][C]``, rows innermost, which core B (batch ``(f, expert)``) reads in place:
+    both products move whole rows of slots, and no copy sits between the cores. Each token
+    then gathers its ``k`` rows and sums them with its gates. Without triton (or off CUDA)
+    the strided products run as torch matmuls over the same views (``kernel="torch"``
+    forces that).
     """
     from ..kernels import StridedBmmSpec, strided_bmm
 
     g, a, f, E, e = _check_shapes(x, A, B)
     N, k = expert_idx.shape
-    C, slot_row, row_token = plan if plan is not None else _padded_plan(expert_idx, E)
-    slot_row = slot_row.view(N, k)
+    C, slot_row, row_token = _padded_plan(expert_idx, E)
     Cs = max(C, 1)  # strides stay valid for an empty batch
-    xs = _GatherRows.apply(x.reshape(N, g * a), row_token, slot_row)  # (E*C, g*a)
+    # gathered rows; backward sums each token's k rows in a fixed order (padding rows,
+    # which no slot names, get no gradient: their outputs are dropped)
+    xs = _Dispatch.apply(x.reshape(N, g * a), row_token, slot_row, k, 0)  # (E*C, g*a)
+    slot_row = slot_row.view(N, k)
     xv = xs.view(E, C, g, a).permute(2, 0, 1, 3)  # batch (g, E), m C, k a
     Av = A.permute(0, 3, 1, 2)  # (g, E, a, f)
     spec = StridedBmmSpec.from_views(xv, Av, batch_ndim=2, k_ndim=1,
