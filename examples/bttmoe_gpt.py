@@ -78,7 +78,7 @@ def main():
     spec = f"bttmoe(experts={args.experts}, k={args.k})"
 
     moe = GPT(args.d, args.layers, args.heads, args.context, vocab=vocab)
-    report = einc.replace_linear(moe, spec, exclude="lm_head")
+    report = einc.replace_linear(moe, spec)  # all but the unembedding
     # The dense baseline gets the width whose linear layers cost the same FLOPs per token.
     target = linear_flops_per_token(moe) - 2 * args.d * vocab
     per_width = lambda w: 2 * 12 * w * w * args.layers

@@ -26,8 +26,10 @@ def train(model, steps, lr=3e-3, aux=False):
 def test_replace_every_linear_but_the_head_and_train():
     torch.manual_seed(0)
     model = GPT()
-    report = einc.replace_linear(model, "btt(rank=2)", exclude="lm_head")
+    report = einc.replace_linear(model, "btt(rank=2)")
     assert len(report) == 12  # q, k, v, o, fc, proj in two blocks
+    assert [name for name, _ in report.kept] == ["lm_head"]  # the unembedding, found
+    assert "kept dense: lm_head: the unembedding" in str(report)
     assert {r[0] for r in report.rows} >= {"blocks.0.q",
                                           "blocks.1.proj"}
     assert isinstance(model.blocks[0].q, einc.StructuredLinear)
@@ -54,15 +56,17 @@ def test_a_layer_that_cannot_take_the_structure_leaves_the_model_untouched():
     model = GPT(vocab=37)
     before = {n: type(m) for n, m in model.named_modules()}
     with pytest.raises(einc.SizeError, match="lm_head"):
-        einc.replace_linear(model, "kron", tolerance=0.05)  # 64 -> 37 needs > 5% padding
+        # 64 -> 37 needs > 5% padding
+        einc.replace_linear(model, "kron", tolerance=0.05, keep_unembedding=False)
     assert {n: type(m) for n, m in model.named_modules()} == before
 
 
 def test_bttmoe_everywhere_but_the_head():
     torch.manual_seed(0)
     model = GPT()
-    report = einc.replace_linear(model, "bttmoe(experts=4, k=2)", exclude="lm_head")
+    report = einc.replace_linear(model, "bttmoe(experts=4, k=2)")
     assert len(report) == 12 and isinstance(model.blocks[0].q, einc.BTTMoE)
+    assert type(model.lm_head) is nn.Linear
     losses = train(model, 40, aux=True)
     assert sum(losses[-10:]) < sum(losses[:10])
     assert einc.moe_aux_loss(model).item() > 0
@@ -75,3 +79,52 @@ def test_a_bare_linear_is_refused_and_errors_keep_their_class():
     with pytest.raises(einc.UnknownNameError, match="layer '0'.*unknown preset"):
         einc.replace_linear(model, "foo")
     assert type(model[0]) is nn.Linear
+
+
+def test_the_unembedding_is_replaced_on_request_and_found_by_its_shape():
+    model = GPT()
+    report = einc.replace_linear(model, "btt(rank=2)", keep_unembedding=False)
+    assert len(report) == 13 and not report.kept
+    assert isinstance(model.lm_head, einc.StructuredLinear)
+    # without an embedding there is no vocabulary to recognise: every layer is replaced
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 10))
+    assert len(einc.replace_linear(mlp, "lowrank(rank=2)")) == 2
+    # only the last layer onto the vocabulary is the unembedding
+    two = nn.ModuleDict({"emb": nn.Embedding(16, 16), "a": nn.Linear(16, 16),
+                         "b": nn.Linear(16, 16)})
+    report = einc.replace_linear(two, "lowrank(rank=2)")
+    assert [r[0] for r in report.rows] == ["a"] and [n for n, _ in report.kept] == ["b"]
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.fc = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def test_tied_weights_stay_tied_whatever_the_options():
+    model = Tied()
+    report = einc.replace_linear(model, "btt(rank=2)", keep_unembedding=False)
+    assert [r[0] for r in report.rows] == ["fc"]
+    assert report.kept[0][0] == "head" and "shared with 'emb'" in report.kept[0][1]
+    assert model.head.weight is model.emb.weight and type(model.head) is nn.Linear
+
+
+def test_torch_attention_is_reported_not_broken():
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    report = einc.replace_linear(layer, "btt(rank=2)")
+    assert [r[0] for r in report.rows] == ["linear1", "linear2"]
+    assert [n for n, _ in report.kept] == ["self_attn", "self_attn.out_proj"]
+    assert "reads its weight directly" in str(report)
+    assert layer(torch.randn(2, 5, 64)).shape == (2, 5, 64)  # still runs
+
+
+def test_a_shared_layer_is_replaced_by_one_module_everywhere():
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    report = einc.replace_linear(model, "lowrank(rank=2)")
+    assert len(report) == 1
+    assert isinstance(model[0], einc.StructuredLinear) and model[0] is model[2]

@@ -101,44 +101,16 @@ def ffmoe_options(spec: str):
 
 
 def structured_layer(spec, d_in: int, d_out: int, bias: bool = True) -> nn.Module:
-    """``einc.compile(spec, d_in, d_out)``; for a ``bttmoe`` spec an ``einc.BTTMoE`` with the
-    spec's experts and k (built directly when compile cannot build it yet)."""
+    """``einc.compile(spec, d_in, d_out)``: a StructuredLinear, or a BTTMoE for a spec with
+    experts."""
     from ..runtime import compile as einc_compile
-    try:
-        return einc_compile(spec, d_in, d_out, bias=bias)
-    except (ImportError, AttributeError):
-        layer = _moe_layer(spec, d_in, d_out, bias)
-        if layer is None:
-            raise
-        return layer
-
-
-def _moe_layer(spec, d_in, d_out, bias):
-    from ..analysis import analyze
-    from ..moe import BTTMoE
-    moe = analyze(spec, d_in=d_in, d_out=d_out).moe
-    if moe is None:
-        return None
-    return BTTMoE(d_in, d_out, experts=moe["experts"], k=moe["k"], bias=bias)
+    return einc_compile(spec, d_in, d_out, bias=bias)
 
 
 def structure_model(model: nn.Module, spec, include=None, exclude=None) -> None:
-    """``einc.replace_linear`` with the BTT-MoE fallback of :func:`structured_layer`."""
+    """``einc.replace_linear`` on the model's linear layers."""
     from ..runtime import replace_linear
-    try:
-        replace_linear(model, spec, include=include, exclude=exclude)
-        return
-    except (ImportError, AttributeError):
-        if _moe_layer(spec, 16, 16, False) is None:
-            raise
-    import fnmatch
-    chosen = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear
-              and (include is None or fnmatch.fnmatchcase(n, include))
-              and not (exclude and fnmatch.fnmatchcase(n, exclude))]
-    for name, old in chosen:
-        new = _moe_layer(spec, old.in_features, old.out_features, old.bias is not None)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    replace_linear(model, spec, include=include, exclude=exclude)
 
 
 def add_moe_multipliers(model: nn.Module) -> None:

@@ -30,6 +30,7 @@ def compile(spec, d_in: int | None = None, d_out: int | None = None, bias: bool 
 @dataclass
 class ReplaceReport:
     rows: list = field(default_factory=list)  # (name, in, out, params/FLOPs before and after)
+    kept: list = field(default_factory=list)  # (name, why it stayed dense)
 
     @property
     def params_before(self) -> int:
@@ -60,33 +61,49 @@ class ReplaceReport:
         width = [max(len(r[c]) for r in table) for c in range(len(head))]
         fmt = lambda r: "  ".join(v.ljust(w) if c == 0 else v.rjust(w)
                                   for c, (v, w) in enumerate(zip(r, width)))
-        return "\n".join(fmt(r) for r in table)
+        kept = [f"kept dense: {name}: {why}" for name, why in self.kept]
+        return "\n".join([*(fmt(r) for r in table), *kept])
 
 
 def replace_linear(model: nn.Module, spec, include=None, exclude=None,
-                   tolerance: float = DEFAULT_TOLERANCE, **options) -> ReplaceReport:
+                   tolerance: float = DEFAULT_TOLERANCE, keep_unembedding: bool = True,
+                   **options) -> ReplaceReport:
     """Swap the model's nn.Linear layers for structured ones (in place).
 
     ``include`` / ``exclude`` are glob patterns (or lists of them) on qualified module names
     (``blocks.*.attn.*``, ``lm_head``). Every layer is built before any is swapped, so a
-    layer that cannot take the structure leaves the model untouched.
+    layer that cannot take the structure leaves the model untouched. A layer registered
+    under several names is replaced by one module at all of them.
+
+    Some layers stay dense whatever the patterns say, and the report's ``kept`` lists them
+    with the reason: a layer whose weight or bias is shared with another module (tied
+    embeddings: replacing it would untie them), a subclass of nn.Linear (torch's attention
+    reads its ``out_proj.weight`` directly), the projections inside nn.MultiheadAttention
+    (bare parameters), and, unless ``keep_unembedding=False``, the unembedding: the last
+    nn.Linear mapping an nn.Embedding's width to its vocabulary.
     """
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else (exclude or [])
+    report = ReplaceReport()
+    names = _names_by_module(model)
+    kept = _kept_dense(model, names, keep_unembedding)
     chosen = []
     for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear:
+        if not isinstance(mod, (nn.Linear, nn.MultiheadAttention)):
             continue
         if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        if id(mod) in kept:
+            report.kept.append((name, kept[id(mod)]))
             continue
         if not name:  # the model itself: nothing holds it that could be updated in place
             raise CompileError("replace_linear swaps layers inside a model, and this model is "
                                "itself an nn.Linear: build its replacement with "
                                f"einc.compile(spec, {mod.in_features}, {mod.out_features})")
         chosen.append((name, mod))
-    built, report = [], ReplaceReport()
+    built = []
     for name, old in chosen:
         w = old.weight
         try:
@@ -98,15 +115,61 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
         if old.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(old.bias)
-        built.append((name, new))
+        built.append((old, new))
         params = sum(p.numel() for n, p in new.named_parameters() if n != "bias")
         report.rows.append((name, old.in_features, old.out_features,
                             old.in_features * old.out_features, params,
                             2 * old.in_features * old.out_features, _flops(new)))
-    for name, new in built:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    for old, new in built:
+        for name in names[id(old)]:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, new)
     return report
+
+
+def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """Every qualified name of every submodule (a shared module has several)."""
+    out: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(mod), []).append(name)
+    return out
+
+
+def _kept_dense(model: nn.Module, names: dict, keep_unembedding: bool) -> dict[int, str]:
+    """The layers replace_linear leaves alone, by id, with the reason."""
+    owners: dict[int, set[int]] = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(mod))
+    kept = {}
+    for mod in model.modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            kept[id(mod)] = ("nn.MultiheadAttention keeps its q/k/v projections as bare "
+                             "parameters that torch's attention reads directly")
+            kept[id(mod.out_proj)] = ("inside nn.MultiheadAttention, which reads its weight "
+                                      "directly instead of calling it")
+        elif isinstance(mod, nn.Linear) and type(mod) is not nn.Linear and id(mod) not in kept:
+            kept[id(mod)] = (f"{type(mod).__name__} is a subclass of nn.Linear; einc only "
+                             "replaces plain nn.Linear layers")
+        elif type(mod) is nn.Linear:
+            for p in mod.parameters(recurse=False):
+                other = owners[id(p)] - {id(mod)}
+                if other:
+                    where = names[min(other, key=lambda i: names[i][0])][0] or "the model"
+                    kept[id(mod)] = (f"its parameters are shared with {where!r} (tied "
+                                     "weights, which a replacement would untie)")
+                    break
+    if keep_unembedding:
+        vocab = {(m.embedding_dim, m.num_embeddings) for m in model.modules()
+                 if isinstance(m, nn.Embedding)}
+        heads = [m for m in model.modules() if type(m) is nn.Linear and id(m) not in kept
+                 and (m.in_features, m.out_features) in vocab]
+        if heads:
+            m = heads[-1]
+            kept[id(m)] = (f"the unembedding ({m.in_features} -> {m.out_features}, an "
+                           "nn.Embedding's width to its vocabulary); keep_unembedding=False "
+                           "replaces it too")
+    return kept
 
 
 def _flops(module) -> int:
