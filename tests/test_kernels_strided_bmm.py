@@ -603,3 +603,18 @@ def test_gradient_of_an_expanded_view_is_per_element(kernel):
     want = torch.autograd.grad(torch.matmul(a, b), (a, b0), g)
     for u, v in zip(got, want):
         close(u, v, torch.float64)
+
+
+def test_second_derivatives_through_the_reference():
+    """A backward with create_graph=True differentiates the torch reference (kernel results
+    carry no graph), here on a broadcast, transposed-output layout."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 2, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.randn(4, 5, dtype=torch.float64, generator=g).requires_grad_()
+    bv = b.unsqueeze(0).expand(2, 4, 5)  # batch broadcast: stride 0
+    av = a.permute(2, 0, 1)  # (2, 3, 4), strided
+    spec = StridedBmmSpec.from_views(av, bv, batch_ndim=1, k_ndim=1,
+                                     c_strides=(1, 2, 6))  # C stored [m][n][batch]
+    fn = lambda a, b: strided_bmm(a.permute(2, 0, 1), b.unsqueeze(0).expand(2, 4, 5), spec,
+                                  alpha=0.5)
+    assert torch.autograd.gradgradcheck(fn, (a, b))

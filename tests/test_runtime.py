@@ -86,6 +86,19 @@ def test_gradcheck_fused(spec):
     assert torch.autograd.gradcheck(lambda x, *ps: m(x), (x, *m.parameters()))
 
 
+@pytest.mark.parametrize("spec", ["btt(rank=2)", "tt(rank=2, cores=3)",
+                                  "(0.5|0.25|0.25|0.25|0.5|0.25|0.25)"])
+def test_gradgradcheck_fused(spec):
+    """create_graph=True gives gradients with graphs (gradient penalties, second-order
+    methods): the fused route differentiates a plain re-run in that case."""
+    m = einc.compile(spec, 16, 16, dtype=torch.float64, route="fused")
+    m.chunk = 2
+    with torch.no_grad():
+        m.bias.normal_()
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, *ps: m(x), (x, *m.parameters()))
+
+
 def test_factor_gradients_keep_the_parameter_layout():
     m = einc.compile("btt(rank=4)", 256, route="fused")
     m(torch.randn(7, 256)).sum().backward()

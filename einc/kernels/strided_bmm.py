@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "MAX_GROUP_AXES",
@@ -1047,10 +1046,14 @@ class StridedBmmFunction(torch.autograd.Function):
         return _strided_bmm_impl(a, b, spec, None, alpha, False, backend)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_c):
         a, b = ctx.saved_tensors
         spec, alpha, backend = ctx.spec, ctx.alpha, ctx.backend
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the torch reference
+            from ..runtime.fused import regrad
+            ga, gb = regrad(lambda a, b: strided_bmm_reference(a, b, spec, alpha=alpha),
+                            [a, b], ctx.needs_input_grad[:2], grad_c.to(a.dtype))
+            return ga, gb, None, None, None
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_c = grad_c.to(a.dtype)
         axes = _spec_axes(spec, grad_c.stride())  # dC is read through its own strides

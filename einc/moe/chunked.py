@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..runtime import buffers
-from ..runtime.fused import Scratch, cache_fit
+from ..runtime.fused import Scratch, cache_fit, regrad
 
 
 def chunk_slots(d_max: int, itemsize: int) -> int:
@@ -109,12 +109,20 @@ class ChunkedMoE(torch.autograd.Function):
             y.index_add_(0, tok, rows)
             saved.append(h)
         ctx.chunks, ctx.k, ctx.shape = chunks, k, (N, g, a, f, E, e)
-        ctx.save_for_backward(x, A, B, order, token, gates, *saved)
+        # expert_idx, gate and bias (inputs, no copies) only for a differentiable backward
+        ctx.save_for_backward(x, A, B, expert_idx, gate, bias, order, token, gates, *saved)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, A, B, order, token, gates, *saved = ctx.saved_tensors
+        x, A, B, expert_idx, gate, bias, order, token, gates, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate plain torch ops
+            from .dispatch import _sparse_padded
+            plain = lambda x, A, B, gate, bias: _sparse_padded(x, A, B, expert_idx, gate) + (
+                0 if bias is None else bias)
+            need = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5)]
+            dx, dA, dB, dgate, dbias = regrad(plain, [x, A, B, gate, bias], need, dy)
+            return dx, dA, dB, None, dgate, dbias, None
         N, g, a, f, E, e = ctx.shape
         need_x, need_a, need_b, _, need_gate, need_bias = ctx.needs_input_grad[:6]
         As, Bs = _expert_major(A, B)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import EincError
 from ..runtime.fused import tracing
 
 __all__ = [
@@ -104,6 +105,18 @@ def _check_shapes(x: Tensor, A: Tensor, B: Tensor) -> Tuple[int, int, int, int, 
     return g, a, f, E, e
 
 
+_MOE_INSTEAD = "backend='chunked' (CPU) and backend='padded' (any device) have them"
+
+
+def _first_order_only(what: str, instead: str = _MOE_INSTEAD) -> None:
+    """Raise in a backward asked for a graph (create_graph=True): these backwards read
+    intermediates that forward kept without one, so second derivatives would silently
+    miss terms."""
+    if torch.is_grad_enabled():
+        raise EincError(f"{what} has no second derivatives (backward with "
+                        f"create_graph=True); {instead}")
+
+
 class _StridedBTT(torch.autograd.Function):
     """Plain two-core BTT with strided matmuls and no transpose copies.
 
@@ -134,6 +147,7 @@ class _StridedBTT(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _first_order_only("btt_dense(method='strided')", "method='bmm' has them")
         x, AgT, Bf, z = ctx.saved_tensors
         f, g, R, N = z.shape
         a = x.shape[2]
@@ -275,6 +289,7 @@ class _GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        _first_order_only("the grouped_mm BTT-MoE backend")
         a, b, offs = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_a = grad_b = None
@@ -503,6 +518,7 @@ class _StridedMoE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _first_order_only("the strided BTT-MoE backend")
         xs, z, v, gate, Ag, Bf, slot_row, row_token = ctx.saved_tensors
         N, g, a, f, E, e, k, C = ctx.dims
         P = E * C
@@ -609,6 +625,7 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
+        _first_order_only("the triton BTT-MoE backend")
         picked, slot_row, gate = ctx.saved_tensors
         N, k = slot_row.shape
         d_rows = d_gate = None

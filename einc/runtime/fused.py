@@ -255,6 +255,38 @@ def _factor_result(acc, like: torch.Tensor) -> torch.Tensor:
     return g.to(like.dtype).view(like.shape)
 
 
+def chain_plain(plan: Plan, x, bias, *factors) -> torch.Tensor:
+    """ChainFunction's result from plain, differentiable torch ops (no buffers, no out=):
+    the computation that a backward with ``create_graph=True`` differentiates."""
+    sizes = dict(plan.sizes, **{plan.token: x.shape[0]})
+    cur, order = x, plan.input_order
+    for st in plan.steps:
+        if st.relayout:
+            cur, order = relayout(cur, order, st.in_order), st.in_order
+        a = view3(cur, order, sizes, (st.batch, st.left, st.contracted))
+        b = view3(factors[st.factor], st.factor_order, sizes,
+                  (st.batch, st.contracted, st.right))
+        direct = st.out_order == st.batch + st.left + st.right
+        out = torch.bmm(a, b) if direct else torch.bmm(b.transpose(1, 2), a.transpose(1, 2))
+        cur, order = out.reshape([sizes[i] for i in st.out_order]), st.out_order
+    y = relayout(cur, order, plan.output_order)
+    return y if bias is None else y + bias
+
+
+def regrad(fn, inputs, needs, dy) -> list:
+    """Gradients of ``fn(*inputs)`` against ``dy`` for the inputs that ``needs`` marks, with
+    graphs (for a backward run with ``create_graph=True``); None for the others."""
+    want = [i for i, (t, n) in enumerate(zip(inputs, needs)) if n and t is not None]
+    with torch.enable_grad():
+        y = fn(*inputs)
+        got = torch.autograd.grad(y, [inputs[i] for i in want], dy, create_graph=True,
+                                  allow_unused=True)
+    out = [None] * len(inputs)
+    for i, g in zip(want, got):
+        out[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return out
+
+
 class ChainFunction(torch.autograd.Function):
     """y = chain(x, *factors) + bias; x contiguous in plan.input_order (token first), each
     factor contiguous in its step's storage order, ``bias`` None or shaped like one token's
@@ -274,7 +306,8 @@ class ChainFunction(torch.autograd.Function):
             if bias is not None:  # while the rows are in cache
                 rows.add_(bias)
         ctx.plan, ctx.tokens, ctx.chunk, ctx.has_bias = plan, tokens, chunk, bias is not None
-        ctx.save_for_backward(*saved, *factors)
+        # x and bias (inputs, no copies) only for a differentiable backward
+        ctx.save_for_backward(x, bias, *saved, *factors)
         return y
 
     @staticmethod
@@ -282,7 +315,11 @@ class ChainFunction(torch.autograd.Function):
         plan, tokens, chunk = ctx.plan, ctx.tokens, ctx.chunk
         nsteps = len(plan.steps)
         nf = len(ctx.needs_input_grad) - 4
-        saved, factors = ctx.saved_tensors[:-nf], ctx.saved_tensors[-nf:]
+        x, bias, *saved = ctx.saved_tensors
+        saved, factors = saved[:-nf], saved[-nf:]
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable
+            return (None, None, *regrad(lambda *t: chain_plain(plan, *t),
+                                        [x, bias, *factors], ctx.needs_input_grad[2:], dy))
         need_b = ctx.has_bias and ctx.needs_input_grad[3]
         need_f = ctx.needs_input_grad[4:]
         grads, db, dx = [None] * nf, None, None

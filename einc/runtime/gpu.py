@@ -33,9 +33,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..codegen.plan import Plan
+from ..errors import EincError
 from .fused import _same, _strides, relayout
 
 # the module (the package re-exports the function under the same name)
@@ -273,8 +273,10 @@ class TritonChainFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # its kernels' results have no graph to differentiate
+            raise EincError("the triton route has no second derivatives (backward with "
+                            "create_graph=True); route='fused' or 'plain' has them")
         prog = ctx.prog
         plan, sizes = prog.plan, prog.sizes
         steps, n = plan.steps, len(plan.steps)
