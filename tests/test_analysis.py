@@ -354,3 +354,20 @@ def test_repeated_analysis_reuses_the_symbolic_derivation():
         analyze(spec, d=4096)
         analyze(spec, d=1024)
         assert symbolic.cache_info().misses == misses
+
+
+@pytest.mark.parametrize("E, k, d_in, d_out", [(8, 2, 1024, 1024), (16, 4, 768, 3072),
+                                                (4, 4, 64, 48)])
+def test_moe_totals_and_active_costs_by_hand(E, k, d_in, d_out):
+    """Two-core BTT-MoE: ga,gafr,fgre->fe. Totals count every expert, active costs the k
+    routed ones; the router (d_in -> E, with bias) is in both, and in the text report."""
+    r = einc.analyze(f"bttmoe(experts={E}, k={k})", d_in=d_in, d_out=d_out)
+    g, a, f, e = (r.sizes[i] for i in "gafe")
+    router = d_in * E + E
+    assert r.params == g * a * f * E + f * g * E * e
+    assert r.moe["total_params"] == r.params + router
+    assert r.moe["active_params"] == g * a * f * k + f * g * k * e + router
+    assert r.moe["active_flops"] == 2 * (g * a * f * k + f * g * k * e) + 2 * d_in * E
+    text = str(r)
+    assert f"total params     {r.moe['total_params']:,}" in text
+    assert f"{r.moe['active_flops']:,} per token" in text

@@ -115,6 +115,9 @@ class Report:
         if self.moe is not None:
             m = self.moe
             rows.append(("experts", f"{m['experts']} (top-{m['k']}), index {m['expert_index']}"))
+            rows.append(("total params", f"{m['total_params']:,}  (experts "
+                         f"{m['total_params'] - m['router_params']:,} + router "
+                         f"{m['router_params']:,})"))
             rows.append(("active params", f"{m['active_params']:,} per token (router included)"))
             rows.append(("active FLOPs", f"{m['active_flops']:,} per token (router included)"))
         width = max(len(k) for k, _ in rows)
