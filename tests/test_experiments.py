@@ -53,6 +53,11 @@ def test_moe_layers_count_active_flops():
     report = einc.analyze("bttmoe(experts=8,k=2)", d_in=64, d_out=64)
     assert count.forward == report.moe["active_flops"] < report.flops
     assert count.backward == 2 * count.forward
+    # a layer factored otherwise than the analysis would (768 = 24 x 32, not 28 x 28 padded)
+    odd = BTTMoE(768, 3072, experts=8, k=2)
+    (g, a), (f, e) = odd.input_sizes, odd.output_sizes
+    assert model_flops(nn.Sequential(odd)).forward == (
+        2 * 2 * (g * a * f + f * g * e) + 2 * 768 * 8)
     ff = FFMoE(32, 64, experts=4, k=2)
     assert model_flops(nn.Sequential(ff)).forward == 2 * 32 * 4 + 2 * (2 * 2 * 32 * 64)
 

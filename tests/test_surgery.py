@@ -128,3 +128,17 @@ def test_a_shared_layer_is_replaced_by_one_module_everywhere():
     report = einc.replace_linear(model, "lowrank(rank=2)")
     assert len(report) == 1
     assert isinstance(model[0], einc.StructuredLinear) and model[0] is model[2]
+
+
+def test_the_bttmoe_gpt_example_runs():
+    """examples/bttmoe_gpt.py end to end at a toy size: both models train and report."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "examples" / "bttmoe_gpt.py"
+    out = subprocess.run([sys.executable, str(script), "--steps", "2", "--log-every", "2",
+                          "--d", "64", "--val-batches", "1", "--batch", "4"],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert "(lm_head kept dense)" in out.stdout
+    assert "load " in out.stdout and "validation loss after 2 steps" in out.stdout

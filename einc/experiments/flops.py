@@ -58,11 +58,9 @@ def layer_flops(module: nn.Module):
     if isinstance(module, StructuredLinear):
         r = _analysis(module.structure, module.in_features, module.out_features)
         return module.spec, r.flops, r.flops_backward
-    if isinstance(module, BTTMoE):
-        spec = moe_spec(module.experts, module.k)
-        r = _analysis(spec, module.in_features, module.out_features)
-        active = r.moe["active_flops"]
-        return spec, active, active * r.flops_backward // max(r.flops, 1)
+    if isinstance(module, BTTMoE):  # its own sizes: the constructor may factor differently
+        active = module.flops_per_token()  # than the analysis of the spec at these widths
+        return moe_spec(module.experts, module.k), active, 2 * active
     counter = getattr(module, "flop_count", None)
     if callable(counter):  # a baseline that counts itself (FFMoE)
         fwd, bwd = counter()
