@@ -87,7 +87,8 @@ def test_hostile_names_are_refused(hostile):
 def test_every_reserved_name_is_renamed_and_works(tmp_path):
     # the reserved set is derived from nn.Module, StructuredLinear and the emitted code;
     # every name in it must give a working module, in memory and as a standalone file
-    names = sorted(n for n in reserved_names() if not (n.startswith("__") and n.endswith("__")))
+    # (names starting "__" are refused by the parser; torch.compile adds one to nn.Module)
+    names = sorted(n for n in reserved_names() if not n.startswith("__"))
     assert {"dump_patches", "T_destination", "compile", "chunk", "forward_steps", "x"} <= set(names)
     x = torch.randn(2, 8)
     for name in names:

@@ -477,6 +477,30 @@ def test_gradient_penalty_through_the_layer_matches_the_masked_route():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+def test_autocast_runs_the_experts_in_low_precision_like_nn_linear():
+    torch.manual_seed(0)
+    m = einc.BTTMoE(64, 48, experts=4, k=2)
+    with torch.no_grad():
+        m.router.weight.normal_()
+        m.bias.normal_()
+    x = torch.randn(30, 64)
+    want = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ref = m(x), m.forward_masked(x)
+        assert got.dtype == torch.nn.Linear(64, 48)(x).dtype == torch.bfloat16
+    scale = want.abs().max()
+    assert (got.float() - want).abs().max() < 0.03 * scale
+    assert (got.float() - ref.float()).abs().max() < 0.03 * scale
+    got.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+
+
+def test_a_mismatched_input_dtype_is_a_clear_error():
+    m = einc.BTTMoE(64, 64, experts=4, k=2)
+    with pytest.raises(einc.CompileError, match="input dtype torch.float64 differs"):
+        m(torch.randn(3, 64, dtype=torch.float64))
+
+
 def test_chunked_bfloat16_core_gradients_do_not_degrade_with_chunks():
     x, A, B, W, b = make_problem(512, 4, 4, 4, 4, 4, 2, seed=7)
     idx, gate = route(x.reshape(512, -1) @ W.t() + b, 2)

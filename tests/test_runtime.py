@@ -309,6 +309,7 @@ def test_autocast_runs_the_plain_route_in_low_precision():
             got = m(inp.requires_grad_())
             got.float().sum().backward()
             assert inp.grad is not None
+            assert got.dtype == torch.nn.Linear(64, 64)(inp).dtype == torch.bfloat16
             torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
 
 

@@ -222,6 +222,10 @@ class BTTMoE(nn.Module):
         if x.shape[-1] != self.in_features:
             raise CompileError(f"expected input with last dimension {self.in_features}, got "
                                f"shape {tuple(x.shape)}")
+        if x.dtype != self.A.dtype and not autocasting(x.device):
+            raise CompileError(f"input dtype {x.dtype} differs from the layer's {self.A.dtype}: "
+                               f"convert one of them (x.to({self.A.dtype}) or "
+                               f"module.to({x.dtype}))")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         N = x2.shape[0]
@@ -230,22 +234,24 @@ class BTTMoE(nn.Module):
         expert_idx, gate = self._route(x2)
         if g * a != self.in_features:
             x2 = F.pad(x2, (0, g * a - self.in_features))
-        if autocasting(x2.device):  # the experts run in their own dtype
-            x2 = x2.to(self.A.dtype)
+        A, B, bias = self.A, self.B, self.bias
+        if autocasting(x2.device):  # the experts run in autocast's dtype, as nn.Linear does
+            dt = torch.get_autocast_dtype(x2.device.type)
+            x2, A, B = x2.to(dt), A.to(dt), B.to(dt)  # .to keeps the cores' strides
+            bias = None if bias is None else bias.to(dt)
         xs = x2.reshape(N, g, a)
         if masked:
-            y = btt_moe_masked(xs, self.A, self.B, expert_idx, gate)
+            y = btt_moe_masked(xs, A, B, expert_idx, gate)
         else:
             # the bias rides along where no padded outputs sit between it and y
-            fold = self.bias is not None and f * e == self.out_features
-            y = btt_moe_sparse(xs, self.A, self.B, expert_idx, gate,
-                               deterministic=self.deterministic,
-                               bias=self.bias.view(f, e) if fold else None)
+            fold = bias is not None and f * e == self.out_features
+            y = btt_moe_sparse(xs, A, B, expert_idx, gate, deterministic=self.deterministic,
+                               bias=bias.view(f, e) if fold else None)
         y = y.reshape(N, f * e)
         if f * e != self.out_features:
             y = y[:, : self.out_features]
-        if self.bias is not None and (masked or not fold):
-            y = y + self.bias
+        if bias is not None and (masked or not fold):
+            y = y + bias
         return y.reshape(*lead, self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:

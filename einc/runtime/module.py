@@ -156,8 +156,8 @@ class StructuredLinear(nn.Module):
         low = self.lowered
         if low.padded_out > low.d_out:
             y = y[:, :low.d_out]
-        if self.bias is not None:
-            y = y + self.bias
+        if self.bias is not None:  # in y's dtype, as nn.Linear under autocast
+            y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     def _forward_fused(self, x):
