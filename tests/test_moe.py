@@ -495,6 +495,12 @@ def test_autocast_runs_the_experts_in_low_precision_like_nn_linear():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
 
 
+def test_meta_device_forward_gives_shapes():
+    m = einc.BTTMoE(64, 48, experts=4, k=2, device="meta")
+    y = m(torch.empty(2, 5, 64, device="meta"))
+    assert y.shape == (2, 5, 48) and y.device.type == "meta"
+
+
 def test_a_mismatched_input_dtype_is_a_clear_error():
     m = einc.BTTMoE(64, 64, experts=4, k=2)
     with pytest.raises(einc.CompileError, match="input dtype torch.float64 differs"):

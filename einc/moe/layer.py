@@ -240,6 +240,7 @@ class BTTMoE(nn.Module):
             x2, A, B = x2.to(dt), A.to(dt), B.to(dt)  # .to keeps the cores' strides
             bias = None if bias is None else bias.to(dt)
         xs = x2.reshape(N, g, a)
+        masked = masked or xs.device.type == "meta"  # meta: no loads to size a dispatch by
         if masked:
             y = btt_moe_masked(xs, A, B, expert_idx, gate)
         else:
