@@ -501,6 +501,19 @@ def test_meta_device_forward_gives_shapes():
     assert y.shape == (2, 5, 48) and y.device.type == "meta"
 
 
+def test_assigned_checkpoints_get_the_expert_major_layout_back():
+    """load_state_dict(assign=True) with plain contiguous cores: the layer restores the
+    layout its backends read in place (same values, still Parameters, still trainable)."""
+    m = einc.BTTMoE(64, 48, experts=4, k=2)
+    n = einc.BTTMoE(64, 48, experts=4, k=2)
+    n.load_state_dict({k: v.contiguous() for k, v in m.state_dict().items()}, assign=True)
+    for got, want in ((n.A, m.A), (n.B, m.B)):
+        assert isinstance(got, torch.nn.Parameter) and got.requires_grad
+        assert got.stride() == want.stride() and torch.equal(got, want)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(n(x), m(x))
+
+
 def test_a_mismatched_input_dtype_is_a_clear_error():
     m = einc.BTTMoE(64, 64, experts=4, k=2)
     with pytest.raises(einc.CompileError, match="input dtype torch.float64 differs"):

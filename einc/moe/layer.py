@@ -150,6 +150,7 @@ class BTTMoE(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
+        self.register_load_state_dict_post_hook(_keep_expert_major)
         self.deterministic = False
         self.aux_loss: Optional[Tensor] = None
         self._stats: Optional[dict] = None
@@ -281,6 +282,19 @@ class BTTMoE(nn.Module):
             f"output_sizes={self.output_sizes}, bias={self.bias is not None}, "
             f"equation='{self.equation}'"
         )
+
+
+def _keep_expert_major(module: "BTTMoE", incompatible_keys) -> None:
+    """After ``load_state_dict(assign=True)``, which installs the checkpoint's tensors in
+    whatever layout they were saved: the cores back in the expert-major storage the sparse
+    backends read in place (otherwise every forward would copy them)."""
+    for name, to_storage in (("A", (0, 3, 1, 2)), ("B", (0, 2, 1, 3))):
+        p = getattr(module, name)
+        stored = p.permute(*to_storage)
+        if not stored.is_contiguous():
+            back = tuple(to_storage.index(i) for i in range(4))
+            setattr(module, name, nn.Parameter(stored.contiguous().permute(*back),
+                                               requires_grad=p.requires_grad))
 
 
 def from_structure(s, d_in: int, d_out: int, bias: bool = True, device=None, dtype=None,
