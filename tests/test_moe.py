@@ -514,6 +514,22 @@ def test_assigned_checkpoints_get_the_expert_major_layout_back():
     torch.testing.assert_close(n(x), m(x))
 
 
+def test_jit_trace_computes_every_expert_and_holds_for_other_inputs():
+    """A trace would freeze the sparse dispatch's routing-dependent sizes: under
+    torch.jit.trace the layer takes the masked route, exact for any input."""
+    import warnings
+    torch.manual_seed(0)
+    m = einc.BTTMoE(64, 48, experts=4, k=2)
+    with torch.no_grad():
+        m.router.weight.normal_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(m, (torch.randn(5, 64),))
+    for n in (1, 7, 40):
+        x = torch.randn(n, 64)
+        torch.testing.assert_close(traced(x), m(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_mismatched_input_dtype_is_a_clear_error():
     m = einc.BTTMoE(64, 64, experts=4, k=2)
     with pytest.raises(einc.CompileError, match="input dtype torch.float64 differs"):

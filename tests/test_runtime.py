@@ -313,6 +313,18 @@ def test_autocast_runs_the_plain_route_in_low_precision():
             torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("spec", ["btt(rank=2)", "tt(rank=2, cores=3)"])
+def test_jit_trace_takes_the_plain_route_and_holds_for_other_batch_sizes(spec):
+    import warnings
+    m = einc.compile(spec, 64, 48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic
+        traced = torch.jit.trace(m, (torch.randn(5, 64),))
+    for n in (1, 7, 40):
+        x = torch.randn(n, 64)
+        torch.testing.assert_close(traced(x), m(x))
+
+
 def test_meta_device_forward_gives_shapes():
     m = einc.compile("btt", 64, device="meta")
     assert m(torch.empty(4, 64, device="meta")).shape == (4, 64)

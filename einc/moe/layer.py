@@ -241,7 +241,9 @@ class BTTMoE(nn.Module):
             x2, A, B = x2.to(dt), A.to(dt), B.to(dt)  # .to keeps the cores' strides
             bias = None if bias is None else bias.to(dt)
         xs = x2.reshape(N, g, a)
-        masked = masked or xs.device.type == "meta"  # meta: no loads to size a dispatch by
+        # meta: no loads to size a dispatch by; torch.jit.trace would freeze the dispatch's
+        # routing-dependent sizes into the trace (wrong for other inputs)
+        masked = masked or xs.device.type == "meta" or torch.jit.is_tracing()
         if masked:
             y = btt_moe_masked(xs, A, B, expert_idx, gate)
         else:

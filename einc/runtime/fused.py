@@ -110,11 +110,11 @@ def chunk_tokens(plan: Plan, tokens: int, device: torch.device, itemsize: int) -
 
 
 def tracing() -> bool:
-    """Whether torch.compile is tracing or a torch.func transform (grad, vmap, ...) is
-    active. The custom autograd Functions here write into preallocated buffers and use the
-    old ``forward(ctx, ...)`` form, which neither supports; ``auto`` routes then take
-    plain torch ops instead."""
-    if torch.compiler.is_compiling():
+    """Whether torch.compile or torch.jit.trace is tracing or a torch.func transform (grad,
+    vmap, ...) is active. The custom autograd Functions here write into preallocated
+    buffers and use the old ``forward(ctx, ...)`` form, which none of them supports;
+    ``auto`` routes then take plain torch ops instead."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active and active())
