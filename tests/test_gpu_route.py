@@ -196,3 +196,13 @@ def test_a_strided_bias_is_read_correctly():
     want = m(x)
     m.route = "triton"
     torch.testing.assert_close(m(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_second_derivatives_are_refused_by_name():
+    """The kernels' results carry no graph: a backward asked for one says so instead of
+    returning incomplete second derivatives; first order is unaffected."""
+    m = einc.compile("btt(rank=2)", 64, route="triton", device=DEVICE, dtype=torch.float64)
+    x = torch.randn(5, 64, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.grad(m(x).sum(), x)[0].shape == x.shape
+    with pytest.raises(einc.EincError, match="triton route has no second derivatives"):
+        torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
