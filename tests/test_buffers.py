@@ -119,3 +119,39 @@ def test_varying_sizes_do_not_grow_the_pool_without_bound():
     first = buffers.held()
     steps()
     assert buffers.held() == first < 32 << 20  # one block per size class, reused
+
+
+def test_pooled_tensors_are_not_views_so_autograd_sums_into_them():
+    """A gradient returned in a pooled tensor is the buffer autograd adds the other
+    gradients of the same input into, in place (a view's storage has two owners, which
+    makes autograd add out of place into fresh memory)."""
+    x = torch.randn(256, 512, requires_grad=True)
+    ours = []
+
+    class Pooled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            out = buffers.empty(list(g.shape), g.dtype, g.device).copy_(g)
+            ours.append(out.data_ptr())
+            return out
+
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(g.data_ptr())
+            return g
+
+    h = Probe.apply(x)
+    assert not buffers.empty([256, 512], torch.float32, "cpu")._is_view()
+    (h * 2 + Pooled.apply(h)).sum().backward()  # Pooled's gradient reaches h first
+    assert seen == ours

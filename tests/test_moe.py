@@ -530,6 +530,26 @@ def test_jit_trace_computes_every_expert_and_holds_for_other_inputs():
         torch.testing.assert_close(traced(x), m(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["chunked", "padded", "strided", "triton"])
+def test_flat_rows_give_the_same_result_and_a_gradient_of_their_shape(backend):
+    """x as (N, g * a) rows: same output and gradients as (N, g, a); the chunked backend
+    returns the input gradient as a tensor of the rows' own shape, not a view, which
+    autograd can sum the router's gradient into in place."""
+    x, A, B, W, b = make_problem(11, 3, 4, 2, 5, 4, 2, seed=2)
+    rows = x.detach().reshape(11, 12).requires_grad_()
+    idx, gate = route(rows.detach() @ W.detach().t(), 2)
+    go = torch.randn(11, 2, 5, dtype=DT)
+    got = btt_moe_sparse(rows, A, B, idx, gate, backend=backend)
+    want = btt_moe_sparse(x, A, B, idx, gate, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (dr,) = torch.autograd.grad(got, rows, go)
+    (dx,) = torch.autograd.grad(want, x, go)
+    assert dr.shape == (11, 12)
+    torch.testing.assert_close(dr, dx.reshape(11, 12), rtol=1e-12, atol=1e-12)
+    if backend == "chunked":
+        assert not dr._is_view()
+
+
 def test_a_mismatched_input_dtype_is_a_clear_error():
     m = einc.BTTMoE(64, 64, experts=4, k=2)
     with pytest.raises(einc.CompileError, match="input dtype torch.float64 differs"):

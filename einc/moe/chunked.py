@@ -77,13 +77,15 @@ def _zeros(shape, like: Tensor) -> Tensor:
 
 
 class ChunkedMoE(torch.autograd.Function):
-    """y[t] = bias + sum over t's k slots of gate * BTT_r(x[t]); x (N, g, a), A (g, a, f, E),
+    """y[t] = bias + sum over t's k slots of gate * BTT_r(x[t]); x (N, g, a) or its rows
+    flattened (N, g * a), dx then shaped alike (a view of a reshape is a gradient autograd
+    cannot sum into in place: flat rows avoid that reshape), A (g, a, f, E),
     B (f, g, E, e), expert_idx and gate (N, k), bias (f, e) or None. Returns (N, f, e)."""
 
     @staticmethod
-    def forward(ctx, x, A, B, expert_idx, gate, bias, chunk: int):
-        N, g, a = x.shape
-        f, E, e = A.shape[2], A.shape[3], B.shape[3]
+    def forward(ctx, x_in, A, B, expert_idx, gate, bias, chunk: int):
+        N, (g, a, f, E), e = x_in.shape[0], A.shape, B.shape[3]
+        x = x_in.view(N, g, a)
         k = expert_idx.shape[1]
         flat = expert_idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -110,26 +112,28 @@ class ChunkedMoE(torch.autograd.Function):
             saved.append(h)
         ctx.chunks, ctx.k, ctx.shape = chunks, k, (N, g, a, f, E, e)
         # expert_idx, gate and bias (inputs, no copies) only for a differentiable backward
-        ctx.save_for_backward(x, A, B, expert_idx, gate, bias, order, token, gates, *saved)
+        ctx.save_for_backward(x_in, A, B, expert_idx, gate, bias, order, token, gates, *saved)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, A, B, expert_idx, gate, bias, order, token, gates, *saved = ctx.saved_tensors
+        x_in, A, B, expert_idx, gate, bias, order, token, gates, *saved = ctx.saved_tensors
+        N, g, a, f, E, e = ctx.shape
         if torch.is_grad_enabled():  # create_graph=True: differentiate plain torch ops
             from .dispatch import _sparse_padded
-            plain = lambda x, A, B, gate, bias: _sparse_padded(x, A, B, expert_idx, gate) + (
-                0 if bias is None else bias)
+            plain = lambda x, A, B, gate, bias: _sparse_padded(
+                x.view(N, g, a), A, B, expert_idx, gate) + (0 if bias is None else bias)
             need = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5)]
-            dx, dA, dB, dgate, dbias = regrad(plain, [x, A, B, gate, bias], need, dy)
+            dx, dA, dB, dgate, dbias = regrad(plain, [x_in, A, B, gate, bias], need, dy)
             return dx, dA, dB, None, dgate, dbias, None
-        N, g, a, f, E, e = ctx.shape
+        x = x_in.view(N, g, a)
         need_x, need_a, need_b, _, need_gate, need_bias = ctx.needs_input_grad[:6]
         As, Bs = _expert_major(A, B)
         if not dy.is_contiguous():  # gathering rows of a strided tensor copies per row
             dy = buffers.empty(dy.shape, dy.dtype, dy.device).copy_(dy)
         dy2 = dy.view(N, f * e)
-        dx = _zeros([N, g, a], x) if need_x else None
+        dx_in = _zeros(list(x_in.shape), x) if need_x else None  # returned: not a view
+        dx = None if dx_in is None else dx_in.view(N, g, a)
         # core gradients sum over chunks: in float32 for half-precision inputs
         acc = torch.empty(0, dtype=torch.float32 if _half(x) else x.dtype, device=x.device)
         dA = _zeros([E, g, f, a], acc) if need_a else None  # held transposed: [g][f][a]
@@ -163,7 +167,7 @@ class ChunkedMoE(torch.autograd.Function):
         if need_bias:
             grads[5] = dy.sum(0)
         if dx is not None:
-            grads[0] = dx
+            grads[0] = dx_in
         if dA is not None:
             grads[1] = dA.permute(1, 3, 2, 0).to(A.dtype)  # (E, g, f, a) -> (g, a, f, E)
         if dB is not None:
@@ -176,8 +180,9 @@ class ChunkedMoE(torch.autograd.Function):
 
 def btt_moe_chunked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Tensor,
                     chunk: int | None = None, bias: Tensor | None = None) -> Tensor:
-    """Sparse BTT-MoE on the CPU (see the module docstring); returns (N, f, e), plus
-    ``bias`` (shaped (f, e)) when given: y starts from it instead of zeros."""
+    """Sparse BTT-MoE on the CPU (see the module docstring); x (N, g, a) or (N, g * a);
+    returns (N, f, e), plus ``bias`` (shaped (f, e)) when given: y starts from it instead
+    of zeros."""
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive integer (target slots per chunk), got {chunk!r}")
     x = x.contiguous()

@@ -773,7 +773,8 @@ def btt_moe_sparse(
     backend: str = "auto",
     bias: Optional[Tensor] = None,
 ) -> Tensor:
-    """BTT-MoE where each token only runs its ``k`` selected experts.
+    """BTT-MoE where each token only runs its ``k`` selected experts; ``x`` is (N, g, a) or
+    the same rows flattened, (N, g * a).
 
     The ``S = N * k`` (token, expert) slots are sorted by expert (stable
     sort), token rows are gathered once, each core runs as batched/grouped
@@ -814,6 +815,9 @@ def btt_moe_sparse(
     every token's result; the chunked backend starts from it instead of zeros).
     Returns ``(N, f, e)``.
     """
+    rows = x  # (N, g * a) rows go to the chunked backend as they are (see ChunkedMoE)
+    if x.dim() == 2 and A.dim() == 4 and x.shape[1] == A.shape[0] * A.shape[1]:
+        x = x.reshape(x.shape[0], A.shape[0], A.shape[1])
     g, a, f, E, e = _check_shapes(x, A, B)
     N, k = expert_idx.shape
     if gate.shape != (N, k) or x.shape[0] != N:
@@ -829,7 +833,7 @@ def btt_moe_sparse(
         backend = "padded"  # torch.func: plain torch ops with autograd
     if backend == "chunked" or (backend == "auto" and x.device.type == "cpu"):
         from .chunked import btt_moe_chunked
-        return btt_moe_chunked(x, A, B, expert_idx, gate, bias=bias)
+        return btt_moe_chunked(rows, A, B, expert_idx, gate, bias=bias)
     if backend == "auto":
         backend = _auto_backend(x, A, B, k, deterministic)
     if bias is not None:

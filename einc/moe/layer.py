@@ -249,7 +249,9 @@ class BTTMoE(nn.Module):
         else:
             # the bias rides along where no padded outputs sit between it and y
             fold = bias is not None and f * e == self.out_features
-            y = btt_moe_sparse(xs, A, B, expert_idx, gate, deterministic=self.deterministic,
+            # flat rows: the input gradient then comes back as a tensor of x2's own shape
+            # that autograd can add the router's gradient into in place
+            y = btt_moe_sparse(x2, A, B, expert_idx, gate, deterministic=self.deterministic,
                                bias=bias.view(f, e) if fold else None)
         y = y.reshape(N, f * e)
         if f * e != self.out_features:

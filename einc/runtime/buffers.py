@@ -97,7 +97,18 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         offset = -base.data_ptr() % _ALIGN
         # frombuffer wants count in the target dtype's elements and offset in bytes
         flat = torch.frombuffer(block, dtype=dtype, count=numel, offset=offset)
-    return flat.view(shape)
+    # not flat.view(shape): a view keeps its base, so its storage has two owners, and
+    # autograd then sums a gradient arriving in this tensor with a fresh out-of-place add
+    # (page faults again) instead of adding into it
+    return torch.empty(0, dtype=dtype).set_(flat).as_strided_(shape, _contiguous(shape))
+
+
+def _contiguous(shape) -> tuple:
+    strides, step = [], 1
+    for s in reversed(shape):
+        strides.append(step)
+        step *= s
+    return tuple(reversed(strides))
 
 
 def _take(size: int) -> bytearray | None:

@@ -278,6 +278,10 @@ def regrad(fn, inputs, needs, dy) -> list:
     graphs (for a backward run with ``create_graph=True``); None for the others."""
     want = [i for i, (t, n) in enumerate(zip(inputs, needs)) if n and t is not None]
     with torch.enable_grad():
+        # fresh aliases: partial derivatives for this use of each input only, where one
+        # input depends on another (the gates on x through the router); graphs still
+        # reach the inputs through them
+        inputs = [t if t is None else t.view_as(t) for t in inputs]
         y = fn(*inputs)
         got = torch.autograd.grad(y, [inputs[i] for i in want], dy, create_graph=True,
                                   allow_unused=True)
