@@ -550,6 +550,22 @@ def test_flat_rows_give_the_same_result_and_a_gradient_of_their_shape(backend):
         assert not dr._is_view()
 
 
+def test_the_functional_traces_for_any_routing():
+    import warnings
+    x, A, B, W, b = make_problem(9, 2, 3, 3, 2, 4, 2, seed=4)
+    A, B, W = A.detach(), B.detach(), W.detach()
+
+    def fn(x):
+        return btt_moe_sparse(x, A, B, *route(x.reshape(x.shape[0], -1) @ W.t(), 2))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(fn, (x.detach(),))
+    for n in (1, 6, 40):
+        z = torch.randn(n, 2, 3, dtype=DT)
+        torch.testing.assert_close(traced(z), fn(z), rtol=1e-10, atol=1e-10)
+
+
 def test_a_mismatched_input_dtype_is_a_clear_error():
     m = einc.BTTMoE(64, 64, experts=4, k=2)
     with pytest.raises(einc.CompileError, match="input dtype torch.float64 differs"):

@@ -827,6 +827,11 @@ def btt_moe_sparse(
     if N == 0:
         y = x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum())
         return y if bias is None else y + bias
+    if torch.jit.is_tracing() or x.device.type == "meta":
+        # every expert, then the gates: a trace would freeze a dispatch's routing-dependent
+        # sizes (wrong for other inputs), and meta tensors have no loads to size one by
+        y = btt_moe_masked(x, A, B, expert_idx, gate)
+        return y if bias is None else y + bias
     if backend == "auto" and tracing():
         if torch.compiler.is_compiling():  # run eagerly, between two compiled graphs
             return _sparse_eager(x, A, B, expert_idx, gate, deterministic, bias)

@@ -240,9 +240,6 @@ class BTTMoE(nn.Module):
             dt = torch.get_autocast_dtype(x2.device.type)
             x2, A, B = x2.to(dt), A.to(dt), B.to(dt)  # .to keeps the cores' strides
             bias = None if bias is None else bias.to(dt)
-        # meta: no loads to size a dispatch by; torch.jit.trace would freeze the dispatch's
-        # routing-dependent sizes into the trace (wrong for other inputs)
-        masked = masked or x2.device.type == "meta" or torch.jit.is_tracing()
         if masked:
             y = btt_moe_masked(x2.reshape(N, g, a), A, B, expert_idx, gate)
         else:
