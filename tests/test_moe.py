@@ -566,6 +566,26 @@ def test_the_functional_traces_for_any_routing():
         torch.testing.assert_close(traced(z), fn(z), rtol=1e-10, atol=1e-10)
 
 
+def test_inference_keeps_no_intermediates():
+    """Without a backward the chunked forward keeps no per-chunk intermediate: the pool
+    holds the output and a few scratch buffers, not the saved h of every chunk."""
+    from einc.runtime import buffers
+    x, A, B, W, b = make_problem(2048, 32, 32, 32, 32, 4, 2, seed=3, dtype=torch.float32)
+    idx, gate = route(x.detach().reshape(2048, -1) @ W.detach().t(), 2)
+
+    def held(grad):
+        buffers.empty_cache()
+        with torch.set_grad_enabled(grad):
+            y = btt_moe_chunked(x, A, B, idx, gate.detach(), chunk=256)
+        return buffers.held(), y
+
+    infer, y = held(False)
+    del y
+    train, y = held(True)
+    assert infer + 8 * 2**20 <= train  # training keeps ~16 chunks' h of 1 MiB each
+    y.sum().backward()  # what training kept is what its backward reads
+
+
 def test_a_mismatched_input_dtype_is_a_clear_error():
     m = einc.BTTMoE(64, 64, experts=4, k=2)
     with pytest.raises(einc.CompileError, match="input dtype torch.float64 differs"):

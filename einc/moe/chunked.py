@@ -83,7 +83,7 @@ class ChunkedMoE(torch.autograd.Function):
     B (f, g, E, e), expert_idx and gate (N, k), bias (f, e) or None. Returns (N, f, e)."""
 
     @staticmethod
-    def forward(ctx, x_in, A, B, expert_idx, gate, bias, chunk: int):
+    def forward(ctx, x_in, A, B, expert_idx, gate, bias, chunk: int, keep: bool = True):
         N, (g, a, f, E), e = x_in.shape[0], A.shape, B.shape[3]
         x = x_in.view(N, g, a)
         k = expert_idx.shape[1]
@@ -97,11 +97,13 @@ class ChunkedMoE(torch.autograd.Function):
         y = buffers.empty([N, f, e], x.dtype, x.device)
         y.copy_(bias.expand(N, f, e)) if bias is not None else y.zero_()
         scratch, saved = Scratch(x), []
+        # keep: a backward will run (without one, h is a chunk's scratch, not saved)
         for r, s0, s1 in chunks:
             n, tok = s1 - s0, token[s0:s1]
             xc = torch.index_select(x, 0, tok, out=scratch.get("x", (n, g, a)))
             # h = [g][f][n]: the transposed product, read by core B as (f, n, g) unchanged
-            h = buffers.empty((g, f, n), x.dtype, x.device)
+            h = buffers.empty((g, f, n), x.dtype, x.device) if keep else \
+                scratch.get("h", (g, f, n))
             torch.bmm(As[r].transpose(1, 2), xc.permute(1, 2, 0), out=h)
             out = torch.bmm(h.permute(1, 2, 0), Bs[r], out=scratch.get("y", (f, n, e)))
             # gate while moving to token-major rows (index_add_ from a strided source was
@@ -109,7 +111,8 @@ class ChunkedMoE(torch.autograd.Function):
             rows = torch.mul(out.transpose(0, 1), gates[s0:s1].view(n, 1, 1),
                              out=scratch.get("x", (n, f, e)))
             y.index_add_(0, tok, rows)
-            saved.append(h)
+            if keep:
+                saved.append(h)
         ctx.chunks, ctx.k, ctx.shape = chunks, k, (N, g, a, f, E, e)
         # expert_idx, gate and bias (inputs, no copies) only for a differentiable backward
         ctx.save_for_backward(x_in, A, B, expert_idx, gate, bias, order, token, gates, *saved)
@@ -125,7 +128,7 @@ class ChunkedMoE(torch.autograd.Function):
                 x.view(N, g, a), A, B, expert_idx, gate) + (0 if bias is None else bias)
             need = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5)]
             dx, dA, dB, dgate, dbias = regrad(plain, [x_in, A, B, gate, bias], need, dy)
-            return dx, dA, dB, None, dgate, dbias, None
+            return dx, dA, dB, None, dgate, dbias, None, None
         x = x_in.view(N, g, a)
         need_x, need_a, need_b, _, need_gate, need_bias = ctx.needs_input_grad[:6]
         As, Bs = _expert_major(A, B)
@@ -163,7 +166,7 @@ class ChunkedMoE(torch.autograd.Function):
                                 out=scratch.get("x", (g, n, a)))
                 # the dy rows are spent: their buffer takes dx's token-major rows
                 dx.index_add_(0, tok, scratch.get("rows", (n, g, a)).copy_(dxc.transpose(0, 1)))
-        grads = [None] * 7
+        grads = [None] * 8
         if need_bias:
             grads[5] = dy.sum(0)
         if dx is not None:
@@ -189,4 +192,8 @@ def btt_moe_chunked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: T
     if chunk is None:
         g, a, f, _ = A.shape
         chunk = chunk_slots(max(g * a, g * f, f * B.shape[3]), x.element_size())
-    return ChunkedMoE.apply(x, A, B, expert_idx, gate.to(x.dtype), bias, chunk)
+    gate = gate.to(x.dtype)
+    # needs_input_grad inside forward follows requires_grad, also under no_grad
+    keep = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, A, B, gate, bias))
+    return ChunkedMoE.apply(x, A, B, expert_idx, gate, bias, chunk, keep)
