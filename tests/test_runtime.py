@@ -99,6 +99,27 @@ def test_gradgradcheck_fused(spec):
     assert torch.autograd.gradgradcheck(lambda x, *ps: m(x), (x, *m.parameters()))
 
 
+def test_inference_keeps_no_intermediates():
+    """Without a backward to come, the fused route's intermediates are per-chunk scratch:
+    the buffer pool does not grow by one intermediate per chunk."""
+    from einc.runtime import buffers
+    m = einc.compile("btt", 1024, route="fused", bias=False)
+    m.chunk = 256
+    x = torch.randn(4096, 1024)
+
+    def held(grad):
+        buffers.empty_cache()
+        with torch.set_grad_enabled(grad):
+            y = m(x.requires_grad_(grad))
+        return buffers.held(), y
+
+    infer, y = held(False)
+    del y
+    train, y = held(True)
+    assert infer + 8 * 2**20 <= train  # 16 chunks' intermediates of 1 MiB each are kept
+    y.sum().backward()
+
+
 def test_factor_gradients_keep_the_parameter_layout():
     m = einc.compile("btt(rank=4)", 256, route="fused")
     m(torch.randn(7, 256)).sum().backward()

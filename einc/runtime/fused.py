@@ -139,30 +139,34 @@ def _size(sizes, group) -> int:
     return math.prod(sizes[i] for i in group)
 
 
-def _forward_steps(plan: Plan, sizes: dict, x, factors, scratch: Scratch, rows):
+def _forward_steps(plan: Plan, sizes: dict, x, factors, scratch: Scratch, rows,
+                   keep: bool = True):
     """The chain on one chunk, its result written into ``rows`` (this chunk's rows of y,
-    in plan.output_order). Returns each step's input (kept for backward). The last result
-    goes to scratch and is copied into ``rows`` unless its order is already theirs."""
+    in plan.output_order). Returns each step's input (kept for backward; with ``keep``
+    False nothing is kept and the intermediates are scratch). The last result goes to
+    scratch and is copied into ``rows`` unless its order is already theirs."""
     cur, order = x, plan.input_order
     saved = []
     steps = plan.steps
     for k, st in enumerate(steps):
         if st.relayout:
-            buf = _empty([sizes[i] for i in st.in_order], x)
+            shape = [sizes[i] for i in st.in_order]
+            buf = _empty(shape, x) if keep else scratch.get(("in", k), shape)
             cur, order = relayout(cur, order, st.in_order, buf), st.in_order
         direct = st.out_order == st.batch + st.left + st.right
         shape = tuple(_size(sizes, g) for g in
                       ((st.batch, st.left, st.right) if direct else (st.batch, st.right, st.left)))
         if k == len(steps) - 1:
             out = rows.view(shape) if not plan.output_copy else scratch.get("out", shape)
-        elif steps[k + 1].relayout:  # only its relayout is kept
+        elif steps[k + 1].relayout or not keep:  # only its relayout is kept, or nothing
             out = scratch.get(("out", k), shape)
         else:
             out = _empty(shape, x)
         bmm_into(view3(cur, order, sizes, (st.batch, st.left, st.contracted)),
                  view3(factors[st.factor], st.factor_order, sizes,
                        (st.batch, st.contracted, st.right)), not direct, out)
-        saved.append(cur)
+        if keep:
+            saved.append(cur)
         cur, order = out.view([sizes[i] for i in st.out_order]), st.out_order
     if plan.output_copy:
         rows.copy_(cur.permute([order.index(i) for i in plan.output_order]))
@@ -297,7 +301,7 @@ class ChainFunction(torch.autograd.Function):
     output. Returns y contiguous in plan.output_order. Tokens run ``chunk`` at a time."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, chunk: int, x, bias, *factors):
+    def forward(ctx, plan: Plan, chunk: int, keep: bool, x, bias, *factors):
         tokens = x.shape[0]
         chunk = max(1, min(chunk, tokens))
         y = _empty([tokens, *(plan.sizes[i] for i in plan.output_order[1:])], x)
@@ -306,7 +310,7 @@ class ChainFunction(torch.autograd.Function):
             n = min(chunk, tokens - c0)
             rows = y[c0:c0 + n]
             saved += _forward_steps(plan, dict(plan.sizes, **{plan.token: n}), x[c0:c0 + n],
-                                    factors, scratch, rows)
+                                    factors, scratch, rows, keep)
             if bias is not None:  # while the rows are in cache
                 rows.add_(bias)
         ctx.plan, ctx.tokens, ctx.chunk, ctx.has_bias = plan, tokens, chunk, bias is not None
@@ -318,16 +322,16 @@ class ChainFunction(torch.autograd.Function):
     def backward(ctx, dy):
         plan, tokens, chunk = ctx.plan, ctx.tokens, ctx.chunk
         nsteps = len(plan.steps)
-        nf = len(ctx.needs_input_grad) - 4
+        nf = len(ctx.needs_input_grad) - 5  # after plan, chunk, keep, x and bias
         x, bias, *saved = ctx.saved_tensors
         saved, factors = saved[:-nf], saved[-nf:]
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable
-            return (None, None, *regrad(lambda *t: chain_plain(plan, *t),
-                                        [x, bias, *factors], ctx.needs_input_grad[2:], dy))
-        need_b = ctx.has_bias and ctx.needs_input_grad[3]
-        need_f = ctx.needs_input_grad[4:]
+            return (None, None, None, *regrad(lambda *t: chain_plain(plan, *t),
+                                              [x, bias, *factors], ctx.needs_input_grad[3:], dy))
+        need_b = ctx.has_bias and ctx.needs_input_grad[4]
+        need_f = ctx.needs_input_grad[5:]
         grads, db, dx = [None] * nf, None, None
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[3]:
             dx = _empty([tokens, *(plan.sizes[i] for i in plan.input_order[1:])], dy)
         scratch = Scratch(dy)
         for j, c0 in enumerate(range(0, tokens, chunk)):
@@ -345,4 +349,4 @@ class ChainFunction(torch.autograd.Function):
                  torch.zeros_like(f) if need_f[k] else None  # no tokens
                  for k, (g, f) in enumerate(zip(grads, factors))]
         db = None if db is None else db.to(dy.dtype).view(dy.shape[1:])
-        return (None, None, dx, db, *grads)
+        return (None, None, None, dx, db, *grads)

@@ -172,7 +172,11 @@ class StructuredLinear(nn.Module):
         fuse = self.bias is not None and low.padded_out == low.d_out
         bias = self.bias.view([low.sizes[i] for i in low.plan.output_order[1:]]) if fuse else None
         chunk = self.chunk or chunk_tokens(low.plan, n, z.device, z.element_size())
-        y = ChainFunction.apply(low.plan, chunk, z, bias, *facs).reshape(n, low.padded_out)
+        # a backward to come? (inside forward, needs_input_grad follows requires_grad even
+        # under no_grad; without one the intermediates are scratch)
+        keep = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (z, *facs, *([] if bias is None else [bias])))
+        y = ChainFunction.apply(low.plan, chunk, keep, z, bias, *facs).reshape(n, low.padded_out)
         if fuse:
             return y[:, :low.d_out].reshape(*x.shape[:-1], self.out_features)
         return self._finish(y, x.shape[:-1])
