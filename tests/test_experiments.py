@@ -53,6 +53,7 @@ def test_moe_layers_count_active_flops():
     report = einc.analyze("bttmoe(experts=8,k=2)", d_in=64, d_out=64)
     assert count.forward == report.moe["active_flops"] < report.flops
     assert count.backward == 2 * count.forward
+    assert model_flops(moe).forward == count.forward  # the layer itself as the model
     # a layer factored otherwise than the analysis would (768 = 24 x 32, not 28 x 28 padded)
     odd = BTTMoE(768, 3072, experts=8, k=2)
     (g, a), (f, e) = odd.input_sizes, odd.output_sizes

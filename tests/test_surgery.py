@@ -130,6 +130,20 @@ def test_a_shared_layer_is_replaced_by_one_module_everywhere():
     assert isinstance(model[0], einc.StructuredLinear) and model[0] is model[2]
 
 
+def test_a_bttmoe_router_is_part_of_its_layer():
+    moe = einc.BTTMoE(64, 64, experts=8, k=2)
+    with torch.no_grad():
+        moe.router.weight.normal_()
+    model = nn.Sequential(moe, nn.GELU(), nn.Linear(64, 64))
+    trained = moe.router.weight.clone()
+    for spec in ("btt(rank=2)", "bttmoe(experts=4, k=1)"):  # later passes over the model
+        report = einc.replace_linear(model, spec)
+        assert [r[0] for r in report.rows] == (["2"] if spec.startswith("btt(") else [])
+        assert report.kept == [("0.router", "the router of the BTT-MoE layer '0', part of that layer")]
+        assert type(moe.router) is nn.Linear and torch.equal(moe.router.weight, trained)
+    assert model(torch.randn(3, 64)).shape == (3, 64)
+
+
 def test_the_bttmoe_gpt_example_runs():
     """examples/bttmoe_gpt.py end to end at a toy size: both models train and report."""
     import subprocess

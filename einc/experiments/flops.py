@@ -77,7 +77,7 @@ def model_flops(model: nn.Module) -> FlopCount:
     count = FlopCount()
     skip: list[str] = []
     for name, mod in model.named_modules():
-        if any(name.startswith(p + ".") for p in skip):
+        if any(p == "" or name.startswith(p + ".") for p in skip):  # "": the model itself
             continue
         got = layer_flops(mod)
         if got is not None:

@@ -79,7 +79,7 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
     with the reason: a layer whose weight or bias is shared with another module (tied
     embeddings: replacing it would untie them), a subclass of nn.Linear (torch's attention
     reads its ``out_proj.weight`` directly), the projections inside nn.MultiheadAttention
-    (bare parameters), and, unless ``keep_unembedding=False``, the unembedding: the last
+    (bare parameters), the router of a BTT-MoE layer (part of that layer), and, unless ``keep_unembedding=False``, the unembedding: the last
     nn.Linear mapping an nn.Embedding's width to its vocabulary.
     """
     include = [include] if isinstance(include, str) else include
@@ -141,8 +141,13 @@ def _kept_dense(model: nn.Module, names: dict, keep_unembedding: bool) -> dict[i
     for mod in model.modules():
         for p in mod.parameters(recurse=False):
             owners.setdefault(id(p), set()).add(id(mod))
+    from ..moe import BTTMoE
+
     kept = {}
     for mod in model.modules():
+        if isinstance(mod, BTTMoE):
+            owner = names[id(mod)][0] or "the model"
+            kept[id(mod.router)] = f"the router of the BTT-MoE layer {owner!r}, part of that layer"
         if isinstance(mod, nn.MultiheadAttention):
             kept[id(mod)] = ("nn.MultiheadAttention keeps its q/k/v projections as bare "
                              "parameters that torch's attention reads directly")
