@@ -633,6 +633,14 @@ def test_layer_rejects_non_integer_sizes(bad):
         einc.BTTMoE(8, 8, **{"experts": 4, **bad})
 
 
+@pytest.mark.parametrize("sizes,match", [((4, 4), "covers only 16 < 64"), ((8,), "two positive"),
+                                         ("88", "two positive"), ((8, 0), "two positive"),
+                                         ((2.9, 40), "each of input_sizes must be an integer")])
+def test_layer_rejects_bad_core_sizes(sizes, match):
+    with pytest.raises(einc.CompileError, match=match):
+        einc.BTTMoE(64, 64, input_sizes=sizes)
+
+
 @pytest.mark.parametrize("chunk", [0, -3, 2.5])
 def test_chunked_rejects_bad_chunk(chunk):
     x, A, B, W, b = make_problem(3, 2, 2, 2, 2, 4, 2)

@@ -182,10 +182,19 @@ def test_unknown_route_is_a_clear_error():
         einc.StructuredLinear(16, 16, "btt", route="fast")
 
 
-def test_wrong_input_width():
-    m = einc.compile("btt", 16)
+@pytest.mark.parametrize("spec", ["btt", "bttmoe(experts=4, k=2)"])
+def test_wrong_input_width_type_or_dtype(spec):
+    m = einc.compile(spec, 16)
     with pytest.raises(einc.CompileError, match="last dimension 16"):
         m(torch.randn(2, 15))
+    with pytest.raises(einc.CompileError, match=r"last dimension 16, got shape \(\)"):
+        m(torch.tensor(1.0))
+    with pytest.raises(einc.CompileError, match="floating-point input, got torch.int64"):
+        m(torch.ones(2, 16, dtype=torch.int64))
+    with pytest.raises(einc.CompileError, match="tensor input, got list"):
+        m([0.0] * 16)
+    with pytest.raises(einc.CompileError, match="input dtype torch.float64 differs"):
+        m(torch.ones(2, 16, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("spec,d_in,d_out", CASES[:60], ids=[c[0] for c in CASES[:60]])

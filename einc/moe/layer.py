@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .dispatch import btt_moe_masked, btt_moe_sparse, route
 from ..errors import CompileError
-from ..runtime.fused import autocasting
+from ..runtime.fused import autocasting, check_input, dtype_mismatch
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
 
@@ -58,14 +58,22 @@ def near_square_factors(n: int, max_ratio: float = 2.0) -> Tuple[int, int]:
     return best[2], best[3]
 
 
+def _integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise CompileError(f"{name} must be an integer, got {value!r}")
+    return int(value)  # numpy integers too
+
+
 def _sizes(name: str, given: Optional[Sequence[int]], n: int) -> Tuple[int, int]:
     if given is None:
         return near_square_factors(n)
-    sizes = tuple(int(s) for s in given)
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise ValueError(f"{name} must be two positive sizes (cores=2), got {given!r}")
+    if isinstance(given, (str, bytes)) or not isinstance(given, Sequence) or len(given) != 2:
+        raise CompileError(f"{name} must be two positive integers (one per core), got {given!r}")
+    sizes = tuple(_integer(f"each of {name}", s) for s in given)
+    if min(sizes) < 1:
+        raise CompileError(f"{name} must be two positive integers (one per core), got {given!r}")
     if sizes[0] * sizes[1] < n:
-        raise ValueError(f"{name}={sizes} covers only {sizes[0] * sizes[1]} < {n} features")
+        raise CompileError(f"{name}={sizes} covers only {sizes[0] * sizes[1]} < {n} features")
     return sizes
 
 
@@ -115,14 +123,9 @@ class BTTMoE(nn.Module):
         output_sizes: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
-        sizes = {}
-        for name, value in (("in_features", in_features), ("out_features", out_features),
-                            ("experts", experts), ("k", k), ("cores", cores)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise CompileError(f"{name} must be an integer, got {value!r}")
-            sizes[name] = int(value)  # numpy integers too
-        in_features, out_features = sizes["in_features"], sizes["out_features"]
-        experts, k, cores = sizes["experts"], sizes["k"], sizes["cores"]
+        in_features, out_features, experts, k, cores = (_integer(name, value) for name, value in (
+            ("in_features", in_features), ("out_features", out_features), ("experts", experts),
+            ("k", k), ("cores", cores)))
         if cores != 2:
             raise CompileError(f"BTTMoE supports cores=2 only (got cores={cores}); allowed: 2")
         if experts < 1:
@@ -220,13 +223,9 @@ class BTTMoE(nn.Module):
             self._stats = {"load": frac.detach(), "entropy": entropy, "tokens": N}
 
     def _evaluate(self, x: Tensor, masked: bool) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise CompileError(f"expected input with last dimension {self.in_features}, got "
-                               f"shape {tuple(x.shape)}")
+        check_input(x, self.in_features)
         if x.dtype != self.A.dtype and not autocasting(x.device):
-            raise CompileError(f"input dtype {x.dtype} differs from the layer's {self.A.dtype}: "
-                               f"convert one of them (x.to({self.A.dtype}) or "
-                               f"module.to({x.dtype}))")
+            raise dtype_mismatch(x.dtype, self.A.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         N = x2.shape[0]

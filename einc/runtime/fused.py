@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..codegen.plan import Plan
+from ..errors import CompileError
 from . import buffers
 
 #: CPU cache bytes a chunk's widest intermediate may fill (about one core's L2)
@@ -127,6 +128,24 @@ def autocasting(device: torch.device) -> bool:
         return torch.is_autocast_enabled(device.type)
     except RuntimeError:
         return False
+
+
+def check_input(x, in_features: int) -> None:
+    """A layer's input must be a floating-point tensor whose last dimension is
+    ``in_features``; anything else is named here, not by an error deep inside."""
+    if not isinstance(x, torch.Tensor):
+        raise CompileError(f"expected a tensor input, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise CompileError(f"expected input with last dimension {in_features}, got shape "
+                           f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise CompileError(f"expected a floating-point input, got {x.dtype}: convert it, "
+                           f"e.g. x.float()")
+
+
+def dtype_mismatch(got: torch.dtype, want: torch.dtype):
+    return CompileError(f"input dtype {got} differs from the layer's {want}: convert one of "
+                        f"them (x.to({want}) or module.to({got}))")
 
 
 def cache_fit(row_bytes: int) -> int:

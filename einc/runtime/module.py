@@ -10,7 +10,8 @@ from ..analysis import DEFAULT_TOLERANCE
 from ..codegen import emit
 from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
-from .fused import ChainFunction, autocasting, chunk_tokens, tracing
+from .fused import (ChainFunction, autocasting, check_input, chunk_tokens, dtype_mismatch,
+                    tracing)
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
@@ -119,9 +120,7 @@ class StructuredLinear(nn.Module):
 
     # -- compute -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise CompileError(f"expected input with last dimension {self.in_features}, got "
-                               f"shape {tuple(x.shape)}")
+        check_input(x, self.in_features)
         # autocast casts inside torch ops, which the plain routes use and the fused ones
         # (computing in the factors' dtype) do not
         autocast = autocasting(x.device)
@@ -130,8 +129,7 @@ class StructuredLinear(nn.Module):
             route = "plain" if tracing() or autocast else _auto_route(self, x)
         dtype = self.factors()[0].dtype
         if x.dtype != dtype and not (autocast and route in ("plain", "einsum", "steps")):
-            raise CompileError(f"input dtype {x.dtype} differs from the layer's {dtype}: convert "
-                               f"one of them (x.to({dtype}) or module.to({x.dtype}))")
+            raise dtype_mismatch(x.dtype, dtype)
         if route == "plain":
             return self._plain(self, x)
         if route == "einsum":
