@@ -530,6 +530,26 @@ def test_jit_trace_computes_every_expert_and_holds_for_other_inputs():
         torch.testing.assert_close(traced(x), m(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_computes_every_expert_for_any_batch(strict):
+    """routing makes the sparse dispatch's sizes data-dependent, which an exported program
+    cannot hold: under torch.export the layer takes the masked route and writes no state."""
+    import warnings
+    torch.manual_seed(0)
+    m = einc.BTTMoE(64, 48, experts=4, k=2)
+    with torch.no_grad():
+        m.router.weight.normal_()
+    n = torch.export.Dim("n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "attribute assigned during export"
+        ep = torch.export.export(m, (torch.randn(5, 64),), dynamic_shapes=({0: n},),
+                                 strict=strict)
+    assert m.aux_loss is None
+    for rows in (1, 7, 40):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["chunked", "padded", "strided", "triton"])
 def test_flat_rows_give_the_same_result_and_a_gradient_of_their_shape(backend):
     """x as (N, g * a) rows: same output and gradients as (N, g, a); the chunked backend

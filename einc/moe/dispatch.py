@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import EincError
-from ..runtime.fused import tracing
+from ..runtime.fused import exporting, tracing
 
 __all__ = [
     "route",
@@ -827,9 +827,10 @@ def btt_moe_sparse(
     if N == 0:
         y = x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum())
         return y if bias is None else y + bias
-    if torch.jit.is_tracing() or x.device.type == "meta":
+    if torch.jit.is_tracing() or exporting() or x.device.type == "meta":
         # every expert, then the gates: a trace would freeze a dispatch's routing-dependent
-        # sizes (wrong for other inputs), and meta tensors have no loads to size one by
+        # sizes (wrong for other inputs), an export cannot hold them (data-dependent
+        # shapes), and meta tensors have no loads to size one by
         y = btt_moe_masked(x, A, B, expert_idx, gate)
         return y if bias is None else y + bias
     if backend == "auto" and tracing():

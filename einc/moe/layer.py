@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .dispatch import btt_moe_masked, btt_moe_sparse, route
 from ..errors import CompileError
-from ..runtime.fused import autocasting, check_input, dtype_mismatch
+from ..runtime.fused import autocasting, check_input, dtype_mismatch, exporting
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
 
@@ -190,7 +190,8 @@ class BTTMoE(nn.Module):
     def _route(self, x2: Tensor) -> Tuple[Tensor, Tensor]:
         logits = self.router(x2)
         expert_idx, gate = route(logits, self.k)
-        self._record(logits, expert_idx)
+        if not exporting():  # an exported program has no module state to write into
+            self._record(logits, expert_idx)
         return expert_idx, gate
 
     def __getstate__(self):

@@ -121,6 +121,12 @@ def tracing() -> bool:
     return bool(active and active())
 
 
+def exporting() -> bool:
+    """Whether torch.export is tracing (which also counts as compiling)."""
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check and check())
+
+
 def autocasting(device: torch.device) -> bool:
     """Whether autocast is on for this device (False for devices without autocast, such
     as meta, where torch.is_autocast_enabled raises)."""
