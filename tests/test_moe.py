@@ -366,6 +366,35 @@ def test_moe_aux_loss_sums_layers_and_reaches_router():
     assert moe_aux_loss(torch.nn.Linear(2, 2)).item() == 0.0
 
 
+def test_moe_aux_loss_with_a_layer_skipped_this_step():
+    """Layer drop: a layer not run this step still holds last step's aux_loss, whose graph
+    that step's backward freed. It adds its value without a gradient; a graph kept by
+    retain_graph still takes the aux loss's backward."""
+    torch.manual_seed(0)
+    a, b = BTTMoE(16, 16, experts=4, k=2), BTTMoE(16, 16, experts=4, k=2)
+    for m in (a, b):
+        with torch.no_grad():
+            m.router.weight.normal_()
+    x = torch.randn(9, 16)
+    (b(a(x)).square().mean() + moe_aux_loss(torch.nn.ModuleList([a, b]))).backward()
+    stale = b.aux_loss.detach().clone()
+    a.zero_grad()
+    y = a(x)  # b skipped
+    total = moe_aux_loss(torch.nn.ModuleList([a, b]))
+    torch.testing.assert_close(total, a.aux_loss + stale)
+    (y.square().mean() + total).backward()  # failed: backward through a freed graph
+    (want,) = torch.autograd.grad(a(x).square().mean() + a.aux_loss, a.router.weight)
+    torch.testing.assert_close(a.router.weight.grad, want)
+    # after the backward the sum is still the step's value, for logging
+    torch.testing.assert_close(moe_aux_loss(torch.nn.ModuleList([a, b])), a.aux_loss + stale)
+    # retain_graph keeps the graph, so the aux loss still takes its own backward
+    a.zero_grad()
+    a(x).square().mean().backward(retain_graph=True)
+    assert moe_aux_loss(a).requires_grad
+    moe_aux_loss(a).backward()
+    assert a.router.weight.grad is not None and not moe_aux_loss(a).requires_grad
+
+
 def test_layer_deterministic_flag():
     torch.manual_seed(0)
     m = BTTMoE(64, 48, experts=6, k=2)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .dispatch import btt_moe_masked, btt_moe_sparse, route
 from ..errors import CompileError
-from ..runtime.fused import autocasting, check_input, dtype_mismatch, exporting
+from ..runtime.fused import autocasting, check_input, dtype_mismatch, exporting, tracing
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
 
@@ -75,6 +75,29 @@ def _sizes(name: str, given: Optional[Sequence[int]], n: int) -> Tuple[int, int]
     if sizes[0] * sizes[1] < n:
         raise CompileError(f"{name}={sizes} covers only {sizes[0] * sizes[1]} < {n} features")
     return sizes
+
+
+class _Routed(torch.autograd.Function):
+    """Identity on the router logits that saves an empty tensor. Every backward through the
+    layer passes it, and one without ``retain_graph`` frees what it saved: reading
+    ``saved_tensors`` then fails, which tells that this forward's graph is gone."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        ctx.save_for_backward(logits.new_empty(0))
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _alive(node) -> bool:
+    try:
+        node.saved_tensors
+    except RuntimeError:  # freed by a backward
+        return False
+    return True
 
 
 class BTTMoE(nn.Module):
@@ -156,6 +179,7 @@ class BTTMoE(nn.Module):
         self.register_load_state_dict_post_hook(_keep_expert_major)
         self.deterministic = False
         self.aux_loss: Optional[Tensor] = None
+        self._routed = None  # the last forward's _Routed node, when it recorded a graph
         self._stats: Optional[dict] = None
         self.reset_parameters()
 
@@ -189,9 +213,14 @@ class BTTMoE(nn.Module):
     # ------------------------------------------------------------------
     def _route(self, x2: Tensor) -> Tuple[Tensor, Tensor]:
         logits = self.router(x2)
+        if exporting():  # an exported program has no module state to write into
+            return route(logits, self.k)
+        self._routed = None
+        if logits.requires_grad and not tracing():
+            logits = _Routed.apply(logits)
+            self._routed = logits.grad_fn
         expert_idx, gate = route(logits, self.k)
-        if not exporting():  # an exported program has no module state to write into
-            self._record(logits, expert_idx)
+        self._record(logits, expert_idx)
         return expert_idx, gate
 
     def __getstate__(self):
@@ -200,7 +229,14 @@ class BTTMoE(nn.Module):
         state = dict(super().__getstate__())
         if state.get("aux_loss") is not None:
             state["aux_loss"] = state["aux_loss"].detach()
+        state["_routed"] = None
         return state
+
+    def _aux_alive(self) -> bool:
+        """Whether ``aux_loss`` can still take a backward: false once a backward without
+        ``retain_graph`` went through the forward it came from."""
+        node = getattr(self, "_routed", None)  # absent in layers pickled before it existed
+        return node is None or _alive(node)
 
     def _record(self, logits: Tensor, expert_idx: Tensor) -> None:
         N, E = logits.shape
@@ -314,11 +350,17 @@ def from_structure(s, d_in: int, d_out: int, bias: bool = True, device=None, dty
 
 
 def moe_aux_loss(model: nn.Module) -> Tensor:
-    """Sum of ``aux_loss`` over every :class:`BTTMoE` in ``model`` (from their last forward)."""
+    """Sum of ``aux_loss`` over every :class:`BTTMoE` in ``model`` (from their last forward).
+
+    A layer whose last forward a backward has already been through (without
+    ``retain_graph``), such as one skipped in this step by layer drop or conditional
+    compute, adds its value without a gradient: its graph is gone. After the step's
+    backward, the sum is the step's value for logging."""
     total: Optional[Tensor] = None
     for m in model.modules():
         if isinstance(m, BTTMoE) and m.aux_loss is not None:
-            total = m.aux_loss if total is None else total + m.aux_loss
+            aux = m.aux_loss if m._aux_alive() else m.aux_loss.detach()
+            total = aux if total is None else total + aux
     if total is None:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)
