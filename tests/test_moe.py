@@ -198,7 +198,7 @@ def test_grouped_mm_backend_float32(N, E, k, deterministic):
 def test_grouped_mm_backend_rejects_float64():
     x, A, B, W, b = make_problem(4, 2, 2, 2, 2, 3, 1)
     idx, gate = route(x.reshape(4, -1) @ W.t(), 1)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(einc.CompileError, match="grouped_mm unsupported .* dtype=torch.float64"):
         btt_moe_sparse(x, A, B, idx, gate, backend="grouped_mm")
 
 
@@ -410,6 +410,40 @@ def test_layer_deterministic_flag():
         outs.append((y, m.A.grad.clone(), m.B.grad.clone(), m.router.weight.grad.clone()))
     for u, v in zip(*outs):
         assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "strided", "padded", "triton", "grouped_mm"])
+def test_layer_backend_option_matches_masked(backend):
+    """The layer's backend (constructor, spec options, attribute), float64 against the
+    masked route, in the output and every gradient."""
+    if backend == "grouped_mm" and not grouped_mm_available(torch.device("cpu"), torch.float64):
+        with pytest.raises(einc.CompileError, match="grouped_mm unsupported"):
+            einc.BTTMoE(30, 20, experts=5, k=2, backend=backend).double()(
+                torch.randn(4, 30, dtype=torch.float64))
+        return
+    torch.manual_seed(1)
+    m = einc.compile("bttmoe(experts=5, k=2)", 30, 20, backend=backend, deterministic=True)
+    m = m.double()
+    with torch.no_grad():
+        m.router.weight.normal_()
+        m.bias.normal_()
+    assert m.backend == backend and m.deterministic and f"backend='{backend}'" in repr(m)
+    x = torch.randn(2, 23, 30, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(2, 23, 20, dtype=torch.float64)
+    grads = []
+    for run in (m, m.forward_masked):
+        y = run(x)
+        grads.append((y, *torch.autograd.grad(y, [x, *m.parameters()], go)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(backend="fast"), "known: auto, chunked"),
+                                       (dict(deterministic=1), "True or False"),
+                                       (dict(bogus=1), "allowed: deterministic, backend")])
+def test_layer_options_are_checked(bad, match):
+    with pytest.raises(einc.CompileError, match=match):
+        einc.compile("bttmoe(experts=4, k=2)", 16, **bad)
 
 
 def test_module_moves_and_casts_like_any_module():
@@ -878,7 +912,7 @@ def test_measure_backends_times_each_and_leaves_the_caller_alone():
     # a backend that cannot run here (grouped_mm refuses float64) is left out, not fatal
     assert dispatch.measure_backends(["grouped_mm", "padded"], (2, 4, 3, 4, 4, 2), torch.float64,
                                      torch.device("cpu"), tokens=16, train=True, reps=1) == "padded"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(einc.CompileError, match="grouped_mm unsupported"):
         dispatch.measure_backends(["grouped_mm"], (2, 4, 3, 4, 4, 2), torch.float64,
                                   torch.device("cpu"), tokens=16, train=True, reps=1)
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import EincError
+from ..errors import CompileError, EincError
 from ..runtime.fused import exporting, tracing
 
 __all__ = [
@@ -70,10 +70,10 @@ def route(logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     Gradients flow from ``gate`` into ``logits``.
     """
     if logits.dim() != 2:
-        raise ValueError(f"logits must be (N, E), got shape {tuple(logits.shape)}")
+        raise CompileError(f"logits must be (N, E), got shape {tuple(logits.shape)}")
     E = logits.shape[1]
     if not 1 <= k <= E:
-        raise ValueError(f"k must be in [1, {E}], got {k}")
+        raise CompileError(f"k must be in [1, {E}], got {k}")
     values, order = torch.sort(logits, dim=1, descending=True, stable=True)
     expert_idx = order[:, :k]
     gate = torch.softmax(values[:, :k], dim=1)
@@ -93,13 +93,13 @@ def dense_gates(expert_idx: Tensor, gate: Tensor, experts: int) -> Tensor:
 
 def _check_shapes(x: Tensor, A: Tensor, B: Tensor) -> Tuple[int, int, int, int, int]:
     if x.dim() != 3:
-        raise ValueError(f"x must be (N, g, a), got shape {tuple(x.shape)}")
+        raise CompileError(f"x must be (N, g, a), got shape {tuple(x.shape)}")
     if A.dim() != 4 or B.dim() != 4:
-        raise ValueError("A must be (g, a, f, E) and B must be (f, g, E, e)")
+        raise CompileError("A must be (g, a, f, E) and B must be (f, g, E, e)")
     g, a, f, E = A.shape
     fb, gb, Eb, e = B.shape
     if x.shape[1:] != (g, a) or (fb, gb, Eb) != (f, g, E):
-        raise ValueError(
+        raise CompileError(
             f"inconsistent shapes: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}"
         )
     return g, a, f, E, e
@@ -190,10 +190,10 @@ def btt_dense(
     N = x.shape[0]
     if method == "strided":
         if scale is not None:
-            raise ValueError("method='strided' does not take a scale")
+            raise CompileError("method='strided' does not take a scale")
         return _StridedBTT.apply(x, A, B)
     if method != "bmm":
-        raise ValueError(f"unknown method {method!r}")
+        raise CompileError(f"unknown method {method!r}")
     # step 1: (g, N, a) @ (g, a, f*E) -> (g, N, f*E)
     z = torch.bmm(x.transpose(0, 1), A.reshape(g, a, f * E))
     z = z.view(g, N, f, E)
@@ -821,9 +821,9 @@ def btt_moe_sparse(
     g, a, f, E, e = _check_shapes(x, A, B)
     N, k = expert_idx.shape
     if gate.shape != (N, k) or x.shape[0] != N:
-        raise ValueError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
+        raise CompileError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        raise CompileError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if N == 0:
         y = x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum())
         return y if bias is None else y + bias
@@ -852,7 +852,7 @@ def btt_moe_sparse(
     gmm_ok = backend != "strided" and _gmm_usable(x, g, a, f, e, E)
     if backend == "grouped_mm":
         if not gmm_ok:
-            raise RuntimeError(
+            raise CompileError(
                 f"grouped_mm unsupported for device={x.device}, dtype={x.dtype}, "
                 f"sizes g={g}, a={a}, f={f}, e={e}, experts={E} (needs 16-byte aligned strides "
                 f"and at most {GMM_MAX_GROUPS} experts)"

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import btt_moe_masked, btt_moe_sparse, route
+from .dispatch import BACKENDS, btt_moe_masked, btt_moe_sparse, route
 from ..errors import CompileError
 from ..runtime.fused import autocasting, check_input, dtype_mismatch, exporting, tracing
 
@@ -45,7 +45,7 @@ def near_square_factors(n: int, max_ratio: float = 2.0) -> Tuple[int, int]:
     ``2 * s - 1``.  Examples: 1024 -> (32, 32), 1000 -> (25, 40), 768 -> (24, 32).
     """
     if n < 1:
-        raise ValueError(f"size must be positive, got {n}")
+        raise CompileError(f"size must be positive, got {n}")
     s = math.isqrt(n - 1) + 1 if n > 1 else 1  # ceil(sqrt(n))
     best = (s * s - n, 0, s, s)
     for p in range(1, s + 1):
@@ -114,6 +114,10 @@ class BTTMoE(nn.Module):
             Default: :func:`near_square_factors`.
         output_sizes: ``(f, e)`` with ``f * e >= out_features``; padded
             outputs are dropped.  Default: :func:`near_square_factors`.
+        deterministic: bitwise repeatable results on every device (see
+            :func:`einc.moe.btt_moe_sparse`); also the attribute ``deterministic``.
+        backend: the sparse backend of :func:`einc.moe.btt_moe_sparse` (``"auto"``:
+            chunked on the CPU, measured elsewhere); also the attribute ``backend``.
 
     Parameters ``A`` (``(g, a, f, E)``) and ``B`` (``(f, g, E, e)``) are stored
     as permuted views of contiguous ``(g, E, a, f)`` and ``(f, E, g, e)``
@@ -131,6 +135,7 @@ class BTTMoE(nn.Module):
 
     equation = "ga,gafr,fgre->fe"
     expert_index = "r"
+    backend = "auto"  # class default: layers pickled before the option existed
 
     def __init__(
         self,
@@ -144,6 +149,8 @@ class BTTMoE(nn.Module):
         dtype=None,
         input_sizes: Optional[Sequence[int]] = None,
         output_sizes: Optional[Sequence[int]] = None,
+        deterministic: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         in_features, out_features, experts, k, cores = (_integer(name, value) for name, value in (
@@ -157,6 +164,10 @@ class BTTMoE(nn.Module):
             raise CompileError(f"k must be in [1, experts={experts}], got {k}")
         if in_features < 1 or out_features < 1:
             raise CompileError("in_features and out_features must be positive")
+        if not isinstance(deterministic, bool):
+            raise CompileError(f"deterministic must be True or False, got {deterministic!r}")
+        if backend not in BACKENDS:
+            raise CompileError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -177,7 +188,8 @@ class BTTMoE(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.register_load_state_dict_post_hook(_keep_expert_major)
-        self.deterministic = False
+        self.deterministic = deterministic
+        self.backend = backend
         self.aux_loss: Optional[Tensor] = None
         self._routed = None  # the last forward's _Routed node, when it recorded a graph
         self._stats: Optional[dict] = None
@@ -284,6 +296,7 @@ class BTTMoE(nn.Module):
             # flat rows: the input gradient then comes back as a tensor of x2's own shape
             # that autograd can add the router's gradient into in place
             y = btt_moe_sparse(x2, A, B, expert_idx, gate, deterministic=self.deterministic,
+                               backend=self.backend,
                                bias=bias.view(f, e) if fold else None)
         y = y.reshape(N, f * e)
         if f * e != self.out_features:
@@ -317,6 +330,8 @@ class BTTMoE(nn.Module):
             f"experts={self.experts}, k={self.k}, input_sizes={self.input_sizes}, "
             f"output_sizes={self.output_sizes}, bias={self.bias is not None}, "
             f"equation='{self.equation}'"
+            + (f", backend='{self.backend}'" if self.backend != "auto" else "")
+            + (", deterministic=True" if self.deterministic else "")
         )
 
 
@@ -338,15 +353,17 @@ def from_structure(s, d_in: int, d_out: int, bias: bool = True, device=None, dty
     """The BTTMoE for a parsed ``bttmoe(...)`` spec, with the sizes the analysis chose."""
     from ..analysis import concretize
 
-    if options:
-        raise CompileError(f"unknown option(s) for a BTT-MoE layer: {', '.join(options)}")
+    unknown = set(options) - {"deterministic", "backend"}
+    if unknown:
+        raise CompileError(f"unknown option(s) for a BTT-MoE layer: {', '.join(sorted(unknown))}; "
+                           "allowed: deterministic, backend")
     if s.equation != BTTMoE.equation or s.moe.expert_index != BTTMoE.expert_index:
         raise CompileError(f"BTT-MoE layers are compiled for two cores ({BTTMoE.equation}); "
                            f"this spec has {s.equation}: use bttmoe(cores=2)")
     sizes = concretize(s, d_in, d_out, tolerance).sizes
     return BTTMoE(d_in, d_out, experts=sizes["r"], k=s.moe.k, bias=bias, device=device,
                   dtype=dtype, input_sizes=(sizes["g"], sizes["a"]),
-                  output_sizes=(sizes["f"], sizes["e"]))
+                  output_sizes=(sizes["f"], sizes["e"]), **options)
 
 
 def moe_aux_loss(model: nn.Module) -> Tensor:
