@@ -371,3 +371,7 @@ def test_moe_totals_and_active_costs_by_hand(E, k, d_in, d_out):
     text = str(r)
     assert f"total params     {r.moe['total_params']:,}" in text
     assert f"{r.moe['active_flops']:,} per token" in text
+    # the headline costs are every expert's, and say so
+    assert f"FLOPs / vector   {r.flops:,}" in text and "every expert: see active FLOPs" in text
+    dense = 2 * d_in * d_out
+    assert f"{r.moe['active_flops'] / dense:.4g}x dense)" in text

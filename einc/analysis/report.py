@@ -94,8 +94,10 @@ class Report:
             ("d_in -> d_out", f"{self.d_in} -> {self.d_out}"
              + (f"  (padded {self.padded_in} -> {self.padded_out})"
                 if (self.padded_in, self.padded_out) != (self.d_in, self.d_out) else "")),
-            ("params", f"{self.params:,}  ({self.params / self.dense_params:.4g}x dense)"),
-            ("FLOPs / vector", f"{self.flops:,}  ({self.flops / self.dense_flops:.4g}x dense)"),
+            ("params", f"{self.params:,}  ({self.params / self.dense_params:.4g}x dense"
+             + (", the experts' cores)" if self.moe else ")")),
+            ("FLOPs / vector", f"{self.flops:,}  ({self.flops / self.dense_flops:.4g}x dense"
+             + (", every expert: see active FLOPs)" if self.moe else ")")),
             ("backward FLOPs", f"{self.flops_backward:,}"),
             ("params formula", self.params_formula),
             ("FLOPs formula", self.flops_formula),
@@ -119,6 +121,7 @@ class Report:
                          f"{m['total_params'] - m['router_params']:,} + router "
                          f"{m['router_params']:,})"))
             rows.append(("active params", f"{m['active_params']:,} per token (router included)"))
-            rows.append(("active FLOPs", f"{m['active_flops']:,} per token (router included)"))
+            rows.append(("active FLOPs", f"{m['active_flops']:,} per token (router included; "
+                         f"{m['active_flops'] / self.dense_flops:.4g}x dense)"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
