@@ -182,6 +182,24 @@ def test_unknown_route_is_a_clear_error():
         einc.StructuredLinear(16, 16, "btt", route="fast")
 
 
+@pytest.mark.parametrize("spec", ["dense", "btt", "(0.5|0.25|0.25|0.25|0.5|0.25|0)"])
+def test_pickle_and_torch_save_keep_every_route(spec):
+    """The plain forward is exec'd code: a pickled layer rebuilds it on load."""
+    import io
+    import pickle
+    m = einc.compile(spec, 24, 20)
+    buf = io.BytesIO()
+    torch.save(torch.nn.Sequential(m), buf)  # what saving a whole model does
+    buf.seek(0)
+    copies = [pickle.loads(pickle.dumps(m)), torch.load(buf, weights_only=False)[0]]
+    x = torch.randn(3, 24)
+    for route in ("plain", "fused", "einsum"):
+        m.route = route
+        for c in copies:
+            c.route = route
+            assert torch.equal(c(x), m(x))
+
+
 @pytest.mark.parametrize("spec", ["btt", "bttmoe(experts=4, k=2)"])
 def test_wrong_input_width_type_or_dtype(spec):
     m = einc.compile(spec, 16)

@@ -60,6 +60,16 @@ class StructuredLinear(nn.Module):
                                  for k, f in enumerate(structure.factors))
         self.reset_parameters()
 
+    def __getstate__(self):
+        # the plain forward is exec'd code, which pickle cannot name: rebuilt on load
+        state = dict(super().__getstate__())
+        state.pop("_plain", None)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._plain = _compile_forward(self.lowered, tuple(self._attrs))
+
     @property
     def route(self) -> str:
         """How forward computes, one of ROUTES (see docs/compile.md); checked when set."""
