@@ -182,6 +182,22 @@ def test_unknown_route_is_a_clear_error():
         einc.StructuredLinear(16, 16, "btt", route="fast")
 
 
+@pytest.mark.parametrize("spec", ["(0|0|1|0|0|1|0)", "btt"])
+def test_init_survives_exact_zero_draws(spec, monkeypatch):
+    """Columns are normalised over their fan-in; at fan-in 1 (element-wise steps) an exact
+    0.0 draw made 0/0 = NaN. Forced here: every draw is zero."""
+    from einc.codegen import emit
+    m = einc.compile(spec, 64)
+    monkeypatch.setattr(torch.Tensor, "normal_", lambda self, *a, **k: self.zero_())
+    m.reset_parameters()
+    monkeypatch.undo()
+    gain = emit.padding_gain(m.lowered)
+    for k, (p, (perm, shape)) in enumerate(zip(m.factors(), emit.init_views(m.lowered))):
+        norms = p.detach().permute(*perm).reshape(shape).norm(dim=1)
+        torch.testing.assert_close(norms, torch.full_like(norms, gain if k == 0 else 1.0))
+    assert m(torch.randn(3, 64)).isfinite().all()
+
+
 @pytest.mark.parametrize("spec", ["dense", "btt", "(0.5|0.25|0.25|0.25|0.5|0.25|0)"])
 def test_pickle_and_torch_save_keep_every_route(spec):
     """The plain forward is exec'd code: a pickled layer rebuilds it on load."""

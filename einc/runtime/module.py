@@ -115,7 +115,11 @@ class StructuredLinear(nn.Module):
             for p, (perm, shape) in zip(self.factors(), emit.init_views(self.lowered)):
                 w = p.permute(*perm).reshape(shape)
                 w.normal_()
-                w.div_(w.norm(dim=1, keepdim=True))
+                norm = w.norm(dim=1, keepdim=True)
+                # a column of exact zeros (odds ~1e-7 per entry at fan-in 1, where w / |w|
+                # is a sign) would divide 0 by 0: it becomes the constant unit column
+                dead = norm == 0
+                w.masked_fill_(dead, shape[1] ** -0.5).div_(norm.masked_fill_(dead, 1.0))
             # the input is zero-padded to padded_in entries, which dilutes its RMS; the map
             # is linear in each factor, so one factor makes up for it
             self.factors()[0].mul_(emit.padding_gain(self.lowered))
