@@ -349,6 +349,10 @@ def _check_indices(inp, factors, output, spec):
     if not output.indices:
         raise StructureError("the output has no indices: write at least one after '->'",
                              spec, output.pos)
+    for f in factors:
+        if not f.indices:  # a scalar weight only rescales another factor
+            raise StructureError(f"factor {f.name} has no indices: a scalar weight adds nothing "
+                                 "a factor with indices cannot learn; drop it", spec, f.pos)
     in_factors = {i for f in factors for i in f.indices}
     for k, i in enumerate(output.indices):
         if i not in inp.indices and i not in in_factors:

@@ -140,6 +140,7 @@ BAD = [
     ("i1,io->o", StructureError, "'1' is not an index", 2, 1),
     ("ga,gafr,fgre->", StructureError, "output has no indices", 14, 1),
     ("i->i", StructureError, "at least one weight factor", 1, 1),
+    ("x[i] V[] W[i o] -> y[o]", StructureError, "factor V has no indices", 6, 1),
     ("x[class] W[class o] -> y[o]", StructureError, "reserved", 3, 5),
     # duplicate names
     ("x[g a] A[g a f r] A[f g r e] -> y[f e] with r = 4", StructureError,
