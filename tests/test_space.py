@@ -167,6 +167,9 @@ def test_budget_below_every_candidate_gives_an_empty_result():
     ({"min_psi": "half"}, einc.SizeError, "minimum psi"),
     ({"factors": 4}, einc.UnknownNameError, "2 or 3"),
     ({"factors": 3, "k": 6}, einc.SizeError, "smaller k"),
+    # counted, not built: refused at once (building first took minutes and GBs)
+    ({"k": 10_000}, einc.SizeError, "25,017,504,750,625,040,001 lattice points"),
+    ({"factors": 3, "k": 50}, einc.SizeError, "smaller k"),
     ({"d_in": 512, "d_out": 256, "transpose": True}, einc.SizeError, "d_in = d_out"),
 ])
 def test_bad_options(kwargs, error, text):

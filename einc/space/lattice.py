@@ -20,6 +20,7 @@ as the point with the smallest id in its orbit (see docs/search.md and
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -103,9 +104,9 @@ class Space:
         t = self.template
         self.xc, self.yc, self.rc = (t.side_classes(sd) for sd in "xyr")
         self.by_key = {v: c for c, v in self.key.items()}
-        sizes = [len(compositions(k, len(self.xc))), len(compositions(k, len(self.yc))),
-                 (k + 1) ** len(self.rc)]
-        total = sizes[0] * sizes[1] * sizes[2]
+        # counted, not built: stars and bars, so a huge k is refused at once
+        total = math.comb(k + len(self.xc) - 1, k) * math.comb(k + len(self.yc) - 1, k) \
+            * (k + 1) ** len(self.rc)
         if total > MAX_POINTS:
             raise SizeError(f"the {factors}-factor space at k = {k} has {total:,} lattice points;"
                             f" einc enumerates at most {MAX_POINTS:,}: choose a smaller k")
