@@ -260,7 +260,7 @@ def test_padding_tolerance():
     assert (rep.padded_in, rep.padded_out) == (6, 6)
     with pytest.raises(einc.SizeError, match="tolerance of 0%"):
         analyze("btt", d=1000, tolerance=0)
-    for bad in (-0.1, float("nan")):
+    for bad in (-0.1, float("nan"), "0.2", None, True):
         with pytest.raises(einc.SizeError, match="tolerance must be a number >= 0"):
             analyze("btt", d=1024, tolerance=bad)
     assert analyze("btt", d=1000, tolerance=float("inf")).padded_in == 1024  # any padding

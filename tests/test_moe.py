@@ -440,7 +440,7 @@ def test_layer_backend_option_matches_masked(backend):
 
 @pytest.mark.parametrize("bad,match", [(dict(backend="fast"), "known: auto, chunked"),
                                        (dict(deterministic=1), "True or False"),
-                                       (dict(bogus=1), "allowed: deterministic, backend")])
+                                       (dict(bogus=1), "allowed: tolerance, backend, deterministic")])
 def test_layer_options_are_checked(bad, match):
     with pytest.raises(einc.CompileError, match=match):
         einc.compile("bttmoe(experts=4, k=2)", 16, **bad)

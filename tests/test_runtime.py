@@ -180,6 +180,8 @@ def test_no_bias_and_padding():
 def test_unknown_route_is_a_clear_error():
     with pytest.raises(einc.CompileError, match="known routes"):
         einc.StructuredLinear(16, 16, "btt", route="fast")
+    with pytest.raises(einc.CompileError, match="unknown option.*: foo; allowed: route, tolerance"):
+        einc.compile("btt", 16, foo=1)
 
 
 @pytest.mark.parametrize("spec", ["(0|0|1|0|0|1|0)", "btt"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections import Counter
 from dataclasses import dataclass
 
@@ -71,8 +72,9 @@ def resolve_dims(s: Structure, d=None, d_in=None, d_out=None) -> tuple[int, int]
 
 def concretize(s: Structure, d_in: int, d_out: int,
                tolerance: float = DEFAULT_TOLERANCE) -> Concrete:
-    if not tolerance >= 0:  # NaN fails every comparison; inf accepts any padding
-        raise SizeError(f"the padding tolerance must be a number >= 0, got {tolerance}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) \
+            or not tolerance >= 0:  # NaN fails every comparison; inf accepts any padding
+        raise SizeError(f"the padding tolerance must be a number >= 0, got {tolerance!r}")
     uses_d = any("d" in ix.size.symbols for ix in s.indices)
     if uses_d and d_in != d_out:
         raise SizeError(f"this spec uses d, which needs a square layer, but d_in = {d_in} and "

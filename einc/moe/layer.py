@@ -353,10 +353,10 @@ def from_structure(s, d_in: int, d_out: int, bias: bool = True, device=None, dty
     """The BTTMoE for a parsed ``bttmoe(...)`` spec, with the sizes the analysis chose."""
     from ..analysis import concretize
 
-    unknown = set(options) - {"deterministic", "backend"}
+    unknown = ", ".join(sorted(set(options) - {"deterministic", "backend"}))
     if unknown:
-        raise CompileError(f"unknown option(s) for a BTT-MoE layer: {', '.join(sorted(unknown))}; "
-                           "allowed: deterministic, backend")
+        raise CompileError(f"unknown option(s) for a BTT-MoE layer: {unknown}; allowed: "
+                           "tolerance, backend, deterministic")
     if s.equation != BTTMoE.equation or s.moe.expert_index != BTTMoE.expert_index:
         raise CompileError(f"BTT-MoE layers are compiled for two cores ({BTTMoE.equation}); "
                            f"this spec has {s.equation}: use bttmoe(cores=2)")

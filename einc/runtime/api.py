@@ -17,12 +17,17 @@ def compile(spec, d_in: int | None = None, d_out: int | None = None, bias: bool 
             device=None, dtype=None, **options) -> nn.Module:
     """The module for ``spec`` at the given widths: a StructuredLinear, or a BTTMoE for a
     spec with experts. ``d_out`` defaults to ``d_in``; both default to the spec's own sizes
-    when they are all numbers."""
+    when they are all numbers. Options: ``route`` and ``tolerance`` (StructuredLinear);
+    ``tolerance``, ``backend`` and ``deterministic`` (BTTMoE)."""
     s = as_structure(spec)
     d_in, d_out = resolve_dims(s, None, d_in, d_out)
     if s.moe is not None:
         from ..moe import from_structure
         return from_structure(s, d_in, d_out, bias=bias, device=device, dtype=dtype, **options)
+    unknown = ", ".join(sorted(set(options) - {"route", "tolerance"}))
+    if unknown:
+        raise CompileError(f"unknown option(s) for a structured layer: {unknown}; allowed: "
+                           "route, tolerance")
     return StructuredLinear(d_in, d_out, s if not isinstance(spec, str) else spec, bias=bias,
                             device=device, dtype=dtype, **options)
 
