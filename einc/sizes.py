@@ -1,8 +1,11 @@
 """Size expressions: monomials c * d^p * d_in^q * d_out^s * d_min^t with rational c, p, q, s, t.
 
 The language allows integers, the layer widths and products, quotients and rational
-powers of them. That set is closed under those operations, so a monomial is a complete
-normal form: equal sizes compare equal, and the IR stays free of sympy.
+powers of them. That set is closed under those operations except for roots of constants
+that are not perfect powers (2^(1/2)): those are rounded into the coefficient and the size
+is marked inexact (``Size.exact``), which the size solver refuses by name. Otherwise a
+monomial is a complete normal form: equal sizes compare equal, and the IR stays free of
+sympy.
 
 Every number is bounded before it is computed, so no spec can make einc build a huge
 integer, overflow a float or divide by zero:
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 from .errors import SizeError
@@ -54,6 +57,9 @@ class Size:
 
     coeff: Fraction = Fraction(1)
     powers: tuple[tuple[str, Fraction], ...] = ()
+    #: False once an irrational constant (a root of a non-power, 2^(1/2)) was rounded into
+    #: ``coeff``: a monomial with a rational coefficient cannot hold it exactly
+    exact: bool = field(default=True, compare=False)
 
     @staticmethod
     def const(value) -> "Size":
@@ -70,7 +76,7 @@ class Size:
         exps = dict(self.powers)
         for name, e in other.powers:
             exps[name] = exps.get(name, Fraction(0)) + e
-        return Size(self.coeff * other.coeff, _norm(exps))
+        return Size(self.coeff * other.coeff, _norm(exps), self.exact and other.exact)
 
     def __truediv__(self, other: "Size") -> "Size":
         if other.coeff == 0:
@@ -85,7 +91,8 @@ class Size:
             raise ValueError("fractional power of a negative number")
         _check_power(self.coeff, exponent)
         coeff = _rational_power(self.coeff, exponent)
-        return Size(coeff, _norm({n: e * exponent for n, e in self.powers}))
+        exact = self.exact and (self.coeff == 0 or _exact_power(self.coeff, exponent) is not None)
+        return Size(coeff, _norm({n: e * exponent for n, e in self.powers}), exact)
 
     # -- queries -----------------------------------------------------------------
     @property
@@ -145,7 +152,9 @@ class Size:
 
     def __str__(self) -> str:
         parts = []
-        if self.coeff != 1 or not self.powers:
+        if not self.exact:  # a rounded irrational: its digits would be noise
+            parts.append(short_log2(_log2(self.coeff)) if self.coeff > 0 else _fmt(self.coeff))
+        elif self.coeff != 1 or not self.powers:
             parts.append(_fmt(self.coeff))
         for name, e in self.powers:
             if e == 1:

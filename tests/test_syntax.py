@@ -164,6 +164,9 @@ BAD = [
     ("x[i j] W[i j o] -> y[o] with i = 3, j = d_in", SizeError,
      "multiply to 3*d_in, which cannot match d_in", 1, 1),
     ("x[i] W[i r] V[r o] -> y[o]", SizeError, "size of r is not given", 26, 1),
+    # (1/2)^(1/2) has no exact rational monomial: named, not a 30-digit fraction
+    ("pvy,pvyo->o with p = 2, v = y", SizeError,
+     "hold an irrational constant (they multiply to ~1*d_in)", 1, 3),
     # theta
     ("(0.5|0|0.6|0|0.5|0.5|0)", SizeError, "alpha+beta+gamma = 11/10", 1, 23),
     ("(1/2|0|1/2|1/2|1/2|1/2|0)", SizeError, "delta+eps+phi = 3/2", 1, 25),
@@ -334,3 +337,8 @@ def test_an_output_index_tied_to_an_input_index_needs_matching_widths():
     assert rep.sizes == {"i": 64, "o": 64}
     with pytest.raises(einc.SizeError, match="cannot cover d_out = 128"):
         einc.analyze(spec, d_in=64, d_out=128)
+
+
+def test_a_tie_whose_root_comes_out_even_is_solved():
+    r = einc.analyze("pvy,pvyo->o with p = 4, v = y", d_in=64, d_out=8)
+    assert (r.sizes["p"], r.sizes["v"], r.sizes["y"]) == (4, 4, 4)
