@@ -1,11 +1,12 @@
 """Size expressions: monomials c * d^p * d_in^q * d_out^s * d_min^t with rational c, p, q, s, t.
 
 The language allows integers, the layer widths and products, quotients and rational
-powers of them. That set is closed under those operations except for roots of constants
-that are not perfect powers (2^(1/2)): those are rounded into the coefficient and the size
-is marked inexact (``Size.exact``), which the size solver refuses by name. Otherwise a
-monomial is a complete normal form: equal sizes compare equal, and the IR stays free of
-sympy.
+powers of them. A root of a number that is not a perfect power (2^(1/2)) is kept exact as
+a power of a prime, which ``powers`` holds next to the width symbols under the prime's
+digits (``("2", 1/2)``, exponent in (0, 1), the whole part folded into ``coeff``). That
+set is closed under the operations, so a monomial is a complete normal form: equal sizes
+compare equal, and the IR stays free of sympy. (A factor above 2^16 that trial division
+leaves is kept as one base, so two such bases that share a prime are not merged.)
 
 Every number is bounded before it is computed, so no spec can make einc build a huge
 integer, overflow a float or divide by zero:
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
 from .errors import SizeError
@@ -53,13 +54,11 @@ _MAX_WORK_BITS = 8192
 
 @dataclass(frozen=True)
 class Size:
-    """``coeff * prod(symbol ** exponent)``; ``powers`` is sorted and has no zero exponents."""
+    """``coeff * prod(symbol ** exponent)``; ``powers`` is sorted and has no zero exponents.
+    A symbol is a width (``d``, ``d_in``, ...) or a prime, by its digits (a radical)."""
 
     coeff: Fraction = Fraction(1)
     powers: tuple[tuple[str, Fraction], ...] = ()
-    #: False once an irrational constant (a root of a non-power, 2^(1/2)) was rounded into
-    #: ``coeff``: a monomial with a rational coefficient cannot hold it exactly
-    exact: bool = field(default=True, compare=False)
 
     @staticmethod
     def const(value) -> "Size":
@@ -76,7 +75,7 @@ class Size:
         exps = dict(self.powers)
         for name, e in other.powers:
             exps[name] = exps.get(name, Fraction(0)) + e
-        return Size(self.coeff * other.coeff, _norm(exps), self.exact and other.exact)
+        return Size(*_fold(self.coeff * other.coeff, exps))
 
     def __truediv__(self, other: "Size") -> "Size":
         if other.coeff == 0:
@@ -90,9 +89,13 @@ class Size:
         if exponent.denominator != 1 and self.coeff < 0:
             raise ValueError("fractional power of a negative number")
         _check_power(self.coeff, exponent)
-        coeff = _rational_power(self.coeff, exponent)
-        exact = self.exact and (self.coeff == 0 or _exact_power(self.coeff, exponent) is not None)
-        return Size(coeff, _norm({n: e * exponent for n, e in self.powers}), exact)
+        exps = {n: e * exponent for n, e in self.powers}
+        coeff = Fraction(0) if self.coeff == 0 else _exact_power(self.coeff, exponent)
+        if coeff is None:  # an irrational root: exact as powers of primes
+            coeff = Fraction(1)
+            for base, e in _prime_powers(self.coeff, exponent):
+                exps[base] = exps.get(base, Fraction(0)) + e
+        return Size(*_fold(coeff, exps))
 
     # -- queries -----------------------------------------------------------------
     @property
@@ -101,11 +104,17 @@ class Size:
 
     @property
     def symbols(self) -> frozenset[str]:
-        return frozenset(n for n, _ in self.powers)
+        """The widths the size depends on."""
+        return frozenset(n for n, _ in self.powers if not _radical(n))
 
     def exponent(self) -> Fraction:
         """Exponent of d when every symbol is d (the d -> infinity growth of the size)."""
-        return sum((e for _, e in self.powers), Fraction(0))
+        return sum((e for n, e in self.powers if not _radical(n)), Fraction(0))
+
+    def scale(self) -> float:
+        """The constant factor: ``coeff`` times the radicals, as a float."""
+        return float(self.coeff) * math.prod(int(n) ** float(e) for n, e in self.powers
+                                             if _radical(n))
 
     def evaluate(self, env: dict[str, int]) -> float:
         """The size at concrete widths (``env`` maps symbols to integer widths).
@@ -121,7 +130,8 @@ class Size:
                                 f"({MAX_SIZE_TEXT})")
         if self.coeff <= 0:
             return 0.0
-        log2 = _log2(self.coeff) + sum(float(e) * math.log2(env[n]) for n, e in self.powers)
+        log2 = _log2(self.coeff) + sum(float(e) * math.log2(_base(n, env))
+                                       for n, e in self.powers)
         if log2 <= math.log2(MAX_SIZE) + 1:  # else too large, and maybe beyond a float
             value = self._value(env, log2)
             if ceil_int(value) <= MAX_SIZE:
@@ -132,8 +142,9 @@ class Size:
     def _value(self, env: dict[str, int], log2: float) -> float:
         exact = self.coeff
         for name, e in self.powers:
-            factor = (_exact_power(Fraction(env[name]), e)
-                      if abs(e) * math.log2(max(env[name], 2)) <= _MAX_WORK_BITS else None)
+            base = _base(name, env)
+            factor = (_exact_power(Fraction(base), e)
+                      if abs(e) * math.log2(max(base, 2)) <= _MAX_WORK_BITS else None)
             if factor is None:
                 break
             exact *= factor
@@ -143,7 +154,7 @@ class Size:
             return 2.0 ** log2
         value = float(self.coeff)
         for name, e in self.powers:
-            value *= float(env[name]) ** float(e)
+            value *= float(_base(name, env)) ** float(e)
         return value
 
     def short(self) -> str:
@@ -152,9 +163,7 @@ class Size:
 
     def __str__(self) -> str:
         parts = []
-        if not self.exact:  # a rounded irrational: its digits would be noise
-            parts.append(short_log2(_log2(self.coeff)) if self.coeff > 0 else _fmt(self.coeff))
-        elif self.coeff != 1 or not self.powers:
+        if self.coeff != 1 or not self.powers:
             parts.append(_fmt(self.coeff))
         for name, e in self.powers:
             if e == 1:
@@ -166,6 +175,52 @@ class Size:
         return "*".join(parts)
 
 
+def _radical(name: str) -> bool:
+    return name[0].isdigit()
+
+
+def _base(name: str, env: dict[str, int]) -> int:
+    return int(name) if _radical(name) else env[name]
+
+
+#: trial division runs over the primes below this; what is left is kept as one base
+_TRIAL = 1 << 16
+
+
+def _factor(n: int) -> dict[int, int]:
+    """n >= 1 as {prime: multiplicity}, by trial division (see _TRIAL)."""
+    out: dict[int, int] = {}
+    p = 2
+    while p * p <= n and p < _TRIAL:
+        while n % p == 0:
+            out[p] = out.get(p, 0) + 1
+            n //= p
+        p += 1 if p == 2 else 2
+    if n > 1:
+        out[n] = out.get(n, 0) + 1
+    return out
+
+
+def _prime_powers(base: Fraction, exponent: Fraction) -> list[tuple[str, Fraction]]:
+    """``base ** exponent`` (base > 0) as (prime, exponent) pairs."""
+    out = [(str(p), k * exponent) for p, k in _factor(base.numerator).items()]
+    return out + [(str(p), -k * exponent) for p, k in _factor(base.denominator).items()]
+
+
+def _fold(coeff: Fraction, exps: dict[str, Fraction]):
+    """(coeff, powers) in normal form: each prime keeps the fractional part of its exponent,
+    in (0, 1); the whole part moves into the coefficient (refused first when too wide)."""
+    for name, e in list(exps.items()):
+        whole = math.floor(e)
+        if _radical(name) and whole:
+            p = int(name)
+            if (p.bit_length() - 1) * abs(whole) > _MAX_WORK_BITS:
+                raise SizeError(_range_message(math.log2(p) * whole))
+            coeff *= Fraction(p) ** whole
+            exps[name] = e - whole
+    return coeff, _norm(exps)
+
+
 def _norm(exps: dict[str, Fraction]) -> tuple[tuple[str, Fraction], ...]:
     return tuple(sorted((n, e if type(e) is Fraction else Fraction(e))
                         for n, e in exps.items() if e != 0))
@@ -173,22 +228,6 @@ def _norm(exps: dict[str, Fraction]) -> tuple[tuple[str, Fraction], ...]:
 
 def _fmt(q: Fraction) -> str:
     return str(q.numerator) if q.denominator == 1 else f"{q.numerator}/{q.denominator}"
-
-
-def _rational_power(base: Fraction, exponent: Fraction) -> Fraction:
-    """Exact rational power when the root is exact, else the float approximation as a
-    fraction (flagged later as not an integer). Call :func:`_check_power` first."""
-    exact = _exact_power(base, exponent)
-    if exact is not None:
-        return exact
-    if base == 0:
-        return Fraction(0)
-    log2 = _log2(base) * float(exponent)
-    if abs(log2) > 1000:  # beyond a float: keep the magnitude (check_bounds refuses it)
-        return Fraction(2) ** round(log2)
-    if abs(_log2(base)) > 1000:  # float(base) would overflow: go through the logarithm
-        return Fraction(2.0 ** log2)
-    return Fraction(float(base) ** float(exponent))
 
 
 def _exact_power(base: Fraction, exponent: Fraction) -> Fraction | None:
@@ -295,6 +334,8 @@ def size_problem(size: Size) -> str | None:
     integer of at most MAX_SIZE, a symbolic size must have a positive coefficient."""
     if size.coeff <= 0:
         return "is not a positive integer" if size.is_const else "is not positive"
+    if not size.symbols and not size.is_const:  # a constant with a radical (2^(1/2))
+        return "is not a positive integer (it is irrational)"
     if not size.is_const:
         return None
     if not is_positive_integer(size.coeff):
@@ -329,7 +370,7 @@ def short_log2(log2: float) -> str:
 
 
 def _widths(env: dict, size: Size) -> str:
-    used = [n for n, _ in size.powers] or list(env)
+    used = sorted(size.symbols) or list(env)
     return ", ".join(f"{n} = {short(env[n])}" for n in used if n in env)
 
 

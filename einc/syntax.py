@@ -450,12 +450,6 @@ def _check_product(op: Operand, sizes, what: str, spec: str):
     # d_in and d_out to agree, or padding, which sizing at concrete widths checks
     ok = total.is_const or (total.coeff == 1 and len(total.powers) == 1 and
                             total.powers[0] in ((what, 1), ("d", 1), ("d_in", 1), ("d_out", 1)))
-    if not ok and not total.exact:
-        raise SizeError(f"the sizes of {op.name}[{' '.join(op.indices)}] hold an irrational "
-                        f"constant (they multiply to {total}): einc keeps sizes exact as "
-                        "rational multiples of powers of the widths, so a root must come out "
-                        "even, as in (d_in/4)^(1/2); give the sizes otherwise, e.g. as numbers "
-                        "or with a constant that is a perfect power", spec, op.pos)
     if not ok:
         raise SizeError(f"the sizes of {op.name}[{' '.join(op.indices)}] multiply to {total}, "
                         f"which cannot match {what}", spec, op.pos)

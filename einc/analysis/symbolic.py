@@ -42,8 +42,9 @@ class Symbolic:
 
 def size_expr(size: Size) -> sympy.Expr:
     out = sympy.Rational(size.coeff.numerator, size.coeff.denominator)
-    for name, e in size.powers:
-        out *= WIDTHS[name] ** sympy.Rational(e.numerator, e.denominator)
+    for name, e in size.powers:  # a width, or a prime (by its digits)
+        base = sympy.Integer(int(name)) if name[0].isdigit() else WIDTHS[name]
+        out *= base ** sympy.Rational(e.numerator, e.denominator)
     return out
 
 
@@ -56,7 +57,7 @@ def _posynomial(terms) -> tuple:
 
 
 def _flop_terms(steps, sizes: dict[str, Size]):
-    coeff = {i: float(sz.coeff) for i, sz in sizes.items()}
+    coeff = {i: sz.scale() for i, sz in sizes.items()}
     exp = {i: sz.exponent() for i, sz in sizes.items()}
     for st in steps:
         yield ((2.0 if st.contracted else 1.0) * math.prod(coeff[i] for i in st.union),

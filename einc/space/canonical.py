@@ -45,8 +45,7 @@ def structure_graph(s: Structure, transpose: bool = False) -> nx.Graph:
         if size.is_const and size.coeff == 1:
             continue  # a size-1 index changes nothing
         if transpose:
-            size = Size(size.coeff, tuple(sorted((_SWAP.get(n, n), e) for n, e in size.powers)),
-                        size.exact)
+            size = Size(size.coeff, tuple(sorted((_SWAP.get(n, n), e) for n, e in size.powers)))
         node = ("C", k)
         g.add_node(node, label=str(size))
         for t in cls:
