@@ -357,7 +357,7 @@ def test_repeated_analysis_reuses_the_symbolic_derivation():
 
 
 @pytest.mark.parametrize("E, k, d_in, d_out", [(8, 2, 1024, 1024), (16, 4, 768, 3072),
-                                                (4, 4, 64, 48)])
+                                                (4, 4, 64, 48), (4, 2, 1, 1)])
 def test_moe_totals_and_active_costs_by_hand(E, k, d_in, d_out):
     """Two-core BTT-MoE: ga,gafr,fgre->fe. Totals count every expert, active costs the k
     routed ones; the router (d_in -> E, with bias) is in both, and in the text report."""
