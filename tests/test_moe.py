@@ -438,9 +438,10 @@ def test_layer_backend_option_matches_masked(backend):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("bad,match", [(dict(backend="fast"), "known: auto, chunked"),
-                                       (dict(deterministic=1), "True or False"),
-                                       (dict(bogus=1), "allowed: tolerance, backend, deterministic")])
+@pytest.mark.parametrize("bad,match", [
+    (dict(backend="fast"), "known: auto, chunked"),
+    (dict(deterministic=1), "True or False"),
+    (dict(bogus=1), "allowed: tolerance, backend, deterministic")])
 def test_layer_options_are_checked(bad, match):
     with pytest.raises(einc.CompileError, match=match):
         einc.compile("bttmoe(experts=4, k=2)", 16, **bad)

@@ -188,7 +188,8 @@ def btt_moe_chunked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: T
     returns (N, f, e), plus ``bias`` (shaped (f, e)) when given: y starts from it instead
     of zeros."""
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise CompileError(f"chunk must be a positive integer (target slots per chunk), got {chunk!r}")
+        raise CompileError(f"chunk must be a positive integer (target slots per chunk), "
+                           f"got {chunk!r}")
     x = x.contiguous()
     if chunk is None:
         g, a, f, _ = A.shape

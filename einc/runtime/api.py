@@ -84,8 +84,9 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
     with the reason: a layer whose weight or bias is shared with another module (tied
     embeddings: replacing it would untie them), a subclass of nn.Linear (torch's attention
     reads its ``out_proj.weight`` directly), the projections inside nn.MultiheadAttention
-    (bare parameters), the router of a BTT-MoE layer (part of that layer), and, unless ``keep_unembedding=False``, the unembedding: the last
-    nn.Linear mapping an nn.Embedding's width to its vocabulary.
+    (bare parameters), the router of a BTT-MoE layer (part of that layer), and, unless
+    ``keep_unembedding=False``, the unembedding: the last nn.Linear mapping an
+    nn.Embedding's width to its vocabulary.
     """
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else (exclude or [])
