@@ -5,8 +5,10 @@ powers of them. A root of a number that is not a perfect power (2^(1/2)) is kept
 a power of a prime, which ``powers`` holds next to the width symbols under the prime's
 digits (``("2", 1/2)``, exponent in (0, 1), the whole part folded into ``coeff``). That
 set is closed under the operations, so a monomial is a complete normal form: equal sizes
-compare equal, and the IR stays free of sympy. (A factor above 2^16 that trial division
-leaves is kept as one base, so two such bases that share a prime are not merged.)
+compare equal, and the IR stays free of sympy. (What trial division up to 2^16 leaves of
+a number is kept as one base, reduced to its smallest root when it is a perfect power;
+two such bases that share a prime above 2^16 without being powers of one number are not
+merged.)
 
 Every number is bounded before it is computed, so no spec can make einc build a huge
 integer, overflow a float or divide by zero:
@@ -25,6 +27,7 @@ integer, overflow a float or divide by zero:
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -187,8 +190,11 @@ def _base(name: str, env: dict[str, int]) -> int:
 _TRIAL = 1 << 16
 
 
+@functools.lru_cache(maxsize=4096)
 def _factor(n: int) -> dict[int, int]:
-    """n >= 1 as {prime: multiplicity}, by trial division (see _TRIAL)."""
+    """n >= 1 as {prime: multiplicity}, by trial division (see _TRIAL); what is left is
+    one base, taken as its smallest root when it is a perfect power (65537^2 -> 65537).
+    Cached: a spec may repeat one large constant many times. Callers do not mutate it."""
     out: dict[int, int] = {}
     p = 2
     while p * p <= n and p < _TRIAL:
@@ -196,8 +202,10 @@ def _factor(n: int) -> dict[int, int]:
             out[p] = out.get(p, 0) + 1
             n //= p
         p += 1 if p == 2 else 2
-    if n > 1:
-        out[n] = out.get(n, 0) + 1
+    if n > 1:  # no factor below _TRIAL, so a root of degree k has k < log_TRIAL(n)
+        k = next((k for k in range(n.bit_length() // 16, 1, -1)
+                  if _exact_root(n, k) is not None), 1)
+        out[_exact_root(n, k) if k > 1 else n] = k
     return out
 
 

@@ -349,3 +349,14 @@ def test_ties_with_irrational_constants_are_solved_exactly(spec, d_in, want):
     r = einc.analyze(spec, d_in=d_in, d_out=8)
     assert tuple(r.sizes[i] for i in "pvy") == want
     assert r.params_formula == "d_in*d_out" and r.params == d_in * 8
+
+
+@pytest.mark.parametrize("expr", ["(65537^2)^(1/4)*65537^(1/2)", "(1000003^2)^(1/4)*1000003^(1/2)",
+                                  "65537"])
+def test_roots_of_large_perfect_powers_stay_exact(expr):
+    """what trial division leaves of a constant is reduced to its smallest root, so the
+    two spellings of one integer agree (65537^2 and 65537 were two bases)"""
+    want = int(expr.split("^")[0].strip("(")) if "^" in expr else int(expr)
+    assert parse(f"ab,ar,rbo->o with a = b, r = {expr}").size("r").coeff == want
+    a = parse("ab,abo->o with a = (2*65537^2*d_in)^(1/2), b = d_in^(1/2)/(2^(1/2)*65537)")
+    assert a.size("a") == parse("ab,abo->o with a = 65537*(2*d_in)^(1/2)").size("a")
