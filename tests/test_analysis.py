@@ -157,6 +157,26 @@ def test_rank_below_bound_is_generic():
     assert rank_bound(s, sizes)[0] == 8
 
 
+
+@pytest.mark.parametrize("spec,d_in,d_out", [("kron", 60, 60), ("btt", 60, 60),
+                                             ("monarch", 1024, 4096), ("lowrank", 50, 70)])
+def test_rank_bound_is_capped_by_the_cropped_layer(spec, d_in, d_out):
+    """Padded sizes give a network cut above the layer's width; the module crops the
+    padding, so the bound is at most min(d_in, d_out) and is what the layer can reach."""
+    rep = einc.analyze(spec, d_in=d_in, d_out=d_out)
+    assert rep.rank_bound <= min(d_in, d_out)
+    if d_in * d_out > 10_000:
+        return
+    torch.manual_seed(0)
+    m = einc.compile(spec, d_in=d_in, d_out=d_out, bias=False).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+        w = m(torch.eye(d_in, dtype=torch.float64))
+    assert int(torch.linalg.matrix_rank(w)) <= rep.rank_bound
+    if spec == "kron":  # two full-rank 8 x 8 blocks, cropped: the bound is reached
+        assert "the layer's width" in str(rep) and int(torch.linalg.matrix_rank(w)) == 60
+
 # ------------------------------------------------------------------ exponents: closed forms
 K = 12
 _TRI = [(Fraction(a, K), Fraction(b, K), Fraction(K - a - b, K))

@@ -154,6 +154,12 @@ def test_filters_are_honoured():
     assert [r["flops"] for r in by_flops] == sorted(r["flops"] for r in by_flops)
 
 
+def test_rank_bound_never_exceeds_the_layer_width():
+    """Padded points used to report (and rank by) the padded cut, above min(d_in, d_out)."""
+    res = search(d_in=1000, d_out=900, sort="rank", top=20, max_flops=None)
+    assert res and all(r["rank_bound"] <= 900 for r in res)
+    assert max(r["rank_bound"] for r in res) == 900
+
 def test_budget_below_every_candidate_gives_an_empty_result():
     res = search(d=1024, max_flops=10)
     assert list(res) == [] and "cheapest candidate needs" in res.message

@@ -48,7 +48,8 @@ def analyze(spec, d=None, *, d_in=None, d_out=None,
     flops = sum(st.flops(sizes) for st in steps)
     params = int(sym.params_fn(*[sizes[i] for i in sym.index_names]))
     bound, cut = rank_bound(s, sizes)
-    bound = min(bound, conc.padded_in, conc.padded_out)
+    # The layer is the padded matrix with its padding cropped: a (d_out, d_in) block.
+    bound = min(bound, din, dout)
     theta = s.theta if s.theta is not None else theta_of(s)
     redundant = degenerate = None
     if theta is not None:

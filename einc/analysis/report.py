@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -86,6 +87,13 @@ class Report:
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
 
+    def _rank_text(self) -> str:
+        cut = ", ".join(self.rank_cut)
+        through = math.prod(self.sizes[i] for i in self.rank_cut)
+        if self.rank_bound < through:  # the cropped padding binds, not the network
+            return f"{self.rank_bound:,}  (the layer's width; the cut at {cut} gives {through:,})"
+        return f"{self.rank_bound:,}  (cut at {cut})"
+
     def __str__(self) -> str:
         rows = [
             ("spec", self.spec),
@@ -104,7 +112,7 @@ class Report:
             ("contraction", self.path[0] if self.path else "-"),
             *[("", p) for p in self.path[1:]],
             ("largest interm.", f"{self.largest_intermediate:,} per vector"),
-            ("rank bound", f"{self.rank_bound:,}  (cut at {', '.join(self.rank_cut)})"),
+            ("rank bound", self._rank_text()),
             ("omega psi nu", f"{_frac(self.omega)}  {_frac(self.psi)}  {_frac(self.nu)}"),
         ]
         if self.theta is not None:

@@ -163,9 +163,11 @@ class Template:
         """Forward FLOPs per vector of the cheapest chain (as :func:`einc.analysis.plan`)."""
         return functools.reduce(_min, self.flops_by_order(sizes, present).values())
 
-    def rank_bound(self, sizes: dict):
-        """Smallest product of sizes over the separating cut sets (absent classes: size 1)."""
-        return functools.reduce(_min, [_prod([sizes[c] for c in cut]) for cut in self.cut_sets])
+    def rank_bound(self, sizes: dict, d_in: int, d_out: int):
+        """Smallest product of sizes over the separating cut sets (absent classes: size 1),
+        capped by the layer's widths (the padding is cropped, which can only lower the rank)."""
+        cut = functools.reduce(_min, [_prod([sizes[c] for c in cut]) for cut in self.cut_sets])
+        return _min(cut, min(d_in, d_out))
 
     # -- exponents (d_in = d_out = d -> infinity) ---------------------------------
     def exponents(self, exps: dict) -> tuple:

@@ -237,7 +237,7 @@ def record(space: Space, pid: int, d_in: int, d_out: int,
         "factors": {f.name: list(f.indices) for f in s.factors},
         "params": params, "flops": flops, "flops_backward": 2 * flops,
         "omega": _num(omega), "psi": _num(psi), "nu": _num(nu),
-        "rank_bound": t.rank_bound(sizes),
+        "rank_bound": t.rank_bound(sizes, d_in, d_out),
         "params_per_flop": params / flops,
         "classes": {c: _frac(exps[c]) for c in t.classes if exps[c] > 0},
     }

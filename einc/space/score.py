@@ -136,7 +136,7 @@ def score(space: Space, d_in: int, d_out: int, tolerance: float = 0.15, keep=Non
             bar.update(stop - start)
             if not len(ix):
                 continue
-            cols = _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor)
+            cols = _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out)
             counts["degenerate"] += int((cols["degenerate"] == 1).sum())
             for name, col in (("min_params", cols["params"]), ("min_flops", cols["flops"])):
                 low = float(col.min())
@@ -153,7 +153,7 @@ def score(space: Space, d_in: int, d_out: int, tolerance: float = 0.15, keep=Non
     return Candidates(space, d_in, d_out, counts=counts, **merged)
 
 
-def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor) -> dict:
+def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) -> dict:
     t = space.template
     e = space.exponents(ix, iy, ir)
     present = e > 0
@@ -168,7 +168,7 @@ def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor) -> dict:
     pres = {c: present[:, space.col[c]].astype(np.float64) for c in t.classes}
     params = t.params(sizes, pres)
     flops = t.flops(sizes, pres)
-    rank = t.rank_bound(sizes)
+    rank = t.rank_bound(sizes, d_in, d_out)
     exps = {c: e[:, space.col[c]].astype(np.int32) for c in t.classes}
     exps["__one__"] = space.k
     omega, psi, nu = t.exponents(exps)
