@@ -247,6 +247,22 @@ def test_written_two_factor_einsum_gets_its_theta():
     assert rep.to_dict()["redundant"] is False
 
 
+
+@pytest.mark.parametrize("spec,theta", [
+    ("x[i] B[r o] A[i r] -> y[o] with r = d^(1/2)", "(1|0|0|0|1|0|1/2)"),
+    ("x[i] A[i r] B[r o] -> y[o] with r = d^(1/2)", "(1|0|0|0|1|0|1/2)"),
+    ("x[g b] B[g e] A[f g b] -> y[f e] with g = b = e = f",
+     "x[g b] A[f g b] B[g e] -> y[f e] with g = b = e = f"),
+])
+def test_theta_of_an_einsum_does_not_depend_on_factor_order(spec, theta):
+    """The factor written first used to be read as A: a plain low-rank layer written
+    B-first came out as the redundant point (0|1|0|1|0|0|1/2) and was flagged degenerate."""
+    rep = analyze(spec, d=4096)
+    assert rep.theta == analyze(theta, d=4096).theta
+    assert (rep.redundant, rep.degenerate) == (False, False)
+    assert (rep.omega, rep.psi, rep.nu) == tuple(closed_forms(rep.theta)[k]
+                                                 for k in ("omega", "psi", "nu"))
+
 # ------------------------------------------------------------------ concrete sizes
 @pytest.mark.parametrize("spec,d_in,d_out,padded_in,padded_out", [
     ("btt", 1024, 1024, 1024, 1024),

@@ -23,7 +23,12 @@ def closed_forms(theta) -> dict:
 
 
 def theta_of(s: Structure):
-    """The theta point of a two-factor structure with growing sizes, else None."""
+    """The theta point of a two-factor structure with growing sizes, else None.
+
+    The factors' names and order in a spec are arbitrary; A is the factor absorbed first in
+    the cheaper order (the non-redundant orientation), so a theta read off an einsum is never
+    redundant. A theta typed as such keeps its orientation and may be.
+    """
     if len(s.factors) != 2 or s.moe is not None:
         return None
     sizes = s.sizes
@@ -38,4 +43,7 @@ def theta_of(s: Structure):
         if key not in _CLASS_POS:
             return None
         theta[_CLASS_POS[key]] += sizes[name].exponent()
+    a, b, g, dl, e, f, r = theta
+    if min(a, e) < min(b, dl):  # spec order put B first: read it the way einc absorbs it
+        return (b, a, g, e, dl, f, r)
     return tuple(theta)
