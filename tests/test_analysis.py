@@ -289,6 +289,33 @@ def test_least_padding(spec, d_in, d_out, padded_in, padded_out):
         assert padded == best
 
 
+@pytest.mark.parametrize("theta,d", [("(1/3|1/3|1/3|1/3|1/3|1/3|0)", 1024),
+                                     ("(1/4|1/2|1/4|1/8|1/2|3/8|0)", 3000),
+                                     ("(1/3|1/3|1/3|1/3|1/3|1/3|1/6)", 2000)])
+def test_equally_close_roundings_take_the_cheapest(theta, d):
+    """Sizes with the same real value round up interchangeably for padding and distance,
+    not for cost (a size shared by both factors costs more): every such rounding is tried
+    and the report's FLOPs (then parameters) are the least of them."""
+    rep = analyze(theta, d=d)
+    s = parse(theta)
+    env = {"d": d, "d_in": d, "d_out": d, "d_min": d}
+    real = {i: s.size(i).evaluate(env) for i in s.index_names}
+    side = set(s.input.indices) | set(s.output.indices)
+    free = [i for i in s.index_names if i in side and real[i] % 1]
+    costs = []
+    for choice in itertools.product(*[(math.floor(real[i]), math.ceil(real[i])) for i in free]):
+        sizes = {**rep.sizes, **dict(zip(free, choice))}
+        pin = math.prod(sizes[i] for i in s.input.indices)
+        pout = math.prod(sizes[i] for i in s.output.indices)
+        drift = sum(abs(math.log(sizes[i] / real[i])) for i in free)
+        if (pin, pout) == (rep.padded_in, rep.padded_out) and drift < 1e-6 + sum(
+                abs(math.log(rep.sizes[i] / real[i])) for i in free):
+            explicit = ", ".join(f"{i} = {sizes[i]}" for i in s.index_names)
+            r = analyze(f"{s.equation} with {explicit}", d=d)
+            costs.append((r.flops, r.params))
+    assert len(set(costs)) > 1  # the case is a real tie with different costs
+    assert (rep.flops, rep.params) == min(costs)
+
 def test_padding_tolerance():
     with pytest.raises(einc.SizeError, match=r"needs 20\.0% padding .* tolerance of 15%"):
         analyze("btt", d=5)

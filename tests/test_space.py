@@ -160,6 +160,16 @@ def test_rank_bound_never_exceeds_the_layer_width():
     assert res and all(r["rank_bound"] <= 900 for r in res)
     assert max(r["rank_bound"] for r in res) == 900
 
+def test_search_scores_the_cheapest_of_equally_close_roundings():
+    """(1/3|...|0) at d = 1024 has roundings of equal padding and distance costing 440,000
+    or 462,000 FLOPs; the search used to keep the costlier and drop the point here."""
+    res = search(d=1024, max_flops=450_000, top=None)
+    rec = [r for r in res if r["spec"] == "(1/3|1/3|1/3|1/3|1/3|1/3|0)"]
+    assert len(rec) == 1 and rec[0]["flops"] == 440_000
+    rep = einc.analyze(rec[0]["spec"], d=1024)
+    assert (rep.flops, rep.params, rep.sizes) == (rec[0]["flops"], rec[0]["params"],
+                                                  rec[0]["sizes"])
+
 def test_budget_below_every_candidate_gives_an_empty_result():
     res = search(d=1024, max_flops=10)
     assert list(res) == [] and "cheapest candidate needs" in res.message

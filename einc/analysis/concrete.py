@@ -117,10 +117,12 @@ def concretize(s: Structure, d_in: int, d_out: int,
 
 
 def _choose(s, fixed, free, d_in, d_out):
-    """The rounding of the free sizes with the least padding (ties: closest to the real sizes)."""
+    """The rounding of the free sizes with the least padding, then closest to the real sizes;
+    roundings equally close (several sizes with the same real value, one of them rounded up)
+    are told apart by FLOPs, then parameters, then the first."""
     if len(free) > EXHAUSTIVE:
         return _choose_grouped(s, fixed, free, d_in, d_out)
-    best, best_key = None, None
+    found = []
     for choice in itertools.product(*[(lo, hi) for _, lo, hi, _ in free]):
         sizes = dict(fixed)
         sizes.update({n: c for (n, *_), c in zip(free, choice)})
@@ -129,10 +131,34 @@ def _choose(s, fixed, free, d_in, d_out):
         if pin < d_in or pout < d_out:
             continue
         drift = sum(abs(math.log(c / v)) for (_, _, _, v), c in zip(free, choice))
-        key = (pin / d_in + pout / d_out, drift)
-        if best_key is None or key < best_key:
-            best, best_key = sizes, key
-    return best
+        found.append((pin / d_in + pout / d_out, drift, sizes))
+    if not found:
+        return None
+    padding = min(f[0] for f in found)
+    found = [f for f in found if f[0] == padding]
+    ties = closest(found, lambda f: f[1])
+    if len(ties) == 1:
+        return ties[0][2]
+    return min(ties, key=lambda f: (cost(s, f[2]), f[1]))[2]
+
+
+#: drifts closer than this are the same rounding distance (float sums in another order)
+DRIFT_TIE = 1e-9
+
+
+def closest(items: list, drift) -> list:
+    """The items whose drift is within :data:`DRIFT_TIE` of the least, in their order."""
+    low = min(drift(i) for i in items)
+    return [i for i in items if drift(i) <= low + DRIFT_TIE]
+
+
+def cost(s: Structure, sizes: dict) -> tuple[int, int]:
+    """(FLOPs of the cheapest contraction order, parameters) at these sizes."""
+    from .symbolic import symbolic
+
+    sym = symbolic(s)
+    args = [sizes[i] for i in sym.index_names]
+    return min(int(f(*args)) for f in sym.flops_fns.values()), int(sym.params_fn(*args))
 
 
 def _choose_grouped(s, fixed, free, d_in, d_out):

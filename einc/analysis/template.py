@@ -33,7 +33,7 @@ import sympy
 from ..ir import Index, Operand, Structure
 from ..sizes import Size, ceil_int
 from . import path as _path
-from .concrete import DEFAULT_TOLERANCE
+from .concrete import DEFAULT_TOLERANCE, closest
 
 #: ``concretize`` tries every rounding of at most this many free sizes, else rounds all up.
 _MAX_FREE = 14
@@ -59,31 +59,21 @@ class SideRounding:
         return math.prod(self.choices[0])
 
 
-def combine(rx: SideRounding, ry: SideRounding) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The input and output sizes concretize picks from the two sides' candidates."""
-    if rx.free + ry.free > _MAX_FREE:
-        return rx.rounded_up, ry.rounded_up
-    i, j = combine_index(rx, ry)
-    return rx.choices[i], ry.choices[j]
+def combine(rx: SideRounding, ry: SideRounding) -> list[tuple[int, int]]:
+    """The pairs of side choices concretize may take (when at most 14 sizes are free): the
+    least total drift, with every pair as close as that (see
+    :func:`~einc.analysis.concrete.closest`), in concretize's order. The caller tells them
+    apart by cost, as concretize does.
 
-
-def combine_index(rx: SideRounding, ry: SideRounding) -> tuple[int, int]:
-    """Which choice of each side concretize takes (when at most 14 sizes are free).
-
-    Its score is (padding of both sides, total drift): the least padding splits per side,
-    and among those roundings the smallest drift wins, the first one on exact ties. The
-    drift is a float sum in index order (input side first), so near-ties are decided
+    The drift is a float sum in index order (input side first), so near-ties are decided
     exactly as there.
     """
     if len(rx.choices) == 1 and len(ry.choices) == 1:
-        return 0, 0
-    best = None
-    for i, dx in enumerate(rx.drifts):
-        for j, dy in enumerate(ry.drifts):
-            drift = sum(dx + dy)
-            if best is None or drift < best[0]:
-                best = (drift, i, j)
-    return best[1], best[2]
+        return [(0, 0)]
+    pairs = [(sum(dx + dy), i, j) for i, dx in enumerate(rx.drifts)
+             for j, dy in enumerate(ry.drifts)]
+    ties = closest(pairs, lambda p: p[0])
+    return [(i, j) for _, i, j in sorted(ties, key=lambda p: p[0])]
 
 
 class Template:
@@ -216,11 +206,18 @@ class Template:
         the padding exceeds the tolerance."""
         rx = self.round_side("x", tuple(exps[c] for c in self.side_classes("x")), d_in, d_out)
         ry = self.round_side("y", tuple(exps[c] for c in self.side_classes("y")), d_in, d_out)
-        cx, cy = combine(rx, ry)
-        sizes = dict(zip(self.side_classes("x"), cx))
-        sizes.update(zip(self.side_classes("y"), cy))
-        for c in self.side_classes("r"):
-            sizes[c] = self.rank_size(exps[c], d_in, d_out)
+        ranks = {c: self.rank_size(exps[c], d_in, d_out) for c in self.side_classes("r")}
+        present = {c: int(exps[c] > 0) for c in self.classes}
+
+        def at(cx, cy):
+            return {**dict(zip(self.side_classes("x"), cx)),
+                    **dict(zip(self.side_classes("y"), cy)), **ranks}
+
+        if rx.free + ry.free > _MAX_FREE:
+            sizes = at(rx.rounded_up, ry.rounded_up)
+        else:  # the first of the cheapest (FLOPs, then parameters), as concretize
+            options = [at(rx.choices[i], ry.choices[j]) for i, j in combine(rx, ry)]
+            sizes = min(options, key=lambda z: (self.flops(z, present), self.params(z, present)))
         pin = _prod([sizes[c] for c in self.side_classes("x")])
         pout = _prod([sizes[c] for c in self.side_classes("y")])
         if pin > d_in * (1 + tolerance) + 1e-9 or pout > d_out * (1 + tolerance) + 1e-9:
@@ -317,4 +314,4 @@ def _prod(values):
     return functools.reduce(lambda a, b: a * b, values, 1)
 
 
-__all__ = ["Template", "SideRounding", "combine", "combine_index"]
+__all__ = ["Template", "SideRounding", "combine"]

@@ -61,21 +61,26 @@ _COLUMNS = ("ids", "params", "flops", "omega", "psi", "nu", "rank_bound", "redun
 @dataclass
 class SizeTables:
     """Concrete sizes by table row: each side's candidate roundings and, per pair of rows,
-    the one concretize takes (see :func:`einc.analysis.template.combine_index`)."""
+    the ones concretize may take (see :func:`einc.analysis.template.combine`): usually one,
+    several when roundings are equally close; the cheapest of those is picked per point."""
 
     x: np.ndarray        # (nX, choices, input classes) float64
     y: np.ndarray        # (nY, choices, output classes)
-    pick_x: np.ndarray   # (nX, nY) int8: the input-side choice of each pair of rows
-    pick_y: np.ndarray
+    pick_x: np.ndarray   # (nX, nY, ties) int8: the input-side choices of each pair of rows
+    pick_y: np.ndarray   # (a pair with fewer ties repeats its first one)
     padded_x: np.ndarray  # (nX,) int64
     padded_y: np.ndarray
 
-    def sizes(self, ix, iy):
-        return self.x[ix, self.pick_x[ix, iy]], self.y[iy, self.pick_y[ix, iy]]
+    @property
+    def ties(self) -> int:
+        return self.pick_x.shape[2]
+
+    def sizes(self, ix, iy, tie: int = 0):
+        return (self.x[ix, self.pick_x[ix, iy, tie]], self.y[iy, self.pick_y[ix, iy, tie]])
 
 
 def size_tables(space: Space, d_in: int, d_out: int) -> SizeTables:
-    from ..analysis.template import combine_index
+    from ..analysis.template import combine
 
     t, k = space.template, space.k
     rounds = {}
@@ -92,13 +97,17 @@ def size_tables(space: Space, d_in: int, d_out: int) -> SizeTables:
         return out
 
     rx, ry = rounds["x"], rounds["y"]
-    pick_x = np.zeros((len(rx), len(ry)), dtype=np.int8)
-    pick_y = np.zeros((len(rx), len(ry)), dtype=np.int8)
+    picks = {}
     multi_y = [j for j, r in enumerate(ry) if len(r.choices) > 1]
     for i, a in enumerate(rx):
         for j in (range(len(ry)) if len(a.choices) > 1 else multi_y):
-            pick_x[i, j], pick_y[i, j] = combine_index(a, ry[j])
-    return SizeTables(stack(rx, len(space.xc)), stack(ry, len(space.yc)), pick_x, pick_y,
+            picks[i, j] = combine(a, ry[j])
+    most = max((len(p) for p in picks.values()), default=1)
+    pick = np.zeros((2, len(rx), len(ry), most), dtype=np.int8)
+    for (i, j), p in picks.items():
+        p = p + [p[0]] * (most - len(p))
+        pick[:, i, j] = np.array(p, dtype=np.int8).T
+    return SizeTables(stack(rx, len(space.xc)), stack(ry, len(space.yc)), pick[0], pick[1],
                       np.array([r.padded for r in rx], dtype=np.int64),
                       np.array([r.padded for r in ry], dtype=np.int64))
 
@@ -157,17 +166,20 @@ def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) ->
     t = space.template
     e = space.exponents(ix, iy, ir)
     present = e > 0
-    sizes = {}
-    sx, sy = tables.sizes(ix, iy)
-    for j, c in enumerate(space.xc):
-        sizes[c] = sx[:, j]
-    for j, c in enumerate(space.yc):
-        sizes[c] = sy[:, j]
-    for j, c in enumerate(space.rc):
-        sizes[c] = rank_sizes[ir, j]
     pres = {c: present[:, space.col[c]].astype(np.float64) for c in t.classes}
-    params = t.params(sizes, pres)
-    flops = t.flops(sizes, pres)
+    sizes = params = flops = None
+    for tie in range(tables.ties):  # the first of the cheapest (FLOPs, then params)
+        sx, sy = tables.sizes(ix, iy, tie)
+        z = {c: sx[:, j] for j, c in enumerate(space.xc)}
+        z.update({c: sy[:, j] for j, c in enumerate(space.yc)})
+        z.update({c: rank_sizes[ir, j] for j, c in enumerate(space.rc)})
+        p, f = t.params(z, pres), t.flops(z, pres)
+        if sizes is None:
+            sizes, params, flops = z, p, f
+            continue
+        better = (f < flops) | ((f == flops) & (p < params))
+        sizes = {c: np.where(better, z[c], sizes[c]) for c in sizes}
+        params, flops = np.where(better, p, params), np.where(better, f, flops)
     rank = t.rank_bound(sizes, d_in, d_out)
     exps = {c: e[:, space.col[c]].astype(np.int32) for c in t.classes}
     exps["__one__"] = space.k
