@@ -148,10 +148,19 @@ def test_filters_are_honoured():
     for r in res:
         assert r["flops"] <= 0.1 * 2 * 1024 * 1024 and r["params"] <= 50_000
         assert r["psi"] == 1 and r["omega"] == 0 and not r["degenerate"]
-    key = [(r["omega"], -r["psi"], -r["params"] / r["flops"]) for r in res]
+    key = [(r["omega"], -r["psi"], -r["params"] / r["flops"], r["flops"]) for r in res]
     assert key == sorted(key)
     by_flops = search(d=1024, sort="flops", top=50, max_flops=None)
     assert [r["flops"] for r in by_flops] == sorted(r["flops"] for r in by_flops)
+
+
+def test_paper_order_puts_the_cheapest_first_among_equal_params_per_flop():
+    """Every omega = 0, psi = 1 point has 1/2 parameter per FLOP: the lattice order used to
+    decide, listing the costliest candidate first and Monarch / BTT 15th."""
+    res = search(d=4096, max_flops="0.1x", min_psi=1, top=20)
+    assert res[0]["name"].startswith("Monarch") and res[0]["flops"] == 1_048_576
+    assert [r["flops"] for r in res] == sorted(r["flops"] for r in res)
+    assert search(d=1024, top=1)[0]["name"] != "dense"
 
 
 def test_rank_bound_never_exceeds_the_layer_width():

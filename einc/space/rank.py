@@ -23,9 +23,12 @@ DEFAULT_TOP = 20
 DEFAULT_MAX_FLOPS = "1x"
 
 #: name -> what it sorts by. "paper" is the rule of the paper: no parameter sharing first,
-#: then full rank, then the most parameters per FLOP.
+#: then full rank, then the most parameters per FLOP, then the cheapest (every omega = 0,
+#: psi = 1 two-factor point has exactly 1/2 parameter per FLOP, so without FLOPs the
+#: lattice order decided and the costliest candidate could come first).
 SORT_KEYS = {
-    "paper": "omega ascending, psi descending, then parameters per FLOP descending",
+    "paper": "omega ascending, psi descending, parameters per FLOP descending, then FLOPs "
+             "ascending",
     "params-per-flop": "parameters per FLOP descending",
     "flops": "FLOPs ascending",
     "params": "parameters ascending",
@@ -40,7 +43,7 @@ SORT_KEYS = {
 def _sort_order(c: Candidates, key: str) -> np.ndarray:
     ppf = c.params_per_flop
     keys = {  # np.lexsort sorts by the last key first; ids break every tie
-        "paper": (c.ids, -ppf, -c.psi, c.omega),
+        "paper": (c.ids, c.flops, -ppf, -c.psi, c.omega),
         "params-per-flop": (c.ids, -ppf),
         "flops": (c.ids, c.flops),
         "params": (c.ids, c.params),
@@ -48,7 +51,8 @@ def _sort_order(c: Candidates, key: str) -> np.ndarray:
         "psi": (c.ids, -ppf, -c.psi),
         "nu": (c.ids, -ppf, c.nu),
         "rank": (c.ids, -ppf, -c.rank_bound),
-        "measured": (c.ids, -ppf, -c.psi, c.omega),  # candidates to measure: the paper's
+        # which candidates to measure: the paper's first (then sorted by time)
+        "measured": (c.ids, c.flops, -ppf, -c.psi, c.omega),
     }[key]
     return np.lexsort(keys)
 
