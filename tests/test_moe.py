@@ -767,6 +767,44 @@ def test_torch_compile_runs_the_layer_and_its_backward():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_inductor_gives_the_router_its_gradient():
+    """With the aux loss computed inside the compiled graph next to the routing, inductor
+    (CPU) produced a backward giving the router a zero gradient and x a wrong one (E = 4);
+    the aux loss now runs eagerly between graphs."""
+    torch.manual_seed(0)
+    m = einc.BTTMoE(64, 64, experts=4, k=2)
+    with torch.no_grad():
+        m.router.weight.normal_(0, 0.1)
+    x = torch.randn(7, 64)
+
+    def step(f):
+        m.zero_grad()
+        xx = x.clone().requires_grad_()
+        (f(xx).square().sum() + einc.moe_aux_loss(m)).backward()
+        return [xx.grad] + [p.grad.clone() for p in m.parameters()]
+
+    want = step(m)
+    torch._dynamo.reset()
+    for got, ref in zip(step(torch.compile(m)), want):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "grouped_mm", "padded"])
+def test_named_backends_run_under_torch_compile(backend):
+    """A named backend runs eagerly between graphs as "auto" does: chunked's buffers and
+    grouped_mm's fake kernel used to fail inside the trace."""
+    m = einc.BTTMoE(64, 64, experts=4, k=2, backend=backend)
+    with torch.no_grad():
+        m.router.weight.normal_()
+    x = torch.randn(32, 64)
+    want = m.forward_masked(x)
+    torch._dynamo.reset()
+    xg = x.clone().requires_grad_()
+    y = torch.compile(m, backend="aot_eager")(xg)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert xg.grad is not None and m.router.weight.grad.abs().sum() > 0
+
 def test_wrong_width_is_a_compile_error_and_autocast_inputs_run():
     m = einc.BTTMoE(16, 16, experts=4, k=2)
     with pytest.raises(einc.CompileError, match="last dimension 16"):

@@ -754,13 +754,13 @@ def measure_backends(names, sizes, dtype, device, tokens: int, train: bool, reps
 
 
 @torch.compiler.disable
-def _sparse_eager(x, A, B, expert_idx, gate, deterministic, bias):
-    """The auto backend outside the compiled graph: its autograd functions write into
-    preallocated buffers, which torch.compile cannot trace. Named explicitly, since where
-    disable() does not apply (non-strict torch.export) "auto" would come back here."""
-    backend = "chunked" if x.device.type == "cpu" else \
-        _auto_backend(x, A, B, expert_idx.shape[1], deterministic)
-    return btt_moe_sparse(x, A, B, expert_idx, gate, deterministic, backend, bias)
+def _sparse_eager(x, A, B, expert_idx, gate, deterministic, bias, backend="auto"):
+    """A backend outside the compiled graph: the chunked and triton ones write into
+    preallocated buffers and grouped_mm has no usable fake kernel on every device, which
+    torch.compile cannot trace; all run eagerly alike. It goes straight to :func:`_run`,
+    since where disable() does not apply (non-strict torch.export) the tracing checks would
+    send it back here."""
+    return _run(x, A, B, expert_idx, gate, deterministic, backend, bias)
 
 
 def btt_moe_sparse(
@@ -833,17 +833,25 @@ def btt_moe_sparse(
         # shapes), and meta tensors have no loads to size one by
         y = btt_moe_masked(x, A, B, expert_idx, gate)
         return y if bias is None else y + bias
+    if tracing() and torch.compiler.is_compiling():  # run eagerly, between two graphs
+        return _sparse_eager(rows, A, B, expert_idx, gate, deterministic, bias, backend)
     if backend == "auto" and tracing():
-        if torch.compiler.is_compiling():  # run eagerly, between two compiled graphs
-            return _sparse_eager(x, A, B, expert_idx, gate, deterministic, bias)
         backend = "padded"  # torch.func: plain torch ops with autograd
+    return _run(rows, A, B, expert_idx, gate, deterministic, backend, bias)
+
+
+def _run(rows, A, B, expert_idx, gate, deterministic, backend, bias):
+    """:func:`btt_moe_sparse` on checked inputs, without the tracing checks."""
+    x = rows if rows.dim() == 3 else rows.reshape(rows.shape[0], A.shape[0], A.shape[1])
+    g, a, f, E, e = _check_shapes(x, A, B)
+    k = expert_idx.shape[1]
     if backend == "chunked" or (backend == "auto" and x.device.type == "cpu"):
         from .chunked import btt_moe_chunked
         return btt_moe_chunked(rows, A, B, expert_idx, gate, bias=bias)
     if backend == "auto":
         backend = _auto_backend(x, A, B, k, deterministic)
     if bias is not None:
-        return btt_moe_sparse(x, A, B, expert_idx, gate, deterministic, backend) + bias
+        return _run(x, A, B, expert_idx, gate, deterministic, backend, None) + bias
     if backend == "padded":  # measured slower than grouped_mm on the 2-core CPU
         return _sparse_padded(x, A, B, expert_idx, gate.to(x.dtype))
     if backend == "triton":

@@ -250,6 +250,9 @@ class BTTMoE(nn.Module):
         node = getattr(self, "_routed", None)  # absent in layers pickled before it existed
         return node is None or _alive(node)
 
+    # Eager, between compiled graphs: inductor (torch 2.13, CPU) compiled this next to the
+    # routing into a backward that gave the router a zero gradient at E = 4.
+    @torch.compiler.disable
     def _record(self, logits: Tensor, expert_idx: Tensor) -> None:
         N, E = logits.shape
         if N == 0:
