@@ -297,6 +297,15 @@ def test_sort_measured_needs_measure(capsys):
     assert rc == 2 and out == "" and "nothing is measured" in err
 
 
+def test_measure_with_top_zero_is_refused(capsys):
+    """--top 0 used to measure 20 rows silently and then offer --top 0 to see them all."""
+    for top in (0, None):
+        with pytest.raises(einc.EincError, match="give --top N"):
+            search(d=64, k=4, top=top, measure=True)
+    rc, out, err = _main(capsys, "--d", "64", "--k", "4", "--measure", "--top", "0")
+    assert rc == 2 and out == "" and "--top 0" in err and "give --top N" in err
+
+
 @pytest.mark.parametrize("args,text", [
     (["--batch", "0"], "argument --batch: takes an integer >= 1, got '0'"),
     (["--top", "-1"], "argument --top: takes an integer >= 0"),

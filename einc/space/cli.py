@@ -43,7 +43,7 @@ def _register(sub):
     p.add_argument("--plot", metavar="DIR", help="write cube.png and pareto.png to DIR "
                    "(needs matplotlib; DIR is checked, and created, before searching)")
     p.add_argument("--measure", action="store_true", help="time forward+backward of the "
-                   "compiled top candidates")
+                   "compiled top N candidates (refused with --top 0)")
     p.add_argument("--batch", type=int_at_least(1), default=64,
                    help="batch size for --measure (default 64)")
     p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")

@@ -128,8 +128,8 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     (default 20; 0 or None: all, as ``--top 0`` on the command line). Budgets are numbers or
     multiples of the dense layer's ("0.1x"); the FLOP budget defaults to the dense layer's
     ("none" lifts it). ``measure=True`` times the first ``top`` (default 20) compiled modules
-    with a batch of ``batch``; ``sort="measured"`` orders them by that time and needs
-    ``measure=True``.
+    with a batch of ``batch`` and is refused with ``top`` 0 or None; ``sort="measured"``
+    orders them by that time and needs ``measure=True``.
     """
     if d is None and d_in is None and d_out is None:
         d = DEFAULT_D
@@ -149,6 +149,10 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     if sort == "measured" and not measure:
         raise EincError("sort key 'measured' orders by measured time, and nothing is "
                         "measured: add --measure (measure=True in Python)")
+    if measure and top is None:  # compiling and timing thousands of modules is never meant
+        raise EincError("--measure compiles and times every row shown, and --top 0 would show "
+                        "every candidate: give --top N, for example --top 20 (in Python: top=N "
+                        "with measure=True)")
     if measure and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise SizeError(f"the batch size for measuring must be an integer >= 1, got {batch!r}")
     if transpose and din != dout:
@@ -176,8 +180,6 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
 
     cands = score(space, din, dout, tolerance, keep, progress)
     order = _sort_order(cands, sort)
-    if measure and top is None:
-        top = DEFAULT_TOP
     chosen = order if top is None else order[:top]
     names = known_ids(space)
     records = [record(space, int(cands.ids[i]), din, dout, tolerance, names) for i in chosen]
