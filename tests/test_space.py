@@ -182,6 +182,9 @@ def test_search_scores_the_cheapest_of_equally_close_roundings():
 def test_budget_below_every_candidate_gives_an_empty_result():
     res = search(d=1024, max_flops=10)
     assert list(res) == [] and "cheapest candidate needs" in res.message
+    # the budget prints as compared: 0.001x of 2,097,152 is 2,097.152, not "2,097"
+    res = search(d=1024, max_flops="0.001x", max_params="0.001x")
+    assert "(budget 2,097.152)" in res.message and "(budget 1,048.576)" in res.message
 
 
 @pytest.mark.parametrize("kwargs,error,text", [
@@ -189,6 +192,9 @@ def test_budget_below_every_candidate_gives_an_empty_result():
     ({"sort": "speed"}, einc.UnknownNameError, "unknown sort key"),
     ({"max_flops": "lots"}, einc.SizeError, "bad FLOP budget"),
     ({"max_params": "-1x"}, einc.SizeError, "positive"),
+    # below one FLOP or parameter nothing fits: surely a forgotten x
+    ({"max_flops": "0.1"}, einc.SizeError, "'0.1': an absolute budget below 1.*write 0.1x"),
+    ({"max_params": 0.5}, einc.SizeError, "parameter budget 0.5.*write 0.5x"),
     ({"min_psi": "half"}, einc.SizeError, "minimum psi"),
     ({"factors": 4}, einc.UnknownNameError, "2 or 3"),
     ({"factors": 3, "k": 6}, einc.SizeError, "smaller k"),
@@ -253,7 +259,8 @@ def test_cli_default_table_and_json():
 
 @pytest.mark.parametrize("args,text", [(["--k", "0"], "k = 0"),
                                        (["--sort", "nope"], "known sort keys"),
-                                       (["--max-params", "x"], "bad parameter budget")])
+                                       (["--max-params", "x"], "bad parameter budget"),
+                                       (["--max-flops", "0.1"], "write 0.1x")])
 def test_cli_errors_exit_2(args, text):
     out = _cli(*args)
     assert out.returncode == 2 and text in out.stderr and "Traceback" not in out.stderr

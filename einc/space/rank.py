@@ -81,7 +81,22 @@ def parse_budget(value, dense: int, what: str):
                         "fraction of the dense layer's (for example 0.1x)") from None
     if not math.isfinite(amount) or amount <= 0:
         raise SizeError(f"bad {what} budget {value!r}: it must be a positive number")
+    if amount < 1 and not text.lower().endswith("x"):  # surely a forgotten x: nothing fits
+        raise SizeError(f"bad {what} budget {value!r}: an absolute budget below 1 fits "
+                        f"nothing; for a fraction of the dense layer's, write {text}x")
     return amount
+
+
+def format_budget(amount: float) -> str:
+    """A budget as it is compared: 209,715.2 stays 209,715.2 (rounding it to a whole number
+    could print a budget the cheapest candidate seems to meet)."""
+    if float(amount).is_integer():
+        return f"{int(amount):,}"
+    text = repr(float(amount))
+    if "e" in text:  # tiny fractions of a small dense layer
+        return text
+    whole, frac = text.split(".")
+    return f"{int(whole):,}.{frac}"
 
 
 def parse_exponent(value, what: str):
@@ -205,10 +220,10 @@ def _empty_message(c: Candidates, flop_cap, param_cap) -> str:
     parts = []
     if flop_cap is not None and n["min_flops"] > flop_cap:
         parts.append(f"the cheapest candidate needs {int(n['min_flops']):,} FLOPs "
-                     f"(budget {flop_cap:,.0f})")
+                     f"(budget {format_budget(flop_cap)})")
     if param_cap is not None and n["min_params"] > param_cap:
         parts.append(f"the smallest candidate has {int(n['min_params']):,} parameters "
-                     f"(budget {param_cap:,.0f})")
+                     f"(budget {format_budget(param_cap)})")
     why = "; ".join(parts) if parts else "no candidate meets every filter at once"
     return f"no structure fits: {why}"
 
