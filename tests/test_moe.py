@@ -1,5 +1,7 @@
 """Tests for the BTT mixture-of-experts layer and its sparse dispatch."""
 
+import copy
+import io
 import math
 
 import pytest
@@ -8,6 +10,7 @@ import einc
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.func import functional_call, grad
 
 from einc.moe.chunked import btt_moe_chunked
 from einc.moe.dispatch import _sparse_triton
@@ -735,7 +738,6 @@ def test_chunked_rejects_bad_chunk(chunk):
 
 def test_torch_func_grad_matches_autograd():
     """Under torch.func the auto backend takes plain torch ops (padded), so transforms work."""
-    from torch.func import functional_call, grad
     m = einc.BTTMoE(16, 12, experts=4, k=2).double()
     with torch.no_grad():
         m.router.weight.normal_()
@@ -746,6 +748,50 @@ def test_torch_func_grad_matches_autograd():
     for name, p in m.named_parameters():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-10)
 
+
+def test_vmap_takes_the_masked_route_and_ensembles_work():
+    """Routing sizes a dispatch per batch entry, which vmap cannot hold; under vmap the
+    layer computes every expert and gates them (it used to fail inside functorch)."""
+    torch.manual_seed(0)
+    m = einc.BTTMoE(16, 12, experts=4, k=2).double()
+    with torch.no_grad():
+        m.router.weight.normal_()
+    xs = torch.randn(3, 5, 16, dtype=torch.float64)
+    want = torch.stack([m.forward_masked(x) for x in xs])
+    torch.testing.assert_close(torch.func.vmap(m)(xs), want, rtol=1e-12, atol=1e-12)
+    assert m.aux_loss.shape == (3,)  # one value per vmapped entry, read after vmap
+    # an ensemble: stacked parameters of three layers, one input
+    ms = [copy.deepcopy(m) for _ in range(3)]
+    for j, layer in enumerate(ms):
+        with torch.no_grad():
+            layer.A.mul_(j + 1)
+    params, bufs = torch.func.stack_module_state(ms)
+    base = copy.deepcopy(m).to("meta")
+    got = torch.func.vmap(lambda p, b, x: torch.func.functional_call(base, (p, b), (x,)),
+                          in_dims=(0, 0, None))(params, bufs, xs[0])
+    torch.testing.assert_close(got, torch.stack([layer(xs[0]) for layer in ms]),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_state_written_under_a_transform_is_usable_after_it():
+    """aux_loss and the router statistics written inside torch.func.grad used to stay
+    wrapped after it: deepcopy, torch.save and moe_aux_loss then failed."""
+    m = einc.BTTMoE(16, 16, experts=4, k=2)
+    with torch.no_grad():
+        m.router.weight.normal_()
+    x = torch.randn(5, 16)
+    params = dict(m.named_parameters())
+    got = grad(lambda p: functional_call(m, p, (x,)).sum() + einc.moe_aux_loss(m))(params)
+    value = einc.moe_aux_loss(m)
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(value)
+    stats = m.router_stats()
+    copy.deepcopy(m)
+    torch.save(m, io.BytesIO())
+    (m(x).sum() + einc.moe_aux_loss(m)).backward()  # the aux loss counted inside grad too
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(value, m.aux_loss.detach())
+    torch.testing.assert_close(stats["load"], m.router_stats()["load"])
 
 def test_torch_compile_runs_the_layer_and_its_backward():
     m = einc.BTTMoE(16, 16, experts=4, k=2)

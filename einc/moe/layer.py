@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from .dispatch import BACKENDS, btt_moe_masked, btt_moe_sparse, route
 from ..errors import CompileError
-from ..runtime.fused import autocasting, check_input, dtype_mismatch, exporting, tracing
+from ..runtime.fused import (autocasting, check_input, dtype_mismatch, exporting, tracing,
+                             vmapping)
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
 
@@ -90,6 +91,18 @@ class _Routed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad
+
+
+def _settled(t):
+    """A value stored under a torch.func transform and read after it ended: the tensor under
+    the transform's wrappers, detached. A wrapper that outlived its transform can be
+    neither computed with, copied nor saved; inside the transform it is returned as is."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if not torch.is_tensor(t) or tracing() or wrapped is None or not wrapped(t):
+        return t
+    while wrapped(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t.detach()
 
 
 def _alive(node) -> bool:
@@ -190,7 +203,7 @@ class BTTMoE(nn.Module):
         self.register_load_state_dict_post_hook(_keep_expert_major)
         self.deterministic = deterministic
         self.backend = backend
-        self.aux_loss: Optional[Tensor] = None
+        self._aux_loss: Optional[Tensor] = None
         self._routed = None  # the last forward's _Routed node, when it recorded a graph
         self._stats: Optional[dict] = None
         self.reset_parameters()
@@ -235,12 +248,23 @@ class BTTMoE(nn.Module):
         self._record(logits, expert_idx)
         return expert_idx, gate
 
+    @property
+    def aux_loss(self) -> Optional[Tensor]:
+        """The last forward's auxiliary loss (see the module docstring)."""
+        return _settled(self.__dict__.get("_aux_loss"))
+
+    @aux_loss.setter
+    def aux_loss(self, value: Optional[Tensor]) -> None:
+        self.__dict__["_aux_loss"] = value
+
     def __getstate__(self):
         # aux_loss is part of the last forward's graph, which copy.deepcopy and pickle
         # refuse (non-leaf tensor): copies keep its value, detached
         state = dict(super().__getstate__())
-        if state.get("aux_loss") is not None:
-            state["aux_loss"] = state["aux_loss"].detach()
+        if self.aux_loss is not None:
+            state["_aux_loss"] = self.aux_loss.detach()
+        if self._stats is not None:
+            state["_stats"] = self.router_stats()
         state["_routed"] = None
         return state
 
@@ -291,6 +315,7 @@ class BTTMoE(nn.Module):
             dt = torch.get_autocast_dtype(x2.device.type)
             x2, A, B = x2.to(dt), A.to(dt), B.to(dt)  # .to keeps the cores' strides
             bias = None if bias is None else bias.to(dt)
+        masked = masked or vmapping()  # vmap: a dispatch's sizes would differ per entry
         if masked:
             y = btt_moe_masked(x2.reshape(N, g, a), A, B, expert_idx, gate)
         else:
@@ -325,7 +350,7 @@ class BTTMoE(nn.Module):
         """
         if self._stats is None:
             raise RuntimeError("router_stats() needs a forward pass first")
-        return dict(self._stats)
+        return {name: _settled(v) for name, v in self._stats.items()}
 
     def extra_repr(self) -> str:
         return (

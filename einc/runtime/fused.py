@@ -121,6 +121,19 @@ def tracing() -> bool:
     return bool(active and active())
 
 
+def vmapping() -> bool:
+    """Whether a torch.func.vmap is active (at any depth of nested transforms); not asked
+    while compiling or tracing, which cannot follow the interpreter stack."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not tracing():
+        return False
+    try:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # pragma: no cover - older torch: assume the worst
+        return True
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
 def exporting() -> bool:
     """Whether torch.export is tracing (which also counts as compiling)."""
     check = getattr(torch.compiler, "is_exporting", None)
