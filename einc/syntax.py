@@ -258,14 +258,32 @@ def _leaf(node, spec: str) -> Size:
 
 
 def _theta_values(body: lark.Tree, spec: str) -> list[tuple[Fraction, Pos]]:
+    """The exponents of a theta point, each with its position. A minus sign is read (-0 is
+    0; a negative value is refused by :func:`einc.theta.lower_theta`, which names it); a
+    name (d, x, nan, inf) or a literal far above 1 is refused here, naming the component."""
+    from .theta import CLASSES
+
     out = []
-    for item in body.children:
-        if isinstance(item, lark.Tree) and item.data == "neg":
-            raise SizeError("theta exponents lie in [0, 1]", spec, _pos(item, spec))
-        value = eval_size(item, spec)
-        if not value.is_const:
-            raise SizeError("theta exponents are numbers", spec, _pos(item, spec))
-        out.append((Fraction(value.coeff), _pos(item, spec)))
+    for i, item in enumerate(body.children):
+        name = CLASSES[i] if i < len(CLASSES) else f"exponent {i + 1}"
+        pos = _pos(item, spec)
+        text = spec[item.meta.start_pos:item.meta.end_pos]
+        what = f"{name} = {text}" if len(text) <= 24 else name
+        if any(t.data == "symbol" for t in item.iter_subtrees()):
+            raise SizeError(f"{what} is not a number: theta exponents are numbers in [0, 1]",
+                            spec, pos)
+        try:
+            value = eval_size(item, spec, signed=True)
+        except SizeError:
+            literal = item
+            while literal.data == "neg":
+                literal = literal.children[0]
+            # 1e999 is refused as a size far too large; here it is just out of range
+            if literal.data == "number" and float(literal.children[0].value) > 1:
+                raise SizeError(f"{what} is out of range: exponents lie in [0, 1]", spec,
+                                pos) from None
+            raise
+        out.append((Fraction(value.coeff), pos))
     return out
 
 
