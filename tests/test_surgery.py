@@ -144,6 +144,32 @@ def test_a_bttmoe_router_is_part_of_its_layer():
     assert model(torch.randn(3, 64)).shape == (3, 64)
 
 
+@pytest.mark.parametrize("spec", ["btt", "bttmoe(experts=4, k=2)"])
+def test_replacements_keep_the_mode_and_the_freezing(spec):
+    """A frozen layer used to come back trainable, and an eval() model half in train mode."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.Linear(64, 64))
+    model[0].requires_grad_(False)
+    model[3].bias.requires_grad_(False)
+    model.eval()
+    einc.replace_linear(model, spec)
+    assert not any(m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert all(p.requires_grad for p in model[2].parameters())
+    assert {n: p.requires_grad for n, p in model[3].named_parameters()
+            if n == "bias" or not p.requires_grad} == {"bias": False}
+
+
+@pytest.mark.parametrize("spec,options,error", [
+    ("totally bogus (((", {}, einc.SpecSyntaxError),
+    ("btt", {"rout": "fused"}, einc.CompileError),
+    ("bttmoe(experts=4)", {"route": "fused"}, einc.CompileError),
+])
+def test_the_spec_and_options_are_checked_when_no_layer_matches(spec, options, error):
+    with pytest.raises(error):
+        einc.replace_linear(nn.Sequential(nn.ReLU()), spec, **options)
+    with pytest.raises(error):
+        einc.replace_linear(nn.Sequential(nn.Linear(8, 8)), spec, include="nothing*", **options)
+
 def test_the_bttmoe_gpt_example_runs():
     """examples/bttmoe_gpt.py end to end at a toy size: both models train and report."""
     import subprocess

@@ -20,16 +20,22 @@ def compile(spec, d_in: int | None = None, d_out: int | None = None, bias: bool 
     when they are all numbers. Options: ``route`` and ``tolerance`` (StructuredLinear);
     ``tolerance``, ``backend`` and ``deterministic`` (BTTMoE)."""
     s = as_structure(spec)
+    _check_options(s, options)
     d_in, d_out = resolve_dims(s, None, d_in, d_out)
     if s.moe is not None:
         from ..moe import from_structure
         return from_structure(s, d_in, d_out, bias=bias, device=device, dtype=dtype, **options)
-    unknown = ", ".join(sorted(set(options) - {"route", "tolerance"}))
-    if unknown:
-        raise CompileError(f"unknown option(s) for a structured layer: {unknown}; allowed: "
-                           "route, tolerance")
     return StructuredLinear(d_in, d_out, s if not isinstance(spec, str) else spec, bias=bias,
                             device=device, dtype=dtype, **options)
+
+
+def _check_options(s, options: dict) -> None:
+    moe = s.moe is not None
+    allowed = ("backend", "deterministic", "tolerance") if moe else ("route", "tolerance")
+    unknown = ", ".join(sorted(set(options) - set(allowed)))
+    if unknown:
+        raise CompileError(f"unknown option(s) for a {'BTT-MoE' if moe else 'structured'} "
+                           f"layer: {unknown}; allowed: {', '.join(allowed)}")
 
 
 @dataclass
@@ -88,6 +94,7 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
     ``keep_unembedding=False``, the unembedding: the last nn.Linear mapping an
     nn.Embedding's width to its vocabulary.
     """
+    _check_options(as_structure(spec), options)  # also when no layer is chosen
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else (exclude or [])
     report = ReplaceReport()
@@ -121,6 +128,7 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
         if old.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(old.bias)
+        _follow(new, old)
         built.append((old, new))
         params = sum(p.numel() for n, p in new.named_parameters() if n != "bias")
         report.rows.append((name, old.in_features, old.out_features,
@@ -131,6 +139,15 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, new)
     return report
+
+
+def _follow(new: nn.Module, old: nn.Linear) -> None:
+    """The replacement takes the layer's mode and freezing: a frozen weight freezes every
+    parameter standing for it (factors, router), a frozen bias the bias."""
+    new.train(old.training)
+    for name, p in new.named_parameters():
+        source = old.bias if name == "bias" else old.weight
+        p.requires_grad_(source.requires_grad)
 
 
 def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
