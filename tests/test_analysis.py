@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import re
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 
@@ -405,6 +406,14 @@ def test_json_schema():
     assert (fixed["d_in"], fixed["d_out"], fixed["omega"]) == (15, 4, None)
     text = str(analyze("btt", d=1024))
     assert "omega psi nu" in text and "rank bound" in text
+
+
+def test_a_one_step_chain_has_no_intermediate():
+    """dense printed "largest interm.  0 per vector"; JSON keeps the number."""
+    dense = analyze("dense", d=64)
+    assert dense.to_dict()["largest_intermediate"] == 0
+    assert re.search(r"^largest interm\.\s+none \(one step\)$", str(dense), re.M)
+    assert re.search(r"^largest interm\.\s+64 per vector$", str(analyze("btt", d=64)), re.M)
 
 
 def test_repeated_analysis_reuses_the_symbolic_derivation():

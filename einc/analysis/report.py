@@ -111,7 +111,8 @@ class Report:
             ("FLOPs formula", self.flops_formula),
             ("contraction", self.path[0] if self.path else "-"),
             *[("", p) for p in self.path[1:]],
-            ("largest interm.", f"{self.largest_intermediate:,} per vector"),
+            ("largest interm.", f"{self.largest_intermediate:,} per vector"
+             if len(self.path) > 1 else "none (one step)"),
             ("rank bound", self._rank_text()),
             ("omega psi nu", f"{_frac(self.omega)}  {_frac(self.psi)}  {_frac(self.nu)}"),
         ]
