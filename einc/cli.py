@@ -23,8 +23,11 @@ def _add_width(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="einc", description="A symbolic structure compiler for efficient "
                      "linear layers.")
+    parser.add_argument("--version", action="version", version=f"einc {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("analyze", help="parameters, FLOPs and taxonomy of a structure")

@@ -1,6 +1,7 @@
 """The command line, run as a user runs it: exit codes, messages without tracebacks, JSON."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,16 @@ def test_errors_exit_2_without_traceback(args, fragment, caret):
     if caret is not None:
         assert caret in r.stderr.splitlines()
     assert len(r.stderr.splitlines()) <= 5
+
+
+def test_version():
+    """`einc --version` prints the version the package is built with (pyproject.toml)."""
+    from einc import __version__
+
+    r = einc("--version")
+    assert r.returncode == 0 and r.stdout == f"einc {__version__}\n"
+    declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert declared and declared.group(1) == __version__
 
 
 def test_usage_errors_exit_2():
