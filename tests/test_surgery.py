@@ -75,9 +75,11 @@ def test_bttmoe_everywhere_but_the_head():
 def test_a_bare_linear_is_refused_and_errors_keep_their_class():
     with pytest.raises(einc.CompileError, match="itself an nn.Linear"):
         einc.replace_linear(nn.Linear(64, 64), "btt")
-    model = nn.Sequential(nn.Linear(64, 64))
-    with pytest.raises(einc.UnknownNameError, match="layer '0'.*unknown preset"):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(5, 5))
+    with pytest.raises(einc.UnknownNameError, match="unknown preset"):  # before any layer
         einc.replace_linear(model, "foo")
+    with pytest.raises(einc.SizeError, match=r"layer '1' \(5 -> 5\).*20\.0% padding"):
+        einc.replace_linear(model, "btt")
     assert type(model[0]) is nn.Linear
 
 
