@@ -156,7 +156,7 @@ def test_not_selectable_on_cpu_without_the_interpreter():
         "assert 'triton' not in autotune.candidates(x)\n"
         "try:\n"
         "    m(x)\n"
-        "except RuntimeError as e:\n"
+        "except einc.CompileError as e:\n"
         "    assert 'triton' in str(e)\n"
         "    print('refused')\n"
         "m.route = 'auto'\n"

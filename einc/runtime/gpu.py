@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..codegen.plan import Plan
-from ..errors import EincError
+from ..errors import CompileError, EincError
 from .fused import _same, _strides, relayout
 
 # the module (the package re-exports the function under the same name)
@@ -324,9 +324,10 @@ class TritonChainFunction(torch.autograd.Function):
 def forward_triton(module, x: torch.Tensor) -> torch.Tensor:
     """StructuredLinear's "triton" route (same conventions as the other routes)."""
     if not route_available(x):
-        raise RuntimeError(
+        raise CompileError(
             f"route 'triton' cannot run for a tensor on {x.device}: it needs triton and a "
-            "CUDA device (or TRITON_INTERPRET=1 for the interpreter on CPU)")
+            "CUDA device (or TRITON_INTERPRET=1 for the interpreter on CPU); the other "
+            "routes: auto, fused, plain, einsum, steps")
     low = module.lowered
     lead = x.shape[:-1]
     z = x.reshape(-1, module.in_features)
