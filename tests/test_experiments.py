@@ -1,5 +1,6 @@
 """The scaling-law harness: FLOP accounting, frontiers and fits, tiny runs of each task,
 resuming, the process-pool / Ray / DDP execution paths."""
+import argparse
 import json
 import os
 import socket
@@ -336,7 +337,39 @@ def test_scaling_cli_refuses_bad_arguments(no_runs, capsys, tmp_path, args, text
     afile.write_text("")
     args = [str(afile) if a == "AFILE" else a for a in args]
     rc, out, err = _main(capsys, "experiment", "scaling", *TINY, *args)
-    assert rc == 2 and text in err and out == ""
+    assert rc == 2 and text in err and out == "" and "training:" not in err  # no plan line
+
+
+def _subparser(parser, name):
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
+def test_scaling_help_shows_every_default():
+    from einc import _commands  # noqa: F401  (registers the sub-commands)
+    from einc.cli import build_parser
+
+    scaling_parser = _subparser(_subparser(build_parser(), "experiment"), "scaling")
+    for action in scaling_parser._actions:
+        if action.dest != "help":
+            assert "default" in action.help, action.option_strings
+    assert "Without arguments: task regression, structures dense,btt, widths 64,128,256, 1000 " \
+        "steps" in " ".join(scaling_parser.description.split())
+
+
+def test_scaling_says_what_it_trains_before_training(monkeypatch, capsys):
+    """Without arguments it started a long run on hidden defaults, in silence."""
+    class Started(Exception):
+        pass
+
+    def start(**kwargs):
+        raise Started
+    monkeypatch.setattr(harness, "scaling", start)
+    with pytest.raises(Started):
+        _main(capsys, "experiment", "scaling")
+    err = capsys.readouterr().err
+    assert err == ("training: task regression; structures dense, btt; widths 64, 128, 256; "
+                   "1,000 steps per run (--help lists every option and its default)\n")
 
 
 @pytest.mark.parametrize("args,text", [

@@ -50,18 +50,20 @@ def add_training_arguments(p, *, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}batch", type=int_at_least(1), help="global batch size "
                    "(default: the task's: 512 examples for regression, 32 sequences for charlm)")
     p.add_argument(f"--{prefix}lr", type=positive_float, help="one base learning rate for "
-                   "every structure (skips the sweep)")
+                   "every structure (skips the sweep; default: none, the sweep picks)")
     p.add_argument(f"--{prefix}lr-sweep", type=positive_float_list, help="base rates tried at "
                    "the smallest width, comma-separated (default: 1e-3,3e-3,1e-2)")
     p.add_argument(f"--{prefix}workers", type=int_at_least(1), default=1,
                    help="runs at a time (default 1)")
     p.add_argument(f"--{prefix}executor", default="local", choices=["local", "ray"],
-                   help="local: this process or a process pool; ray: a Ray cluster")
+                   help="local: this process or a process pool; ray: a Ray cluster "
+                   "(default local)")
     p.add_argument(f"--{prefix}ray-address", help="Ray cluster address (default: start a "
                    "local one)")
     p.add_argument(f"--{prefix}option", type=_option_pair, action="append",
                    metavar="KEY=VALUE", help="task option, repeatable (context=64, layers=2, "
-                   "hidden=2, ...); an unknown option lists the task's options")
+                   "hidden=2, ...); an unknown option lists the task's options (default: "
+                   "the task's own values)")
     p.add_argument(f"--{prefix}eval-points", type=int_at_least(1), default=24,
                    help="evaluations per run, log-spaced (default 24)")
 
@@ -82,32 +84,51 @@ def _register(sub):
         "scaling", help="train structures over widths and fit compute-optimal frontiers",
         description="Train each structure at each width (and seed) with one protocol, log "
         "held-out loss against training FLOPs counted by einc's analysis, and fit each "
-        "structure's frontier with a power law. Finished runs in --out are not redone.")
-    s.add_argument("--task", default="regression", help="regression or charlm")
+        "structure's frontier with a power law. Finished runs in --out are not redone. "
+        "Without arguments: task regression, structures dense,btt, widths 64,128,256, 1000 "
+        "steps per run, after a learning-rate sweep at the smallest width.")
+    s.add_argument("--task", default="regression", help="regression or charlm (default "
+                   "regression)")
     s.add_argument("--structures", default="dense,btt", help="comma-separated specs, e.g. "
                    'dense,btt,kron,"lowrank(rank=d^(1/2))","bttmoe(experts=8,k=2)"; commas '
                    "inside parentheses stay in their spec, and a spec in quotes is one item, "
-                   "so an einsum with commas goes in quotes: \"dense,'i,io->o'\"")
+                   "so an einsum with commas goes in quotes: \"dense,'i,io->o'\" "
+                   "(default dense,btt)")
     s.add_argument("--widths", type=int_list(1), default="64,128,256",
                    help="comma-separated widths (default 64,128,256)")
     s.add_argument("--steps", type=int_at_least(1), default=1000,
                    help="training steps per run (default 1000)")
     s.add_argument("--out", help="folder for runs, tables and the plot (and for resuming); "
-                   "checked, and created, before any run")
-    s.add_argument("--irreducible", action="store_true", help="fit loss = a C^-b + c")
-    s.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+                   "checked, and created, before any run (default: none, nothing is written)")
+    s.add_argument("--irreducible", action="store_true", help="fit loss = a C^-b + c "
+                   "(default: loss = a C^-b)")
+    s.add_argument("--no-progress", action="store_true", help="never draw a progress bar "
+                   "(default: drawn on a terminal)")
     add_training_arguments(s)
     s.set_defaults(run=_scaling)
     p.set_defaults(run=lambda args: p.print_help() or 0)
 
 
 def _scaling(args) -> int:
-    from .harness import scaling, split_specs
+    from .executors import dist_env
+    from .harness import check_scaling, prepare_out, scaling, split_specs
 
-    result = scaling(task=args.task, structures=split_specs(args.structures),
+    structures = split_specs(args.structures)
+    common = _common(args)
+    # Without arguments this starts a long run on defaults: say what, once the arguments
+    # are known to be good and before the first step.
+    plan = check_scaling(task=args.task, structures=structures, widths=args.widths,
+                         steps=args.steps, **{k: v for k, v in common.items()
+                                              if k != "ray_address"})
+    prepare_out(args.out)
+    if dist_env()[0] == 0:  # under torchrun, once
+        print(f"training: task {plan['task']}; structures {', '.join(plan['structures'])}; "
+              f"widths {', '.join(map(str, plan['widths']))}; {plan['steps']:,} steps per run "
+              "(--help lists every option and its default)", file=sys.stderr)
+    result = scaling(task=args.task, structures=structures,
                      widths=args.widths, steps=args.steps, out=args.out,
                      irreducible=args.irreducible,
-                     progress=False if args.no_progress else None, **_common(args))
+                     progress=False if args.no_progress else None, **common)
     print(result.table())
     print("\nbase learning rates: " + ", ".join(f"{s}: {v:.3g}" for s, v in result.lrs.items()))
     for path in result.files:
