@@ -31,7 +31,7 @@ def compile(spec, d_in: int | None = None, d_out: int | None = None, bias: bool 
 
 def _check_options(s, options: dict) -> None:
     moe = s.moe is not None
-    allowed = ("backend", "deterministic", "tolerance") if moe else ("route", "tolerance")
+    allowed = ("tolerance", "backend", "deterministic") if moe else ("route", "tolerance")
     unknown = ", ".join(sorted(set(options) - set(allowed)))
     if unknown:
         raise CompileError(f"unknown option(s) for a {'BTT-MoE' if moe else 'structured'} "
