@@ -53,6 +53,55 @@ def test_emitted_init_keeps_unit_rms(tmp_path):
     assert 0.5 < rms < 2
 
 
+@pytest.mark.parametrize("spec", [
+    "x[i pos_encoding] W[i pos_encoding o] -> y[o] with pos_encoding = 4",
+    "x[i coding] W[i coding o] -> y[o] with coding=d_in^(1/2)"])
+def test_spec_text_never_declares_the_files_encoding(tmp_path, spec):
+    """Python reads "coding[:=] NAME" in a comment on line 1 or 2 as the file's encoding:
+    the spec and the sizes used to sit there, and such a file did not load."""
+    path = tmp_path / "layer.py"
+    path.write_text(module_source(lower(spec, 16, 16), "Layer"))
+    compile(path.read_bytes(), str(path), "exec")  # bytes: the declaration is honoured
+    assert load_module(path, "Layer")()(torch.randn(2, 16)).shape == (2, 16)
+
+
+def _reinitialised_after_assign(module):
+    """Load contiguous copies with assign=True (as from a safetensors file), fill them with
+    a constant, reset: every factor must change."""
+    sd = {k: torch.full(v.shape, 7.0) for k, v in module.state_dict().items()}
+    module.load_state_dict(sd, assign=True)
+    module.reset_parameters()
+    return [bool((p != 7.0).any()) for p in module.factors()]
+
+
+def test_reset_parameters_reaches_every_factor_in_any_layout(tmp_path):
+    spec = "btt(rank=2, cores=3)"
+    assert _reinitialised_after_assign(einc.compile(spec, 64)) == [True] * 3
+    path = tmp_path / "layer.py"
+    path.write_text(module_source(lower(spec, 64, 64), "Layer"))
+    assert _reinitialised_after_assign(load_module(path, "Layer")()) == [True] * 3
+
+
+def test_emitted_init_survives_exact_zero_draws(tmp_path, monkeypatch):
+    """At fan-in 1 (element-wise factors) an exact zero draw made 0/0 = NaN in the file,
+    where the in-memory module gives the constant unit column."""
+    path = tmp_path / "layer.py"
+    path.write_text(module_source(lower("(0|0|1|0|0|1|0)", 64, 64), "Layer"))
+    Layer = load_module(path, "Layer")
+    monkeypatch.setattr(torch.Tensor, "normal_", lambda self, *a, **k: self.zero_())
+    layer = Layer()
+    monkeypatch.undo()
+    assert all(p.isfinite().all() for p in layer.factors())
+    assert layer(torch.randn(3, 64)).isfinite().all()
+
+
+def test_emitted_module_names_a_wrong_width(tmp_path):
+    path = tmp_path / "layer.py"
+    path.write_text(module_source(lower("btt", 250, 260), "Layer"))
+    layer = load_module(path, "Layer")()
+    with pytest.raises(ValueError, match=r"last dimension 250, got shape \(4, 125\)"):
+        layer(torch.randn(4, 125))
+
 def test_source_is_readable_and_names_the_spec():
     m = einc.compile("btt", 64)
     src = m.source
@@ -68,6 +117,17 @@ def test_factor_names_that_clash_are_sanitised(name):
     assert f"w_{name}" in dict(m.named_parameters())
     assert m(torch.randn(2, 8)).shape == (2, 8)
     compile(module_source(m.lowered, "Layer"), "<emitted>", "exec")  # valid Python
+
+
+def test_a_renamed_factor_never_takes_a_name_the_spec_wrote():
+    """``bias`` is renamed w_bias; next to a factor written ``w_bias`` that one keeps its
+    name, whatever order the two come in (the rename used to win when it came first)."""
+    for spec in ("x[i] bias[i r] w_bias[r o] -> y[o]", "x[i] w_bias[i r] bias[r o] -> y[o]"):
+        m = einc.compile(spec + " with r = 4", 16)
+        keys = {n for n in m.state_dict() if n != "bias"}
+        assert keys == {"w_bias", "w_bias_"}
+        written = [f.name for f in m.structure.factors].index("w_bias")
+        assert m.factors()[written] is m.w_bias
 
 
 @pytest.mark.parametrize("hostile", [
@@ -140,11 +200,14 @@ def test_compile_cli_errors_leave_nothing_behind(tmp_path):
     out = subprocess.run([sys.executable, "-m", "einc", "compile", "btt", "--d", "64",
                           "--class-name", "not valid"], capture_output=True, text=True)
     assert out.returncode == 2 and "identifier" in out.stderr
-    for name in ["class", "super"]:  # a keyword; a builtin the generated __init__ calls
+    for name in ["class", "super", ""]:  # a keyword; a builtin __init__ calls; empty
         out = subprocess.run([sys.executable, "-m", "einc", "compile", "btt", "--d", "64",
                               "--class-name", name], capture_output=True, text=True)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert "--class-name" in out.stderr and out.stdout == ""
+    out = subprocess.run([sys.executable, "-m", "einc", "compile", "btt", "--d", "64", "-o", ""],
+                         capture_output=True, text=True)  # used to print to stdout
+    assert out.returncode == 2 and "-o/--output is empty" in out.stderr and out.stdout == ""
 
 
 def compile_to(path, **kw):

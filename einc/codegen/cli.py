@@ -41,10 +41,13 @@ def _run(args) -> int:
                            "built in Python with einc.compile / einc.BTTMoE")
     d_in, d_out = resolve_dims(s, args.d, args.d_in, args.d_out)
     low = lower(s, d_in, d_out, args.tolerance)
-    name = args.class_name or class_name_for(args.spec)
+    name = class_name_for(args.spec) if args.class_name is None else args.class_name
     check_class_name(low, name, "--class-name")
     text = module_source(low, name, args.spec)
-    if not args.output:
+    if args.output == "":
+        raise CompileError("-o/--output is empty: give a file to write, or leave -o out to "
+                           "print the module to standard output")
+    if args.output is None:
         _write_stdout(text)
         return 0
     _write_file(args.output, text)

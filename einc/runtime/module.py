@@ -113,13 +113,16 @@ class StructuredLinear(nn.Module):
         # Unit-norm Gaussian columns over each factor's fan-in (see emit.init_views).
         with torch.no_grad():
             for p, (perm, shape) in zip(self.factors(), emit.init_views(self.lowered)):
-                w = p.permute(*perm).reshape(shape)
-                w.normal_()
+                # drawn apart and copied in: p.permute(...).reshape(...) is a view only in
+                # the layout __init__ gives p, not after load_state_dict(assign=True)
+                v = p.permute(*perm)
+                w = torch.empty(shape, dtype=p.dtype, device=p.device).normal_()
                 norm = w.norm(dim=1, keepdim=True)
                 # a column of exact zeros (odds ~1e-7 per entry at fan-in 1, where w / |w|
                 # is a sign) would divide 0 by 0: it becomes the constant unit column
                 dead = norm == 0
                 w.masked_fill_(dead, shape[1] ** -0.5).div_(norm.masked_fill_(dead, 1.0))
+                v.copy_(w.view(v.shape))
             # the input is zero-padded to padded_in entries, which dilutes its RMS; the map
             # is linear in each factor, so one factor makes up for it
             self.factors()[0].mul_(emit.padding_gain(self.lowered))
