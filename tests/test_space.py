@@ -163,6 +163,15 @@ def test_paper_order_puts_the_cheapest_first_among_equal_params_per_flop():
     assert search(d=1024, top=1)[0]["name"] != "dense"
 
 
+@pytest.mark.parametrize("sort,field,sign", [("omega", "omega", 1), ("psi", "psi", -1),
+                                             ("nu", "nu", 1), ("rank", "rank_bound", -1)])
+def test_single_key_sorts_break_ties_by_cost(sort, field, sign):
+    """Equal key and parameters per FLOP (every omega = 0, psi = 1 point has 1/2): the
+    cheaper candidate first, not lattice order."""
+    res = search(d=1024, sort=sort, top=300, max_flops=None)
+    key = [(sign * r[field], -r["params"] / r["flops"], r["flops"]) for r in res]
+    assert key == sorted(key)
+
 def test_rank_bound_never_exceeds_the_layer_width():
     """Padded points used to report (and rank by) the padded cut, above min(d_in, d_out)."""
     res = search(d_in=1000, d_out=900, sort="rank", top=20, max_flops=None)

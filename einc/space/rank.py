@@ -44,13 +44,13 @@ def _sort_order(c: Candidates, key: str) -> np.ndarray:
     ppf = c.params_per_flop
     keys = {  # np.lexsort sorts by the last key first; ids break every tie
         "paper": (c.ids, c.flops, -ppf, -c.psi, c.omega),
-        "params-per-flop": (c.ids, -ppf),
+        "params-per-flop": (c.ids, c.flops, -ppf),
         "flops": (c.ids, c.flops),
         "params": (c.ids, c.params),
-        "omega": (c.ids, -ppf, c.omega),
-        "psi": (c.ids, -ppf, -c.psi),
-        "nu": (c.ids, -ppf, c.nu),
-        "rank": (c.ids, -ppf, -c.rank_bound),
+        "omega": (c.ids, c.flops, -ppf, c.omega),
+        "psi": (c.ids, c.flops, -ppf, -c.psi),
+        "nu": (c.ids, c.flops, -ppf, c.nu),
+        "rank": (c.ids, c.flops, -ppf, -c.rank_bound),
         # which candidates to measure: the paper's first (then sorted by time)
         "measured": (c.ids, c.flops, -ppf, -c.psi, c.omega),
     }[key]
