@@ -260,7 +260,8 @@ def _leaf(node, spec: str) -> Size:
 def _theta_values(body: lark.Tree, spec: str) -> list[tuple[Fraction, Pos]]:
     """The exponents of a theta point, each with its position. A minus sign is read (-0 is
     0; a negative value is refused by :func:`einc.theta.lower_theta`, which names it); a
-    name (d, x, nan, inf) or a literal far above 1 is refused here, naming the component."""
+    name (d, x, nan, inf), an irrational value or one past the size limits is refused here,
+    naming the component."""
     from .theta import CLASSES
 
     out = []
@@ -274,15 +275,16 @@ def _theta_values(body: lark.Tree, spec: str) -> list[tuple[Fraction, Pos]]:
                             spec, pos)
         try:
             value = eval_size(item, spec, signed=True)
-        except SizeError:
-            literal = item
-            while literal.data == "neg":
-                literal = literal.children[0]
-            # 1e999 is refused as a size far too large; here it is just out of range
-            if literal.data == "number" and float(literal.children[0].value) > 1:
-                raise SizeError(f"{what} is out of range: exponents lie in [0, 1]", spec,
-                                pos) from None
-            raise
+        except SizeError as e:
+            # the size limits (2^32, positive integers) mean here: out of range, or ~0
+            if "division by zero" in e.message:
+                raise
+            why = ("is too small to tell from 0: write 0" if "too small" in e.message
+                   else "is out of range: exponents lie in [0, 1]")
+            raise SizeError(f"{what} {why}", spec, pos) from None
+        if not value.is_const:  # a root such as 2^(1/2): no rational point of the space
+            raise SizeError(f"{what} is not a rational number: theta exponents are rational "
+                            "numbers in [0, 1]", spec, pos)
         out.append((Fraction(value.coeff), pos))
     return out
 

@@ -182,6 +182,10 @@ BAD = [
      "gamma = x is not a number: theta exponents are numbers in [0, 1]", 8, 1),
     ("(0.5|0|nan|0|0.5|0.5|0)", SizeError, "gamma = nan is not a number", 8, 3),
     ("(0.5|0|0.5|0|0.5|0.5|-inf)", SizeError, "rho = -inf is not a number", 22, 4),
+    # irrational exponents were read as their rational part (2^(1/2) as 1)
+    ("(2^(1/2)|0|0|0|1|0|0)", SizeError, "alpha = 2^(1/2) is not a rational number", 2, 7),
+    ("(1|0|0|0|1|0|3^(1/2)/3)", SizeError, "rho = 3^(1/2)/3 is not a rational number", 14, 9),
+    ("(2*1e999|0|0|0|1|0|0)", SizeError, "alpha = 2*1e999 is out of range", 2, 7),
     # presets
     ("foo", UnknownNameError, "unknown preset 'foo'", 1, 3),
     ("btt(rnk=2)", UnknownNameError, "preset 'btt' has no parameter 'rnk'", 5, 3),
@@ -209,7 +213,7 @@ BAD = [
      "size 1099511627776 is above the largest size einc accepts (2^32 = 4294967296)", 21, 4),
     ("btt(rank=2^40)", SizeError, "rank = 1099511627776 is above the largest size", 10, 4),
     ("bttmoe(experts=2^40, k=1)", SizeError, "experts = 1099511627776 is above", 16, 4),
-    ("(1e-400|0|1|0|1|0|0)", SizeError, "1e-400 is far too small (~1e-400)", 2, 6),
+    ("(1e-400|0|1|0|1|0|0)", SizeError, "alpha = 1e-400 is too small to tell from 0", 2, 6),
     ("i,ir,ro->o with r = 1.0000000000000000000000000000000000000000001", SizeError,
      "has too many digits", 21, 45),
     # short values in messages, the expression under the caret
