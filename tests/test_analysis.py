@@ -254,6 +254,11 @@ def test_written_two_factor_einsum_gets_its_theta():
     ("x[i] A[i r] B[r o] -> y[o] with r = d^(1/2)", "(1|0|0|0|1|0|1/2)"),
     ("x[g b] B[g e] A[f g b] -> y[f e] with g = b = e = f",
      "x[g b] A[f g b] B[g e] -> y[f e] with g = b = e = f"),
+    # min(alpha, eps) = min(beta, delta): both orders as cheap
+    ("x[g a] P[d f g a] Q[g f] -> y[f d] with a = d_in^(2/3), g = d_in^(1/3), "
+     "d = d_out^(1/3), f = d_out^(2/3)", "(2/3|0|1/3|1/3|0|2/3|0)"),
+    ("x[g a] Q[g f] P[d f g a] -> y[f d] with a = d_in^(2/3), g = d_in^(1/3), "
+     "d = d_out^(1/3), f = d_out^(2/3)", "(2/3|0|1/3|1/3|0|2/3|0)"),
 ])
 def test_theta_of_an_einsum_does_not_depend_on_factor_order(spec, theta):
     """The factor written first used to be read as A: a plain low-rank layer written

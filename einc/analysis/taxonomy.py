@@ -27,7 +27,8 @@ def theta_of(s: Structure):
 
     The factors' names and order in a spec are arbitrary; A is the factor absorbed first in
     the cheaper order (the non-redundant orientation), so a theta read off an einsum is never
-    redundant. A theta typed as such keeps its orientation and may be.
+    redundant; where both orders are as cheap, the larger tuple. A theta typed as such keeps
+    its orientation and may be redundant.
     """
     if len(s.factors) != 2 or s.moe is not None:
         return None
@@ -44,6 +45,9 @@ def theta_of(s: Structure):
             return None
         theta[_CLASS_POS[key]] += sizes[name].exponent()
     a, b, g, dl, e, f, r = theta
+    swapped = (b, a, g, e, dl, f, r)
     if min(a, e) < min(b, dl):  # spec order put B first: read it the way einc absorbs it
-        return (b, a, g, e, dl, f, r)
+        return swapped
+    if min(a, e) == min(b, dl):  # either order as cheap: the larger tuple, whatever the order
+        return max(tuple(theta), swapped)
     return tuple(theta)
