@@ -342,6 +342,23 @@ def test_least_padding_with_many_free_sizes():
     assert (rep.padded_in, rep.padded_out) == (1296, 1296)
 
 
+def test_many_free_sizes_break_ties_by_cost_too():
+    """Beyond 14 free sizes the grouped search took the first of equally close roundings:
+    the index rounded up, and so the cost, followed the order x lists its indices."""
+    letters = [c for c in "abcdefghijklmnpqstuvw"][:15]
+    sizes = ", ".join(f"{c} = d_in^(1/15)" for c in letters)
+    body = (f"A[{' '.join(letters[:8])} r] B[{' '.join(letters[8:])} r o] -> y[o] with "
+            f"{sizes}, r = 4, o = d_out")
+    reports = [analyze(f"x[{' '.join(order)}] {body}", d_in=40000, d_out=64, tolerance=0.5)
+               for order in (letters, letters[8:] + letters[:8])]
+    costs = set()
+    for c in letters:  # 3^1 * 2^14 = 49152 is the least padding: one size rounds up
+        explicit = ", ".join(f"{i} = {3 if i == c else 2}" for i in letters)
+        costs.add(analyze(f"x[{' '.join(letters)}] {body.split(' with ')[0]} with {explicit}, "
+                          "r = 4, o = 64", d_in=40000, d_out=64, tolerance=0.5).flops)
+    assert len(costs) > 1
+    assert [r.flops for r in reports] == [min(costs)] * 2
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 5), st.floats(0.05, 0.95), st.sampled_from("io")),
                 min_size=1, max_size=9),
@@ -356,11 +373,14 @@ def test_grouped_rounding_matches_brute_force(entries, scale_in, scale_out):
     free = [(f"{side}{j}", lo, lo + 1, lo + frac) for j, (lo, frac, side) in enumerate(entries)]
     ins = [n for n, *_ in free if n[0] == "i"] + ["a"]
     outs = [n for n, *_ in free if n[0] == "o"] + ["b"]
-    s = SimpleNamespace(input=SimpleNamespace(indices=ins), output=SimpleNamespace(indices=outs))
+    s = SimpleNamespace(input=SimpleNamespace(indices=ins), output=SimpleNamespace(indices=outs),
+                        factors=[])
     fixed = {"a": 2, "b": 3}
     real = lambda side: math.prod(v for n, _, _, v in free if n[0] == side)
     d_in, d_out = max(1, round(2 * real("i") * scale_in)), max(1, round(3 * real("o") * scale_out))
-    got = _choose_grouped(s, fixed, free, d_in, d_out)
+    with pytest.MonkeyPatch.context() as mp:  # padding only: no structure to cost ties by
+        mp.setattr("einc.analysis.concrete.cost", lambda s, sizes: (0, 0))
+        got = _choose_grouped(s, fixed, free, d_in, d_out)
     best = None
     for choice in itertools.product(*[(lo, hi) for _, lo, hi, _ in free]):
         sizes = dict(fixed, **{n: c for (n, *_), c in zip(free, choice)})

@@ -132,6 +132,12 @@ def _choose(s, fixed, free, d_in, d_out):
             continue
         drift = sum(abs(math.log(c / v)) for (_, _, _, v), c in zip(free, choice))
         found.append((pin / d_in + pout / d_out, drift, sizes))
+    return _pick(s, found)
+
+
+def _pick(s, found: list):
+    """Of (padding, drift, sizes) candidates: the least padding, then the closest, then the
+    cheapest (FLOPs, parameters), then the first."""
     if not found:
         return None
     padding = min(f[0] for f in found)
@@ -161,45 +167,49 @@ def cost(s: Structure, sizes: dict) -> tuple[int, int]:
     return min(int(f(*args)) for f in sym.flops_fns.values()), int(sym.params_fn(*args))
 
 
-def _choose_grouped(s, fixed, free, d_in, d_out):
+def _choose_grouped(s, fixed, free, d_in, d_out, by_factor: bool = True):
     """:func:`_choose` for many free sizes. Those that round between the same two integers
-    and sit in the same operands are interchangeable for padding, so only how many of each
-    such group round up matters; the ones rounded up are those with the largest real sizes
-    (least drift). The search is then a product of (group size + 1) choices instead of
-    2 ** (free sizes)."""
+    and sit in the same operands are interchangeable, for padding and for cost, so only how
+    many of each such group round up matters; the ones rounded up are those with the largest
+    real sizes (least drift). The search is then a product of (group size + 1) choices
+    instead of 2 ** (free sizes), with the same rule for ties. When that is still too many,
+    sizes in different factors are grouped too (interchangeable for padding only: ties then
+    go by index order), and beyond that every size rounds up."""
     count_in, count_out = Counter(s.input.indices), Counter(s.output.indices)
+    factors = lambda name: tuple(k for k, f in enumerate(s.factors) if name in f.indices) \
+        if by_factor else ()
     groups: dict[tuple, list] = {}
     for entry in free:
         name, lo, hi, _ = entry
-        groups.setdefault((lo, hi, count_in[name], count_out[name]), []).append(entry)
+        groups.setdefault((lo, hi, count_in[name], count_out[name], factors(name)),
+                          []).append(entry)
     keys = list(groups)
     for members in groups.values():
         members.sort(key=lambda t: -t[3])
-    if math.prod(len(groups[k]) + 1 for k in keys) > 1 << EXHAUSTIVE:  # round all up: fits
-        return {**fixed, **{n: hi for n, lo, hi, v in free}}
+    if math.prod(len(groups[k]) + 1 for k in keys) > 1 << EXHAUSTIVE:
+        if by_factor:
+            return _choose_grouped(s, fixed, free, d_in, d_out, by_factor=False)
+        return {**fixed, **{n: hi for n, lo, hi, v in free}}  # round all up: fits
     base_in = _prod(fixed[i] for i in s.input.indices if i in fixed)
     base_out = _prod(fixed[i] for i in s.output.indices if i in fixed)
-    best, best_key = None, None
+    found = []
     for ups in itertools.product(*[range(len(groups[k]) + 1) for k in keys]):
         pin, pout, drift = base_in, base_out, 0.0
-        for (lo, hi, m_in, m_out), u in zip(keys, ups):
-            members = groups[lo, hi, m_in, m_out]
+        for key, u in zip(keys, ups):
+            lo, hi, m_in, m_out, _ = key
+            members = groups[key]
             factor = hi ** u * lo ** (len(members) - u)
             pin, pout = pin * factor ** m_in, pout * factor ** m_out
             drift += sum(abs(math.log((hi if j < u else lo) / v))
                          for j, (_, _, _, v) in enumerate(members))
         if pin < d_in or pout < d_out:
             continue
-        key = (pin / d_in + pout / d_out, drift)
-        if best_key is None or key < best_key:
-            best, best_key = ups, key
-    if best is None:
-        return None
-    sizes = dict(fixed)
-    for (lo, hi, m_in, m_out), u in zip(keys, best):
-        for j, (name, *_) in enumerate(groups[lo, hi, m_in, m_out]):
-            sizes[name] = hi if j < u else lo
-    return sizes
+        sizes = dict(fixed)
+        for key, u in zip(keys, ups):
+            for j, (name, lo, hi, _) in enumerate(groups[key]):
+                sizes[name] = hi if j < u else lo
+        found.append((pin / d_in + pout / d_out, drift, sizes))
+    return _pick(s, found)
 
 
 def _shortfall(s, fixed, free, d_in, d_out) -> str:
