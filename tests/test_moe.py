@@ -736,6 +736,20 @@ def test_chunked_rejects_bad_chunk(chunk):
         btt_moe_chunked(x, A, B, idx, gate, chunk=chunk)
 
 
+@pytest.mark.parametrize("backend", ["chunked", "strided", "triton", "grouped_mm"])
+def test_named_backends_compute_as_padded_under_torch_func(backend):
+    """Their autograd functions (old style, preallocated buffers) cannot run under a
+    transform: jacrev used to fail with torch's own setup_context error."""
+    from torch.func import jacrev
+    torch.manual_seed(0)
+    m = einc.BTTMoE(24, 20, experts=4, k=2, backend=backend).double()
+    with torch.no_grad():
+        m.router.weight.normal_()
+    x = torch.randn(5, 24, dtype=torch.float64)
+    ref = jacrev(m.forward_masked)(x)
+    torch.testing.assert_close(jacrev(m)(x), ref, rtol=1e-10, atol=1e-10)
+
+
 def test_torch_func_grad_matches_autograd():
     """Under torch.func the auto backend takes plain torch ops (padded), so transforms work."""
     m = einc.BTTMoE(16, 12, experts=4, k=2).double()

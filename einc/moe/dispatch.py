@@ -833,10 +833,10 @@ def btt_moe_sparse(
         # shapes), and meta tensors have no loads to size one by
         y = btt_moe_masked(x, A, B, expert_idx, gate)
         return y if bias is None else y + bias
-    if tracing() and torch.compiler.is_compiling():  # run eagerly, between two graphs
+    if torch.compiler.is_compiling():  # run eagerly, between two graphs
         return _sparse_eager(rows, A, B, expert_idx, gate, deterministic, bias, backend)
-    if backend == "auto" and tracing():
-        backend = "padded"  # torch.func: plain torch ops with autograd
+    if tracing():  # torch.func: plain torch ops with autograd, whatever backend was named
+        backend = "padded"
     return _run(rows, A, B, expert_idx, gate, deterministic, backend, bias)
 
 
