@@ -269,7 +269,12 @@ def test_cli_default_table_and_json():
 @pytest.mark.parametrize("args,text", [(["--k", "0"], "k = 0"),
                                        (["--sort", "nope"], "known sort keys"),
                                        (["--max-params", "x"], "bad parameter budget"),
-                                       (["--max-flops", "0.1"], "write 0.1x")])
+                                       (["--max-flops", "0.1"], "write 0.1x"),
+                                       # silently ignored without --train
+                                       (["--train-steps", "5"],
+                                        "--train-steps applies only with --train TASK"),
+                                       (["--train-out", "o", "--train-widths", "8"],
+                                        "--train-out, --train-widths apply only")])
 def test_cli_errors_exit_2(args, text):
     out = _cli(*args)
     assert out.returncode == 2 and text in out.stderr and "Traceback" not in out.stderr

@@ -59,7 +59,11 @@ def _register(sub):
         add_training_arguments(p, prefix="train-")
     except ImportError:  # torch missing: no --train
         pass
-    p.set_defaults(run=_search)
+    # what --train-* options default to (argparse converts string defaults by their type),
+    # to tell the ones given without --train
+    p.set_defaults(run=_search, train_defaults={
+        a.dest: a.type(a.default) if isinstance(a.default, str) and a.type else a.default
+        for a in p._actions if a.dest.startswith("train_")})
 
 
 def _search(args) -> int:
@@ -71,6 +75,11 @@ def _search(args) -> int:
     # Everything that can be checked is checked before the search: the plot folder and the
     # --train arguments (folders made here are taken back if the search refuses its options).
     created, training = [], None
+    given = sorted("--" + dest.replace("_", "-") for dest, default in args.train_defaults.items()
+                   if getattr(args, dest) != default)
+    if given and not args.train:
+        raise EincError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only "
+                        "with --train TASK, which was not given")
     try:
         if args.plot:
             from .plot import prepare
