@@ -380,11 +380,9 @@ def from_structure(s, d_in: int, d_out: int, bias: bool = True, device=None, dty
                    tolerance: float = 0.15, **options) -> "BTTMoE":
     """The BTTMoE for a parsed ``bttmoe(...)`` spec, with the sizes the analysis chose."""
     from ..analysis import concretize
+    from ..runtime.api import _check_options  # the one list of each layer's options
 
-    unknown = ", ".join(sorted(set(options) - {"deterministic", "backend"}))
-    if unknown:
-        raise CompileError(f"unknown option(s) for a BTT-MoE layer: {unknown}; allowed: "
-                           "tolerance, backend, deterministic")
+    _check_options(s, options)
     if s.equation != BTTMoE.equation or s.moe.expert_index != BTTMoE.expert_index:
         raise CompileError(f"BTT-MoE layers are compiled for two cores ({BTTMoE.equation}); "
                            f"this spec has {s.equation}: use bttmoe(cores=2)")
