@@ -295,7 +295,9 @@ def _preset_args(body: lark.Tree, spec: str) -> list[tuple[str, Size, Pos, Pos]]
         if arg is None:
             continue
         name, value = arg.children
-        args.append((name.value, eval_size(value, spec), _pos(name, spec), _pos(value, spec)))
+        # signed: a negative value reaches lower_preset, whose message names the parameter
+        args.append((name.value, eval_size(value, spec, signed=True), _pos(name, spec),
+                     _pos(value, spec)))
     return args
 
 

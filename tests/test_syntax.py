@@ -193,6 +193,10 @@ BAD = [
     ("btt(rank=2, rank=3)", UnknownNameError, "given twice", 13, 4),
     ("lowrank(rank=0)", SizeError, "rank = 0 is not a positive integer", 14, 1),
     ("btt(rank=1/2)", SizeError, "rank = 1/2 is not a positive integer", 10, 3),
+    # a negative argument is named like a zero one (it read "sizes must be positive")
+    ("bttmoe(experts=8, k=-1)", SizeError, "k = -1 is not a positive integer", 21, 2),
+    ("bttmoe(experts=-3)", SizeError, "experts = -3 is not a positive integer", 16, 2),
+    ("lowrank(rank=-d)", SizeError, "rank = -1*d is not positive", 14, 2),
     ("btt(cores=1)", SizeError, "cores must be an integer >= 2", 11, 1),
     ("bttmoe(experts=4, k=8)", SizeError, "k = 8 exceeds experts = 4", 21, 1),
     ("btt with q = 2", SizeError, "unknown index 'q'", 10, 1),
