@@ -450,6 +450,45 @@ def test_layer_options_are_checked(bad, match):
         einc.compile("bttmoe(experts=4, k=2)", 16, **bad)
 
 
+@pytest.mark.parametrize("fn", [btt_moe_masked, btt_moe_sparse,
+                                lambda *a: btt_moe_sparse(*a, backend="grouped_mm")])
+@pytest.mark.parametrize("idx,match", [
+    ([[0], [3]], "in \\[0, 2\\] \\(experts = 3\\), got values from 0 to 3"),
+    ([[-1], [0]], "got values from -1 to 0"),
+    ([[0.0], [1.0]], "integer tensor .*got torch.float32"),
+    ([0, 1], r"must be \(N, k\), got shape \(2,\)")])
+def test_expert_indices_are_checked(fn, idx, match):
+    # grouped_mm returned unwritten rows for an index >= E; the others failed inside torch
+    x, A, B, _, _ = make_problem(2, 4, 4, 4, 4, 3, 1)
+    with pytest.raises(einc.CompileError, match=match):
+        fn(x, A, B, torch.tensor(idx), torch.ones(2, 1, dtype=DT))
+
+
+def test_an_expert_named_twice_adds_its_gates_in_every_route():
+    x, A, B, _, _ = make_problem(3, 2, 3, 2, 3, 4, 2)
+    idx = torch.tensor([[1, 1], [0, 2], [3, 3]])
+    gate = torch.tensor([[0.3, 0.7], [0.5, 0.5], [0.9, 0.1]], dtype=DT)
+    want = plain_reference(x, A, B, idx, gate)
+    torch.testing.assert_close(btt_moe_masked(x, A, B, idx, gate), want)
+    for backend in ("chunked", "padded", "strided", "triton"):
+        torch.testing.assert_close(btt_moe_sparse(x, A, B, idx, gate, backend=backend), want)
+
+
+@pytest.mark.parametrize("k", [2.0, True, 0, 5])
+def test_route_checks_k(k):
+    with pytest.raises(einc.CompileError, match="k must be an integer in \\[1, 4\\]"):
+        route(torch.randn(3, 4), k)
+
+
+def test_moe_helpers_check_their_arguments():
+    with pytest.raises(einc.CompileError, match="takes a torch.nn.Module, got str"):
+        moe_aux_loss("model")
+    m = einc.BTTMoE(16, 16, experts=4, k=2)
+    m.deterministic = "yes"  # set after construction: checked at the next call
+    with pytest.raises(einc.CompileError, match="deterministic must be True or False"):
+        m(torch.randn(3, 16))
+
+
 def test_module_moves_and_casts_like_any_module():
     m = einc.BTTMoE(64, 64, experts=4, k=2).double()
     assert m.A.dtype == torch.float64 and m.router.weight.dtype == torch.float64

@@ -237,6 +237,21 @@ def test_wrong_input_width_type_or_dtype(spec):
         m(torch.ones(2, 16, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("spec", ["btt", "bttmoe(experts=4, k=2)"])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, "float32"])
+def test_a_layer_dtype_must_be_floating_point(spec, dtype):
+    # complex and integer layers were built and could never be called
+    with pytest.raises(einc.CompileError, match="dtype must be None or one of torch.float16"):
+        einc.compile(spec, 16, dtype=dtype)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")
+def test_a_layer_moved_to_complex_names_the_fix():
+    m = einc.compile("btt", 16).to(torch.complex64)
+    with pytest.raises(einc.CompileError, match=r"einc layers compute in floating point"):
+        m(torch.randn(2, 16))
+
+
 @pytest.mark.parametrize("spec,d_in,d_out", CASES[:60], ids=[c[0] for c in CASES[:60]])
 def test_chunked_fused_route_matches_einsum(spec, d_in, d_out):
     """Tokens in uneven chunks (10 = 3 + 3 + 3 + 1): y and every gradient, bias included,

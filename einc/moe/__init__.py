@@ -4,6 +4,7 @@ from .dispatch import (
     btt_dense,
     btt_moe_masked,
     btt_moe_sparse,
+    check_experts,
     dense_gates,
     grouped_mm_available,
     route,
@@ -12,6 +13,7 @@ from .dispatch import (
 __all__ = [
     "route",
     "dense_gates",
+    "check_experts",
     "btt_dense",
     "btt_moe_masked",
     "btt_moe_sparse",

@@ -35,6 +35,7 @@ Three ways to evaluate it are provided:
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -47,6 +48,7 @@ from ..runtime.fused import exporting, tracing
 __all__ = [
     "route",
     "dense_gates",
+    "check_experts",
     "btt_dense",
     "btt_moe_masked",
     "btt_moe_sparse",
@@ -72,8 +74,9 @@ def route(logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     if logits.dim() != 2:
         raise CompileError(f"logits must be (N, E), got shape {tuple(logits.shape)}")
     E = logits.shape[1]
-    if not 1 <= k <= E:
-        raise CompileError(f"k must be in [1, {E}], got {k}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= E:
+        raise CompileError(f"k must be an integer in [1, {E}], got {k!r}")
+    k = int(k)
     values, order = torch.sort(logits, dim=1, descending=True, stable=True)
     expert_idx = order[:, :k]
     gate = torch.softmax(values[:, :k], dim=1)
@@ -81,9 +84,33 @@ def route(logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
 
 
 def dense_gates(expert_idx: Tensor, gate: Tensor, experts: int) -> Tensor:
-    """The ``(N, E)`` gate matrix: ``gate`` at the selected experts, zero elsewhere."""
+    """The ``(N, E)`` gate matrix: ``gate`` at the selected experts, zero elsewhere; an
+    expert named twice for a token gets the sum of its gates, as the sparse routes
+    compute it (:func:`route` never names one twice)."""
     N = expert_idx.shape[0]
-    return gate.new_zeros(N, experts).scatter(1, expert_idx, gate)
+    return gate.new_zeros(N, experts).scatter_add(1, expert_idx, gate)
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_experts(expert_idx: Tensor, experts: int) -> None:
+    """``expert_idx`` must hold integers in ``[0, experts)``: an index out of range would
+    read outside the cores (or, in grouped_mm, leave rows unwritten). The range is read
+    where the values are concrete (one host sync on a GPU); :class:`BTTMoE` routes with
+    :func:`route` and skips this."""
+    if not isinstance(expert_idx, Tensor) or expert_idx.dtype not in _INDEX_DTYPES:
+        got = expert_idx.dtype if isinstance(expert_idx, Tensor) else type(expert_idx).__name__
+        raise CompileError(f"expert_idx must be an integer tensor (e.g. torch.int64), got {got}")
+    if expert_idx.dim() != 2:
+        raise CompileError(f"expert_idx must be (N, k), got shape {tuple(expert_idx.shape)}")
+    if (expert_idx.numel() == 0 or expert_idx.device.type == "meta" or tracing()
+            or exporting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        return
+    low, high = (int(v) for v in torch.aminmax(expert_idx))
+    if low < 0 or high >= experts:
+        raise CompileError(f"expert_idx must lie in [0, {experts - 1}] (experts = {experts}), "
+                           f"got values from {low} to {high}")
 
 
 # --------------------------------------------------------------------------
@@ -211,7 +238,19 @@ def btt_moe_masked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Te
     The rank slices of the intermediate are weighted by the dense ``(N, E)``
     gate matrix (zero off the top-k).  Returns ``(N, f, e)``.
     """
+    return _masked(x, A, B, expert_idx, gate, routed=False)
+
+
+def _masked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Tensor,
+            routed: bool) -> Tensor:
+    """:func:`btt_moe_masked`; ``routed``: expert_idx came from :func:`route`."""
+    _check_shapes(x, A, B)
     E = A.shape[3]
+    if not routed:
+        check_experts(expert_idx, E)
+    if (not isinstance(gate, Tensor) or gate.shape != expert_idx.shape
+            or gate.shape[0] != x.shape[0]):
+        raise CompileError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
     return btt_dense(x, A, B, scale=dense_gates(expert_idx, gate.to(x.dtype), E))
 
 
@@ -813,17 +852,27 @@ def btt_moe_sparse(
     results are bitwise reproducible on every device.  Gradients flow to ``x``,
     ``A``, ``B``, ``gate`` and ``bias`` (an optional ``(f, e)`` tensor added to
     every token's result; the chunked backend starts from it instead of zeros).
-    Returns ``(N, f, e)``.
+    ``expert_idx`` is checked: integers in ``[0, E)`` (:func:`check_experts`). Returns
+    ``(N, f, e)``.
     """
+    return _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed=False)
+
+
+def _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed: bool):
+    """:func:`btt_moe_sparse`; ``routed``: expert_idx came from :func:`route`."""
     rows = x  # (N, g * a) rows go to the chunked backend as they are (see ChunkedMoE)
     if x.dim() == 2 and A.dim() == 4 and x.shape[1] == A.shape[0] * A.shape[1]:
         x = x.reshape(x.shape[0], A.shape[0], A.shape[1])
     g, a, f, E, e = _check_shapes(x, A, B)
+    if not routed:
+        check_experts(expert_idx, E)
     N, k = expert_idx.shape
-    if gate.shape != (N, k) or x.shape[0] != N:
+    if not isinstance(gate, Tensor) or gate.shape != (N, k) or x.shape[0] != N:
         raise CompileError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
     if backend not in BACKENDS:
         raise CompileError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if not isinstance(deterministic, bool):
+        raise CompileError(f"deterministic must be True or False, got {deterministic!r}")
     if N == 0:
         y = x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum())
         return y if bias is None else y + bias
@@ -831,7 +880,7 @@ def btt_moe_sparse(
         # every expert, then the gates: a trace would freeze a dispatch's routing-dependent
         # sizes (wrong for other inputs), an export cannot hold them (data-dependent
         # shapes), and meta tensors have no loads to size one by
-        y = btt_moe_masked(x, A, B, expert_idx, gate)
+        y = _masked(x, A, B, expert_idx, gate, routed=True)
         return y if bias is None else y + bias
     if torch.compiler.is_compiling():  # run eagerly, between two graphs
         return _sparse_eager(rows, A, B, expert_idx, gate, deterministic, bias, backend)

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import BACKENDS, btt_moe_masked, btt_moe_sparse, route
+from .dispatch import BACKENDS, _masked, _sparse, route
 from ..errors import CompileError
-from ..runtime.fused import (autocasting, check_input, dtype_mismatch, exporting, tracing,
-                             vmapping)
+from ..runtime.fused import (autocasting, check_dtype, check_input, dtype_mismatch, exporting,
+                             tracing, vmapping)
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
 
@@ -181,6 +181,7 @@ class BTTMoE(nn.Module):
             raise CompileError(f"deterministic must be True or False, got {deterministic!r}")
         if backend not in BACKENDS:
             raise CompileError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        check_dtype(dtype)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -317,15 +318,14 @@ class BTTMoE(nn.Module):
             bias = None if bias is None else bias.to(dt)
         masked = masked or vmapping()  # vmap: a dispatch's sizes would differ per entry
         if masked:
-            y = btt_moe_masked(x2.reshape(N, g, a), A, B, expert_idx, gate)
+            y = _masked(x2.reshape(N, g, a), A, B, expert_idx, gate, routed=True)
         else:
             # the bias rides along where no padded outputs sit between it and y
             fold = bias is not None and f * e == self.out_features
             # flat rows: the input gradient then comes back as a tensor of x2's own shape
             # that autograd can add the router's gradient into in place
-            y = btt_moe_sparse(x2, A, B, expert_idx, gate, deterministic=self.deterministic,
-                               backend=self.backend,
-                               bias=bias.view(f, e) if fold else None)
+            y = _sparse(x2, A, B, expert_idx, gate, self.deterministic, self.backend,
+                        bias.view(f, e) if fold else None, routed=True)
         y = y.reshape(N, f * e)
         if f * e != self.out_features:
             y = y[:, : self.out_features]
@@ -399,6 +399,8 @@ def moe_aux_loss(model: nn.Module) -> Tensor:
     ``retain_graph``), such as one skipped in this step by layer drop or conditional
     compute, adds its value without a gradient: its graph is gone. After the step's
     backward, the sum is the step's value for logging."""
+    if not isinstance(model, nn.Module):
+        raise CompileError(f"moe_aux_loss takes a torch.nn.Module, got {type(model).__name__}")
     total: Optional[Tensor] = None
     for m in model.modules():
         if isinstance(m, BTTMoE) and m.aux_loss is not None:

@@ -162,7 +162,20 @@ def check_input(x, in_features: int) -> None:
                            f"e.g. x.float()")
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_dtype(dtype) -> None:
+    """A layer's ``dtype`` argument: None (torch's default) or a floating-point dtype."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        allowed = ", ".join(str(t) for t in FLOAT_DTYPES)
+        raise CompileError(f"dtype must be None or one of {allowed}; got {dtype!r}")
+
+
 def dtype_mismatch(got: torch.dtype, want: torch.dtype):
+    if want not in FLOAT_DTYPES:  # parameters moved to a complex dtype by module.to()
+        return CompileError(f"the layer's parameters are {want}; einc layers compute in "
+                            f"floating point: module.to(torch.float32) or another float dtype")
     return CompileError(f"input dtype {got} differs from the layer's {want}: convert one of "
                         f"them (x.to({want}) or module.to({got}))")
 

@@ -10,8 +10,8 @@ from ..analysis import DEFAULT_TOLERANCE
 from ..codegen import emit
 from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
-from .fused import (ChainFunction, autocasting, check_input, chunk_tokens, dtype_mismatch,
-                    tracing)
+from .fused import (ChainFunction, autocasting, check_dtype, check_input, chunk_tokens,
+                    dtype_mismatch, tracing)
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
@@ -32,6 +32,7 @@ class StructuredLinear(nn.Module):
                  tolerance: float = DEFAULT_TOLERANCE):
         super().__init__()
         _check_route(route)
+        check_dtype(dtype)
         structure = as_structure(spec)
         if structure.moe is not None:
             raise CompileError("a bttmoe spec builds an einc.BTTMoE: use einc.compile or "
