@@ -296,3 +296,20 @@ def test_compile_cli_refuses_a_folder_path(tmp_path):
                               "-o", target], capture_output=True, text=True)
         assert out.returncode == 2 and "names a folder" in out.stderr, out.stderr
     assert keep.read_text() == "keep\n" and not (tmp_path / "newdir").exists()
+
+
+def test_layout_planning_grows_linearly_with_the_chain(monkeypatch):
+    # the planner tried every combination of layouts along the chain (2^steps): a diagonal
+    # form of 24 factors compiled for minutes
+    import einc.codegen.plan as plan
+    calls = []
+    real = plan.as_operand
+    monkeypatch.setattr(plan, "as_operand", lambda *a, **k: calls.append(1) or real(*a, **k))
+    factors = 16
+    spec = "x[a] " + " ".join(f"W{k}[a]" for k in range(factors)) + " -> y[a]"
+    m = einc.compile(spec, 6)
+    assert len(calls) <= 4 * factors, len(calls)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    m = m.double()
+    w = torch.stack([f for f in m.factors()]).prod(0)
+    torch.testing.assert_close(m(x), x * w + m.bias)

@@ -17,6 +17,7 @@ Pure Python over index names and sizes; no torch.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -126,40 +127,44 @@ def plan(s: Structure, sizes: dict, chains) -> Plan:
 
 
 def _plan_chain(s, sizes, steps, tok):
-    """Depth-first over the memory order of each intermediate; cost = elements copied."""
+    """The cheapest memory order of each intermediate; cost = elements copied.
+
+    What is left to choose after step k depends only on the order step k reads, so each
+    (step, order) is solved once (the choices multiply along the chain). Among equal
+    costs the first option wins, in the order :func:`_result_orders` yields them."""
     final = (tok, *s.output.indices)
     numel = lambda idx: math.prod(sizes[i] for i in idx)
     unit = frozenset(i for i, v in sizes.items() if v == 1)
-    best = [None]
 
-    def visit(k, order, cost, acc):
-        if best[0] is not None and cost >= best[0][0]:
-            return
+    @functools.lru_cache(maxsize=None)
+    def rest(k, order):
+        """(cost, steps k.., output copied) of the cheapest finish from step k."""
         st = steps[k]
         b, m, c, r = _step_groups(st, order)
         groups = as_operand(order, {"B": b, "M": m, "K": c}, "MK", unit,
                             skinny=numel(r) < SKINNY)
-        relayout = groups is None
+        relayout, cost = groups is None, 0
         if relayout:  # copy L into [B][M][K]
             groups = {"B": _keep(order, b), "M": _keep(order, m), "K": _keep(order, c)}
             order = groups["B"] + groups["M"] + groups["K"]
-            cost += numel(order)
+            cost = numel(order)
         last = k == len(steps) - 1
+        best = None
         for out_order, right in _result_orders(groups, r, final if last else None,
                                                 wide=len(steps) <= 3):
             step = StepPlan(st.factor, groups["B"], groups["M"], groups["K"], right,
                             tuple(order), relayout, out_order)
-            extra = 0
             if last:
                 copy = out_order != final
-                extra = numel(out_order) if copy else 0
-                if best[0] is None or cost + extra < best[0][0]:
-                    best[0] = (cost + extra, tuple(acc + [step]), copy)
+                cand = (cost + (numel(out_order) if copy else 0), (step,), copy)
             else:  # an order the next step cannot read costs a relayout there
-                visit(k + 1, out_order, cost, acc + [step])
+                after = rest(k + 1, out_order)
+                cand = (cost + after[0], (step,) + after[1], after[2])
+            if best is None or cand[0] < best[0]:
+                best = cand
+        return best
 
-    visit(0, (tok, *s.input.indices), 0, [])
-    return best[0]
+    return rest(0, (tok, *s.input.indices))
 
 
 def _keep(order, group) -> tuple:
