@@ -53,8 +53,12 @@ class EincError(Exception):
             lines = self.source.split("\n")
             text = lines[self.pos.line - 1] if self.pos.line <= len(lines) else ""
             width = max(1, min(self.pos.end - self.pos.start, len(text) - self.pos.column + 1))
+            # one printed column per character: a tab stays a tab in the caret line too, other
+            # unprintable characters show as '?'
+            text = "".join(c if c == "\t" or c.isprintable() else "?" for c in text)
+            pad = "".join(c if c == "\t" else " " for c in text[:self.pos.column - 1])
             out.append("  " + text)
-            out.append("  " + " " * (self.pos.column - 1) + "^" * width)
+            out.append("  " + pad + "^" * width)
         if self.hint:
             out.append(self.hint)
         return "\n".join(out)

@@ -6,6 +6,7 @@ checks the einsum and solves open sizes, so later stages see one kind of structu
 """
 from __future__ import annotations
 
+import collections
 import functools
 import keyword
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import lark
 
 from .errors import Pos, SizeError, SpecSyntaxError, StructureError, UnknownNameError
 from .ir import MAX_INDICES, Index, MoE, Operand, Structure
-from .sizes import SYMBOLS, Size, check_bounds, number, size_problem
+from .sizes import MAX_BITS, SYMBOLS, Size, check_bounds, number, size_problem
 
 
 # ---------------------------------------------------------------------------- grammar
@@ -93,8 +94,10 @@ def _lark_parse(spec: str) -> lark.Tree:
                               spec, Pos.at(spec, max(len(spec) - 1, 0))) from None
     except lark.UnexpectedCharacters as e:
         ch = spec[e.pos_in_stream]
-        raise SpecSyntaxError(f"unexpected character {ch!r}; expected {_expected(e.allowed)}",
-                              spec, Pos.at(spec, e.pos_in_stream)) from None
+        ascii_only = "" if ch.isascii() else (
+            " (names are ASCII: a letter or _, then letters, digits or _)")
+        raise SpecSyntaxError(f"unexpected character {ch!r}; expected {_expected(e.allowed)}"
+                              f"{ascii_only}", spec, Pos.at(spec, e.pos_in_stream)) from None
     except lark.UnexpectedToken as e:
         tok = e.token
         if tok.type == "$END":
@@ -262,11 +265,12 @@ def _theta_values(body: lark.Tree, spec: str) -> list[tuple[Fraction, Pos]]:
     0; a negative value is refused by :func:`einc.theta.lower_theta`, which names it); a
     name (d, x, nan, inf), an irrational value or one past the size limits is refused here,
     naming the component."""
-    from .theta import CLASSES
+    from .theta import CLASSES, check_count
 
+    check_count(len(body.children), spec, _pos(body, spec))  # before evaluating them
     out = []
     for i, item in enumerate(body.children):
-        name = CLASSES[i] if i < len(CLASSES) else f"exponent {i + 1}"
+        name = CLASSES[i]
         pos = _pos(item, spec)
         text = spec[item.meta.start_pos:item.meta.end_pos]
         what = f"{name} = {text}" if len(text) <= 24 else name
@@ -279,8 +283,11 @@ def _theta_values(body: lark.Tree, spec: str) -> list[tuple[Fraction, Pos]]:
             # the size limits (2^32, positive integers) mean here: out of range, or ~0
             if "division by zero" in e.message:
                 raise
+            if "too many digits" in e.message:
+                raise SizeError(f"{name}: {e.message}", spec, e.pos) from None
             why = ("is too small to tell from 0: write 0" if "too small" in e.message
-                   else "is out of range: exponents lie in [0, 1]")
+                   else f"is out of range: exponents lie in [0, 1] (and every number written "
+                        f"in one within {MAX_BITS} bits)")
             raise SizeError(f"{what} {why}", spec, pos) from None
         if not value.is_const:  # a root such as 2^(1/2): no rational point of the space
             raise SizeError(f"{what} is not a rational number: theta exponents are rational "
@@ -386,10 +393,10 @@ def _check_indices(inp, factors, output, spec):
                 raise StructureError(f"{role} index {i!r} is touched by no factor: every "
                                      "index of the input and output must meet a weight",
                                      spec, where(op, k))
+    tensors = collections.Counter(i for op in (inp, *factors, output) for i in op.indices)
     for f in factors:
         for k, i in enumerate(f.indices):
-            count = sum(i in op.indices for op in (inp, *factors, output))
-            if count == 1:
+            if tensors[i] == 1:
                 raise StructureError(
                     f"index {i!r} appears only in {f.name}: an index must join at least two "
                     "tensors (sum it out of the factor instead)", spec, where(f, k))

@@ -21,12 +21,16 @@ LETTERS = {"alpha": ("a", "d_in"), "beta": ("b", "d_in"), "gamma": ("g", "d_in")
 LAYOUT = {"x": "gba", "A": "fhrga", "B": "fergb", "y": "feh"}
 
 
+def check_count(n: int, spec: str, pos: Pos) -> None:
+    if n != len(CLASSES):
+        raise SizeError(f"a theta point has 7 exponents (alpha|beta|gamma|delta|eps|phi|rho); "
+                        f"got {n}", spec, pos)
+
+
 def lower_theta(values, spec: str, pos: Pos, bindings=()) -> Structure:
     from .syntax import Binding, build
 
-    if len(values) != 7:
-        raise SizeError(f"a theta point has 7 exponents (alpha|beta|gamma|delta|eps|phi|rho); "
-                        f"got {len(values)}", spec, pos)
+    check_count(len(values), spec, pos)
     if bindings:
         raise SizeError("a theta point fixes every size: remove the `with` clause", spec, pos)
     for (v, p), name in zip(values, CLASSES):

@@ -186,6 +186,13 @@ BAD = [
     ("(2^(1/2)|0|0|0|1|0|0)", SizeError, "alpha = 2^(1/2) is not a rational number", 2, 7),
     ("(1|0|0|0|1|0|3^(1/2)/3)", SizeError, "rho = 3^(1/2)/3 is not a rational number", 14, 9),
     ("(2*1e999|0|0|0|1|0|0)", SizeError, "alpha = 2*1e999 is out of range", 2, 7),
+    # the value is in [0, 1]: what is out of range is a number written in it
+    ("(10^39/10^39|0|0|0|1|0|0)", SizeError, "every number written in one within 128 bits",
+     2, 11),
+    ("(0.5" + "0" * 40 + "1|0.5|0|0|1|0|0)", SizeError, "alpha: this number has too many "
+     "digits", 2, 44),
+    # names are ASCII; the message said only "expected ']', a name"
+    ("x[\u00e9] W[o] -> y[o]", SpecSyntaxError, "names are ASCII: a letter or _", 3, 1),
     # presets
     ("foo", UnknownNameError, "unknown preset 'foo'", 1, 3),
     ("btt(rnk=2)", UnknownNameError, "preset 'btt' has no parameter 'rnk'", 5, 3),
@@ -263,6 +270,21 @@ def test_multiline_spec_reports_the_line():
     e = info.value
     assert (e.line, e.column) == (2, 21)
     assert str(e).split("\n")[1] == "    B[f g r e] -> y[f z] with r = 4"
+
+
+def test_the_caret_lines_up_under_tabs_and_control_characters():
+    # the tab was printed as such but counted as one column in the caret line
+    for spec, col in (("\tbtt(rank=0)", 10), ("x[i]\x00 W[i o] -> y[o]", 4)):
+        lines = str(_message(spec)).split("\n")
+        source, caret = lines[1][2:], lines[2][2:]
+        assert caret.rstrip("^") == "".join(c if c == "\t" else " " for c in source[:col])
+        assert "\x00" not in source
+
+
+def test_a_theta_point_is_counted_before_its_values_are_read():
+    # 200,000 components were each evaluated (14 s) before the count of 7 was checked
+    e = _message("(" + "|".join(["1e-999"] * 20) + ")")
+    assert "7 exponents" in e.message and "got 20" in e.message
 
 
 # ---------------------------------------------------------------------------- limits
