@@ -184,10 +184,22 @@ def lower_preset(name: str, args, spec: str, pos: Pos, bindings=()) -> Structure
             if n not in names:
                 raise SizeError(f"unknown index {n!r} in the sizes; {name} has indices "
                                 f"{', '.join(sorted(names))}", spec, p)
-    # Sizes written after `with` override the preset's own.
+    # Sizes written after `with` override the preset's own. Where they cover part of the
+    # input (output), the preset's size of its last index left out is solved from d_in
+    # (d_out) instead: `btt with g = 4` has a = d_in / 4.
     overridden = {n for b in bindings for n, _ in b.names}
+    valued = {n for b in bindings if b.value is not None for n, _ in b.names}
+    for side in (ops[0], ops[-1]):
+        left_out = [i for i in side.indices if i not in valued]
+        if left_out and len(left_out) < len(side.indices):
+            overridden.add(left_out[-1])
     given = [b for b in given if b.names[0][0] not in overridden] + list(bindings)
-    return build(ops[0], ops[1:-1], ops[-1], given, spec, moe=moe, origin=name)
+    try:
+        return build(ops[0], ops[1:-1], ops[-1], given, spec, moe=moe, origin=name)
+    except SizeError as e:  # the preset's operands have no position: point at `with`
+        if e.pos is not None or not bindings:
+            raise
+        raise SizeError(e.message, spec, bindings[0].names[0][1]) from None
 
 
 def _parse_operand(text: str) -> Operand:

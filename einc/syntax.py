@@ -319,11 +319,11 @@ def build(inp: Operand, factors, output: Operand, bindings: list[Binding], spec:
     order = []
     for op in (inp, *factors, output):
         order += [i for i in op.indices if i not in order]
-    sizes = solve_sizes(order, inp, output, bindings, spec)
     first_pos = {}
     for op in (inp, *factors, output):
         for i, p in zip(op.indices, op.index_pos or [None] * len(op.indices)):
             first_pos.setdefault(i, p)
+    sizes = solve_sizes(order, inp, output, bindings, spec, first_pos)
     indices = tuple(Index(i, sizes[i], first_pos.get(i)) for i in order)
     return Structure(inp, factors, output, indices, moe=moe, source=spec, origin=origin,
                      theta=theta)
@@ -402,8 +402,10 @@ def _check_indices(inp, factors, output, spec):
                     "tensors (sum it out of the factor instead)", spec, where(f, k))
 
 
-def solve_sizes(order, inp: Operand, output: Operand, bindings: list[Binding], spec: str):
-    """Assign a Size to every index: given values, ties, then d_in / d_out products."""
+def solve_sizes(order, inp: Operand, output: Operand, bindings: list[Binding], spec: str,
+                first_pos: dict | None = None):
+    """Assign a Size to every index: given values, ties, then d_in / d_out products
+    (``first_pos``: where each index is first written, for the messages)."""
     parent = {i: i for i in order}
 
     def find(i):
@@ -462,9 +464,11 @@ def solve_sizes(order, inp: Operand, output: Operand, bindings: list[Binding], s
     solve(output, Size.symbol("d_out"), "d_out")
     missing = [i for i in order if find(i) not in values]
     if missing:
+        pos = (first_pos or {}).get(missing[0])
+        if pos is None and spec:
+            pos = Pos.at(spec, len(spec.rstrip()) - 1)
         raise SizeError(f"the size of {', '.join(missing)} is not given and cannot be solved "
-                        "from d_in or d_out: add it after `with`", spec,
-                        Pos.at(spec, len(spec.rstrip()) - 1) if spec else None)
+                        "from d_in or d_out: add it after `with`", spec, pos)
     sizes = {i: values[find(i)][0] for i in order}
     for op, what in ((inp, "d_in"), (output, "d_out")):
         _check_product(op, sizes, what, spec)

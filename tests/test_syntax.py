@@ -164,7 +164,9 @@ BAD = [
      "multiply to d_out^(2/3), which cannot match d_out", 15, 2),
     ("x[i j] W[i j o] -> y[o] with i = 3, j = d_in", SizeError,
      "multiply to 3*d_in, which cannot match d_in", 1, 1),
-    ("x[i] W[i r] V[r o] -> y[o]", SizeError, "size of r is not given", 26, 1),
+    # the caret stood under the last character; it now points at the index
+    ("x[i] W[i r] V[r o] -> y[o]", SizeError, "size of r is not given", 10, 1),
+    ("btt with g = f", SizeError, "multiply to d_in^(1/2)*d_out^(1/2)", 10, 1),
     # theta
     ("(0.5|0|0.6|0|0.5|0.5|0)", SizeError, "alpha+beta+gamma = 11/10", 1, 23),
     ("(1/2|0|1/2|1/2|1/2|1/2|0)", SizeError, "delta+eps+phi = 3/2", 1, 25),
@@ -253,6 +255,18 @@ def test_bad(spec, error, fragment, column, width):
     caret = next(line for line in text[1:] if line.strip() and set(line.strip()) == {"^"})
     assert caret.index("^") - 2 == column - 1
     assert caret.count("^") == width
+
+
+@pytest.mark.parametrize("spec,d,want", [
+    ("btt with g = 4", 64, dict(g=4, a=16, f=8, e=8)),
+    ("btt(cores=3) with i1 = 4", 512, dict(i1=4, i2=8, i3=16)),
+    ("tt(cores=3) with i1 = 2, i2 = 2", 64, dict(i1=2, i2=2, i3=16, o1=4)),
+    ("kron with l = 2", 64, dict(i=8, j=8, k=32, l=2)),
+    ("btt with g = f = 4", 64, dict(g=4, a=16, f=4, e=16))])
+def test_a_preset_size_written_after_with_resolves_the_rest_of_its_side(spec, d, want):
+    # overriding g kept the preset's a = d_in^(1/2), so g * a could never match d_in
+    sizes = einc.analyze(spec, d=d).sizes
+    assert {i: sizes[i] for i in want} == want
 
 
 def test_known_names_are_listed():
