@@ -313,3 +313,17 @@ def test_layout_planning_grows_linearly_with_the_chain(monkeypatch):
     m = m.double()
     w = torch.stack([f for f in m.factors()]).prod(0)
     torch.testing.assert_close(m(x), x * w + m.bias)
+
+
+def test_compile_cli_leaves_a_read_only_file_alone(tmp_path, monkeypatch, capsys):
+    # the rename replaced a 0444 file that open() could not have written
+    target = tmp_path / "layer.py"
+    target.write_text("kept")
+    target.chmod(0o444)
+    if os.geteuid() == 0:  # root may write anything: stand in for another user's access()
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and (
+            mode != os.W_OK or bool(os.stat(p).st_mode & 0o222)))
+    assert main(["compile", "btt", "--d", "64", "-o", str(target)]) == 2
+    assert "the file is read-only" in capsys.readouterr().err
+    assert target.read_text() == "kept" and [p.name for p in tmp_path.iterdir()] == ["layer.py"]

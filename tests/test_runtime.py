@@ -245,6 +245,23 @@ def test_a_layer_dtype_must_be_floating_point(spec, dtype):
         einc.compile(spec, 16, dtype=dtype)
 
 
+@pytest.mark.parametrize("spec,d", [("lowrank(rank=2^32)", 16), ("bttmoe(experts=100000)", 2**16)])
+def test_parameters_beyond_the_memory_are_refused_before_allocating(spec, d):
+    # torch's allocator error came out of einc.compile (512 GiB for the first)
+    with pytest.raises(einc.CompileError, match=r"the layer's parameters need [\d,.]+ GiB"):
+        einc.compile(spec, d)
+    assert isinstance(einc.compile(spec, d, device="meta"), torch.nn.Module)  # no memory
+
+
+@pytest.mark.parametrize("spec", ["btt", "bttmoe(experts=4, k=2)"])
+def test_a_failed_allocation_is_an_einc_error(spec, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+    monkeypatch.setattr(torch, "empty", refuse)
+    with pytest.raises(einc.CompileError, match="cannot allocate the layer's parameters"):
+        einc.compile(spec, 16)
+
+
 @pytest.mark.filterwarnings("ignore:Complex modules")
 def test_a_layer_moved_to_complex_names_the_fix():
     m = einc.compile("btt", 16).to(torch.complex64)

@@ -98,6 +98,11 @@ def _write_file(path: str, text: str) -> None:
         via = f" ({target})" if target != os.path.abspath(path) else ""
         raise CompileError(f"cannot write {path}: it is {kind}{via}; -o only creates or "
                            "replaces regular files")
+    # renaming over a file needs only the folder's permission: refuse a file that open()
+    # could not write either
+    if old is not None and not os.access(target, os.W_OK):
+        raise CompileError(f"cannot write {path}: the file is read-only; make it writable "
+                           "or choose another -o")
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         why = "is not a folder" if os.path.exists(folder) else "does not exist"

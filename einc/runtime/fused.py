@@ -10,6 +10,7 @@ included) and of ``dx`` in place, and factor gradients accumulate over the chunk
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -160,6 +161,40 @@ def check_input(x, in_features: int) -> None:
     if not x.is_floating_point():
         raise CompileError(f"expected a floating-point input, got {x.dtype}: convert it, "
                            f"e.g. x.float()")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_room(numel: int, dtype, device) -> None:
+    """Refuse parameters larger than the device's whole memory before allocating them (on
+    the CPU an allocation past the RAM may succeed and the process be killed when the
+    values are drawn)."""
+    dtype = dtype or torch.get_default_dtype()
+    dev = torch.device(device) if device is not None else torch.get_default_device()
+    need, total = numel * dtype.itemsize, None
+    if dev.type == "cpu":
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not every platform reports it
+            pass
+    elif dev.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(dev).total_memory
+    if total is not None and need > total:
+        raise CompileError(f"the layer's parameters need {_gib(need)} ({numel:,} values of "
+                           f"{dtype}), more than this machine's {dev.type} memory "
+                           f"({_gib(total)}): choose smaller sizes")
+
+
+def allocation_error(e: BaseException, numel: int, dtype) -> CompileError | None:
+    """The einc error for a failed allocation of the layer's parameters, or None when
+    ``e`` is another error."""
+    if isinstance(e, MemoryError) or "alloc" in str(e).lower() or "out of memory" in str(e):
+        dtype = dtype or torch.get_default_dtype()
+        return CompileError(f"cannot allocate the layer's parameters: {numel:,} values of "
+                            f"{dtype} ({_gib(numel * dtype.itemsize)}); choose smaller sizes")
+    return None
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
