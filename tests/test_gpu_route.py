@@ -206,3 +206,20 @@ def test_second_derivatives_are_refused_by_name():
     assert torch.autograd.grad(m(x).sum(), x)[0].shape == x.shape
     with pytest.raises(einc.EincError, match="triton route has no second derivatives"):
         torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+
+
+def test_autocast_runs_the_route_in_low_precision():
+    # under autocast the route computed in float32 and refused a low-precision input
+    dt = torch.bfloat16 if DEVICE == "cpu" else torch.float16
+    m = einc.compile("btt(rank=2)", 16, 12, route="triton").to(DEVICE)
+    x = torch.randn(5, 16, device=DEVICE)
+    m.route = "plain"
+    with torch.autocast(DEVICE, dtype=dt):
+        want = m(x)
+        m.route = "triton"
+        for inp in (x, x.to(dt)):
+            got = m(inp.requires_grad_())
+            assert got.dtype == dt
+            torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+            got.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in m.parameters())

@@ -402,8 +402,10 @@ def test_a_mismatched_input_dtype_is_a_clear_error():
         m(torch.randn(3, 64, dtype=torch.float64))
 
 
-def test_autocast_runs_the_plain_route_in_low_precision():
-    m = einc.compile("btt(rank=2)", 64)
+@pytest.mark.parametrize("route", ["auto", "fused", "plain", "einsum", "steps"])
+def test_autocast_runs_every_route_in_low_precision(route):
+    # a named fused route computed in float32 and refused bfloat16 inputs under autocast
+    m = einc.compile("btt(rank=2)", 64, 48, route=route)
     x = torch.randn(5, 64)
     want = m(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -411,8 +413,9 @@ def test_autocast_runs_the_plain_route_in_low_precision():
             got = m(inp.requires_grad_())
             got.float().sum().backward()
             assert inp.grad is not None
-            assert got.dtype == torch.nn.Linear(64, 64)(inp).dtype == torch.bfloat16
+            assert got.dtype == torch.nn.Linear(64, 48)(inp).dtype == torch.bfloat16
             torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    assert all(p.grad.dtype == torch.float32 for p in m.parameters())
 
 
 @pytest.mark.parametrize("spec", ["btt(rank=2)", "tt(rank=2, cores=3)"])

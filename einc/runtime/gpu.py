@@ -321,8 +321,9 @@ class TritonChainFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- module entry
-def forward_triton(module, x: torch.Tensor) -> torch.Tensor:
-    """StructuredLinear's "triton" route (same conventions as the other routes)."""
+def forward_triton(module, x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """StructuredLinear's "triton" route (same conventions as the other routes); ``dtype``:
+    the factors cast to it (autocast)."""
     if not route_available(x):
         raise CompileError(
             f"route 'triton' cannot run for a tensor on {x.device}: it needs triton and a "
@@ -335,7 +336,7 @@ def forward_triton(module, x: torch.Tensor) -> torch.Tensor:
         z = torch.nn.functional.pad(z, (0, low.padded_in - low.d_in))
     n = z.shape[0]
     z = z.contiguous().view(n, *low.input_sizes)
-    facs = module._storage_factors()
+    facs = module._storage_factors(dtype)
     bias = module.bias
     if bias is not None:  # the kernel reads it with unit stride, in the input's dtype
         bias = bias.to(z.dtype).contiguous()

@@ -154,8 +154,17 @@ class StructuredLinear(nn.Module):
         if route == "auto":
             route = "plain" if tracing() or autocast else _auto_route(self, x)
         dtype = self.factors()[0].dtype
-        if x.dtype != dtype and not (autocast and route in ("plain", "einsum", "steps")):
+        if x.dtype != dtype and not autocast:
             raise dtype_mismatch(x.dtype, dtype)
+        if autocast and route in ("fused", "triton"):
+            # these routes compute in their operands' dtype: cast all to autocast's, as
+            # nn.Linear does, and run with autocast off (its casts would be no-ops)
+            cast = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                if route == "triton":
+                    from .gpu import forward_triton
+                    return forward_triton(self, x.to(cast), cast)
+                return self._forward_fused(x.to(cast), cast)
         if route == "plain":
             return self._plain(self, x)
         if route == "einsum":
@@ -184,17 +193,19 @@ class StructuredLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
-    def _forward_fused(self, x):
+    def _forward_fused(self, x, dtype=None):
+        """The fused route; ``dtype``: the factors and bias cast to it (autocast)."""
         low = self.lowered
         z = self._tokens(x)
         n = z.shape[0]
         z = z.contiguous().view(n, *low.input_sizes)
         # contiguous in storage order: free for the layout __init__ gave the parameters, a
         # copy (with its gradient) where a user replaced them, e.g. load_state_dict(assign=True)
-        facs = self._storage_factors()
+        facs = self._storage_factors(dtype)
         # the bias rides along when no padded outputs sit between it and y
         fuse = self.bias is not None and low.padded_out == low.d_out
-        bias = self.bias.view([low.sizes[i] for i in low.plan.output_order[1:]]) if fuse else None
+        bias = self.bias if dtype is None or self.bias is None else self.bias.to(dtype)
+        bias = bias.view([low.sizes[i] for i in low.plan.output_order[1:]]) if fuse else None
         chunk = self.chunk or chunk_tokens(low.plan, n, z.device, z.element_size())
         # a backward to come? (inside forward, needs_input_grad follows requires_grad even
         # under no_grad; without one the intermediates are scratch)
@@ -205,15 +216,16 @@ class StructuredLinear(nn.Module):
             return y[:, :low.d_out].reshape(*x.shape[:-1], self.out_features)
         return self._finish(y, x.shape[:-1])
 
-    def _storage_factors(self) -> list:
+    def _storage_factors(self, dtype=None) -> list:
         """Each factor as a contiguous view in its storage order (a copy only if the
-        parameter was replaced by a tensor of another layout)."""
+        parameter was replaced by a tensor of another layout, or cast to ``dtype``)."""
         perms = self.__dict__.get("_to_storage")
         if perms is None:  # a module pickled before the permutations were kept
             perms = self._to_storage = tuple(
                 tuple(f.indices.index(i) for i in _storage_order(self.lowered, k))
                 for k, f in enumerate(self.structure.factors))
-        return [p.permute(perm).contiguous() for p, perm in zip(self.factors(), perms)]
+        facs = [p.permute(perm) for p, perm in zip(self.factors(), perms)]
+        return [(f if dtype is None else f.to(dtype)).contiguous() for f in facs]
 
     def forward_einsum(self, x: torch.Tensor) -> torch.Tensor:
         """Reference route: one torch.einsum over the input and the factors."""
