@@ -397,13 +397,31 @@ def test_grouped_rounding_matches_brute_force(entries, scale_in, scale_out):
 
 @pytest.mark.parametrize("kwargs,fragment", [
     ({}, "give d"),
-    ({"d": 0}, "positive integer"),
+    ({"d": 0}, "^d must be a positive integer, got 0$"),  # named as given (it said d_in)
+    ({"d_in": 64, "d_out": -1}, "^d_out must be a positive integer"),
+    ({"d": 10 ** 12}, r"^d = 1000000000000 is above the largest width einc accepts \(2\^32"),
+    ({"d_in": 2 ** 32 + 1, "d_out": 64}, "^d_in = 4294967297 is above the largest width"),
     ({"d": 64, "d_in": 64}, "either d or d_in"),
     ({"d": 2}, "too small"),
 ])
 def test_bad_widths(kwargs, fragment):
     with pytest.raises(einc.SizeError, match=fragment):
         analyze("lowrank(rank=d/8)" if kwargs.get("d") == 2 else "btt", **kwargs)
+
+
+def test_widths_of_any_integer_type():
+    """numpy integers were refused as 'd_in must be a positive integer, got np.int64(1024)'."""
+    np = pytest.importorskip("numpy")
+    ref = analyze("btt", d=1024)
+    for d in (np.int64(1024), np.int32(1024), np.uint16(1024)):
+        rep = analyze("btt", d=d)
+        assert rep.params == ref.params and type(rep.d_in) is int
+    rep = analyze("btt(rank=2)", d_in=np.int64(768), d_out=np.int32(3072))
+    assert (rep.padded_in, rep.padded_out) == (784, 3080)
+    layer = einc.compile("btt", d_in=np.int64(64), d_out=np.int16(64))
+    assert layer(torch.randn(2, 64)).shape == (2, 64)
+    with pytest.raises(einc.SizeError, match="d must be a positive integer, got True"):
+        analyze("btt", d=True)
 
 
 def test_square_symbol_needs_square_layer():

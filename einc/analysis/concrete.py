@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import SizeError
 from ..ir import Structure
-from ..sizes import ceil_int
+from ..sizes import MAX_SIZE, MAX_SIZE_TEXT, ceil_int, short
 
 DEFAULT_TOLERANCE = 0.15
 #: up to this many free sizes every rounding is tried; beyond, interchangeable ones are grouped
@@ -42,15 +42,27 @@ def _prod(values) -> int:
     return math.prod(values)
 
 
+def check_width(value, name: str):
+    """A layer width given as ``name``: None, or an int (numpy integers too) from 1 to
+    :data:`~einc.sizes.MAX_SIZE`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise SizeError(f"{name} must be a positive integer, got {value!r}")
+    if value > MAX_SIZE:
+        raise SizeError(f"{name} = {short(value)} is above the largest width einc accepts "
+                        f"({MAX_SIZE_TEXT})")
+    return int(value)
+
+
 def resolve_dims(s: Structure, d=None, d_in=None, d_out=None) -> tuple[int, int]:
     """d_in and d_out from the arguments, or from the spec when its sizes are all numbers."""
     if d is not None:
         if d_in is not None or d_out is not None:
             raise SizeError("give either d or d_in/d_out, not both")
-        d_in = d_out = d
-    for name, v in (("d_in", d_in), ("d_out", d_out)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise SizeError(f"{name} must be a positive integer, got {v!r}")
+        d_in = d_out = check_width(d, "d")
+    else:
+        d_in, d_out = check_width(d_in, "d_in"), check_width(d_out, "d_out")
     if d_in is None or d_out is None:
         sizes = s.sizes
         fixed_in = all(sizes[i].is_const for i in s.input.indices)
