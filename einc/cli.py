@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .errors import EincError
+from .errors import EincError, SizeError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -15,9 +15,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_width(p):
-    p.add_argument("--d", type=int, help="width of a square layer (d_in = d_out = d)")
-    p.add_argument("--d-in", type=int, help="input width")
-    p.add_argument("--d-out", type=int, help="output width")
+    from .sizes import MAX_SIZE
+    from .space.checks import int_at_least
+
+    # checked here, so that a bad width names the option typed (--d, not d_in)
+    width = int_at_least(1, MAX_SIZE)
+    p.add_argument("--d", type=width, help="width of a square layer (d_in = d_out = d), "
+                   "at most 2^32")
+    p.add_argument("--d-in", type=width, help="input width, at most 2^32")
+    p.add_argument("--d-out", type=width, help="output width, at most 2^32")
     p.add_argument("--tolerance", type=float, default=0.15,
                    help="largest padding accepted, as a fraction (default 0.15)")
 
@@ -69,6 +75,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "d", None) is not None and (args.d_in, args.d_out) != (None, None):
+            raise SizeError("give either --d or --d-in/--d-out, not both")  # named as typed
         code = args.run(args) or 0
         sys.stdout.flush()  # a full disk or closed pipe shows up here, not at exit
         return code

@@ -374,9 +374,12 @@ def test_cli_reports_limits_without_traceback(spec, capsys):
 
 def test_cli_refuses_huge_width(capsys):
     from einc.cli import main
-    assert main(["analyze", "btt", "--d", str(10 ** 300)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("einc: d_in = ~1e+300 is above the largest width") and len(err) < 200
+    with pytest.raises(SystemExit) as e:  # refused by the parser, naming the option typed
+        main(["analyze", "btt", "--d", str(10 ** 300)])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and len(err) < 200
+    assert err.startswith("einc: error: argument --d: takes an integer >= 1 and <= "
+                          "4,294,967,296, got '10000")
 
 
 def test_an_output_index_tied_to_an_input_index_needs_matching_widths():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import os
 
 from ..errors import EincError
@@ -58,36 +59,53 @@ def remove_folders(created) -> None:
             pass
 
 
+# -- messages -------------------------------------------------------------------------------
+
+def bounds_text(minimum: int, most: int | None = None) -> str:
+    return f">= {minimum}" + ("" if most is None else f" and <= {most:,}")
+
+
+def shown(value) -> str:
+    """``value`` for a message: a huge number shortened (repr refuses 4,300+ digits)."""
+    if isinstance(value, numbers.Rational) and not isinstance(value, bool):
+        from ..sizes import short
+        return short(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:50] + "..."
+
+
 # -- argparse value types -------------------------------------------------------------------
 
 def _int(text: str) -> int:
     return int(str(text).strip().replace("_", ""))
 
 
-def int_at_least(minimum: int):
-    """An argparse ``type``: an integer >= ``minimum``."""
+def int_at_least(minimum: int, most: int | None = None):
+    """An argparse ``type``: an integer >= ``minimum`` (and <= ``most``)."""
     def parse(text):
         try:
             value = _int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"takes an integer >= {minimum}, got {text!r}")
+        if value is None or value < minimum or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"takes an integer {bounds_text(minimum, most)}, "
+                                             f"got {shown(text)}")
         return value
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = f"integer {bounds_text(minimum, most)}"
     return parse
 
 
-def int_list(minimum: int):
-    """An argparse ``type``: comma-separated integers, each >= ``minimum``."""
+def int_list(minimum: int, most: int | None = None):
+    """An argparse ``type``: comma-separated integers, each >= ``minimum`` (and <= ``most``)."""
     def parse(text):
         try:
             values = [_int(v) for v in str(text).split(",") if v.strip()]
         except ValueError:
             values = None
-        if not values or any(v < minimum for v in values):
-            raise argparse.ArgumentTypeError(f"takes comma-separated integers >= {minimum} "
-                                             f"(for example 64,128,256), got {text!r}")
+        if not values or any(v < minimum or (most is not None and v > most) for v in values):
+            raise argparse.ArgumentTypeError(f"takes comma-separated integers "
+                                             f"{bounds_text(minimum, most)} (for example "
+                                             f"64,128,256), got {shown(text)}")
         return values
     parse.__name__ = "integer list"
     return parse
