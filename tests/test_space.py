@@ -204,7 +204,7 @@ def test_budget_below_every_candidate_gives_an_empty_result():
     # below one FLOP or parameter nothing fits: surely a forgotten x
     ({"max_flops": "0.1"}, einc.SizeError, "'0.1': an absolute budget below 1.*write 0.1x"),
     ({"max_params": 0.5}, einc.SizeError, "parameter budget 0.5.*write 0.5x"),
-    ({"min_psi": "half"}, einc.SizeError, "minimum psi"),
+    ({"min_psi": "half"}, einc.SizeError, r"min_psi \(--min-psi\) = .half. is not a number"),
     ({"factors": 4}, einc.UnknownNameError, "2 or 3"),
     ({"factors": 3, "k": 6}, einc.SizeError, "smaller k"),
     # counted, not built: refused at once (building first took minutes and GBs)
@@ -219,6 +219,39 @@ def test_bad_options(kwargs, error, text):
         with pytest.raises(einc.UnknownNameError) as e:
             search(**kwargs)
         assert all(k in str(e.value) for k in SORT_KEYS)
+
+
+@pytest.mark.parametrize("kwargs,text", [
+    ({"min_psi": 10 ** 400}, r"min_psi \(--min-psi\) = ~1e\+400 is out of range: psi lies "
+                             r"in \[0, 1\]"),
+    ({"min_psi": "1e400"}, r"out of range: psi lies in \[0, 1\]"),
+    ({"min_psi": "1e100000000"}, "out of range"),  # Fraction(text) took minutes
+    ({"min_psi": "2"}, "out of range"),  # psi = min(1, ...): nothing would pass
+    ({"min_psi": "-1/2"}, "out of range"),
+    ({"min_psi": "1" * 5000 + "/1"}, "is not a number"),  # Python's 4,300-digit limit
+    ({"max_omega": "1e400"}, r"max_omega \(--max-omega\) = '1e400' is out of range: omega "
+                             r"lies in \[0, 3\] in the 2-factor space"),
+    ({"max_omega": float("inf")}, "out of range"),
+    ({"max_omega": "nan"}, r"is not a number: give one from 0 to 3"),
+    ({"max_omega": "1/0"}, "is not a number"),
+])
+def test_exponent_bounds_are_checked_at_once(kwargs, text):
+    with pytest.raises(einc.SizeError, match=text):
+        search(d=64, k=4, **kwargs)
+
+
+def test_exponent_bounds_in_range_filter_exactly():
+    assert search(d=64, k=4, min_psi="1e-100000000", top=None).counts["passed"] == \
+        search(d=64, k=4, top=None).counts["passed"]  # 0, without building 10^100000000
+    half = search(d=64, k=4, min_psi="1/2", top=None)
+    assert list(search(d=64, k=4, min_psi=np.float64(0.5), top=None)) == list(half)
+    assert all(r["psi"] >= 0.5 for r in half)
+
+
+def test_cli_refuses_huge_exponent_bounds(capsys):
+    rc, out, err = _main(capsys, "--d", "64", "--k", "4", "--no-progress", "--max-omega",
+                         "1e400")
+    assert rc == 2 and out == "" and err.startswith("einc: max_omega (--max-omega)")
 
 
 def test_json_schema_matches_analyze():

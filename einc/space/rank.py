@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import numbers
 from fractions import Fraction
 
 import numpy as np
@@ -13,6 +14,7 @@ from ..analysis.report import _frac, _num
 from ..analysis.taxonomy import closed_forms, theta_of
 from ..errors import EincError, SizeError, UnknownNameError
 from ..theta import structure_from_theta
+from .checks import shown
 from .lattice import Space
 from .names import known_ids
 from .score import Candidates, score
@@ -99,15 +101,30 @@ def format_budget(amount: float) -> str:
     return f"{int(whole):,}.{frac}"
 
 
-def parse_exponent(value, what: str):
+def parse_exponent(value, option: str, symbol: str, most, where: str = ""):
+    """A bound on the exponent ``symbol`` as a Fraction in [0, most]: a number (0.5, "1/2",
+    "0.25"). ``option`` names it in messages ("min_psi (--min-psi)")."""
     if value is None:
         return None
-    try:
-        q = Fraction(str(value).strip()) if not isinstance(value, Fraction) else value
-    except (ValueError, ZeroDivisionError):
-        raise SizeError(f"bad {what} {value!r}: give a number such as 1/2 or 0.5") from None
-    if q < 0:
-        raise SizeError(f"bad {what} {value!r}: exponents are >= 0")
+    bad = SizeError(f"{option} = {shown(value)} is not a number: give one from 0 to {most}, "
+                    "such as 1/2 or 0.5")
+    if isinstance(value, numbers.Rational) and not isinstance(value, bool):
+        q = Fraction(value)  # ints and Fractions exactly, however large
+    else:
+        # Fraction(text) takes minutes on "1e100000000": the float decides the range first,
+        # and its shortest repr (a short exponent) is made exact
+        text = str(value).strip().replace("_", "")
+        try:
+            q = Fraction(text) if "/" in text else float(text)
+        except (ValueError, ZeroDivisionError):  # Python refuses 4,300+ digit integers
+            raise bad from None
+        if q != q:  # NaN
+            raise bad
+        if isinstance(q, float) and 0 <= q <= most:
+            q = Fraction(repr(q))
+    if not 0 <= q <= most:
+        raise SizeError(f"{option} = {shown(value)} is out of range: {symbol} lies in "
+                        f"[0, {most}]{where}")
     return q
 
 
@@ -175,9 +192,12 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
                         f"(got {din} and {dout})")
     flop_cap = parse_budget(max_flops, 2 * din * dout, "FLOP")
     param_cap = parse_budget(max_params, din * dout, "parameter")
-    psi_min = parse_exponent(min_psi, "minimum psi")
-    omega_max = parse_exponent(max_omega, "maximum omega")
     space = Space(factors, k, transpose)
+    psi_min = parse_exponent(min_psi, "min_psi (--min-psi)", "psi", 1)
+    # omega <= the FLOP exponent <= 2 + one per rank class (each side's exponents sum to 1,
+    # a rank class's is at most 1): 3 for two factors, 6 for three
+    omega_max = parse_exponent(max_omega, "max_omega (--max-omega)", "omega",
+                               2 + len(space.rc), f" in the {space.n}-factor space")
 
     def keep(cols):
         m = np.ones(len(cols["ids"]), dtype=bool)
