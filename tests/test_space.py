@@ -2,6 +2,7 @@
 import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -252,6 +253,31 @@ def test_cli_refuses_huge_exponent_bounds(capsys):
     rc, out, err = _main(capsys, "--d", "64", "--k", "4", "--no-progress", "--max-omega",
                          "1e400")
     assert rc == 2 and out == "" and err.startswith("einc: max_omega (--max-omega)")
+
+
+@pytest.mark.parametrize("kwargs,error,text", [
+    ({"tolerance": "0.1"}, einc.SizeError, "padding tolerance must be a number >= 0, got '0.1'"),
+    ({"factors": 2.0}, einc.UnknownNameError, "must be 2 or 3, got 2.0"),
+    ({"k": 4.0}, einc.SizeError, "k = 4.0"),
+    ({"transpose": 1}, einc.EincError, "transpose must be True or False, got 1"),
+    ({"exclude_degenerate": "no"}, einc.EincError, "exclude_degenerate must be True or False"),
+    ({"measure": "yes"}, einc.EincError, "measure must be True or False"),
+    ({"progress": "x"}, einc.EincError, "progress must be True, False or None"),
+    ({"sort": ["paper"]}, einc.UnknownNameError, "unknown sort key"),
+    ({"top": 2.0}, einc.SizeError, "top must be a non-negative integer"),
+    ({"d": 2.0}, einc.SizeError, "d must be a positive integer, got 2.0"),
+    ({"max_flops": 10 ** 5000}, einc.SizeError, "bad FLOP budget ~1e+5000: give a number"),
+    ({"max_params": "1e400"}, einc.SizeError, "it must be a positive, finite number"),
+])
+def test_argument_types_are_checked(kwargs, error, text):
+    with pytest.raises(error, match=re.escape(text)):
+        search(**{"d": 64, "k": 4, **kwargs})
+
+
+def test_numpy_integers_are_accepted():
+    ref = search(d=64, k=4, top=3)
+    got = search(d=np.int64(64), k=np.int32(4), top=np.int64(3))
+    assert list(got) == list(ref) and got[0]["d_in"] == 64 and type(got[0]["d_in"]) is int
 
 
 def test_json_schema_matches_analyze():

@@ -55,6 +55,12 @@ def check_width(value, name: str):
     return int(value)
 
 
+def check_tolerance(tolerance) -> None:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) \
+            or not tolerance >= 0:  # NaN fails every comparison; inf accepts any padding
+        raise SizeError(f"the padding tolerance must be a number >= 0, got {tolerance!r}")
+
+
 def resolve_dims(s: Structure, d=None, d_in=None, d_out=None) -> tuple[int, int]:
     """d_in and d_out from the arguments, or from the spec when its sizes are all numbers."""
     if d is not None:
@@ -84,9 +90,7 @@ def resolve_dims(s: Structure, d=None, d_in=None, d_out=None) -> tuple[int, int]
 
 def concretize(s: Structure, d_in: int, d_out: int,
                tolerance: float = DEFAULT_TOLERANCE) -> Concrete:
-    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) \
-            or not tolerance >= 0:  # NaN fails every comparison; inf accepts any padding
-        raise SizeError(f"the padding tolerance must be a number >= 0, got {tolerance!r}")
+    check_tolerance(tolerance)
     uses_d = any("d" in ix.size.symbols for ix in s.indices)
     if uses_d and d_in != d_out:
         raise SizeError(f"this spec uses d, which needs a square layer, but d_in = {d_in} and "

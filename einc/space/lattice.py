@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -84,11 +85,13 @@ class Space:
     """The lattice of one space: ``Space(factors=2, k=12)``."""
 
     def __init__(self, factors: int = 2, k: int = 12, transpose: bool = False):
-        if isinstance(factors, bool) or factors not in (2, 3):
+        integer = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+        if not integer(factors) or factors not in (2, 3):  # 2.0 == 2 would pass
             raise UnknownNameError(f"--factors must be 2 or 3, got {factors!r}",
                                    hint="known spaces: 2 (the paper's), 3")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if not integer(k) or k < 1:
             raise SizeError(f"the lattice step is 1/k with k a positive integer, got k = {k!r}")
+        factors, k = int(factors), int(k)
         self.n, self.k, self.transpose = factors, k, transpose
         self.factor_names = FACTOR_NAMES[:factors]
         if factors == 2:

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..analysis.concrete import DEFAULT_TOLERANCE, resolve_dims
+from ..analysis.concrete import DEFAULT_TOLERANCE, check_tolerance, resolve_dims
 from ..analysis.report import _frac, _num
 from ..analysis.taxonomy import closed_forms, theta_of
 from ..errors import EincError, SizeError, UnknownNameError
@@ -60,7 +60,7 @@ def _sort_order(c: Candidates, key: str) -> np.ndarray:
 
 
 def check_sort_key(key: str) -> str:
-    if key not in SORT_KEYS:
+    if not isinstance(key, str) or key not in SORT_KEYS:
         raise UnknownNameError(f"unknown sort key {key!r}",
                                hint="known sort keys: " + ", ".join(SORT_KEYS))
     return key
@@ -70,7 +70,12 @@ def parse_budget(value, dense: int, what: str):
     """A budget: a number (1e6, 250000) or a multiple of the dense layer's ("0.1x")."""
     if value is None:
         return None
-    text = str(value).strip().replace("_", "")
+    bad = SizeError(f"bad {what} budget {shown(value)}: give a number (for example 1e6) or a "
+                    "fraction of the dense layer's (for example 0.1x)")
+    try:
+        text = str(value).strip().replace("_", "")  # str() refuses 4,300+ digit integers
+    except ValueError:
+        raise bad from None
     if text.lower() in ("none", "inf"):
         return None
     try:
@@ -79,12 +84,12 @@ def parse_budget(value, dense: int, what: str):
         else:
             amount = float(text)
     except ValueError:
-        raise SizeError(f"bad {what} budget {value!r}: give a number (for example 1e6) or a "
-                        "fraction of the dense layer's (for example 0.1x)") from None
+        raise bad from None
     if not math.isfinite(amount) or amount <= 0:
-        raise SizeError(f"bad {what} budget {value!r}: it must be a positive number")
+        raise SizeError(f"bad {what} budget {shown(value)}: it must be a positive, finite number "
+                        "(none lifts the budget)")
     if amount < 1 and not text.lower().endswith("x"):  # surely a forgotten x: nothing fits
-        raise SizeError(f"bad {what} budget {value!r}: an absolute budget below 1 fits "
+        raise SizeError(f"bad {what} budget {shown(value)}: an absolute budget below 1 fits "
                         f"nothing; for a fraction of the dense layer's, write {text}x")
     return amount
 
@@ -126,6 +131,23 @@ def parse_exponent(value, option: str, symbol: str, most, where: str = ""):
         raise SizeError(f"{option} = {shown(value)} is out of range: {symbol} lies in "
                         f"[0, {most}]{where}")
     return q
+
+
+def _flag(value, name: str, none: str = ""):
+    """``value`` as a bool; None too when ``none`` says what None means."""
+    if value is None and none:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        allowed = f"True, False or None ({none})" if none else "True or False"
+        raise EincError(f"{name} must be {allowed}, got {shown(value)}")
+    return bool(value)
+
+
+def _integer(value, minimum: int, message: str) -> int:
+    """``value`` as an int (numpy integers too) >= minimum, else SizeError(message)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise SizeError(f"{message}, got {shown(value)}")
+    return int(value)
 
 
 class SearchResult(list):
@@ -171,11 +193,15 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
         d_in = d_in if d_in is not None else d_out
         d_out = d_out if d_out is not None else d_in
     din, dout = resolve_dims(_NoStructure, d, d_in, d_out)
-    if tolerance is None or not tolerance >= 0:  # NaN fails every comparison
-        raise SizeError(f"the padding tolerance must be a number >= 0, got {tolerance}")
+    check_tolerance(tolerance)
     check_sort_key(sort)
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
-        raise SizeError(f"top must be a non-negative integer (0 or None for all), got {top!r}")
+    transpose, exclude_degenerate, measure = (
+        _flag(v, name) for v, name in ((transpose, "transpose"),
+                                       (exclude_degenerate, "exclude_degenerate"),
+                                       (measure, "measure")))
+    progress = _flag(progress, "progress", none="a bar when stderr is a terminal")
+    if top is not None:
+        top = _integer(top, 0, "top must be a non-negative integer (0 or None for all)")
     if top == 0:
         top = None
     if sort == "measured" and not measure:
@@ -185,8 +211,8 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
         raise EincError("--measure compiles and times every row shown, and --top 0 would show "
                         "every candidate: give --top N, for example --top 20 (in Python: top=N "
                         "with measure=True)")
-    if measure and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise SizeError(f"the batch size for measuring must be an integer >= 1, got {batch!r}")
+    if measure:
+        batch = _integer(batch, 1, "the batch size for measuring must be an integer >= 1")
     if transpose and din != dout:
         raise SizeError(f"transpose identifies W with its transpose, which needs d_in = d_out "
                         f"(got {din} and {dout})")
