@@ -172,6 +172,35 @@ def test_unknown_task_and_bad_structure():
     assert rec["status"] == "error" and rec["error"]
 
 
+def test_a_run_out_of_memory_is_an_error_record(monkeypatch):
+    """A batch, model or test set too large for the memory was a torch traceback."""
+    from einc.experiments.tasks import Regression
+
+    def huge(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 3200000000000000 bytes")
+    monkeypatch.setattr(Regression, "batch", huge)
+    rec = run_job(_job(width=16, batch=32))
+    assert rec["status"] == "error" and rec["curve"] == [] and rec["final_loss"] is None
+    assert rec["error"].startswith("out of memory at width 16 with batch 32 ([enforce fail")
+    assert "(--widths, --batch, --option)" in rec["error"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a lack of memory")
+    monkeypatch.setattr(Regression, "batch", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_job(_job())
+
+
+def test_seeds_option_reads_a_count_or_a_list():
+    from einc.experiments.cli import _seeds
+    assert (_seeds("3"), _seeds("1000"), _seeds("1"), _seeds("0, 4294967295")) == \
+        (3, 1000, [1], [0, 4294967295])
+    for text in ("1001", "4294967296,1", ",".join(["0"] * 1001)):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _seeds(text)
+
+
 # -- execution paths -------------------------------------------------------------------------------
 
 def _curves(records):
@@ -266,6 +295,19 @@ def no_runs(monkeypatch):
     ({"lr_sweep": "abc"}, einc.SizeError, "lr_sweep"),
     ({"options": {"bogus": 1}}, einc.UnknownNameError, "unknown option 'bogus'"),
     ({"options": {"hidden": "abc"}}, einc.SizeError, "hidden of the regression task"),
+    # upper bounds: these failed to allocate, or overflowed, once training started
+    ({"steps": 10 ** 20}, einc.SizeError,
+     r"steps must be an integer >= 1 and <= 1,000,000,000, got ~1e\+20"),
+    ({"seeds": 10 ** 11}, einc.SizeError, r"seeds \(a count\) must be an integer >= 1 and "
+                                          "<= 1,000"),
+    ({"seeds": [0, 2 ** 64]}, einc.SizeError, "seeds must be integers >= 0 and <= 4,294,967,295"),
+    ({"seeds": list(range(1001))}, einc.SizeError, "give at most 1,000"),
+    ({"batch": 10 ** 14}, einc.SizeError, "batch must be an integer >= 1 and <= 1,048,576"),
+    ({"eval_points": 10 ** 14}, einc.SizeError, "eval_points must be an integer >= 1 and "
+                                                "<= 10,000"),
+    ({"widths": [2 ** 32]}, einc.SizeError, "widths must be integers >= 1 and <= 1,048,576"),
+    ({"widths": {"dense": [8], "btt": [8, 2 ** 32]}}, einc.SizeError,
+     "the widths of 'btt' must be integers >= 1 and <= 1,048,576"),
 ])
 def test_scaling_checks_its_arguments_before_any_run(no_runs, kwargs, error, text):
     kw = dict(structures=["dense", "btt"], widths=[8], steps=2, progress=False)
@@ -329,6 +371,15 @@ TINY = ["--widths", "8", "--steps", "2", "--lr", "1e-3", "--eval-points", "2",
     (["--workers", "0"], "argument --workers: takes an integer >= 1"),
     (["--eval-points", "0"], "argument --eval-points: takes an integer >= 1"),
     (["--steps", "-1"], "argument --steps: takes an integer >= 1"),
+    (["--seeds", "100000000000"], "argument --seeds: takes a count up to 1,000"),
+    (["--seeds", "0,99999999999999999999"], "seeds >= 0 and <= 4,294,967,295"),
+    (["--batch", "100000000000000"], "argument --batch: takes an integer >= 1 and <= 1,048,576"),
+    (["--eval-points", "100000000000000"], "argument --eval-points: takes an integer >= 1 and "
+                                           "<= 10,000"),
+    (["--steps", "100000000000000000000"], "argument --steps: takes an integer >= 1 and "
+                                           "<= 1,000,000,000"),
+    (["--widths", "64,4294967296"], "argument --widths: takes comma-separated integers >= 1 "
+                                    "and <= 1,048,576"),
     (["--structures", "btt(rank="], "ends too early"),
     (["--out", "AFILE"], "exists and is not a folder"),
 ])
@@ -375,6 +426,14 @@ def test_scaling_says_what_it_trains_before_training(monkeypatch, capsys):
 @pytest.mark.parametrize("args,text", [
     (["--train-widths", "abc"], "argument --train-widths"),
     (["--train-steps", "0"], "argument --train-steps: takes an integer >= 1"),
+    (["--train-steps", "100000000000000000000"], "argument --train-steps: takes an integer >= 1 "
+                                                 "and <= 1,000,000,000"),
+    (["--train-widths", "4294967296"], "argument --train-widths: takes comma-separated integers "
+                                       ">= 1 and <= 1,048,576"),
+    (["--train-seeds", "100000000000"], "argument --train-seeds: takes a count up to 1,000"),
+    (["--train-batch", "100000000000000"], "argument --train-batch: takes an integer >= 1 and "
+                                           "<= 1,048,576"),
+    (["--train-eval-points", "100000"], "argument --train-eval-points"),
     (["--train-option", "bogus=1"], "unknown option 'bogus'"),
     (["--train-out", "AFILE"], "exists and is not a folder"),
 ])

@@ -5,7 +5,9 @@ import argparse
 import sys
 
 from ..cli import command
-from ..space.checks import int_at_least, int_list, positive_float, positive_float_list
+from ..space.checks import (MAX_BATCH, MAX_EVAL_POINTS, MAX_SEED, MAX_SEEDS, MAX_STEPS,
+                            MAX_TRAIN_WIDTH, bounds_text, int_at_least, int_list,
+                            positive_float, positive_float_list, shown)
 
 
 def _option_pair(text: str) -> tuple:
@@ -32,23 +34,27 @@ def _seeds(text: str):
     """An argparse ``type`` for ``--seeds``: a count n > 1 (seeds 0..n-1) or a list."""
     text = text.strip()
     try:
-        if "," not in text and int(text) > 1:
-            return int(text)
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         seeds = []
-    if not seeds or any(s < 0 for s in seeds):
-        raise argparse.ArgumentTypeError("takes a count (3: seeds 0,1,2) or comma-separated "
-                                         f"seeds >= 0 (0,1,2), got {text!r}")
+    if "," not in text and len(seeds) == 1 and seeds[0] > 1:  # a count
+        if seeds[0] <= MAX_SEEDS:
+            return seeds[0]
+        seeds = []
+    if not seeds or len(seeds) > MAX_SEEDS or any(not 0 <= s <= MAX_SEED for s in seeds):
+        raise argparse.ArgumentTypeError(
+            f"takes a count up to {MAX_SEEDS:,} (3: seeds 0,1,2) or up to {MAX_SEEDS:,} "
+            f"comma-separated seeds {bounds_text(0, MAX_SEED)} (0,1,2), got {shown(text)}")
     return seeds
 
 
 def add_training_arguments(p, *, prefix: str = "") -> None:
     """The arguments ``einc experiment scaling`` and ``einc search --train`` share."""
     p.add_argument(f"--{prefix}seeds", type=_seeds, default="0", help="seeds: a list (0,1,2) "
-                   "or a count (3) (default 0)")
-    p.add_argument(f"--{prefix}batch", type=int_at_least(1), help="global batch size "
-                   "(default: the task's: 512 examples for regression, 32 sequences for charlm)")
+                   f"or a count (3), at most {MAX_SEEDS:,} (default 0)")
+    p.add_argument(f"--{prefix}batch", type=int_at_least(1, MAX_BATCH), help="global batch "
+                   f"size, at most {MAX_BATCH:,} (default: the task's: 512 examples for "
+                   "regression, 32 sequences for charlm)")
     p.add_argument(f"--{prefix}lr", type=positive_float, help="one base learning rate for "
                    "every structure (skips the sweep; default: none, the sweep picks)")
     p.add_argument(f"--{prefix}lr-sweep", type=positive_float_list, help="base rates tried at "
@@ -64,8 +70,9 @@ def add_training_arguments(p, *, prefix: str = "") -> None:
                    metavar="KEY=VALUE", help="task option, repeatable (context=64, layers=2, "
                    "hidden=2, ...); an unknown option lists the task's options (default: "
                    "the task's own values)")
-    p.add_argument(f"--{prefix}eval-points", type=int_at_least(1), default=24,
-                   help="evaluations per run, log-spaced (default 24)")
+    p.add_argument(f"--{prefix}eval-points", type=int_at_least(1, MAX_EVAL_POINTS),
+                   default=24, help="evaluations per run, log-spaced, at most "
+                   f"{MAX_EVAL_POINTS:,} (default 24)")
 
 
 def _common(args, prefix=""):
@@ -94,10 +101,11 @@ def _register(sub):
                    "inside parentheses stay in their spec, and a spec in quotes is one item, "
                    "so an einsum with commas goes in quotes: \"dense,'i,io->o'\" "
                    "(default dense,btt)")
-    s.add_argument("--widths", type=int_list(1), default="64,128,256",
-                   help="comma-separated widths (default 64,128,256)")
-    s.add_argument("--steps", type=int_at_least(1), default=1000,
-                   help="training steps per run (default 1000)")
+    s.add_argument("--widths", type=int_list(1, MAX_TRAIN_WIDTH), default="64,128,256",
+                   help=f"comma-separated widths, each at most {MAX_TRAIN_WIDTH:,} "
+                   "(default 64,128,256)")
+    s.add_argument("--steps", type=int_at_least(1, MAX_STEPS), default=1000,
+                   help=f"training steps per run, at most {MAX_STEPS:,} (default 1000)")
     s.add_argument("--out", help="folder for runs, tables and the plot (and for resuming); "
                    "checked, and created, before any run (default: none, nothing is written)")
     s.add_argument("--irreducible", action="store_true", help="fit loss = a C^-b + c "

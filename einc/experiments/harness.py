@@ -35,7 +35,9 @@ import numbers
 import numpy as np
 
 from ..errors import EincError, Pos, SizeError, SpecSyntaxError, UnknownNameError
-from ..space.checks import prepare_folder, remove_folders
+from ..space.checks import (MAX_BATCH, MAX_EVAL_POINTS, MAX_SEED, MAX_SEEDS, MAX_STEPS,
+                            MAX_TRAIN_WIDTH, bounds_text, prepare_folder, remove_folders,
+                            shown)
 from ..syntax import parse
 from . import fit as fitting
 from .executors import EXECUTORS, dist_env, run_jobs
@@ -118,6 +120,26 @@ def run_job(job: dict) -> dict:
     rec = {k: job[k] for k in ("task", "spec", "width", "seed", "lr", "steps", "batch")}
     rec.update(key=job_key(job), role=job.get("role", "main"), options=job.get("options") or {},
                world_size=world, status="ok")
+    try:
+        return _train(job, rec, device, rank, world, start)
+    except (MemoryError, RuntimeError) as e:
+        # a model, batch or test set too large: torch's CPU allocator raises a plain
+        # RuntimeError ("can't allocate memory"); any other error is a bug and propagates
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "allocate" in str(e)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        rec.update(status="error", curve=[], final_loss=None, best_loss=None,
+                   wall_s=time.perf_counter() - start,
+                   error=f"out of memory at width {job['width']} with batch {job['batch']} "
+                   f"({first}); try smaller widths, batch or task options (--widths, --batch, "
+                   "--option)")
+        return rec
+
+
+def _train(job, rec, device, rank, world, start) -> dict:
+    """:func:`run_job` once the device is chosen: build, train, evaluate."""
+    import torch
+
     try:
         rec.update(taxonomy(job["spec"], job["width"]))
         task = make_task(job["task"], **(job.get("options") or {}))
@@ -280,10 +302,11 @@ def _int_value(v):
     return None
 
 
-def _count(value, what: str, minimum: int = 1) -> int:
+def _count(value, what: str, minimum: int = 1, most: int | None = None) -> int:
     v = _int_value(value)
-    if v is None or v < minimum:
-        raise SizeError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    if v is None or v < minimum or (most is not None and v > most):
+        raise SizeError(f"{what} must be an integer {bounds_text(minimum, most)}, "
+                        f"got {shown(value)}")
     return v
 
 
@@ -298,10 +321,12 @@ def _items(value) -> list:
         return [value]
 
 
-def _ints(value, what: str, minimum: int = 1) -> list[int]:
+def _ints(value, what: str, minimum: int = 1, most: int | None = None) -> list[int]:
     got = [_int_value(v) for v in _items(value)]
-    if not got or any(v is None or v < minimum for v in got):
-        raise SizeError(f"{what} must be integers >= {minimum}, got {value!r}")
+    if not got or any(v is None or v < minimum or (most is not None and v > most)
+                      for v in got):
+        raise SizeError(f"{what} must be integers {bounds_text(minimum, most)}, "
+                        f"got {shown(value)}")
     return got
 
 
@@ -347,16 +372,18 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
         missing = [s for s in structures or [] if s not in widths]
         if missing:
             raise SizeError(f"widths has no entry for {', '.join(map(repr, missing))}")
-        per = {s: sorted(set(_ints(widths[s], f"the widths of {s!r}")))
+        per = {s: sorted(set(_ints(widths[s], f"the widths of {s!r}", 1, MAX_TRAIN_WIDTH)))
                for s in structures or []}
         every = sorted({w for ws in per.values() for w in ws})
     else:
-        every = sorted(set(_ints(widths, "widths")))
+        every = sorted(set(_ints(widths, "widths", 1, MAX_TRAIN_WIDTH)))
         per = dict.fromkeys(structures or [], every)
     if isinstance(seeds, numbers.Number) and not isinstance(seeds, bool):
-        seeds = list(range(_count(seeds, "seeds (a count)")))
+        seeds = list(range(_count(seeds, "seeds (a count)", 1, MAX_SEEDS)))
     else:
-        seeds = _ints(seeds, "seeds", minimum=0)
+        seeds = _ints(seeds, "seeds", 0, MAX_SEED)
+        if len(seeds) > MAX_SEEDS:
+            raise SizeError(f"seeds holds {len(seeds):,} seeds: give at most {MAX_SEEDS:,}")
     if isinstance(lr, dict):
         missing = [s for s in structures or [] if s not in lr]
         if missing:
@@ -373,11 +400,12 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
         raise UnknownNameError(f"unknown executor {executor!r}; known executors: "
                                f"{', '.join(EXECUTORS)}")
     return {"task": task, "structures": structures, "per": per, "widths": every,
-            "steps": _count(steps, "steps"), "seeds": seeds,
-            "batch": cls.default_batch if batch is None else _count(batch, "batch"),
+            "steps": _count(steps, "steps", 1, MAX_STEPS), "seeds": seeds,
+            "batch": cls.default_batch if batch is None else _count(batch, "batch", 1,
+                                                                     MAX_BATCH),
             "lr": lr, "lr_sweep": rates, "workers": _count(workers, "workers"),
             "executor": executor, "options": check_options(task, options or {}),
-            "eval_points": _count(eval_points, "eval_points"),
+            "eval_points": _count(eval_points, "eval_points", 1, MAX_EVAL_POINTS),
             "threads": None if threads is None else _count(threads, "threads"),
             "aux_weight": _number(aux_weight, "aux_weight", positive=False)}
 

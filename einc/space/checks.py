@@ -59,6 +59,17 @@ def remove_folders(created) -> None:
             pass
 
 
+# -- limits of a training run (einc experiment scaling, einc search --train) ----------------
+# Far beyond any run that finishes, so that a slip of the keyboard is refused at once instead
+# of failing to allocate (or overflowing) later.
+MAX_TRAIN_WIDTH = 2 ** 20
+MAX_STEPS = 10 ** 9
+MAX_BATCH = 2 ** 20
+MAX_EVAL_POINTS = 10_000
+MAX_SEEDS = 1_000         # seeds per run
+MAX_SEED = 2 ** 32 - 1    # the largest seed
+
+
 # -- messages -------------------------------------------------------------------------------
 
 def bounds_text(minimum: int, most: int | None = None) -> str:

@@ -5,7 +5,7 @@ import json
 
 from ..cli import _add_width, command
 from ..errors import EincError
-from .checks import int_at_least, int_list, remove_folders
+from .checks import MAX_STEPS, MAX_TRAIN_WIDTH, int_at_least, int_list, remove_folders
 
 
 @command
@@ -49,10 +49,11 @@ def _register(sub):
     p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
     p.add_argument("--train", metavar="TASK", help="re-rank the shown candidates by training "
                    "them (einc experiment scaling on TASK: regression or charlm)")
-    p.add_argument("--train-widths", type=int_list(1), default="32,64,128",
-                   help="comma-separated widths for --train (default 32,64,128)")
-    p.add_argument("--train-steps", type=int_at_least(1), default=300,
-                   help="steps per run for --train (default 300)")
+    p.add_argument("--train-widths", type=int_list(1, MAX_TRAIN_WIDTH), default="32,64,128",
+                   help=f"comma-separated widths for --train, each at most "
+                   f"{MAX_TRAIN_WIDTH:,} (default 32,64,128)")
+    p.add_argument("--train-steps", type=int_at_least(1, MAX_STEPS), default=300,
+                   help=f"steps per run for --train, at most {MAX_STEPS:,} (default 300)")
     p.add_argument("--train-out", metavar="DIR", help="folder for --train's runs (resumable)")
     try:
         from ..experiments.cli import add_training_arguments
