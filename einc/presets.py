@@ -189,10 +189,15 @@ def lower_preset(name: str, args, spec: str, pos: Pos, bindings=()) -> Structure
     # (d_out) instead: `btt with g = 4` has a = d_in / 4.
     overridden = {n for b in bindings for n, _ in b.names}
     valued = {n for b in bindings if b.value is not None for n, _ in b.names}
+    # only a size the preset derives from the width is re-solved, never one set by a
+    # parameter the user wrote (monarch(blocks=4) keeps g = 4)
+    derived = {i for i, v in sizes.items()
+               if isinstance(v, Size) and v.symbols and v not in kwargs.values()}
     for side in (ops[0], ops[-1]):
         left_out = [i for i in side.indices if i not in valued]
-        if left_out and len(left_out) < len(side.indices):
-            overridden.add(left_out[-1])
+        free = [i for i in left_out if i in derived]
+        if free and len(left_out) < len(side.indices):
+            overridden.add(free[-1])
     given = [b for b in given if b.names[0][0] not in overridden] + list(bindings)
     try:
         return build(ops[0], ops[1:-1], ops[-1], given, spec, moe=moe, origin=name)

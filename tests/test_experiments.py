@@ -194,9 +194,9 @@ def test_a_run_out_of_memory_is_an_error_record(monkeypatch):
 
 def test_seeds_option_reads_a_count_or_a_list():
     from einc.experiments.cli import _seeds
-    assert (_seeds("3"), _seeds("1000"), _seeds("1"), _seeds("0, 4294967295")) == \
-        (3, 1000, [1], [0, 4294967295])
-    for text in ("1001", "4294967296,1", ",".join(["0"] * 1001)):
+    assert (_seeds("3"), _seeds("1000"), _seeds("1"), _seeds("0, 18446744073709551615")) == \
+        (3, 1000, [1], [0, 2 ** 64 - 1])  # torch.manual_seed takes up to 2^64 - 1
+    for text in ("1001", "18446744073709551616,1", ",".join(["0"] * 1001)):
         with pytest.raises(argparse.ArgumentTypeError):
             _seeds(text)
 
@@ -300,7 +300,7 @@ def no_runs(monkeypatch):
      r"steps must be an integer >= 1 and <= 1,000,000,000, got ~1e\+20"),
     ({"seeds": 10 ** 11}, einc.SizeError, r"seeds \(a count\) must be an integer >= 1 and "
                                           "<= 1,000"),
-    ({"seeds": [0, 2 ** 64]}, einc.SizeError, "seeds must be integers >= 0 and <= 4,294,967,295"),
+    ({"seeds": [0, 2 ** 64]}, einc.SizeError, "seeds must be integers >= 0 and <= 18,446,744,073,709,551,615"),
     ({"seeds": list(range(1001))}, einc.SizeError, "give at most 1,000"),
     ({"batch": 10 ** 14}, einc.SizeError, "batch must be an integer >= 1 and <= 1,048,576"),
     ({"eval_points": 10 ** 14}, einc.SizeError, "eval_points must be an integer >= 1 and "
@@ -372,7 +372,7 @@ TINY = ["--widths", "8", "--steps", "2", "--lr", "1e-3", "--eval-points", "2",
     (["--eval-points", "0"], "argument --eval-points: takes an integer >= 1"),
     (["--steps", "-1"], "argument --steps: takes an integer >= 1"),
     (["--seeds", "100000000000"], "argument --seeds: takes a count up to 1,000"),
-    (["--seeds", "0,99999999999999999999"], "seeds >= 0 and <= 4,294,967,295"),
+    (["--seeds", "0,99999999999999999999"], "seeds >= 0 and <= 18,446,744,073,709,551,615"),
     (["--batch", "100000000000000"], "argument --batch: takes an integer >= 1 and <= 1,048,576"),
     (["--eval-points", "100000000000000"], "argument --eval-points: takes an integer >= 1 and "
                                            "<= 10,000"),

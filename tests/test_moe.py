@@ -464,6 +464,21 @@ def test_expert_indices_are_checked(fn, idx, match):
         fn(x, A, B, torch.tensor(idx), torch.ones(2, 1, dtype=DT))
 
 
+def test_validate_false_skips_reading_the_indices(monkeypatch):
+    # the range check is a host sync on a GPU: routed indices (and the layer) skip it
+    x, A, B, W, b = make_problem(6, 2, 3, 2, 3, 4, 2)
+    idx, gate = route(x.reshape(6, -1) @ W.t() + b, 2)
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    btt_moe_sparse(x, A, B, idx, gate)
+    assert len(calls) == 1
+    btt_moe_sparse(x, A, B, idx, gate, validate=False)
+    btt_moe_masked(x, A, B, idx, gate, validate=False)
+    BTTMoE(12, 12, experts=4, k=2)(torch.randn(5, 12))
+    assert len(calls) == 1
+
+
 def test_an_expert_named_twice_adds_its_gates_in_every_route():
     x, A, B, _, _ = make_problem(3, 2, 3, 2, 3, 4, 2)
     idx = torch.tensor([[1, 1], [0, 2], [3, 3]])

@@ -245,12 +245,22 @@ def test_a_layer_dtype_must_be_floating_point(spec, dtype):
         einc.compile(spec, 16, dtype=dtype)
 
 
-@pytest.mark.parametrize("spec,d", [("lowrank(rank=2^32)", 16), ("bttmoe(experts=100000)", 2**16)])
+@pytest.mark.parametrize("spec,d", [("lowrank(rank=2^32)", 2**20),  # 32 PiB
+                                    ("bttmoe(experts=100000)", 2**16)])  # 12 TiB
 def test_parameters_beyond_the_memory_are_refused_before_allocating(spec, d):
     # torch's allocator error came out of einc.compile (512 GiB for the first)
     with pytest.raises(einc.CompileError, match=r"the layer's parameters need [\d,.]+ GiB"):
         einc.compile(spec, d)
     assert isinstance(einc.compile(spec, d, device="meta"), torch.nn.Module)  # no memory
+
+
+def test_an_unknown_memory_size_refuses_nothing(monkeypatch):
+    # sysconf answers -1 where it cannot tell: every layer was refused
+    import os
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda n: -1 if n == "SC_PHYS_PAGES" else real(n))
+    assert einc.compile("btt", 64).in_features == 64
+    assert einc.compile("bttmoe(experts=4, k=2)", 64).in_features == 64
 
 
 @pytest.mark.parametrize("spec", ["btt", "bttmoe(experts=4, k=2)"])
@@ -400,6 +410,20 @@ def test_a_mismatched_input_dtype_is_a_clear_error():
     m = einc.compile("btt", 64)
     with pytest.raises(einc.CompileError, match="input dtype torch.float64 differs"):
         m(torch.randn(3, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("route", ["auto", "fused", "plain", "einsum", "steps"])
+def test_autocast_leaves_a_float64_layer_in_float64(route):
+    # as nn.Linear: autocast does not touch float64 (the fused route cast it to bfloat16)
+    m = einc.compile("btt(rank=2)", 64, route=route, dtype=torch.float64)
+    x = torch.randn(5, 64, dtype=torch.float64)
+    want = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x)
+        with pytest.raises(einc.CompileError, match="input dtype torch.float32 differs"):
+            m(x.float())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("route", ["auto", "fused", "plain", "einsum", "steps"])

@@ -262,11 +262,18 @@ def test_bad(spec, error, fragment, column, width):
     ("btt(cores=3) with i1 = 4", 512, dict(i1=4, i2=8, i3=16)),
     ("tt(cores=3) with i1 = 2, i2 = 2", 64, dict(i1=2, i2=2, i3=16, o1=4)),
     ("kron with l = 2", 64, dict(i=8, j=8, k=32, l=2)),
-    ("btt with g = f = 4", 64, dict(g=4, a=16, f=4, e=16))])
+    ("btt with g = f = 4", 64, dict(g=4, a=16, f=4, e=16)),
+    ("monarch with a = 16", 64, dict(g=4, a=16))])
 def test_a_preset_size_written_after_with_resolves_the_rest_of_its_side(spec, d, want):
     # overriding g kept the preset's a = d_in^(1/2), so g * a could never match d_in
     sizes = einc.analyze(spec, d=d).sizes
     assert {i: sizes[i] for i in want} == want
+
+
+def test_a_size_set_by_a_preset_parameter_is_not_re_solved():
+    # monarch(blocks=4) with a = 8 silently took g = 8
+    with pytest.raises(SizeError, match="cannot cover d_in = 64"):
+        einc.analyze("monarch(blocks=4) with a = 8", d=64)
 
 
 def test_known_names_are_listed():

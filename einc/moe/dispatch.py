@@ -97,15 +97,16 @@ _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 def check_experts(expert_idx: Tensor, experts: int) -> None:
     """``expert_idx`` must hold integers in ``[0, experts)``: an index out of range would
     read outside the cores (or, in grouped_mm, leave rows unwritten). The range is read
-    where the values are concrete (one host sync on a GPU); :class:`BTTMoE` routes with
-    :func:`route` and skips this."""
+    where the values are concrete (one host sync on a GPU; not while a CUDA graph is
+    captured); :class:`BTTMoE` routes with :func:`route` and skips this."""
     if not isinstance(expert_idx, Tensor) or expert_idx.dtype not in _INDEX_DTYPES:
         got = expert_idx.dtype if isinstance(expert_idx, Tensor) else type(expert_idx).__name__
         raise CompileError(f"expert_idx must be an integer tensor (e.g. torch.int64), got {got}")
     if expert_idx.dim() != 2:
         raise CompileError(f"expert_idx must be (N, k), got shape {tuple(expert_idx.shape)}")
     if (expert_idx.numel() == 0 or expert_idx.device.type == "meta" or tracing()
-            or exporting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            or exporting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or (expert_idx.is_cuda and torch.cuda.is_current_stream_capturing())):
         return
     low, high = (int(v) for v in torch.aminmax(expert_idx))
     if low < 0 or high >= experts:
@@ -232,13 +233,14 @@ def btt_dense(
     return y.transpose(0, 1)
 
 
-def btt_moe_masked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Tensor) -> Tensor:
+def btt_moe_masked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Tensor,
+                   validate: bool = True) -> Tensor:
     """Reference BTT-MoE: compute every expert for every token, then mask.
 
     The rank slices of the intermediate are weighted by the dense ``(N, E)``
     gate matrix (zero off the top-k).  Returns ``(N, f, e)``.
     """
-    return _masked(x, A, B, expert_idx, gate, routed=False)
+    return _masked(x, A, B, expert_idx, gate, routed=not validate)
 
 
 def _masked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Tensor,
@@ -811,6 +813,7 @@ def btt_moe_sparse(
     deterministic: bool = False,
     backend: str = "auto",
     bias: Optional[Tensor] = None,
+    validate: bool = True,
 ) -> Tensor:
     """BTT-MoE where each token only runs its ``k`` selected experts; ``x`` is (N, g, a) or
     the same rows flattened, (N, g * a).
@@ -852,10 +855,12 @@ def btt_moe_sparse(
     results are bitwise reproducible on every device.  Gradients flow to ``x``,
     ``A``, ``B``, ``gate`` and ``bias`` (an optional ``(f, e)`` tensor added to
     every token's result; the chunked backend starts from it instead of zeros).
-    ``expert_idx`` is checked: integers in ``[0, E)`` (:func:`check_experts`). Returns
-    ``(N, f, e)``.
+    ``expert_idx`` is checked: integers in ``[0, E)`` (:func:`check_experts`, a host sync
+    on a GPU); ``validate=False`` skips reading the range, for indices from :func:`route`
+    (as :class:`BTTMoE` does). Returns ``(N, f, e)``.
     """
-    return _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed=False)
+    return _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias,
+                   routed=not validate)
 
 
 def _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed: bool):

@@ -309,7 +309,9 @@ class BTTMoE(nn.Module):
 
     def _evaluate(self, x: Tensor, masked: bool) -> Tensor:
         check_input(x, self.in_features)
-        if x.dtype != self.A.dtype and not autocasting(x.device):
+        # autocast leaves float64 alone: a float64 layer computes in float64 there too
+        autocast = autocasting(x.device) and self.A.dtype != torch.float64
+        if x.dtype != self.A.dtype and not autocast:
             raise dtype_mismatch(x.dtype, self.A.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -320,7 +322,7 @@ class BTTMoE(nn.Module):
         if g * a != self.in_features:
             x2 = F.pad(x2, (0, g * a - self.in_features))
         A, B, bias = self.A, self.B, self.bias
-        if autocasting(x2.device):  # the experts run in autocast's dtype, as nn.Linear does
+        if autocast:  # the experts run in autocast's dtype, as nn.Linear does
             dt = torch.get_autocast_dtype(x2.device.type)
             x2, A, B = x2.to(dt), A.to(dt), B.to(dt)  # .to keeps the cores' strides
             bias = None if bias is None else bias.to(dt)

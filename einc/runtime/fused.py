@@ -181,7 +181,7 @@ def check_room(numel: int, dtype, device) -> None:
             pass
     elif dev.type == "cuda" and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(dev).total_memory
-    if total is not None and need > total:
+    if total is not None and 0 < total < need:  # sysconf reports -1 when it cannot tell
         raise CompileError(f"the layer's parameters need {_gib(need)} ({numel:,} values of "
                            f"{dtype}), more than this machine's {dev.type} memory "
                            f"({_gib(total)}): choose smaller sizes")

@@ -154,6 +154,8 @@ class StructuredLinear(nn.Module):
         if route == "auto":
             route = "plain" if tracing() or autocast else _auto_route(self, x)
         dtype = self.factors()[0].dtype
+        # autocast leaves float64 alone, so a float64 layer computes in float64 there too
+        autocast = autocast and dtype != torch.float64
         if x.dtype != dtype and not autocast:
             raise dtype_mismatch(x.dtype, dtype)
         if autocast and route in ("fused", "triton"):

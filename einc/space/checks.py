@@ -67,7 +67,7 @@ MAX_STEPS = 10 ** 9
 MAX_BATCH = 2 ** 20
 MAX_EVAL_POINTS = 10_000
 MAX_SEEDS = 1_000         # seeds per run
-MAX_SEED = 2 ** 32 - 1    # the largest seed
+MAX_SEED = 2 ** 64 - 1    # the largest seed torch.manual_seed takes
 
 
 # -- messages -------------------------------------------------------------------------------
