@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from .dispatch import BACKENDS, _masked, _sparse, route
 from ..errors import CompileError
-from ..runtime.fused import (allocation_error, autocasting, check_dtype, check_input,
-                             check_room, dtype_mismatch, exporting, tracing, vmapping)
+from ..runtime.fused import (allocating, autocasting, check_dtype, check_input, dtype_mismatch,
+                             exporting, tracing, vmapping)
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
 
@@ -194,8 +194,7 @@ class BTTMoE(nn.Module):
         f, e = self.output_sizes
         E = experts
         numel = E * (g * a * f + f * g * e) + (in_features + 1) * E + out_features * bias
-        check_room(numel, dtype, device)
-        try:
+        with allocating(numel, dtype, device):
             self.router = nn.Linear(in_features, E, bias=True, **factory)
             # expose (g, a, f, E) / (f, g, E, e); store (g, E, a, f) / (f, E, g, e)
             self.A = nn.Parameter(torch.empty(g, E, a, f, **factory).permute(0, 2, 3, 1))
@@ -204,11 +203,6 @@ class BTTMoE(nn.Module):
                 self.bias = nn.Parameter(torch.empty(out_features, **factory))
             else:
                 self.register_parameter("bias", None)
-        except (RuntimeError, MemoryError) as e:
-            err = allocation_error(e, numel, dtype)
-            if err is None:
-                raise
-            raise err from None
         self.register_load_state_dict_post_hook(_keep_expert_major)
         self.deterministic = deterministic
         self.backend = backend

@@ -9,6 +9,7 @@ included) and of ``dx`` in place, and factor gradients accumulate over the chunk
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -187,14 +188,21 @@ def check_room(numel: int, dtype, device) -> None:
                            f"({_gib(total)}): choose smaller sizes")
 
 
-def allocation_error(e: BaseException, numel: int, dtype) -> CompileError | None:
-    """The einc error for a failed allocation of the layer's parameters, or None when
-    ``e`` is another error."""
-    if isinstance(e, MemoryError) or "alloc" in str(e).lower() or "out of memory" in str(e):
+@contextlib.contextmanager
+def allocating(numel: int, dtype, device):
+    """Around the allocation of a layer's ``numel`` parameters: :func:`check_room` first,
+    and a failed allocation becomes a CompileError."""
+    check_room(numel, dtype, device)
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not (isinstance(e, MemoryError) or "alloc" in str(e).lower()
+                or "out of memory" in str(e)):
+            raise
         dtype = dtype or torch.get_default_dtype()
-        return CompileError(f"cannot allocate the layer's parameters: {numel:,} values of "
-                            f"{dtype} ({_gib(numel * dtype.itemsize)}); choose smaller sizes")
-    return None
+        raise CompileError(f"cannot allocate the layer's parameters: {numel:,} values of "
+                           f"{dtype} ({_gib(numel * dtype.itemsize)}); choose smaller "
+                           "sizes") from None
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

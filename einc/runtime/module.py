@@ -10,8 +10,8 @@ from ..analysis import DEFAULT_TOLERANCE
 from ..codegen import emit
 from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
-from .fused import (ChainFunction, allocation_error, autocasting, check_dtype, check_input,
-                    check_room, chunk_tokens, dtype_mismatch, tracing)
+from .fused import (ChainFunction, allocating, autocasting, check_dtype, check_input,
+                    chunk_tokens, dtype_mismatch, tracing)
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
@@ -43,9 +43,7 @@ class StructuredLinear(nn.Module):
         self.lowered = low
         self._attrs = emit.attribute_names(low)
         kw = {"device": device, "dtype": dtype}
-        numel = low.params + (out_features if bias else 0)
-        check_room(numel, dtype, device)
-        try:
+        with allocating(low.params + (out_features if bias else 0), dtype, device):
             for k, f in enumerate(structure.factors):
                 store = _storage_order(low, k)
                 t = torch.empty([low.sizes[i] for i in store], **kw)
@@ -55,11 +53,6 @@ class StructuredLinear(nn.Module):
                 self.bias = nn.Parameter(torch.empty(out_features, **kw))
             else:
                 self.register_parameter("bias", None)
-        except (RuntimeError, MemoryError) as e:
-            err = allocation_error(e, numel, dtype)
-            if err is None:
-                raise
-            raise err from None
         self.route = route
         #: tokens per chunk of the fused route (None: chosen per call, see chunk_tokens)
         self.chunk = None
