@@ -88,34 +88,23 @@ def test_an_unwritable_stdout_is_an_error_without_traceback():
     assert r.stderr.startswith("einc: ") and "No space left" in r.stderr
 
 
-def _main(capsys, *args):
-    """``einc ARGS`` in this process: (exit status, stdout, stderr)."""
-    from einc.cli import main
-    try:
-        rc = main(list(args))
-    except SystemExit as e:  # argparse's own errors
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 @pytest.mark.parametrize("command", [["analyze", "btt"], ["compile", "btt"], ["search"]])
 @pytest.mark.parametrize("option,value", [("--d", "0"), ("--d", "1000000000000"),
                                           ("--d-in", "-5"), ("--d-out", "4294967297")])
-def test_a_bad_width_names_the_option_typed(capsys, command, option, value):
+def test_a_bad_width_names_the_option_typed(run_einc, command, option, value):
     """--d 0 was reported as 'd_in must be a positive integer', --d 10^12 as 'd_in = ...'."""
-    rc, out, err = _main(capsys, *command, option, value)
+    rc, out, err = run_einc(*command, option, value)
     assert rc == 2 and out == "" and "Traceback" not in err
     assert f"argument {option}: takes an integer >= 1 and <= 4,294,967,296, got '{value}'" in err
     assert "d_in" not in err.replace("--d-in", "")
 
 
 @pytest.mark.parametrize("command", [["analyze", "btt"], ["compile", "btt"], ["search"]])
-def test_d_with_d_in_names_the_options(capsys, command):
-    rc, out, err = _main(capsys, *command, "--d", "64", "--d-out", "64")
+def test_d_with_d_in_names_the_options(run_einc, command):
+    rc, out, err = run_einc(*command, "--d", "64", "--d-out", "64")
     assert (rc, out, err) == (2, "", "einc: give either --d or --d-in/--d-out, not both\n")
 
 
-def test_the_largest_width_is_accepted(capsys):
-    rc, out, err = _main(capsys, "analyze", "btt", "--d", "4294967296")
+def test_the_largest_width_is_accepted(run_einc):
+    rc, out, err = run_einc("analyze", "btt", "--d", "4294967296")
     assert rc == 0 and "d_in -> d_out    4294967296 -> 4294967296" in out

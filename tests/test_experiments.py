@@ -346,16 +346,6 @@ def test_when_every_run_fails_the_first_error_is_reported(tmp_path):
     assert len(list((tmp_path / "runs").iterdir())) == 1  # the failed run is still on disk
 
 
-def _main(capsys, *args):
-    from einc.cli import main
-    try:
-        rc = main(list(args))
-    except SystemExit as e:  # argparse's own errors
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 TINY = ["--widths", "8", "--steps", "2", "--lr", "1e-3", "--eval-points", "2",
         "--option", "test_size=16", "--no-progress"]
 
@@ -383,11 +373,11 @@ TINY = ["--widths", "8", "--steps", "2", "--lr", "1e-3", "--eval-points", "2",
     (["--structures", "btt(rank="], "ends too early"),
     (["--out", "AFILE"], "exists and is not a folder"),
 ])
-def test_scaling_cli_refuses_bad_arguments(no_runs, capsys, tmp_path, args, text):
+def test_scaling_cli_refuses_bad_arguments(no_runs, run_einc, tmp_path, args, text):
     afile = tmp_path / "afile"
     afile.write_text("")
     args = [str(afile) if a == "AFILE" else a for a in args]
-    rc, out, err = _main(capsys, "experiment", "scaling", *TINY, *args)
+    rc, out, err = run_einc("experiment", "scaling", *TINY, *args)
     assert rc == 2 and text in err and out == "" and "training:" not in err  # no plan line
 
 
@@ -408,7 +398,7 @@ def test_scaling_help_shows_every_default():
         "steps" in " ".join(scaling_parser.description.split())
 
 
-def test_scaling_says_what_it_trains_before_training(monkeypatch, capsys):
+def test_scaling_says_what_it_trains_before_training(monkeypatch, run_einc, capsys):
     """Without arguments it started a long run on hidden defaults, in silence."""
     class Started(Exception):
         pass
@@ -417,7 +407,7 @@ def test_scaling_says_what_it_trains_before_training(monkeypatch, capsys):
         raise Started
     monkeypatch.setattr(harness, "scaling", start)
     with pytest.raises(Started):
-        _main(capsys, "experiment", "scaling")
+        run_einc("experiment", "scaling")
     err = capsys.readouterr().err
     assert err == ("training: task regression; structures dense, btt; widths 64, 128, 256; "
                    "1,000 steps per run (--help lists every option and its default)\n")
@@ -437,11 +427,11 @@ def test_scaling_says_what_it_trains_before_training(monkeypatch, capsys):
     (["--train-option", "bogus=1"], "unknown option 'bogus'"),
     (["--train-out", "AFILE"], "exists and is not a folder"),
 ])
-def test_search_train_arguments_are_checked_before_searching(no_runs, capsys, tmp_path, args,
+def test_search_train_arguments_are_checked_before_searching(no_runs, run_einc, tmp_path, args,
                                                              text):
     afile = tmp_path / "afile"
     afile.write_text("")
     args = [str(afile) if a == "AFILE" else a for a in args]
-    rc, out, err = _main(capsys, "search", "--d", "64", "--k", "4", "--top", "2",
+    rc, out, err = run_einc("search", "--d", "64", "--k", "4", "--top", "2",
                          "--train", "regression", *args)
     assert rc == 2 and text in err and out == ""  # nothing searched or printed
