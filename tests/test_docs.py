@@ -58,3 +58,27 @@ def test_every_preset_is_documented():
     text = DOC.read_text()
     for name in PRESETS:
         assert f"| `{name}` |" in text
+
+
+README = DOC.parent.parent / "README.md"
+
+
+def readme_table_examples():
+    """The example column of the README's language table, except the sizes row (a phrase)."""
+    section = README.read_text().split("## The language, in one screen", 1)[1].split("\n\n")[1]
+    out = []
+    for row in section.splitlines()[2:]:
+        form, example = row.strip("|").split("|", 1)
+        if form.strip() in ("sizes", "presets"):  # prose and a list of names, not one spec
+            continue
+        out.append(pytest.param(re.search(r"`([^`]*)`", example).group(1), id=form.strip()))
+    return out
+
+
+@pytest.mark.parametrize("spec", readme_table_examples())
+def test_readme_table_example(spec):
+    assert einc.analyze(spec, d=1024).params > 0
+
+
+def test_readme_table_has_examples():
+    assert len(readme_table_examples()) == 3
