@@ -194,9 +194,11 @@ def test_a_run_out_of_memory_is_an_error_record(monkeypatch):
 
 def test_seeds_option_reads_a_count_or_a_list():
     from einc.experiments.cli import _seeds
-    assert (_seeds("3"), _seeds("1000"), _seeds("1"), _seeds("0, 18446744073709551615")) == \
-        (3, 1000, [1], [0, 2 ** 64 - 1])  # torch.manual_seed takes up to 2^64 - 1
-    for text in ("1001", "18446744073709551616,1", ",".join(["0"] * 1001)):
+    # a lone number is a count, as an int seeds= of the Python API; a comma makes a list
+    assert (_seeds("3"), _seeds("1000"), _seeds("1"), _seeds("7,"), _seeds("0,"),
+            _seeds("0, 18446744073709551615")) == \
+        (3, 1000, 1, [7], [0], [0, 2 ** 64 - 1])  # torch.manual_seed takes up to 2^64 - 1
+    for text in ("0", "1001", "18446744073709551616,1", ",".join(["0"] * 1001)):
         with pytest.raises(argparse.ArgumentTypeError):
             _seeds(text)
 
@@ -361,7 +363,7 @@ TINY = ["--widths", "8", "--steps", "2", "--lr", "1e-3", "--eval-points", "2",
     (["--workers", "0"], "argument --workers: takes an integer >= 1"),
     (["--eval-points", "0"], "argument --eval-points: takes an integer >= 1"),
     (["--steps", "-1"], "argument --steps: takes an integer >= 1"),
-    (["--seeds", "100000000000"], "argument --seeds: takes a count up to 1,000"),
+    (["--seeds", "100000000000"], "argument --seeds: takes a count from 1 to 1,000"),
     (["--seeds", "0,99999999999999999999"], "seeds >= 0 and <= 18,446,744,073,709,551,615"),
     (["--batch", "100000000000000"], "argument --batch: takes an integer >= 1 and <= 1,048,576"),
     (["--eval-points", "100000000000000"], "argument --eval-points: takes an integer >= 1 and "
@@ -420,7 +422,7 @@ def test_scaling_says_what_it_trains_before_training(monkeypatch, run_einc, caps
                                                  "and <= 1,000,000,000"),
     (["--train-widths", "4294967296"], "argument --train-widths: takes comma-separated integers "
                                        ">= 1 and <= 1,048,576"),
-    (["--train-seeds", "100000000000"], "argument --train-seeds: takes a count up to 1,000"),
+    (["--train-seeds", "100000000000"], "argument --train-seeds: takes a count from 1 to 1,000"),
     (["--train-batch", "100000000000000"], "argument --train-batch: takes an integer >= 1 and "
                                            "<= 1,048,576"),
     (["--train-eval-points", "100000"], "argument --train-eval-points"),

@@ -31,27 +31,30 @@ def _options(pairs) -> dict:
 
 
 def _seeds(text: str):
-    """An argparse ``type`` for ``--seeds``: a count n > 1 (seeds 0..n-1) or a list."""
+    """An argparse ``type`` for ``--seeds``: a count n >= 1 (seeds 0..n-1, as an int ``seeds``
+    of the Python API) or a comma-separated list of seeds (one seed: ``7,``)."""
     text = text.strip()
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         seeds = []
-    if "," not in text and len(seeds) == 1 and seeds[0] > 1:  # a count
-        if seeds[0] <= MAX_SEEDS:
+    if "," not in text and len(seeds) == 1:  # a count
+        if 1 <= seeds[0] <= MAX_SEEDS:
             return seeds[0]
         seeds = []
     if not seeds or len(seeds) > MAX_SEEDS or any(not 0 <= s <= MAX_SEED for s in seeds):
         raise argparse.ArgumentTypeError(
-            f"takes a count up to {MAX_SEEDS:,} (3: seeds 0,1,2) or up to {MAX_SEEDS:,} "
-            f"comma-separated seeds {bounds_text(0, MAX_SEED)} (0,1,2), got {shown(text)}")
+            f"takes a count from 1 to {MAX_SEEDS:,} (3: seeds 0,1,2) or up to {MAX_SEEDS:,} "
+            f"comma-separated seeds {bounds_text(0, MAX_SEED)} (0,1,2; one seed: 7,), "
+            f"got {shown(text)}")
     return seeds
 
 
 def add_training_arguments(p, *, prefix: str = "") -> None:
     """The arguments ``einc experiment scaling`` and ``einc search --train`` share."""
-    p.add_argument(f"--{prefix}seeds", type=_seeds, default="0", help="seeds: a list (0,1,2) "
-                   f"or a count (3), at most {MAX_SEEDS:,} (default 0)")
+    p.add_argument(f"--{prefix}seeds", type=_seeds, default="1", help="seeds: a count (3: "
+                   f"seeds 0,1,2) or a list (0,1,2; one seed: 7,), at most {MAX_SEEDS:,} "
+                   "(default 1: seed 0)")
     p.add_argument(f"--{prefix}batch", type=int_at_least(1, MAX_BATCH), help="global batch "
                    f"size, at most {MAX_BATCH:,} (default: the task's: 512 examples for "
                    "regression, 32 sequences for charlm)")
