@@ -207,10 +207,11 @@ def test_budget_below_every_candidate_gives_an_empty_result():
     ({"max_params": 0.5}, einc.SizeError, "parameter budget 0.5.*write 0.5x"),
     ({"min_psi": "half"}, einc.SizeError, r"min_psi \(--min-psi\) = .half. is not a number"),
     ({"factors": 4}, einc.UnknownNameError, "2 or 3"),
-    ({"factors": 3, "k": 6}, einc.SizeError, "smaller k"),
+    ({"factors": 3, "k": 6}, einc.SizeError, "choose k <= 4"),
     # counted, not built: refused at once (building first took minutes and GBs)
     ({"k": 10_000}, einc.SizeError, "25,017,504,750,625,040,001 lattice points"),
-    ({"factors": 3, "k": 50}, einc.SizeError, "smaller k"),
+    ({"factors": 3, "k": 50}, einc.SizeError, "choose k <= 4"),
+    ({"k": 47}, einc.SizeError, "66,382,848 lattice points.*choose k <= 46"),
     ({"d_in": 512, "d_out": 256, "transpose": True}, einc.SizeError, "d_in = d_out"),
 ])
 def test_bad_options(kwargs, error, text):

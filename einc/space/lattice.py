@@ -108,11 +108,14 @@ class Space:
         self.xc, self.yc, self.rc = (t.side_classes(sd) for sd in "xyr")
         self.by_key = {v: c for c, v in self.key.items()}
         # counted, not built: stars and bars, so a huge k is refused at once
-        total = math.comb(k + len(self.xc) - 1, k) * math.comb(k + len(self.yc) - 1, k) \
-            * (k + 1) ** len(self.rc)
-        if total > MAX_POINTS:
+        points = lambda k: math.comb(k + len(self.xc) - 1, k) * \
+            math.comb(k + len(self.yc) - 1, k) * (k + 1) ** len(self.rc)
+        if (total := points(k)) > MAX_POINTS:
+            fits = 1  # points grows with k: count up (a few dozen steps at most)
+            while points(fits + 1) <= MAX_POINTS:
+                fits += 1
             raise SizeError(f"the {factors}-factor space at k = {k} has {total:,} lattice points;"
-                            f" einc enumerates at most {MAX_POINTS:,}: choose a smaller k")
+                            f" einc enumerates at most {MAX_POINTS:,}: choose k <= {fits}")
         self.X = compositions(k, len(self.xc))
         self.Y = compositions(k, len(self.yc))
         self.R = np.array(list(itertools.product(range(k + 1), repeat=len(self.rc))),
