@@ -9,7 +9,7 @@ copies (a relayout), and the last result is permuted into ``y`` when its order d
 * reads its left operand in exactly the layout the previous step wrote,
 * reads its factor in the factor's storage layout,
 * writes its result directly in the layout the next step reads (the last step straight
-  into ``y``'s ``[n][out]`` order, with the bias pre-filled and accumulated onto).
+  into ``y``'s ``[n][out]`` order, the bias added in its epilogue).
 
 Backward runs the same problems with the roles swapped: ``dF = L^T dC`` is written in the
 factor's storage layout, ``dL = dC F^T`` in ``L``'s layout (``dx`` in ``x``'s), and ``dC``
