@@ -369,6 +369,32 @@ def test_moe_aux_loss_sums_layers_and_reaches_router():
     assert moe_aux_loss(torch.nn.Linear(2, 2)).item() == 0.0
 
 
+def test_checkpoint_recomputation_keeps_the_forwards_aux_loss():
+    """Non-reentrant checkpointing runs the forward again inside backward; that run's aux
+    loss must not replace the forward's: its graph is never freed, so a step that skipped
+    the layer took a second, stale gradient from it."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    m = BTTMoE(16, 16, experts=4, k=2)
+    with torch.no_grad():
+        m.router.weight.normal_()
+    x = torch.randn(9, 16)
+    (m(x).square().mean() + m.aux_loss).backward()
+    want = m.router.weight.grad.clone()
+    m.zero_grad()
+    calls = []
+    m.register_forward_pre_hook(lambda *args: calls.append(1))
+    y = checkpoint(m, x, use_reentrant=False)
+    aux = m.aux_loss
+    total = moe_aux_loss(m)
+    assert len(calls) == 1  # asking whether the graph is alive recomputed the layer
+    (y.square().mean() + total).backward()
+    assert len(calls) == 2
+    torch.testing.assert_close(m.router.weight.grad, want)
+    assert m.aux_loss is aux and not moe_aux_loss(m).requires_grad  # the step's, settled
+    assert m.router_stats()["tokens"] == 9
+
+
 def test_moe_aux_loss_with_a_layer_skipped_this_step():
     """Layer drop: a layer not run this step still holds last step's aux_loss, whose graph
     that step's backward freed. It adds its value without a gradient; a graph kept by

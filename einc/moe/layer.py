@@ -105,9 +105,18 @@ def _settled(t):
     return t.detach()
 
 
+def _recomputing() -> bool:
+    """Whether this forward runs inside a backward: activation checkpointing recomputing
+    it. Its routing equals the original forward's, which already set ``aux_loss``."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 def _alive(node) -> bool:
     try:
-        node.saved_tensors
+        # the raw form: unpacking would run saved-tensor hooks (a non-reentrant
+        # checkpoint recomputes its whole region to answer)
+        getattr(node, "_raw_saved_tensors", None) or node.saved_tensors
     except RuntimeError:  # freed by a backward
         return False
     return True
@@ -243,12 +252,17 @@ class BTTMoE(nn.Module):
         logits = self.router(x2)
         if exporting():  # an exported program has no module state to write into
             return route(logits, self.k)
+        # A checkpoint's recomputation (in backward) must save what the forward saved, but
+        # keeps the forward's records: its aux loss would be a graph no backward frees.
+        kept = (self._aux_loss, self._routed, self._stats) if _recomputing() else None
         self._routed = None
         if logits.requires_grad and not tracing():
             logits = _Routed.apply(logits)
             self._routed = logits.grad_fn
         expert_idx, gate = route(logits, self.k)
         self._record(logits, expert_idx)
+        if kept is not None:
+            self._aux_loss, self._routed, self._stats = kept
         return expert_idx, gate
 
     @property
