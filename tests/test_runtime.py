@@ -457,3 +457,41 @@ def test_jit_trace_takes_the_plain_route_and_holds_for_other_batch_sizes(spec):
 def test_meta_device_forward_gives_shapes():
     m = einc.compile("btt", 64, device="meta")
     assert m(torch.empty(4, 64, device="meta")).shape == (4, 64)
+
+
+@pytest.mark.parametrize("route", ["auto", "fused", "plain", "einsum", "steps"])
+def test_a_replaced_factor_of_another_shape_is_refused(route):
+    """The fused route reads factors through their planned strides: a parameter replaced
+    by one of the same size but another shape (nn.Linear's (out, in) weight for dense's
+    (in, out) W) or a larger one was read wrongly instead of refused."""
+    x = torch.randn(3, 64)
+    m = einc.compile("dense", d_in=64, d_out=48, route=route)
+    m.W = torch.nn.Parameter(torch.randn(48, 64))
+    with pytest.raises(einc.CompileError, match=r"factor W .* shape \(48, 64\), expected "
+                                                r"\(64, 48\) \(i o\)"):
+        m(x)
+    m = einc.compile("btt(rank=2)", d_in=64, route=route)
+    m.A = torch.nn.Parameter(torch.randn(8, 8, 8, 3))
+    with pytest.raises(einc.CompileError, match=r"factor A .*expected \(8, 8, 8, 2\)"):
+        m(x)
+    m = einc.compile("btt(rank=2)", d_in=64, route=route)
+    m.B = torch.nn.Parameter(m.B.detach().double())
+    with pytest.raises(einc.CompileError, match="dtype torch.float64, the other factors' is "
+                                                "torch.float32"):
+        m(x)
+    m = einc.compile("btt(rank=2)", d_in=64, route=route)
+    m.bias = torch.nn.Parameter(torch.zeros(63))
+    with pytest.raises(einc.CompileError, match=r"bias has shape \(63,\)"):
+        m(x)
+
+
+@pytest.mark.parametrize("spec,d_out,bias", [("btt(rank=2)", 48, False), ("btt(rank=2)", 48, True),
+                                              ("monarch", 64, False), ("lowrank(rank=4)", 64, True)])
+@pytest.mark.parametrize("route", ["auto", "fused", "plain", "einsum", "steps"])
+def test_outputs_are_contiguous(spec, d_out, bias, route):
+    """As nn.Linear's: padded outputs sliced off, or an einsum result in a transposed
+    layout, gave strided outputs on which y.view(-1) failed."""
+    m = einc.compile(spec, d_in=64, d_out=d_out, bias=bias, route=route)
+    y = m(torch.randn(2, 5, 64))
+    assert y.shape == (2, 5, d_out) and y.is_contiguous()
+    y.view(-1)

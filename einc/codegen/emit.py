@@ -197,7 +197,10 @@ def forward_lines(low: Lowered, attrs: list[str], indent: str = "    ") -> list[
         L.append(f"y = y[:, :{low.d_out}]  # drop the padded outputs")
     L.append("if self.bias is not None:  # in y's dtype, as nn.Linear under autocast")
     L.append("    y = y + self.bias.to(y.dtype)")
-    L.append(f"return y.reshape(*lead, {low.d_out})")
+    if low.padded_out > low.d_out:  # without a bias the slice is strided
+        L.append(f"return y.reshape(*lead, {low.d_out}).contiguous()  # as nn.Linear's")
+    else:
+        L.append(f"return y.reshape(*lead, {low.d_out})")
     return [indent + line for line in L]
 
 

@@ -146,7 +146,7 @@ class StructuredLinear(nn.Module):
         route = self.route
         if route == "auto":
             route = "plain" if tracing() or autocast else _auto_route(self, x)
-        dtype = self.factors()[0].dtype
+        dtype = self._check_factors()
         # autocast leaves float64 alone, so a float64 layer computes in float64 there too
         autocast = autocast and dtype != torch.float64
         if x.dtype != dtype and not autocast:
@@ -171,6 +171,24 @@ class StructuredLinear(nn.Module):
             return forward_triton(self, x)
         return self._forward_fused(x)
 
+    def _check_factors(self) -> torch.dtype:
+        """The factors' (and bias's) shapes must be the structure's, and their dtypes one:
+        the fused route reads a factor through its planned strides, so a replaced parameter
+        of another shape would be read wrongly instead of refused. Returns the dtype."""
+        low, facs = self.lowered, self.factors()
+        for name, f, p in zip(self._attrs, self.structure.factors, facs):
+            want = tuple(low.sizes[i] for i in f.indices)
+            if tuple(p.shape) != want or p.dtype != facs[0].dtype:
+                what = (f"shape {tuple(p.shape)}, expected {want} ({' '.join(f.indices)})"
+                        if tuple(p.shape) != want else
+                        f"dtype {p.dtype}, the other factors' is {facs[0].dtype}")
+                raise CompileError(f"factor {name} of this {self.spec!r} layer has {what}")
+        b = self.bias
+        if b is not None and (tuple(b.shape) != (self.out_features,) or b.dtype != facs[0].dtype):
+            raise CompileError(f"bias has shape {tuple(b.shape)} and dtype {b.dtype}, expected "
+                               f"({self.out_features},) and {facs[0].dtype}")
+        return facs[0].dtype
+
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (n, padded_in): flattened and zero-padded."""
         low = self.lowered
@@ -186,7 +204,9 @@ class StructuredLinear(nn.Module):
             y = y[:, :low.d_out]
         if self.bias is not None:  # in y's dtype, as nn.Linear under autocast
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
+        # contiguous as nn.Linear's: a slice past padded outputs or a transposed einsum
+        # result is not, and y.view(-1) would fail
+        return y.reshape(*lead, self.out_features).contiguous()
 
     def _forward_fused(self, x, dtype=None):
         """The fused route; ``dtype``: the factors and bias cast to it (autocast)."""
