@@ -1140,3 +1140,12 @@ def test_auto_backend_measures_inside_activation_checkpointing(monkeypatch):
     loss = checkpoint(block, x, A, B, use_reentrant=False)
     loss.backward()
     assert x.grad is not None and len(dispatch._AUTO) == 1
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_outputs_are_contiguous(bias):
+    """As nn.Linear's: with padded outputs and no bias the result was a strided slice."""
+    m = BTTMoE(64, 47, experts=4, k=2, bias=bias)
+    assert m.output_sizes[0] * m.output_sizes[1] > 47
+    for y in (m(torch.randn(2, 5, 64)), m.forward_masked(torch.randn(2, 5, 64))):
+        assert y.shape == (2, 5, 47) and y.is_contiguous()

@@ -349,7 +349,8 @@ class BTTMoE(nn.Module):
             y = y[:, : self.out_features]
         if bias is not None and (masked or not fold):
             y = y + bias
-        return y.reshape(*lead, self.out_features)
+        # contiguous as nn.Linear's output (a slice past padded outputs is not)
+        return y.reshape(*lead, self.out_features).contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         """Sparse evaluation: every token runs only its ``k`` experts."""
