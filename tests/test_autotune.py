@@ -14,8 +14,9 @@ def test_pick_keeps_fused_within_the_margin():
 def test_small_problems_skip_measuring_and_large_ones_are_cached():
     m = einc.compile("btt", 64)
     assert autotune.choose_route(m, torch.randn(4, 64)) == "fused"
-    big = einc.compile("btt", 1024)
-    x = torch.randn(1024, 1024)
+    big = einc.compile("btt", 256)
+    x = torch.randn(1024, 256)
+    assert 1024 * big.lowered.flops >= autotune.MEASURE_ABOVE  # large enough to measure
     before = dict(autotune.routes())
     choice = autotune.choose_route(big, x)
     assert choice in autotune.CANDIDATES
@@ -65,3 +66,33 @@ def test_measuring_under_activation_checkpointing(monkeypatch):
     m.route = "einsum"
     m(x).sum().backward()
     assert torch.allclose(got, x.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_measuring_with_computed_factors(monkeypatch):
+    """functional_call with fast weights (MAML) or a parametrization hands the layer
+    factors that are not leaves, which copy.deepcopy of the module refused."""
+    _measuring(monkeypatch)
+    m = einc.compile("btt(rank=2)", 64, dtype=torch.float64)
+    fast = {n: p * 2.0 for n, p in m.named_parameters()}
+    x = torch.randn(16, 64, dtype=torch.float64)
+    y = torch.func.functional_call(m, fast, (x,))
+    y.sum().backward()
+    m.route = "einsum"
+    want = torch.func.functional_call(m, {n: p.detach() * 2.0 for n, p in m.named_parameters()},
+                                      (x,))
+    torch.testing.assert_close(y, want)
+    assert all(p.grad is not None for p in m.parameters())  # through the fast weights
+
+
+def test_deterministic_algorithms_skip_measuring(monkeypatch):
+    """A measured route can differ between runs, and so the gradients' bits:
+    torch.use_deterministic_algorithms(True) keeps the fused route."""
+    _measuring(monkeypatch)
+    m = einc.compile("btt(rank=2)", 64)
+    monkeypatch.setattr(autotune, "_measure", lambda *a, **k: 1 / 0)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert autotune.choose_route(m, torch.randn(16, 64)) == "fused"
+    finally:
+        torch.use_deterministic_algorithms(before)

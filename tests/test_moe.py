@@ -1149,3 +1149,22 @@ def test_outputs_are_contiguous(bias):
     assert m.output_sizes[0] * m.output_sizes[1] > 47
     for y in (m(torch.randn(2, 5, 64)), m.forward_masked(torch.randn(2, 5, 64))):
         assert y.shape == (2, 5, 47) and y.is_contiguous()
+
+
+def test_deterministic_algorithms_make_the_dispatch_deterministic(monkeypatch):
+    """torch.use_deterministic_algorithms(True) asks every operation for repeatable bits:
+    the sparse dispatch takes its deterministic mode (no index_add_, no timed choice)."""
+    from einc.moe import dispatch
+    seen = []
+    real = dispatch._run
+    monkeypatch.setattr(dispatch, "_run", lambda *a: seen.append(a[5]) or real(*a))
+    m = BTTMoE(16, 16, experts=4, k=2)
+    x = torch.randn(5, 16)
+    m(x)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        m(x)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert seen == [False, True]

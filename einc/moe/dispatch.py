@@ -850,9 +850,10 @@ def btt_moe_sparse(
       it supports the device, dtype and sizes) and padded, measured once per layer shape,
       dtype, device and token bucket (:func:`measure_backends`).
 
-    ``deterministic=True`` makes every reduction of the grouped_mm and strided
-    backends a gather followed by a fixed-order sum (no ``index_add_``), so
-    results are bitwise reproducible on every device.  Gradients flow to ``x``,
+    ``deterministic=True`` (implied by ``torch.use_deterministic_algorithms(True)``)
+    makes every reduction of the grouped_mm and strided backends a gather followed by a
+    fixed-order sum (no ``index_add_``) and ``"auto"`` take its first candidate untimed,
+    so results are bitwise reproducible on every device.  Gradients flow to ``x``,
     ``A``, ``B``, ``gate`` and ``bias`` (an optional ``(f, e)`` tensor added to
     every token's result; the chunked backend starts from it instead of zeros).
     ``expert_idx`` is checked: integers in ``[0, E)`` (:func:`check_experts`, a host sync
@@ -878,6 +879,8 @@ def _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed: boo
         raise CompileError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if not isinstance(deterministic, bool):
         raise CompileError(f"deterministic must be True or False, got {deterministic!r}")
+    # torch.use_deterministic_algorithms(True) asks the same of every operation
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     if N == 0:
         y = x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum())
         return y if bias is None else y + bias

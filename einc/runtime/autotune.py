@@ -35,7 +35,9 @@ def _bucket(tokens: int) -> int:
 def choose_route(module, x: torch.Tensor) -> str:
     tokens = x.numel() // max(1, module.in_features)
     low = module.lowered
-    if tokens * low.flops < MEASURE_ABOVE:
+    # under torch.use_deterministic_algorithms(True) a measured choice would make the
+    # route, and so the bits, differ between runs; the fused route is deterministic
+    if tokens * low.flops < MEASURE_ABOVE or torch.are_deterministic_algorithms_enabled():
         return "fused"
     train = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     key = (low.key, x.dtype, x.device.type, _bucket(tokens), train)
@@ -53,7 +55,12 @@ def _measure(module, dtype, device, tokens: int, train: bool, reps: int = 5) -> 
     gradients, hooks, route and random stream are untouched (the measurement may happen in
     the middle of gradient accumulation, under activation checkpointing, or in two threads
     at once)."""
-    twin = copy.deepcopy(module)  # own parameters, no gradients, no tensor hooks
+    # own parameters, no gradients, no tensor hooks; a factor computed from others
+    # (functional_call with fast weights, a parametrization) is not a leaf, which deepcopy
+    # refuses: the copy takes its values
+    memo = {id(t): t.detach().clone().requires_grad_(t.requires_grad)
+            for t in module.parameters() if not t.is_leaf}
+    twin = copy.deepcopy(module, memo)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), \
             torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
