@@ -1168,3 +1168,19 @@ def test_deterministic_algorithms_make_the_dispatch_deterministic(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(before)
     assert seen == [False, True]
+
+
+def test_forward_mode_ad():
+    """Dual tensors take plain torch ops (the chunked backend has no jvp); the tangent
+    equals torch.func.jvp of the masked reference."""
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    m = BTTMoE(16, 12, experts=4, k=2, dtype=torch.float64)
+    with torch.no_grad():
+        m.router.weight.normal_()
+    x, t = torch.randn(7, 16, dtype=torch.float64), torch.randn(7, 16, dtype=torch.float64)
+    with fwAD.dual_level():
+        y, tangent = fwAD.unpack_dual(m(fwAD.make_dual(x, t)))
+    want_y, want_t = torch.func.jvp(m.forward_masked, (x,), (t,))
+    torch.testing.assert_close(y, want_y)
+    torch.testing.assert_close(tangent, want_t)

@@ -495,3 +495,18 @@ def test_outputs_are_contiguous(spec, d_out, bias, route):
     y = m(torch.randn(2, 5, 64))
     assert y.shape == (2, 5, d_out) and y.is_contiguous()
     y.view(-1)
+
+
+@pytest.mark.parametrize("spec", ["btt", "lowrank(rank=3)", "tt(rank=2, cores=3)"])
+@pytest.mark.parametrize("route", ["auto", "plain", "einsum"])
+def test_forward_mode_ad(spec, route):
+    """Forward-mode AD (dual tensors): auto takes plain torch ops (the fused route's
+    autograd function has no jvp). The tangent of y = W x + b is W t."""
+    import torch.autograd.forward_ad as fwAD
+    m = einc.compile(spec, d_in=64, d_out=48, dtype=torch.float64, route=route)
+    x, t = torch.randn(3, 64, dtype=torch.float64), torch.randn(3, 64, dtype=torch.float64)
+    with fwAD.dual_level():
+        y, tangent = fwAD.unpack_dual(m(fwAD.make_dual(x, t)))
+    W = m.materialize()
+    torch.testing.assert_close(y, x @ W.T + m.bias)
+    torch.testing.assert_close(tangent, t @ W.T)

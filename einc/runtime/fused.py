@@ -14,6 +14,7 @@ import math
 import os
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from ..codegen.plan import Plan
 from ..errors import CompileError
@@ -113,11 +114,14 @@ def chunk_tokens(plan: Plan, tokens: int, device: torch.device, itemsize: int) -
 
 
 def tracing() -> bool:
-    """Whether torch.compile or torch.jit.trace is tracing or a torch.func transform (grad,
-    vmap, ...) is active. The custom autograd Functions here write into preallocated
-    buffers and use the old ``forward(ctx, ...)`` form, which none of them supports;
-    ``auto`` routes then take plain torch ops instead."""
+    """Whether torch.compile or torch.jit.trace is tracing, a torch.func transform (grad,
+    vmap, ...) is active, or forward-mode AD (``torch.autograd.forward_ad.dual_level``).
+    The custom autograd Functions here write into preallocated buffers, use the old
+    ``forward(ctx, ...)`` form and have no ``jvp``, which none of them supports; ``auto``
+    routes then take plain torch ops instead."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    if getattr(_forward_ad, "_current_level", -1) >= 0:
         return True
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active and active())
