@@ -124,6 +124,42 @@ def test_torch_attention_is_reported_not_broken():
     assert layer(torch.randn(2, 5, 64)).shape == (2, 5, 64)  # still runs
 
 
+@pytest.mark.parametrize("spec", ["btt(rank=2)", "bttmoe(experts=4, k=2)"])
+def test_torch_transformer_encoders_run_in_eval(spec):
+    """nn.TransformerEncoderLayer's inference fast path reads linear1.weight directly (as
+    nn.TransformerEncoder's does of its first layer with a padding mask): it failed in
+    eval after the replacement. Reference: train mode without dropout, the regular path."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0,
+                                                           batch_first=True), 2)
+    einc.replace_linear(enc, spec)
+    x = torch.randn(3, 6, 32)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    want = [enc(x), enc(x, src_key_padding_mask=pad)]
+    enc.eval()
+    with torch.no_grad():
+        got = [enc(x), enc(x, src_key_padding_mask=pad), enc.layers[0](x)]
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1][~pad], want[1][~pad])  # padded rows are left unset
+    torch.testing.assert_close(got[2], enc.train().layers[0](x))
+
+
+def test_patterns_see_every_name_of_a_shared_layer():
+    """A layer registered under two names matches include / exclude through either."""
+    def model():
+        m = nn.Module()
+        m.enc = nn.Sequential(nn.Linear(16, 16))
+        m.dec = nn.Sequential(m.enc[0])
+        return m
+    m = model()
+    assert len(einc.replace_linear(m, "lowrank(rank=2)", exclude="dec.*")) == 0
+    assert type(m.enc[0]) is nn.Linear
+    m = model()
+    assert len(einc.replace_linear(m, "lowrank(rank=2)", include="dec.*")) == 1
+    assert isinstance(m.enc[0], einc.StructuredLinear) and m.enc[0] is m.dec[0]
+
+
 def test_a_shared_layer_is_replaced_by_one_module_everywhere():
     shared = nn.Linear(16, 16)
     model = nn.Sequential(shared, nn.ReLU(), shared)

@@ -101,12 +101,15 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
     names = _names_by_module(model)
     kept = _kept_dense(model, names, keep_unembedding)
     chosen = []
+    # a layer registered under several names matches a pattern through any of them
+    matches = lambda mod, pats: any(fnmatch.fnmatchcase(n, p) for n in names[id(mod)]
+                                    for p in pats)
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Linear, nn.MultiheadAttention)):
             continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        if include is not None and not matches(mod, include):
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        if matches(mod, exclude):
             continue
         if id(mod) in kept:
             report.kept.append((name, kept[id(mod)]))
@@ -138,7 +141,23 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
         for name in names[id(old)]:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, new)
+    _no_fast_path(model)
     return report
+
+
+def _no_fast_path(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer's inference fast path (eval, no grad) reads
+    ``linear1.weight`` and ``linear2.weight`` directly, and nn.TransformerEncoder's reads
+    them of its first layer: both are turned off where those layers were replaced, through
+    the flags torch itself checks first. The regular path calls the layers."""
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoderLayer) and not (
+                type(mod.linear1) is nn.Linear and type(mod.linear2) is nn.Linear):
+            mod.activation_relu_or_gelu = 0  # the layer's "fast path possible" flag
+        if isinstance(mod, nn.TransformerEncoder) and any(
+                not (type(m.linear1) is nn.Linear and type(m.linear2) is nn.Linear)
+                for m in mod.layers if isinstance(m, nn.TransformerEncoderLayer)):
+            mod.use_nested_tensor = False
 
 
 def _follow(new: nn.Module, old: nn.Linear) -> None:
