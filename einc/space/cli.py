@@ -40,8 +40,9 @@ def _register(sub):
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON list of records")
     out.add_argument("--csv", action="store_true", help="print CSV")
-    p.add_argument("--plot", metavar="DIR", help="write cube.png and pareto.png to DIR "
-                   "(needs matplotlib; DIR is checked, and created, before searching)")
+    p.add_argument("--plot", metavar="DIR", help="write cube.png and pareto.png (with "
+                   "--measure also pareto_time.png) to DIR (needs matplotlib; DIR is checked, "
+                   "and created, before searching)")
     p.add_argument("--measure", action="store_true", help="time forward+backward of the "
                    "compiled top N candidates (refused with --top 0)")
     p.add_argument("--batch", type=int_at_least(1), default=64,
