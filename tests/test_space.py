@@ -413,3 +413,30 @@ def test_plot_destination_is_checked_before_searching(tmp_path, capsys):
     rc, out, err = _main(capsys, "--d", "64", "--k", "4", "--top", "3", "--plot",
                          str(tmp_path / "made" / "plots"))
     assert rc == 0 and (tmp_path / "made" / "plots" / "cube.png").exists()
+
+
+def test_transpose_keeps_the_cheaper_orientation():
+    """A family holds W and W^T; with transpose=True it is scored at the orientation with
+    fewer FLOPs. It was the orbit's smallest lattice id, whatever it cost, so a FLOP budget
+    dropped families whose transpose fits (29 of 124 families here)."""
+    from fractions import Fraction
+    transpose = lambda t: "(" + "|".join(map(str, (*t[3:6], *t[0:3], t[6]))) + ")"
+    theta = lambda r: [Fraction(v).limit_denominator(64) for v in r["theta"]]
+    every = search(d=64, k=3, top=0, max_flops="none", transpose=True)
+    cheapest = []
+    for r in every:
+        other = einc.analyze(transpose(theta(r)), d=64)
+        assert r["flops"] <= other.flops
+        cheapest.append(r["flops"])
+    budget = sorted(cheapest)[len(cheapest) // 2]
+    kept = search(d=64, k=3, top=0, max_flops=budget, transpose=True)
+    assert len(kept) == sum(f <= budget for f in cheapest)
+    # the plain search's families within the budget, identified with their transposes
+    space = Space(2, 3, transpose=True)
+    family = lambda r: int(space.ids(*space.canonical(*(
+        np.array([v]) for v in space.point_of(space.exps_from_theta(theta(r))))))[0])
+    assert {family(r) for r in search(d=64, k=3, top=0, max_flops=budget)} == \
+        {family(r) for r in kept}
+    # known structures are named at either orientation
+    named = lambda rs: {r["name"] for r in rs if r["name"]}
+    assert named(every) == named(search(d=64, k=3, top=0, max_flops="none"))

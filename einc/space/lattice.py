@@ -229,6 +229,14 @@ class Space:
         ix, iy, ir = self.split(self.orbit_min(ix, iy, ir))
         return self.orient(ix, iy, ir)
 
+    def transposed(self, ix, iy, ir):
+        """Each point's transpose (input and output classes swapped, factors kept), in the
+        paper's orientation; a space with ``transpose`` scores both and keeps the cheaper."""
+        g = next(i for i, el in enumerate(self.group)
+                 if el.t and all(a == b for a, b in el.sigma))
+        fx, fy, fr, _ = self._maps[g]
+        return self.orient(fx[iy], fy[ix], fr[ir])
+
     def orient(self, ix, iy, ir):
         e = self.exponents(ix, iy, ir)
         which, red, _ = self.paper_rules(e, self.factor_present(e))

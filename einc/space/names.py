@@ -68,7 +68,8 @@ def known_ids(space: Space) -> dict[int, str]:
         rows = space.point_of(exps)
         if rows is None:
             continue
-        ix, iy, ir = (np.array([v]) for v in rows)
-        kid = int(space.ids(*space.canonical(ix, iy, ir))[0])
-        out.setdefault(kid, name)
+        ix, iy, ir = space.canonical(*(np.array([v]) for v in rows))
+        out.setdefault(int(space.ids(ix, iy, ir)[0]), name)
+        if space.transpose:  # the search may keep the family's transposed orientation
+            out.setdefault(int(space.ids(*space.transposed(ix, iy, ir))[0]), name)
     return out

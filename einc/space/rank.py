@@ -25,9 +25,9 @@ DEFAULT_TOP = 20
 DEFAULT_MAX_FLOPS = "1x"
 
 #: name -> what it sorts by. "paper" is the rule of the paper: no parameter sharing first,
-#: then full rank, then the most parameters per FLOP, then the cheapest (every omega = 0,
-#: psi = 1 two-factor point has exactly 1/2 parameter per FLOP, so without FLOPs the
-#: lattice order decided and the costliest candidate could come first).
+#: then full rank, then the most parameters per FLOP, then the cheapest (many omega = 0,
+#: psi = 1 points tie at 1/2 parameter per FLOP, dense and Monarch among them: without
+#: FLOPs the lattice order decided and the costliest of them could come first).
 SORT_KEYS = {
     "paper": "omega ascending, psi descending, parameters per FLOP descending, then FLOPs "
              "ascending",

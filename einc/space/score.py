@@ -140,12 +140,20 @@ def score(space: Space, d_in: int, d_out: int, tolerance: float = 0.15, keep=Non
             counts["distinct"] += len(ix)
             ix, iy, ir = space.orient(ix, iy, ir)
             fits = ok_x[ix] & ok_y[iy]
+            if space.transpose:  # a family holds W and W^T: either may fit, and be cheaper
+                tx, ty, tr = space.transposed(ix, iy, ir)
+                fits_t = ok_x[tx] & ok_y[ty]
+                tx, ty, tr = tx[fits | fits_t], ty[fits | fits_t], tr[fits | fits_t]
+                fits_t, fits = fits_t[fits | fits_t], fits | fits_t
             counts["padding"] += int((~fits).sum())
             ix, iy, ir = ix[fits], iy[fits], ir[fits]
             bar.update(stop - start)
             if not len(ix):
                 continue
             cols = _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out)
+            if space.transpose:
+                cols = _cheaper(cols, fits_t, _evaluate(space, tables, rank_sizes, tx, ty, tr,
+                                                        two_factor, d_in, d_out), ok_x[ix] & ok_y[iy])
             counts["degenerate"] += int((cols["degenerate"] == 1).sum())
             for name, col in (("min_params", cols["params"]), ("min_flops", cols["flops"])):
                 low = float(col.min())
@@ -160,6 +168,14 @@ def score(space: Space, d_in: int, d_out: int, tolerance: float = 0.15, keep=Non
               for n in _COLUMNS}
     counts["passed"] = len(merged["ids"])
     return Candidates(space, d_in, d_out, counts=counts, **merged)
+
+
+def _cheaper(cols: dict, fits_t, cols_t: dict, fits) -> dict:
+    """Per point, the orientation that fits the padding tolerance and costs fewer FLOPs
+    (then parameters); the first on a tie."""
+    f, p, ft, pt = cols["flops"], cols["params"], cols_t["flops"], cols_t["params"]
+    take = fits_t & (~fits | (ft < f) | ((ft == f) & (pt < p)))
+    return {n: np.where(take, cols_t[n], v) for n, v in cols.items()}
 
 
 def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) -> dict:
