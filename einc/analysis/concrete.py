@@ -225,31 +225,7 @@ def _choose_grouped(s, fixed, free, d_in, d_out, by_factor: bool = True):
             for j, (name, lo, hi, _) in enumerate(groups[key]):
                 sizes[name] = hi if j < u else lo
         found.append((pin / d_in + pout / d_out, drift, sizes))
-    best = _pick(s, found)
-    return best if by_factor or best is None else _cheaper_swaps(s, best, groups.values())
-
-
-def _cheaper_swaps(s, sizes: dict, groups) -> dict:
-    """Pooled groups (sizes in different factors) rounded the members with the largest real
-    sizes up, equal ones by index order. Swapping a rounded-up member with a rounded-down
-    one of equal real size keeps the padding and the drift; take the swap that lowers
-    (FLOPs, parameters) most, while one does (btt(cores=8) at d = 4096: 2.06x fewer FLOPs
-    than index order). A few dozen cost evaluations."""
-    best = cost(s, sizes)
-    while True:
-        trials = []
-        for members in groups:
-            for up_name, lo, hi, v_up in members:
-                if lo == hi or sizes[up_name] != hi:
-                    continue
-                for name, _, _, v in members:
-                    if sizes[name] == lo and abs(v - v_up) <= DRIFT_TIE * max(1.0, v):
-                        trials.append({**sizes, up_name: lo, name: hi})
-        scored = [(cost(s, t), i) for i, t in enumerate(trials)]
-        if not scored or min(scored)[0] >= best:
-            return sizes
-        best, i = min(scored)
-        sizes = trials[i]
+    return _pick(s, found)
 
 
 def _shortfall(s, fixed, free, d_in, d_out) -> str:
