@@ -1184,3 +1184,11 @@ def test_forward_mode_ad():
     want_y, want_t = torch.func.jvp(m.forward_masked, (x,), (t,))
     torch.testing.assert_close(y, want_y)
     torch.testing.assert_close(tangent, want_t)
+    # inside a dual level without dual tensors nothing changes: a skipped layer's aux loss
+    # still settles, and routing indices are still checked
+    head = torch.nn.Linear(12, 1, dtype=torch.float64)
+    with fwAD.dual_level():
+        (head(m(x)).square().mean() + moe_aux_loss(m)).backward()
+        (head(x[:, :12]).square().mean() + moe_aux_loss(m)).backward()
+        with pytest.raises(einc.CompileError, match=r"\[0, 3\]"):
+            btt_moe_sparse(x.view(7, 4, 4), m.A, m.B, torch.full((7, 2), 9), torch.ones(7, 2))

@@ -485,8 +485,24 @@ def test_a_replaced_factor_of_another_shape_is_refused(route):
         m(x)
 
 
+@pytest.mark.parametrize("route", ["auto", "fused", "plain"])
+def test_mixed_dtypes_run_under_autocast(route):
+    """Autocast casts the factors and bias to one dtype, as nn.Linear's weight and bias:
+    a bfloat16 layer with a float32 bias (or factor) runs there, as before the shape check."""
+    m = einc.compile("btt", d_in=64, route=route).to(torch.bfloat16)
+    m.bias.data = m.bias.data.float()
+    m.A.data = m.A.data.float()
+    x = torch.randn(2, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    with pytest.raises(einc.CompileError, match="dtype"):  # outside autocast, as nn.Linear
+        m(x.bfloat16())
+
+
 @pytest.mark.parametrize("spec,d_out,bias", [("btt(rank=2)", 48, False), ("btt(rank=2)", 48, True),
-                                              ("monarch", 64, False), ("lowrank(rank=4)", 64, True)])
+                                              ("monarch", 64, False), ("lowrank(rank=4)", 64, True),
+                                              ("(0|0|1|0|0|1|0)", 64, True)])
 @pytest.mark.parametrize("route", ["auto", "fused", "plain", "einsum", "steps"])
 def test_outputs_are_contiguous(spec, d_out, bias, route):
     """As nn.Linear's: padded outputs sliced off, or an einsum result in a transposed

@@ -197,10 +197,9 @@ def forward_lines(low: Lowered, attrs: list[str], indent: str = "    ") -> list[
         L.append(f"y = y[:, :{low.d_out}]  # drop the padded outputs")
     L.append("if self.bias is not None:  # in y's dtype, as nn.Linear under autocast")
     L.append("    y = y + self.bias.to(y.dtype)")
-    if low.padded_out > low.d_out:  # without a bias the slice is strided
-        L.append(f"return y.reshape(*lead, {low.d_out}).contiguous()  # as nn.Linear's")
-    else:
-        L.append(f"return y.reshape(*lead, {low.d_out})")
+    # contiguous as nn.Linear's output: a slice past padded outputs, or a result whose
+    # last permute reshaped as a view, is strided (a no-op otherwise)
+    L.append(f"return y.reshape(*lead, {low.d_out}).contiguous()")
     return [indent + line for line in L]
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CompileError, EincError
-from ..runtime.fused import exporting, tracing
+from ..runtime.fused import dual, exporting, tracing
 
 __all__ = [
     "route",
@@ -892,7 +892,9 @@ def _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed: boo
         return y if bias is None else y + bias
     if torch.compiler.is_compiling():  # run eagerly, between two graphs
         return _sparse_eager(rows, A, B, expert_idx, gate, deterministic, bias, backend)
-    if tracing():  # torch.func: plain torch ops with autograd, whatever backend was named
+    if tracing() or dual(x, A, B, gate, bias):
+        # torch.func, or forward-mode AD tangents: plain torch ops with autograd (the other
+        # backends' autograd functions support neither), whatever backend was named
         backend = "padded"
     return _run(rows, A, B, expert_idx, gate, deterministic, backend, bias)
 

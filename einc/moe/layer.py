@@ -92,6 +92,10 @@ class _Routed(torch.autograd.Function):
     def backward(ctx, grad):
         return grad
 
+    @staticmethod
+    def jvp(ctx, tangent):  # forward-mode AD through the identity (a view, as forward's)
+        return tangent.view_as(tangent)
+
 
 def _settled(t):
     """A value stored under a torch.func transform and read after it ended: the tensor under
@@ -252,17 +256,12 @@ class BTTMoE(nn.Module):
         logits = self.router(x2)
         if exporting():  # an exported program has no module state to write into
             return route(logits, self.k)
-        # A checkpoint's recomputation (in backward) must save what the forward saved, but
-        # keeps the forward's records: its aux loss would be a graph no backward frees.
-        kept = (self._aux_loss, self._routed, self._stats) if _recomputing() else None
-        self._routed = None
+        node = None
         if logits.requires_grad and not tracing():
             logits = _Routed.apply(logits)
-            self._routed = logits.grad_fn
+            node = logits.grad_fn
         expert_idx, gate = route(logits, self.k)
-        self._record(logits, expert_idx)
-        if kept is not None:
-            self._aux_loss, self._routed, self._stats = kept
+        self._record(logits, expert_idx, node)
         return expert_idx, gate
 
     @property
@@ -294,7 +293,20 @@ class BTTMoE(nn.Module):
     # Eager, between compiled graphs: inductor (torch 2.13, CPU) compiled this next to the
     # routing into a backward that gave the router a zero gradient at E = 4.
     @torch.compiler.disable
-    def _record(self, logits: Tensor, expert_idx: Tensor) -> None:
+    def _record(self, logits: Tensor, expert_idx: Tensor, node=None) -> None:
+        """Set ``aux_loss``, the router statistics and ``_routed`` (``node``, the routing's
+        _Routed node). A checkpoint's recomputation (in backward) computes the same, as it
+        must save what the forward saved, but keeps the forward's records: its aux loss
+        would be a graph no backward frees."""
+        if _recomputing():
+            kept = self._aux_loss, self._stats
+            self._record_values(logits, expert_idx)
+            self._aux_loss, self._stats = kept
+            return
+        self._routed = node
+        self._record_values(logits, expert_idx)
+
+    def _record_values(self, logits: Tensor, expert_idx: Tensor) -> None:
         N, E = logits.shape
         if N == 0:
             self.aux_loss = logits.sum() * 0.0

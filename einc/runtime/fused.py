@@ -114,17 +114,24 @@ def chunk_tokens(plan: Plan, tokens: int, device: torch.device, itemsize: int) -
 
 
 def tracing() -> bool:
-    """Whether torch.compile or torch.jit.trace is tracing, a torch.func transform (grad,
-    vmap, ...) is active, or forward-mode AD (``torch.autograd.forward_ad.dual_level``).
-    The custom autograd Functions here write into preallocated buffers, use the old
-    ``forward(ctx, ...)`` form and have no ``jvp``, which none of them supports; ``auto``
-    routes then take plain torch ops instead."""
+    """Whether torch.compile or torch.jit.trace is tracing or a torch.func transform (grad,
+    vmap, ...) is active. The custom autograd Functions here write into preallocated
+    buffers and use the old ``forward(ctx, ...)`` form, which none of them supports;
+    ``auto`` routes then take plain torch ops instead."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return True
-    if getattr(_forward_ad, "_current_level", -1) >= 0:
         return True
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active and active())
+
+
+def dual(*tensors) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode AD tangent
+    (``torch.autograd.forward_ad``): the custom autograd Functions here have no ``jvp``,
+    so such inputs take plain torch ops. Free outside a ``dual_level``."""
+    if getattr(_forward_ad, "_current_level", -1) < 0:
+        return False
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None
+               for t in tensors)
 
 
 def vmapping() -> bool:

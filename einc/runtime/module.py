@@ -11,7 +11,7 @@ from ..codegen import emit
 from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
 from .fused import (ChainFunction, allocating, autocasting, check_dtype, check_input,
-                    chunk_tokens, dtype_mismatch, tracing)
+                    chunk_tokens, dtype_mismatch, dual, tracing)
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
@@ -143,10 +143,11 @@ class StructuredLinear(nn.Module):
         # autocast casts inside torch ops, which the plain routes use and the fused ones
         # (computing in the factors' dtype) do not
         autocast = autocasting(x.device)
+        dtype = self._check_factors(same_dtype=not autocast)
         route = self.route
         if route == "auto":
-            route = "plain" if tracing() or autocast else _auto_route(self, x)
-        dtype = self._check_factors()
+            plain = tracing() or autocast or dual(x, *self.factors(), self.bias)
+            route = "plain" if plain else _auto_route(self, x)
         # autocast leaves float64 alone, so a float64 layer computes in float64 there too
         autocast = autocast and dtype != torch.float64
         if x.dtype != dtype and not autocast:
@@ -171,20 +172,22 @@ class StructuredLinear(nn.Module):
             return forward_triton(self, x)
         return self._forward_fused(x)
 
-    def _check_factors(self) -> torch.dtype:
-        """The factors' (and bias's) shapes must be the structure's, and their dtypes one:
-        the fused route reads a factor through its planned strides, so a replaced parameter
-        of another shape would be read wrongly instead of refused. Returns the dtype."""
+    def _check_factors(self, same_dtype: bool = True) -> torch.dtype:
+        """The factors' (and bias's) shapes must be the structure's, and (``same_dtype``;
+        autocast casts them to one) their dtypes one: the fused route reads a factor through
+        its planned strides, so a replaced parameter of another shape would be read wrongly
+        instead of refused. Returns the first factor's dtype."""
         low, facs = self.lowered, self.factors()
         for name, f, p in zip(self._attrs, self.structure.factors, facs):
             want = tuple(low.sizes[i] for i in f.indices)
-            if tuple(p.shape) != want or p.dtype != facs[0].dtype:
+            if tuple(p.shape) != want or (same_dtype and p.dtype != facs[0].dtype):
                 what = (f"shape {tuple(p.shape)}, expected {want} ({' '.join(f.indices)})"
                         if tuple(p.shape) != want else
                         f"dtype {p.dtype}, the other factors' is {facs[0].dtype}")
                 raise CompileError(f"factor {name} of this {self.spec!r} layer has {what}")
         b = self.bias
-        if b is not None and (tuple(b.shape) != (self.out_features,) or b.dtype != facs[0].dtype):
+        if b is not None and (tuple(b.shape) != (self.out_features,) or
+                              (same_dtype and b.dtype != facs[0].dtype)):
             raise CompileError(f"bias has shape {tuple(b.shape)} and dtype {b.dtype}, expected "
                                f"({self.out_features},) and {facs[0].dtype}")
         return facs[0].dtype
