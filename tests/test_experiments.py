@@ -124,6 +124,23 @@ def test_frontier_of_width_curves_has_the_compute_optimal_exponent():
     assert both["loss"] == [2, 0.5] and both["label"] == [0, 1]
 
 
+def test_frontier_keeps_each_runs_last_point():
+    """A run's end (usually its best point) fell between grid points, and the envelope
+    carried an older, higher value past it."""
+    front = frontier([([1, 10, 61], [5, 2, 0.9]), ([1, 100], [6, 1.5])], points=3)
+    assert 61 in front["flops"]
+    at = dict(zip(front["flops"], front["loss"]))
+    assert at[61] == 0.9 and at[100] == 0.9 and front["label"][-1] == 0
+
+
+def test_run_keys_tell_apart_what_the_readable_part_cannot():
+    job = dict(task="regression", spec="lowrank(rank=d^(1/2))", width=16, seed=0, lr=3.1e-3,
+               steps=5, batch=8)
+    assert job_key(job) != job_key(dict(job, spec="lowrank(rank=d^1/2)"))  # one slug
+    assert job_key(job) != job_key(dict(job, lr=3.104e-3))  # one 3-digit rate
+    assert job_key(job) == job_key(dict(job))
+
+
 def test_split_specs_and_eval_steps():
     assert split_specs('dense,lowrank(rank=d^(1/2)),bttmoe(experts=8,k=2)') == [
         "dense", "lowrank(rank=d^(1/2))", "bttmoe(experts=8,k=2)"]
@@ -151,6 +168,28 @@ def test_regression_end_to_end_and_resume(tmp_path, monkeypatch):
     assert [r["curve"] for r in again] == [r["curve"] for r in result]
     with pytest.raises(AssertionError, match="again"):
         scaling("regression", **dict(kw, widths=[16, 64]))
+
+
+def test_sweep_moves_to_a_width_the_structure_takes_and_failed_runs_rerun(tmp_path,
+                                                                           monkeypatch):
+    """kron cannot take width 7 (28.6% padding): its sweep failed there and the first rate
+    was used unswept, anchored at 7. The sweep moves to 16. A failed run is not reused."""
+    kw = dict(structures=["dense", "kron"], widths=[7, 16], steps=3, batch=16,
+              lr_sweep=[1e-3, 1e-2], options={"test_size": 32}, eval_points=2,
+              out=str(tmp_path), progress=False, plot=False)
+    result = scaling("regression", **kw)
+    kron = [r for r in result.sweep if r["spec"] == "kron"]
+    assert {r["width"] for r in kron} == {7, 16}
+    assert all(r["status"] == "error" for r in kron if r["width"] == 7)
+    assert {r["lr_width"] for r in result if r["spec"] == "kron"} == {16}
+    assert {r["lr_width"] for r in result if r["spec"] == "dense"} == {7}
+    row = next(r for r in result.summary["structures"] if r["spec"] == "kron")
+    assert row["omega"] is not None  # from a record that built
+    ran = []
+    real = harness.run_job
+    monkeypatch.setattr(harness, "run_job", lambda job: ran.append(job["width"]) or real(job))
+    scaling("regression", **kw)
+    assert ran and set(ran) == {7}  # only kron's failed runs at 7 again
 
 
 def test_charlm_end_to_end(tmp_path):

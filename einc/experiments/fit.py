@@ -43,10 +43,18 @@ def interpolate(flops, loss, grid) -> np.ndarray:
     return out
 
 
+def _last_point(flops, loss):
+    """The largest positive compute at which a curve has a finite positive loss."""
+    c, l = np.asarray(flops, float), np.asarray(loss, float)
+    ok = (c > 0) & np.isfinite(l) & (l > 0)
+    return float(c[ok].max()) if ok.any() else None
+
+
 def frontier(curves, points: int = 48, grid=None) -> dict:
     """Lower envelope of ``curves`` (an iterable of ``(flops, loss)`` or of
     ``(flops, loss, label)``): ``{'flops', 'loss', 'label'}`` on a log-spaced grid from the
-    smallest to the largest positive compute any curve reaches (NaN-free)."""
+    smallest to the largest positive compute any curve reaches, plus each curve's last
+    compute (a run's end, usually its best point, falls between grid points) (NaN-free)."""
     curves = [tuple(c) if len(c) == 3 else (c[0], c[1], i) for i, c in enumerate(curves)]
     if grid is None:
         lo = min((min(f for f in c[0] if f > 0) for c in curves if any(f > 0 for f in c[0])),
@@ -54,7 +62,9 @@ def frontier(curves, points: int = 48, grid=None) -> dict:
         if lo is None:
             return {"flops": [], "loss": [], "label": []}
         hi = max(max(c[0]) for c in curves)
+        ends = [_last_point(f, l) for f, l, _ in curves]
         grid = np.geomspace(lo, hi, points) if hi > lo else np.array([lo])
+        grid = np.union1d(grid, [e for e in ends if e is not None])
     grid = np.asarray(grid, float)
     table = np.vstack([interpolate(f, l, grid) for f, l, _ in curves])
     filled = np.where(np.isnan(table), np.inf, table)

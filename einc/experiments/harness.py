@@ -62,9 +62,12 @@ def eval_steps(steps: int, points: int) -> list[int]:
 
 
 def job_key(job: dict) -> str:
+    """A run's file name: readable fields, and a digest of everything that tells runs
+    apart exactly (two specs can share a slug, two rates their 3 digits)."""
     opts = json.dumps(job.get("options") or {}, sort_keys=True)
     digest = hashlib.sha1(f"{opts}|{job.get('aux_weight')}|{job.get('eval_points')}|"
-                          f"{job.get('lr_width')}".encode()).hexdigest()[:8]
+                          f"{job.get('lr_width')}|{job['spec']}|{float(job['lr'])!r}"
+                          .encode()).hexdigest()[:8]
     return (f"{job['task']}_{slug(str(job['spec']))}_w{job['width']}_s{job['seed']}"
             f"_lr{job['lr']:.3g}_n{job['steps']}_b{job['batch']}_{digest}")
 
@@ -119,7 +122,7 @@ def run_job(job: dict) -> dict:
     start = time.perf_counter()
     rec = {k: job[k] for k in ("task", "spec", "width", "seed", "lr", "steps", "batch")}
     rec.update(key=job_key(job), role=job.get("role", "main"), options=job.get("options") or {},
-               world_size=world, status="ok")
+               lr_width=job.get("lr_width"), world_size=world, status="ok")
     try:
         return _train(job, rec, device, rank, world, start)
     except (MemoryError, RuntimeError) as e:
@@ -505,22 +508,32 @@ def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 1
                      ray_address=ray_address, on_done=done)
         return [cache[job_key(j)] for j in jobs]
 
-    # 1. base rate per structure, at the smallest width
-    lrs, sweep = {}, []
+    # 1. base rate per structure, at the smallest width where it builds: where every sweep
+    # run failed (say the width needs more padding than allowed), at the next width
+    lrs, sweep, at = {}, [], {s: per[s][0] for s in structures}
     if lr is None:
         rates = list(a["lr_sweep"] or cls.default_lr_sweep)
-        jobs = [dict(base, spec=s, width=per[s][0], seed=seeds[0], lr=r, role="sweep",
-                     lr_width=per[s][0])
-                for s in structures for r in rates]
-        sweep = execute(jobs)
-        for s in structures:
-            runs = [r for r in sweep if r["spec"] == s and r.get("final_loss") is not None
-                    and math.isfinite(r["final_loss"])]
-            lrs[s] = min(runs, key=lambda r: r["final_loss"])["lr"] if runs else rates[0]
+        pending = {s: list(per[s]) for s in structures}
+        while pending:
+            runs = execute([dict(base, spec=s, width=ws[0], seed=seeds[0], lr=r,
+                                 role="sweep", lr_width=ws[0])
+                            for s, ws in pending.items() for r in rates])
+            sweep += runs
+            retry = {}
+            for s, ws in pending.items():
+                mine = [r for r in runs if r["spec"] == s]
+                good = [r for r in mine if r.get("final_loss") is not None
+                        and math.isfinite(r["final_loss"])]
+                if not good and len(ws) > 1 and all(r["status"] == "error" for r in mine):
+                    retry[s] = ws[1:]
+                    continue
+                at[s] = ws[0]  # no finite loss at any rate: the first (status says why)
+                lrs[s] = min(good, key=lambda r: r["final_loss"])["lr"] if good else rates[0]
+            pending = retry
     else:
         lrs = {s: float(lr[s] if isinstance(lr, dict) else lr) for s in structures}
     # 2. every width and seed at that rate (the sweep's own run is reused)
-    jobs = [dict(base, spec=s, width=w, seed=sd, lr=lrs[s], role="main", lr_width=per[s][0])
+    jobs = [dict(base, spec=s, width=w, seed=sd, lr=lrs[s], role="main", lr_width=at[s])
             for s in structures for w in per[s] for sd in seeds]
     records = [dict(r, role="main") for r in execute(jobs)]
     bar.close()
@@ -568,7 +581,8 @@ def summarize(records, widths, irreducible: bool = False, levels=None) -> dict:
         fit = fitting.fit_power_law([p[0] for p in pts], [p[1] for p in pts],
                                     irreducible=irreducible)
         fit["from_flops"] = lo
-        first = recs[0]
+        # the exponents of a record that built (a failed one has none)
+        first = next((r for r in recs if r.get("omega") is not None), recs[0])
         rows.append({"spec": spec, "omega": first.get("omega"), "psi": first.get("psi"),
                      "nu": first.get("nu"), "lr": first["lr"], "frontier": front, "fit": fit,
                      "status": sorted({r["status"] for r in recs}),
@@ -640,7 +654,8 @@ def _load_cache(out) -> dict:
                 try:
                     with open(os.path.join(folder, name)) as fh:
                         rec = json.load(fh)
-                    cache[rec["key"]] = rec
+                    if rec.get("status") != "error":  # a failed run is tried again
+                        cache[rec["key"]] = rec
                 except (OSError, ValueError, KeyError):
                     continue  # a half-written file: run it again
     return cache
