@@ -334,6 +334,7 @@ def no_runs(monkeypatch):
     ({"eval_points": 0}, einc.SizeError, "eval_points must be an integer >= 1"),
     ({"lr": 0}, einc.SizeError, "lr must be a number > 0"),
     ({"lr_sweep": "abc"}, einc.SizeError, "lr_sweep"),
+    ({"lr": 1e-3, "lr_sweep": [1e-3, 1e-2]}, einc.EincError, "not both"),
     ({"options": {"bogus": 1}}, einc.UnknownNameError, "unknown option 'bogus'"),
     ({"options": {"hidden": "abc"}}, einc.SizeError, "hidden of the regression task"),
     # upper bounds: these failed to allocate, or overflowed, once training started

@@ -384,7 +384,7 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
     if isinstance(seeds, numbers.Number) and not isinstance(seeds, bool):
         seeds = list(range(_count(seeds, "seeds (a count)", 1, MAX_SEEDS)))
     else:
-        seeds = _ints(seeds, "seeds", 0, MAX_SEED)
+        seeds = list(dict.fromkeys(_ints(seeds, "seeds", 0, MAX_SEED)))  # each seed once
         if len(seeds) > MAX_SEEDS:
             raise SizeError(f"seeds holds {len(seeds):,} seeds: give at most {MAX_SEEDS:,}")
     if isinstance(lr, dict):
@@ -395,6 +395,9 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
     elif lr is not None:
         lr = _number(lr, "lr")
     rates = None
+    if lr is not None and lr_sweep is not None:
+        raise EincError("give one rate for every structure (lr, --lr) or the rates to sweep "
+                        "(lr_sweep, --lr-sweep), not both")
     if lr_sweep is not None:
         rates = [_number(r, "every lr_sweep rate") for r in _items(lr_sweep)]
         if not rates:
