@@ -526,3 +526,15 @@ def test_forward_mode_ad(spec, route):
     W = m.materialize()
     torch.testing.assert_close(y, x @ W.T + m.bias)
     torch.testing.assert_close(tangent, t @ W.T)
+
+
+def test_a_float64_factor_is_refused_under_autocast_too():
+    """Autocast casts float32 / float16 / bfloat16 operands to one dtype but leaves float64
+    alone: a float64 factor in a float32 layer is refused on every route, not a torch error
+    on some and a silent cast on the fused one."""
+    for route in ("auto", "fused", "plain", "einsum"):
+        m = einc.compile("btt", d_in=64, route=route)
+        m.B.data = m.B.data.double()
+        with torch.autocast("cpu", dtype=torch.bfloat16), \
+                pytest.raises(einc.CompileError, match="factor B .*torch.float64"):
+            m(torch.randn(2, 64))

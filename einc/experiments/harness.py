@@ -396,8 +396,9 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
         lr = _number(lr, "lr")
     rates = None
     if lr is not None and lr_sweep is not None:
-        raise EincError("give one rate for every structure (lr, --lr) or the rates to sweep "
-                        "(lr_sweep, --lr-sweep), not both")
+        raise EincError("give one rate for every structure (lr; --lr, or --train-lr in einc "
+                        "search) or the rates to sweep (lr_sweep; --lr-sweep, --train-lr-sweep), "
+                        "not both")
     if lr_sweep is not None:
         rates = [_number(r, "every lr_sweep rate") for r in _items(lr_sweep)]
         if not rates:
@@ -543,7 +544,7 @@ def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 1
     if not any(math.isfinite(c[2]) for r in records for c in r.get("curve") or []):
         raise _all_failed(records)  # nothing to fit or plot: say why every run failed
     summary = summarize(records, widths, irreducible=irreducible)
-    summary.update(task=task, lrs=lrs, lr_sweep=sorted({r["lr"] for r in sweep}),
+    summary.update(task=task, lrs=lrs, lr_widths=at, lr_sweep=sorted({r["lr"] for r in sweep}),
                    steps=int(steps), batch=batch, seeds=seeds, widths=widths,
                    options=base["options"])
     files = _write_outputs(out, records, sweep, summary, plot) if (out and lead) else []

@@ -143,7 +143,10 @@ class StructuredLinear(nn.Module):
         # autocast casts inside torch ops, which the plain routes use and the fused ones
         # (computing in the factors' dtype) do not
         autocast = autocasting(x.device)
-        dtype = self._check_factors(same_dtype=not autocast)
+        # autocast casts float16 / bfloat16 / float32 operands to one dtype, never float64
+        tensors = [*self.factors(), *([] if self.bias is None else [self.bias])]
+        dtype = self._check_factors(same_dtype=not autocast or any(
+            t.dtype == torch.float64 for t in tensors))
         route = self.route
         if route == "auto":
             plain = tracing() or autocast or dual(x, *self.factors(), self.bias)
