@@ -498,3 +498,37 @@ def test_pooled_rounding_keeps_the_rank():
     bounded a cut, rank 2916)."""
     rep = analyze("btt(cores=8)", d=4096)
     assert (rep.padded_in, rep.padded_out, rep.rank_bound) == (4374, 4374, 4096)
+
+
+def test_equally_close_roundings_keep_the_highest_rank():
+    """Ties of padding and closeness went to the fewest FLOPs, which is often the rounding
+    that shrinks the cut bounding the rank: btt(cores=5) at d = 100 had bound 48 (the
+    materialised matrix rank 43) where an equal rounding gives 100."""
+    import torch
+    rep = analyze("btt(cores=5)", d=100)
+    assert rep.rank_bound == 100
+    m = einc.compile("btt(cores=5)", 100, dtype=torch.float64, bias=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+    assert torch.linalg.matrix_rank(m.materialize()) > 48
+    assert analyze("btt", d=2048).rank_bound == 2048
+
+
+def test_search_rounds_ties_as_analyze_does():
+    """The search's vectorised rounding takes the same tie as concretize (rank first): at
+    d = 200 this family's equally close roundings have rank bounds 68 and 102."""
+    import torch
+    from einc.space import search
+    spec = "(1|0|0|1/6|1/6|2/3|0)"  # the family's kept form of (0|1|0|1/6|1/6|2/3|0)
+    rec = next(r for r in search(d=200, k=6, top=0, max_flops="none") if r["spec"] == spec)
+    rep = analyze(spec, d=200)
+    assert (rec["rank_bound"], rec["flops"], rec["params"]) == \
+        (rep.rank_bound, rep.flops, rep.params) == (102, 41004, rep.params)
+    m = einc.compile(spec, 200, dtype=torch.float64, bias=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+    assert torch.linalg.matrix_rank(m.materialize()) > 68

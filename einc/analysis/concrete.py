@@ -135,7 +135,8 @@ def concretize(s: Structure, d_in: int, d_out: int,
 def _choose(s, fixed, free, d_in, d_out):
     """The rounding of the free sizes with the least padding, then closest to the real sizes;
     roundings equally close (several sizes with the same real value, one of them rounded up)
-    are told apart by FLOPs, then parameters, then the first."""
+    are told apart by the rank bound (highest), then FLOPs, then parameters, then the
+    first."""
     if len(free) > EXHAUSTIVE:
         return _choose_grouped(s, fixed, free, d_in, d_out)
     found = []
@@ -148,12 +149,15 @@ def _choose(s, fixed, free, d_in, d_out):
             continue
         drift = sum(abs(math.log(c / v)) for (_, _, _, v), c in zip(free, choice))
         found.append((pin / d_in + pout / d_out, drift, sizes))
-    return _pick(s, found)
+    return _pick(s, found, d_in, d_out)
 
 
-def _pick(s, found: list):
+def _pick(s, found: list, d_in: int, d_out: int):
     """Of (padding, drift, sizes) candidates: the least padding, then the closest, then the
-    cheapest (FLOPs, parameters), then the first."""
+    highest rank bound (capped by the widths, as the layer is cropped to them), then the
+    cheapest (FLOPs, parameters), then the first. The rank comes first: the rounding that
+    costs fewer FLOPs is often the one that shrinks the cut bounding the rank (btt at
+    d = 2048: bound 2025 against 2048 at 1.1% fewer FLOPs)."""
     if not found:
         return None
     padding = min(f[0] for f in found)
@@ -161,7 +165,9 @@ def _pick(s, found: list):
     ties = closest(found, lambda f: f[1])
     if len(ties) == 1:
         return ties[0][2]
-    return min(ties, key=lambda f: (cost(s, f[2]), f[1]))[2]
+    from .rank import rank_bound
+    rank = lambda z: min(rank_bound(s, z)[0], d_in, d_out)
+    return min(ties, key=lambda f: (-rank(f[2]), cost(s, f[2]), f[1]))[2]
 
 
 #: drifts closer than this are the same rounding distance (float sums in another order)
@@ -225,7 +231,7 @@ def _choose_grouped(s, fixed, free, d_in, d_out, by_factor: bool = True):
             for j, (name, lo, hi, _) in enumerate(groups[key]):
                 sizes[name] = hi if j < u else lo
         found.append((pin / d_in + pout / d_out, drift, sizes))
-    return _pick(s, found)
+    return _pick(s, found, d_in, d_out)
 
 
 def _shortfall(s, fixed, free, d_in, d_out) -> str:

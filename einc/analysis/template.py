@@ -63,7 +63,7 @@ def combine(rx: SideRounding, ry: SideRounding) -> list[tuple[int, int]]:
     """The pairs of side choices concretize may take (when at most 14 sizes are free): the
     least total drift, with every pair as close as that (see
     :func:`~einc.analysis.concrete.closest`), in concretize's order. The caller tells them
-    apart by cost, as concretize does.
+    apart by rank bound, then cost, as concretize does.
 
     The drift is a float sum in index order (input side first), so near-ties are decided
     exactly as there.
@@ -215,9 +215,10 @@ class Template:
 
         if rx.free + ry.free > _MAX_FREE:
             sizes = at(rx.rounded_up, ry.rounded_up)
-        else:  # the first of the cheapest (FLOPs, then parameters), as concretize
+        else:  # the highest rank bound, then the cheapest (FLOPs, parameters), as concretize
             options = [at(rx.choices[i], ry.choices[j]) for i, j in combine(rx, ry)]
-            sizes = min(options, key=lambda z: (self.flops(z, present), self.params(z, present)))
+            sizes = min(options, key=lambda z: (-self.rank_bound(z, d_in, d_out),
+                                                self.flops(z, present), self.params(z, present)))
         pin = _prod([sizes[c] for c in self.side_classes("x")])
         pout = _prod([sizes[c] for c in self.side_classes("y")])
         if pin > d_in * (1 + tolerance) + 1e-9 or pout > d_out * (1 + tolerance) + 1e-9:

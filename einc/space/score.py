@@ -183,20 +183,21 @@ def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) ->
     e = space.exponents(ix, iy, ir)
     present = e > 0
     pres = {c: present[:, space.col[c]].astype(np.float64) for c in t.classes}
-    sizes = params = flops = None
-    for tie in range(tables.ties):  # the first of the cheapest (FLOPs, then params)
+    sizes = params = flops = rank = None
+    for tie in range(tables.ties):  # as concretize: highest rank bound, then FLOPs, params
         sx, sy = tables.sizes(ix, iy, tie)
         z = {c: sx[:, j] for j, c in enumerate(space.xc)}
         z.update({c: sy[:, j] for j, c in enumerate(space.yc)})
         z.update({c: rank_sizes[ir, j] for j, c in enumerate(space.rc)})
         p, f = t.params(z, pres), t.flops(z, pres)
+        r = np.broadcast_to(np.asarray(t.rank_bound(z, d_in, d_out), dtype=np.float64), f.shape)
         if sizes is None:
-            sizes, params, flops = z, p, f
+            sizes, params, flops, rank = z, p, f, r
             continue
-        better = (f < flops) | ((f == flops) & (p < params))
+        better = (r > rank) | ((r == rank) & ((f < flops) | ((f == flops) & (p < params))))
         sizes = {c: np.where(better, z[c], sizes[c]) for c in sizes}
         params, flops = np.where(better, p, params), np.where(better, f, flops)
-    rank = t.rank_bound(sizes, d_in, d_out)
+        rank = np.where(better, r, rank)
     exps = {c: e[:, space.col[c]].astype(np.int32) for c in t.classes}
     exps["__one__"] = space.k
     omega, psi, nu = t.exponents(exps)
