@@ -62,7 +62,8 @@ _COLUMNS = ("ids", "params", "flops", "omega", "psi", "nu", "rank_bound", "redun
 class SizeTables:
     """Concrete sizes by table row: each side's candidate roundings and, per pair of rows,
     the ones concretize may take (see :func:`einc.analysis.template.combine`): usually one,
-    several when roundings are equally close; the cheapest of those is picked per point."""
+    several when roundings are equally close; of those the one with the highest rank bound,
+    then the fewest FLOPs and parameters, is picked per point (as concretize)."""
 
     x: np.ndarray        # (nX, choices, input classes) float64
     y: np.ndarray        # (nY, choices, output classes)
