@@ -1,6 +1,7 @@
 """StructuredLinear: a drop-in for nn.Linear whose weight is a structured einsum."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -143,10 +144,7 @@ class StructuredLinear(nn.Module):
         # autocast casts inside torch ops, which the plain routes use and the fused ones
         # (computing in the factors' dtype) do not
         autocast = autocasting(x.device)
-        # autocast casts float16 / bfloat16 / float32 operands to one dtype, never float64
-        tensors = [*self.factors(), *([] if self.bias is None else [self.bias])]
-        dtype = self._check_factors(same_dtype=not autocast or any(
-            t.dtype == torch.float64 for t in tensors))
+        dtype = self._check_factors(autocast)
         route = self.route
         if route == "auto":
             plain = tracing() or autocast or dual(x, *self.factors(), self.bias)
@@ -175,25 +173,32 @@ class StructuredLinear(nn.Module):
             return forward_triton(self, x)
         return self._forward_fused(x)
 
-    def _check_factors(self, same_dtype: bool = True) -> torch.dtype:
-        """The factors' (and bias's) shapes must be the structure's, and (``same_dtype``;
-        autocast casts them to one) their dtypes one: the fused route reads a factor through
-        its planned strides, so a replaced parameter of another shape would be read wrongly
-        instead of refused. Returns the first factor's dtype."""
-        low, facs = self.lowered, self.factors()
-        for name, f, p in zip(self._attrs, self.structure.factors, facs):
-            want = tuple(low.sizes[i] for i in f.indices)
-            if tuple(p.shape) != want or (same_dtype and p.dtype != facs[0].dtype):
-                what = (f"shape {tuple(p.shape)}, expected {want} ({' '.join(f.indices)})"
-                        if tuple(p.shape) != want else
-                        f"dtype {p.dtype}, the other factors' is {facs[0].dtype}")
+    def _check_factors(self, autocast: bool = False) -> torch.dtype:
+        """The factors' (and bias's) shapes must be the structure's: the fused route reads a
+        factor through its planned strides, so a replaced parameter of another shape would be
+        read wrongly instead of refused. Their dtypes must be one, except under autocast,
+        which casts float16 / bfloat16 / float32 operands to one (never float64). Returns
+        the first factor's dtype."""
+        facs, b = self.factors(), self.bias
+        tensors = facs if b is None else [*facs, b]
+        first = facs[0].dtype
+        same = not autocast or any(t.dtype == torch.float64 for t in tensors)
+        for name, p, (want, indices) in zip(self._attrs, facs, self._shapes):
+            if p.shape != want or (same and p.dtype != first):
+                what = (f"shape {tuple(p.shape)}, expected {tuple(want)} ({indices})"
+                        if p.shape != want else f"dtype {p.dtype}, the other factors' is {first}")
                 raise CompileError(f"factor {name} of this {self.spec!r} layer has {what}")
-        b = self.bias
-        if b is not None and (tuple(b.shape) != (self.out_features,) or
-                              (same_dtype and b.dtype != facs[0].dtype)):
+        if b is not None and (b.shape != (self.out_features,) or (same and b.dtype != first)):
             raise CompileError(f"bias has shape {tuple(b.shape)} and dtype {b.dtype}, expected "
-                               f"({self.out_features},) and {facs[0].dtype}")
-        return facs[0].dtype
+                               f"({self.out_features},) and {first}")
+        return first
+
+    @functools.cached_property
+    def _shapes(self) -> tuple:
+        """Per factor, its shape in spec order and its indices (for messages)."""
+        low = self.lowered
+        return tuple((torch.Size(low.sizes[i] for i in f.indices), " ".join(f.indices))
+                     for f in self.structure.factors)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (n, padded_in): flattened and zero-padded."""
