@@ -27,7 +27,8 @@ if [ "${TEST_WORKERS:-8}" != 0 ]; then
 fi
 start=$(date +%s)
 timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -p no:cacheprovider "${workers[@]}" --tb=short \
-    tests/test_kernels_strided_bmm.py tests/test_gpu_route.py tests/test_moe.py >"$log/pytest.log" 2>&1
+    tests/test_kernels_strided_bmm.py tests/test_kernels_slot_rows.py tests/test_gpu_route.py \
+    tests/test_moe.py >"$log/pytest.log" 2>&1
 echo "pytest rc=$? in $(( $(date +%s) - start )) s"
 grep -E "^(FAILED|ERROR)" "$log/pytest.log" | head -40
 tail -1 "$log/pytest.log"

@@ -2,8 +2,9 @@
 
 ``strided_bmm`` is a batched matmul whose operands and result are addressed
 through arbitrary multi-axis strides, so a chain of contractions runs without
-permute copies. Triton is optional: it is imported on first use, and the
-pure-torch reference is used when it is missing.
+permute copies; ``slot_rows`` moves rows between tokens and the padded expert slots of a
+sparse BTT-MoE. Triton is optional: it is imported on first use, and pure-torch
+equivalents are used when it is missing.
 """
 
 from .strided_bmm import (

@@ -467,10 +467,9 @@ CAPACITY_MULTIPLE = 8
 def _padded_plan(expert_idx: Tensor, E: int):
     """Slot placement for the padded layout: expert ``r`` owns rows ``[r*C, (r+1)*C)``.
 
-    Returns ``(C, slot_row, row_token)``: the capacity ``C`` (largest expert
+    Returns ``(C, slot_row, row_slot)``: the capacity ``C`` (largest expert
     load; one host sync), the padded row of every slot in ``(token, choice)``
-    order, and the token of every padded row (padding rows point at token 0;
-    their values never reach the output and their gradients are zero).
+    order, and the slot of every padded row (-1 for padding rows).
     """
     N, k = expert_idx.shape
     S = N * k
@@ -485,9 +484,15 @@ def _padded_plan(expert_idx: Tensor, E: int):
     row_sorted = e_sorted * C + (torch.arange(S, device=dev) - starts.index_select(0, e_sorted))
     slot_row = torch.empty_like(order)
     slot_row[order] = row_sorted
-    row_token = torch.zeros(E * C, dtype=torch.long, device=dev)
-    row_token[row_sorted] = torch.div(order, k, rounding_mode="floor")
-    return C, slot_row, row_token
+    row_slot = torch.full((E * C,), -1, dtype=torch.long, device=dev)
+    row_slot[row_sorted] = order
+    return C, slot_row, row_slot
+
+
+def _row_tokens(row_slot: Tensor, k: int) -> Tensor:
+    """The token of every padded row; padding rows point at token 0 (their values never
+    reach the output and their gradients are zero)."""
+    return torch.div(row_slot.clamp(min=0), k, rounding_mode="floor")
 
 
 #: storage order of the (f, g, P) intermediate of the strided kernels: "fgP" or "gfP"
@@ -607,7 +612,8 @@ class _StridedMoE(torch.autograd.Function):
 
 def _sparse_strided(x, A, B, expert_idx, gate, deterministic, plan=None):
     E = A.shape[3]
-    C, slot_row, row_token = plan if plan is not None else _padded_plan(expert_idx, E)
+    C, slot_row, row_slot = plan if plan is not None else _padded_plan(expert_idx, E)
+    row_token = _row_tokens(row_slot, expert_idx.shape[1])
     return _StridedMoE.apply(x, A, B, gate, C, slot_row, row_token, deterministic)
 
 
@@ -648,37 +654,6 @@ def _sparse_padded(x, A, B, expert_idx, gate):
     return y.permute(1, 0, 2).contiguous()
 
 
-class _Combine(torch.autograd.Function):
-    """``y[t] = sum_j gate[t, j] * rows[slot_row[t, j]]``, the ``k`` products in a fixed
-    order. Backward writes each used row's gradient once (``index_copy_``: no atomics;
-    unused padding rows get zeros) and each gate's gradient as a row dot product."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, slot_row: Tensor, gate: Tensor) -> Tensor:
-        N, k = slot_row.shape
-        picked = rows.index_select(0, slot_row.reshape(-1)).view(N, k, rows.shape[1])
-        y = picked[:, 0] * gate[:, :1]
-        for j in range(1, k):
-            y.addcmul_(picked[:, j], gate[:, j:j + 1])
-        ctx.save_for_backward(picked, slot_row, gate)
-        ctx.rows = rows.shape[0]
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        _first_order_only("the triton BTT-MoE backend")
-        picked, slot_row, gate = ctx.saved_tensors
-        N, k = slot_row.shape
-        d_rows = d_gate = None
-        if ctx.needs_input_grad[0]:
-            d_rows = dy.new_zeros(ctx.rows, dy.shape[1])
-            scaled = gate.unsqueeze(-1) * dy.unsqueeze(1)  # (N, k, width)
-            d_rows.index_copy_(0, slot_row.reshape(-1), scaled.reshape(N * k, dy.shape[1]))
-        if ctx.needs_input_grad[2]:
-            d_gate = torch.bmm(picked, dy.unsqueeze(-1)).squeeze(-1)
-        return d_rows, None, d_gate
-
-
 def _sparse_triton(x, A, B, expert_idx, gate, kernel="auto"):
     """Padded expert-major dispatch on the strided kernel (:mod:`einc.kernels`).
 
@@ -686,20 +661,22 @@ def _sparse_triton(x, A, B, expert_idx, gate, kernel="auto"):
     as one strided product with batch ``(g, expert)`` and writes the intermediate as
     ``[g][E][f][C]``, rows innermost, which core B (batch ``(f, expert)``) reads in place:
     both products move whole rows of slots, and no copy sits between the cores. Each token
-    then gathers its ``k`` rows and sums them with its gates. Without triton (or off CUDA)
-    the strided products run as torch matmuls over the same views (``kernel="torch"``
-    forces that).
+    then gathers its ``k`` rows and sums them with its gates. The row moves in and out of
+    the padded layout are one kernel each way (:mod:`einc.kernels.slot_rows`). Without
+    triton (or off CUDA) the strided products and the moves run as torch operations over
+    the same views (``kernel="torch"`` forces that).
     """
     from ..kernels import StridedBmmSpec, strided_bmm
+    from ..kernels.slot_rows import combine_slots, dispatch_slots
 
     g, a, f, E, e = _check_shapes(x, A, B)
     N, k = expert_idx.shape
-    C, slot_row, row_token = _padded_plan(expert_idx, E)
+    C, slot_row, row_slot = _padded_plan(expert_idx, E)
     Cs = max(C, 1)  # strides stay valid for an empty batch
-    # gathered rows; backward sums each token's k rows in a fixed order (padding rows,
-    # which no slot names, get no gradient: their outputs are dropped)
-    xs = _Dispatch.apply(x.reshape(N, g * a), row_token, slot_row, k, 0)  # (E*C, g*a)
     slot_row = slot_row.view(N, k)
+    # gathered rows, zero on padding; backward sums each token's k rows in a fixed order
+    # (padding rows, which no slot names, get no gradient: their outputs are dropped)
+    xs = dispatch_slots(x.reshape(N, g * a), slot_row, row_slot, kernel)  # (E*C, g*a)
     xv = xs.view(E, C, g, a).permute(2, 0, 1, 3)  # batch (g, E), m C, k a
     Av = A.permute(0, 3, 1, 2)  # (g, E, a, f)
     spec = StridedBmmSpec.from_views(xv, Av, batch_ndim=2, k_ndim=1,
@@ -711,7 +688,7 @@ def _sparse_triton(x, A, B, expert_idx, gate, kernel="auto"):
                                      c_strides=(e, Cs * f * e, f * e, 1))  # stored [E][C][f][e]
     u = strided_bmm(zv, Bv, spec, backend=kernel)
     rows = u.permute(1, 2, 0, 3).reshape(E * C, f * e)  # a view: u is stored [E][C][f][e]
-    return _Combine.apply(rows, slot_row, gate).view(N, f, e)
+    return combine_slots(rows, slot_row, row_slot, gate, kernel).view(N, f, e)
 
 
 #: tokens the measurement of the GPU backends runs at most (the call's power-of-two bucket)

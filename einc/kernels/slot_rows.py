@@ -1,0 +1,219 @@
+"""Row moves between tokens and the padded expert-major slots of a sparse BTT-MoE.
+
+A padded dispatch lays the ``S = N * k`` (token, choice) slots out as ``E * C`` rows,
+expert ``r`` owning rows ``[r * C, (r + 1) * C)``; ``slot_row`` (N, k) names the row of
+every slot and ``row_slot`` (E * C) the slot of every row (-1 for padding). Two moves
+connect that layout with the tokens, each the other's transpose:
+
+* ``gather``: ``out[p] = scale[s] * src[s // k]`` with ``s = row_slot[p]`` (zeros for a
+  padding row), optionally with ``dot[s] = <other[p], src[s // k]>``;
+* ``sum``: ``out[t] = sum_j scale[t, j] * src[slot_row[t, j]]``, the k terms in a fixed
+  order.
+
+Dispatching tokens is a gather (backward a sum); combining the gated expert outputs is a
+sum (backward a gather with the gate gradient as its dot). Every output element is written
+by one program, so both are deterministic without atomics. With Triton (a CUDA device, or
+``TRITON_INTERPRET=1``) each move is one kernel reading every row once, accumulating in
+float32; elsewhere the same moves run as torch gathers, products and sums. The kernels
+replace about ten launches and passes over the slot rows per training step.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .strided_bmm import _import_triton, _triton_usable
+
+__all__ = ["combine_slots", "dispatch_slots"]
+
+_KERNELS: dict = {}
+tl = None  # triton.language, bound when the kernels are decorated
+
+#: columns a program moves per step
+BLOCK = 1024
+
+
+# ---------------------------------------------------------------------------
+# kernels (decorated on first use: triton is optional)
+# ---------------------------------------------------------------------------
+
+
+def _gather_fn(src_ptr, row_slot_ptr, scale_ptr, other_ptr, out_ptr, dot_ptr, W, K,
+               BLOCK: tl.constexpr, SCALE: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    s = tl.load(row_slot_ptr + p)
+    s0 = tl.maximum(s, 0)
+    t = s0 // K
+    used = s >= 0  # padding rows: zeros (read nothing), no dot
+    used_v = (tl.zeros([BLOCK], dtype=s.dtype) + s) >= 0  # a vector mask (the interpreter's)
+    if SCALE:
+        w = tl.load(scale_ptr + s0).to(ACC)
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for c0 in range(0, W, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        inside = cols < W
+        v = tl.load(src_ptr + t * W + cols, mask=inside & used_v, other=0.0).to(ACC)
+        if DOT:
+            acc += tl.load(other_ptr + p * W + cols, mask=inside & used_v, other=0.0).to(ACC) * v
+        if SCALE:
+            v = v * w
+        tl.store(out_ptr + p * W + cols, v.to(out_ptr.dtype.element_ty), mask=inside)
+    if DOT:
+        if used:
+            tl.store(dot_ptr + s, tl.sum(acc, axis=0).to(dot_ptr.dtype.element_ty))
+
+
+def _sum_fn(src_ptr, slot_row_ptr, scale_ptr, out_ptr, W, K: tl.constexpr,
+            BLOCK: tl.constexpr, SCALE: tl.constexpr, ACC: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < W
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for j in tl.static_range(K):
+        r = tl.load(slot_row_ptr + t * K + j)
+        v = tl.load(src_ptr + r * W + cols, mask=inside, other=0.0).to(ACC)
+        if SCALE:
+            v = v * tl.load(scale_ptr + t * K + j).to(ACC)
+        acc += v
+    tl.store(out_ptr + t * W + cols, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _kernels():
+    global tl
+    if not _KERNELS:
+        triton = _import_triton()
+        from triton import language
+
+        tl = language
+        _KERNELS["gather"] = triton.jit(_gather_fn)
+        _KERNELS["sum"] = triton.jit(_sum_fn)
+    return _KERNELS
+
+
+def _block(W: int) -> int:
+    return min(BLOCK, max(16, 1 << max(0, (W - 1).bit_length())))
+
+
+def _acc(t: Tensor):
+    """Accumulator type: float32, float64 for float64 operands."""
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _use_kernel(t: Tensor, kernel: str) -> bool:
+    return kernel != "torch" and _triton_usable(t)
+
+
+# ---------------------------------------------------------------------------
+# the two moves, on contiguous 2-d operands
+# ---------------------------------------------------------------------------
+
+
+def _gather(src: Tensor, slot_row: Tensor, row_slot: Tensor, scale: Optional[Tensor] = None,
+            other: Optional[Tensor] = None, kernel: str = "auto"):
+    """(out, dot) of the gather move (module docstring); ``dot`` (one per slot) only with
+    ``other``. ``scale`` is per slot, flat."""
+    P, W, k = row_slot.shape[0], src.shape[1], slot_row.shape[1]
+    if _use_kernel(src, kernel) and P * W > 0:
+        out = src.new_empty(P, W)
+        dot = None if other is None else src.new_empty(slot_row.numel())  # one row per slot
+        _kernels()["gather"][(P,)](
+            src, row_slot, out if scale is None else scale, out if other is None else other,
+            out, out if dot is None else dot, W, k,
+            BLOCK=_block(W), SCALE=scale is not None, DOT=other is not None, ACC=_acc(src))
+        return out, dot
+    valid = (row_slot >= 0).unsqueeze(1)
+    rows = torch.where(valid, src.index_select(0, row_slot.clamp(min=0) // k), 0)
+    dot = None
+    if other is not None:  # per row (zero on padding), then per slot through slot_row
+        acc = torch.promote_types(src.dtype, torch.float32)
+        per_row = (other.to(acc) * rows.to(acc)).sum(1)
+        dot = per_row.index_select(0, slot_row.reshape(-1)).to(src.dtype)
+    if scale is not None:
+        rows = rows * torch.where(valid, scale.index_select(0, row_slot.clamp(min=0)).unsqueeze(1), 0)
+    return rows, dot
+
+
+def _sum(src: Tensor, slot_row: Tensor, scale: Optional[Tensor] = None,
+         kernel: str = "auto") -> Tensor:
+    N, k = slot_row.shape
+    W = src.shape[1]
+    if _use_kernel(src, kernel) and N * W > 0:
+        out = src.new_empty(N, W)
+        block = _block(W)
+        _kernels()["sum"][(N, -(-W // block))](
+            src, slot_row, out if scale is None else scale, out, W, k,
+            BLOCK=block, SCALE=scale is not None, ACC=_acc(src))
+        return out
+    picked = src.index_select(0, slot_row.reshape(-1)).view(N, k, W)
+    if scale is not None:
+        picked = picked * scale.view(N, k, 1)
+    out = picked[:, 0].clone()
+    for j in range(1, k):  # a fixed order
+        out += picked[:, j]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------
+
+
+def _first_order_only() -> None:
+    if torch.is_grad_enabled():
+        from ..errors import EincError
+
+        raise EincError("the triton BTT-MoE backend has no second derivatives (backward "
+                        "with create_graph=True) in its slot moves; backend='chunked' (CPU) "
+                        "and backend='padded' (any device) have them")
+
+
+class _DispatchSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, slot_row, row_slot, kernel):
+        ctx.save_for_backward(slot_row)
+        ctx.kernel = kernel
+        return _gather(x, slot_row, row_slot, kernel=kernel)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        _first_order_only()
+        (slot_row,) = ctx.saved_tensors
+        return _sum(grad.contiguous(), slot_row, kernel=ctx.kernel), None, None, None
+
+
+class _CombineSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, slot_row, row_slot, gate, kernel):
+        ctx.save_for_backward(rows, slot_row, row_slot, gate)
+        ctx.kernel = kernel
+        return _sum(rows, slot_row, gate, kernel=kernel)
+
+    @staticmethod
+    def backward(ctx, dy):
+        _first_order_only()
+        rows, slot_row, row_slot, gate = ctx.saved_tensors
+        need_rows, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        if not (need_rows or need_gate):
+            return None, None, None, None, None
+        d_rows, d_gate = _gather(dy.contiguous(), slot_row, row_slot, gate.reshape(-1),
+                                 rows if need_gate else None, kernel=ctx.kernel)
+        d_gate = None if d_gate is None else d_gate.view(gate.shape)
+        return d_rows if need_rows else None, None, None, d_gate, None
+
+
+def dispatch_slots(x: Tensor, slot_row: Tensor, row_slot: Tensor, kernel: str = "auto") -> Tensor:
+    """Token rows ``x`` (N, W) gathered into the padded slot rows (``row_slot``'s length, W),
+    padding rows zero; backward sums each token's ``k`` slot gradients in a fixed order.
+    ``kernel="torch"`` keeps to torch operations."""
+    return _DispatchSlots.apply(x.contiguous(), slot_row.contiguous(), row_slot, kernel)
+
+
+def combine_slots(rows: Tensor, slot_row: Tensor, row_slot: Tensor, gate: Tensor,
+                  kernel: str = "auto") -> Tensor:
+    """``y[t] = sum_j gate[t, j] * rows[slot_row[t, j]]`` for padded slot rows (P, W) and
+    gates (N, k), taken in the rows' dtype; gradients for ``rows`` (zero on padding) and
+    ``gate``."""
+    return _CombineSlots.apply(rows.contiguous(), slot_row.contiguous(), row_slot,
+                               gate.to(rows.dtype).contiguous(), kernel)

@@ -1,0 +1,97 @@
+"""The slot moves of the padded BTT-MoE layout (einc.kernels.slot_rows), on the Triton
+kernels (the interpreter on a CPU) and on torch operations, against dense one-hot matrices
+in float64."""
+
+import pytest
+import torch
+
+from einc.errors import EincError
+from einc.kernels import triton_available
+from einc.kernels.slot_rows import combine_slots, dispatch_slots
+from einc.moe.dispatch import _padded_plan
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = ["torch", pytest.param("auto", marks=pytest.mark.skipif(
+    not triton_available(), reason="no triton kernel here (no triton, or no interpreter)"))]
+
+
+def plan(N, E, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)]) if N else \
+        torch.zeros(0, k, dtype=torch.long)
+    C, slot_row, row_slot = _padded_plan(idx.to(DEVICE), E)
+    assert row_slot.numel() == E * C
+    return slot_row.view(N, k), row_slot
+
+
+def one_hot(slot_row, P, dtype):
+    """(N, P): token t's row j holds a 1 at column slot_row[t, j]."""
+    N, k = slot_row.shape
+    M = torch.zeros(N, k, P, dtype=dtype, device=slot_row.device)
+    M.scatter_(2, slot_row.unsqueeze(2), 1.0)
+    return M
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("N,E,k,W", [(9, 5, 2, 7), (1, 4, 2, 3), (12, 3, 3, 1030),
+                                     (20, 8, 1, 16), (0, 4, 2, 5)])
+def test_moves_match_one_hot_products(kernel, N, E, k, W):
+    slot_row, row_slot = plan(N, E, k, seed=N + W)
+    P = row_slot.numel()
+    gen = torch.Generator().manual_seed(W)
+    x = torch.randn(N, W, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    rows = torch.randn(P, W, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    gate = torch.rand(N, k, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    dy = torch.randn(N, W, generator=gen, dtype=torch.float64).to(DEVICE)
+    dz = torch.randn(P, W, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    y = combine_slots(rows, slot_row, row_slot, gate, kernel=kernel)
+    z = dispatch_slots(x, slot_row, row_slot, kernel=kernel)
+    got = [y, z, *torch.autograd.grad((y * dy).sum() + (z * dz).sum(), (rows, gate, x))]
+
+    M = one_hot(slot_row, P, torch.float64)  # independent: dense products
+    y_ref = torch.einsum("tjp,tj,pw->tw", M, gate, rows)
+    z_ref = torch.einsum("tjp,tw->pw", M, x)
+    want = [y_ref, z_ref, *torch.autograd.grad((y_ref * dy).sum() + (z_ref * dz).sum(),
+                                               (rows, gate, x))]
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    # padding rows: dispatched as zeros, and no gradient reaches them
+    pad = row_slot < 0
+    assert torch.all(z[pad] == 0) and torch.all(got[2][pad] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_agrees_with_torch_moves_in_low_precision(dtype):
+    if not triton_available():
+        pytest.skip("no triton kernel here")
+    slot_row, row_slot = plan(16, 4, 2, seed=3)
+    P = row_slot.numel()
+    rows = torch.randn(P, 40, device=DEVICE).to(dtype).requires_grad_()
+    gate = torch.rand(16, 2, device=DEVICE).to(dtype).requires_grad_()
+    dy = torch.randn(16, 40, device=DEVICE).to(dtype)
+    out = {}
+    for kernel in ("auto", "torch"):
+        y = combine_slots(rows, slot_row, row_slot, gate, kernel=kernel)
+        out[kernel] = [y, *torch.autograd.grad(y, (rows, gate), dy)]
+    for u, v in zip(out["auto"], out["torch"]):
+        assert u.dtype == dtype
+        # float32 sums in the kernel, rounded once: within a rounding of the torch moves
+        torch.testing.assert_close(u.float(), v.float(), rtol=2e-2 if dtype != torch.float32
+                                   else 1e-5, atol=1e-2 if dtype != torch.float32 else 1e-5)
+
+
+def test_no_second_derivatives():
+    slot_row, row_slot = plan(5, 3, 2, seed=1)
+    rows = torch.randn(row_slot.numel(), 4, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    y = combine_slots(rows, slot_row, row_slot, gate, kernel="torch")
+    with pytest.raises(EincError, match="second derivatives"):
+        torch.autograd.grad(y.sum(), rows, create_graph=True)
+
+
+def test_padded_plan_row_slot_inverts_slot_row():
+    slot_row, row_slot = plan(11, 4, 3, seed=2)
+    S = slot_row.numel()
+    assert torch.equal(row_slot[slot_row.reshape(-1)], torch.arange(S, device=DEVICE))
+    assert int((row_slot >= 0).sum()) == S
