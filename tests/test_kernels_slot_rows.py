@@ -34,7 +34,8 @@ def one_hot(slot_row, P, dtype):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("N,E,k,W", [(9, 5, 2, 7), (1, 4, 2, 3), (12, 3, 3, 1030),
-                                     (20, 8, 1, 16), (0, 4, 2, 5)])
+                                     (20, 8, 1, 16), (0, 4, 2, 5), (5, 3, 2, 2048),
+                                     (4, 4, 4, 1)])
 def test_moves_match_one_hot_products(kernel, N, E, k, W):
     slot_row, row_slot = plan(N, E, k, seed=N + W)
     P = row_slot.numel()
@@ -61,7 +62,7 @@ def test_moves_match_one_hot_products(kernel, N, E, k, W):
     assert torch.all(z[pad] == 0) and torch.all(got[2][pad] == 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_kernel_agrees_with_torch_moves_in_low_precision(dtype):
     if not triton_available():
         pytest.skip("no triton kernel here")
@@ -95,3 +96,56 @@ def test_padded_plan_row_slot_inverts_slot_row():
     S = slot_row.numel()
     assert torch.equal(row_slot[slot_row.reshape(-1)], torch.arange(S, device=DEVICE))
     assert int((row_slot >= 0).sum()) == S
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("need", ["rows", "gate", "x"])
+def test_one_input_needing_a_gradient(kernel, need):
+    slot_row, row_slot = plan(7, 4, 2, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    t = {"rows": torch.randn(row_slot.numel(), 6, generator=gen, dtype=torch.float64),
+         "gate": torch.rand(7, 2, generator=gen, dtype=torch.float64),
+         "x": torch.randn(7, 6, generator=gen, dtype=torch.float64)}
+    t = {n: v.to(DEVICE).requires_grad_(n == need) for n, v in t.items()}
+    out = combine_slots(t["rows"], slot_row, row_slot, t["gate"], kernel=kernel) + \
+        dispatch_slots(t["x"], slot_row, row_slot, kernel=kernel)[slot_row[:, 0]]
+    (got,) = torch.autograd.grad(out.sum(), t[need])
+    ref = {n: v.detach().requires_grad_(n == need) for n, v in t.items()}
+    M = one_hot(slot_row, row_slot.numel(), torch.float64)
+    out = torch.einsum("tjp,tj,pw->tw", M, ref["gate"], ref["rows"]) + ref["x"]
+    (want,) = torch.autograd.grad(out.sum(), ref[need])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_strided_indices_and_a_non_finite_gate(kernel):
+    slot_row, row_slot = plan(6, 4, 2, seed=5)
+    assert bool((row_slot < 0).any())  # the plan has padding rows
+    rows = torch.randn(row_slot.numel(), 5, dtype=torch.float64, device=DEVICE).requires_grad_()
+    gate = torch.rand(6, 2, dtype=torch.float64, device=DEVICE)
+    gate[0, 0] = float("inf")  # padding rows must not read it: 0 * inf is nan
+    gate.requires_grad_()
+    strided = torch.stack([row_slot, row_slot], 1)[:, 0]  # same values, stride 2
+    assert not strided.is_contiguous()
+    grads = []
+    for rs in (row_slot, strided, row_slot.int()):
+        y = combine_slots(rows, slot_row, rs, gate, kernel=kernel)
+        grads.append(torch.autograd.grad(y[1:].sum(), (rows, gate)))
+        assert torch.equal(grads[-1][0][row_slot < 0], torch.zeros_like(rows[row_slot < 0]))
+    for other in grads[1:]:  # (token 0's own row: inf * 0, nan, as autograd's)
+        for u, v in zip(grads[0], other):
+            torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
+
+
+def test_kernel_choice_is_checked(monkeypatch):
+    import einc.kernels.slot_rows as slot_rows
+
+    slot_row, row_slot = plan(3, 2, 1, seed=6)
+    x = torch.randn(3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        dispatch_slots(x, slot_row, row_slot, kernel="cuda")
+    monkeypatch.setattr(slot_rows, "_triton_usable", lambda t: False)
+    with pytest.raises(RuntimeError, match="triton slot moves are unavailable"):
+        dispatch_slots(x, slot_row, row_slot, kernel="triton")
+    # "auto" then takes torch operations
+    torch.testing.assert_close(dispatch_slots(x, slot_row, row_slot)[slot_row[:, 0]], x)

@@ -13,12 +13,15 @@ connect that layout with the tokens, each the other's transpose:
 Dispatching tokens is a gather (backward a sum); combining the gated expert outputs is a
 sum (backward a gather with the gate gradient as its dot). Every output element is written
 by one program, so both are deterministic without atomics. With Triton (a CUDA device, or
-``TRITON_INTERPRET=1``) each move is one kernel reading every row once, accumulating in
-float32; elsewhere the same moves run as torch gathers, products and sums. The kernels
-replace about ten launches and passes over the slot rows per training step.
+``TRITON_INTERPRET=1``) each move is one kernel that reads every slot row once (a token
+row once per slot), accumulating in
+float32 (float64 for float64); elsewhere the same moves run as torch gathers, products and
+sums, summed alike. The kernels replace about ten launches and passes over the slot rows
+per training step.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -48,8 +51,8 @@ def _gather_fn(src_ptr, row_slot_ptr, scale_ptr, other_ptr, out_ptr, dot_ptr, W,
     t = s0 // K
     used = s >= 0  # padding rows: zeros (read nothing), no dot
     used_v = (tl.zeros([BLOCK], dtype=s.dtype) + s) >= 0  # a vector mask (the interpreter's)
-    if SCALE:
-        w = tl.load(scale_ptr + s0).to(ACC)
+    if SCALE:  # zero on padding rows, whatever scale[0] holds (0 * inf is nan)
+        w = tl.where(used, tl.load(scale_ptr + s0).to(ACC), 0.0)
     acc = tl.zeros([BLOCK], dtype=ACC)
     for c0 in range(0, W, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
@@ -101,8 +104,25 @@ def _acc(t: Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
+KERNELS = ("auto", "triton", "torch")
+
+
 def _use_kernel(t: Tensor, kernel: str) -> bool:
+    """Whether the moves run as Triton kernels: "auto" where they can, "torch" never,
+    "triton" always (an error where they cannot)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "triton" and not _triton_usable(t):
+        raise RuntimeError(f"the triton slot moves are unavailable for a {t.dtype} tensor on "
+                           f"{t.device} (needs triton and a CUDA device, or TRITON_INTERPRET=1)")
     return kernel != "torch" and _triton_usable(t)
+
+
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it t's."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------
@@ -118,10 +138,11 @@ def _gather(src: Tensor, slot_row: Tensor, row_slot: Tensor, scale: Optional[Ten
     if _use_kernel(src, kernel) and P * W > 0:
         out = src.new_empty(P, W)
         dot = None if other is None else src.new_empty(slot_row.numel())  # one row per slot
-        _kernels()["gather"][(P,)](
-            src, row_slot, out if scale is None else scale, out if other is None else other,
-            out, out if dot is None else dot, W, k,
-            BLOCK=_block(W), SCALE=scale is not None, DOT=other is not None, ACC=_acc(src))
+        with _on_device(src):  # out stands in for the pointers a flag leaves unread
+            _kernels()["gather"][(P,)](
+                src, row_slot, out if scale is None else scale, out if other is None else other,
+                out, out if dot is None else dot, W, k,
+                BLOCK=_block(W), SCALE=scale is not None, DOT=other is not None, ACC=_acc(src))
         return out, dot
     valid = (row_slot >= 0).unsqueeze(1)
     rows = torch.where(valid, src.index_select(0, row_slot.clamp(min=0) // k), 0)
@@ -142,17 +163,19 @@ def _sum(src: Tensor, slot_row: Tensor, scale: Optional[Tensor] = None,
     if _use_kernel(src, kernel) and N * W > 0:
         out = src.new_empty(N, W)
         block = _block(W)
-        _kernels()["sum"][(N, -(-W // block))](
-            src, slot_row, out if scale is None else scale, out, W, k,
-            BLOCK=block, SCALE=scale is not None, ACC=_acc(src))
+        with _on_device(src):
+            _kernels()["sum"][(N, -(-W // block))](
+                src, slot_row, out if scale is None else scale, out, W, k,
+                BLOCK=block, SCALE=scale is not None, ACC=_acc(src))
         return out
-    picked = src.index_select(0, slot_row.reshape(-1)).view(N, k, W)
+    acc = torch.promote_types(src.dtype, torch.float32)  # summed as the kernel sums
+    picked = src.index_select(0, slot_row.reshape(-1)).view(N, k, W).to(acc)
     if scale is not None:
-        picked = picked * scale.view(N, k, 1)
+        picked = picked * scale.view(N, k, 1).to(acc)
     out = picked[:, 0].clone()
     for j in range(1, k):  # a fixed order
         out += picked[:, j]
-    return out
+    return out.to(src.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -203,11 +226,18 @@ class _CombineSlots(torch.autograd.Function):
         return d_rows if need_rows else None, None, None, d_gate, None
 
 
+def _indices(slot_row: Tensor, row_slot: Tensor):
+    """Contiguous int64 indices: the kernels read them by flat offset and form 64-bit row
+    offsets from them."""
+    return slot_row.long().contiguous(), row_slot.long().contiguous()
+
+
 def dispatch_slots(x: Tensor, slot_row: Tensor, row_slot: Tensor, kernel: str = "auto") -> Tensor:
     """Token rows ``x`` (N, W) gathered into the padded slot rows (``row_slot``'s length, W),
     padding rows zero; backward sums each token's ``k`` slot gradients in a fixed order.
-    ``kernel="torch"`` keeps to torch operations."""
-    return _DispatchSlots.apply(x.contiguous(), slot_row.contiguous(), row_slot, kernel)
+    ``kernel="torch"`` keeps to torch operations, ``"triton"`` insists on the kernels."""
+    _use_kernel(x, kernel)
+    return _DispatchSlots.apply(x.contiguous(), *_indices(slot_row, row_slot), kernel)
 
 
 def combine_slots(rows: Tensor, slot_row: Tensor, row_slot: Tensor, gate: Tensor,
@@ -215,5 +245,6 @@ def combine_slots(rows: Tensor, slot_row: Tensor, row_slot: Tensor, gate: Tensor
     """``y[t] = sum_j gate[t, j] * rows[slot_row[t, j]]`` for padded slot rows (P, W) and
     gates (N, k), taken in the rows' dtype; gradients for ``rows`` (zero on padding) and
     ``gate``."""
-    return _CombineSlots.apply(rows.contiguous(), slot_row.contiguous(), row_slot,
+    _use_kernel(rows, kernel)
+    return _CombineSlots.apply(rows.contiguous(), *_indices(slot_row, row_slot),
                                gate.to(rows.dtype).contiguous(), kernel)
