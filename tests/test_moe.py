@@ -929,6 +929,23 @@ def test_inductor_gives_the_router_its_gradient():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_moe_aux_loss_with_a_layer_skipped_under_torch_compile():
+    """Compiled, the routing's marker node used to be traced away, so a layer skipped this
+    step gave its freed aux loss with a gradient and the backward failed."""
+    torch.manual_seed(0)
+    m = einc.BTTMoE(32, 32, experts=4, k=2)
+    f = torch.compile(m, backend="aot_eager")
+    x = torch.randn(8, 32, requires_grad=True)
+    (f(x).sum() + moe_aux_loss(m)).backward()
+    assert not moe_aux_loss(m).requires_grad  # its graph is gone
+    (x.sum() + moe_aux_loss(m)).backward()  # the layer skipped: failed on a freed graph
+    f(x).sum().backward()  # a backward of the output alone frees it too
+    assert not moe_aux_loss(m).requires_grad
+    y = f(x)
+    assert moe_aux_loss(m).requires_grad  # a fresh forward's aux loss keeps its gradient
+    (y.sum() + moe_aux_loss(m)).backward()
+
+
 @pytest.mark.parametrize("backend", ["chunked", "grouped_mm", "padded"])
 def test_named_backends_run_under_torch_compile(backend):
     """A named backend runs eagerly between graphs as "auto" does: chunked's buffers and

@@ -256,8 +256,17 @@ class BTTMoE(nn.Module):
         logits = self.router(x2)
         if exporting():  # an exported program has no module state to write into
             return route(logits, self.k)
+        return self._route_marked(logits)
+
+    # Eager, between compiled graphs: the _Routed marker needs a real autograd node (a
+    # traced one leaves none, and moe_aux_loss could not tell a freed graph), and inductor
+    # (torch 2.13, CPU) compiled the aux loss next to the routing into a backward that gave
+    # the router a zero gradient at E = 4.
+    @torch.compiler.disable
+    def _route_marked(self, logits: Tensor) -> Tuple[Tensor, Tensor]:
+        """Top-k routing of ``logits`` through the _Routed marker, with the records."""
         node = None
-        if logits.requires_grad and not tracing():
+        if logits.requires_grad and not tracing():  # torch.func has no use for old-style Functions
             logits = _Routed.apply(logits)
             node = logits.grad_fn
         expert_idx, gate = route(logits, self.k)
@@ -290,9 +299,6 @@ class BTTMoE(nn.Module):
         node = getattr(self, "_routed", None)  # absent in layers pickled before it existed
         return node is None or _alive(node)
 
-    # Eager, between compiled graphs: inductor (torch 2.13, CPU) compiled this next to the
-    # routing into a backward that gave the router a zero gradient at E = 4.
-    @torch.compiler.disable
     def _record(self, logits: Tensor, expert_idx: Tensor, node=None) -> None:
         """Set ``aux_loss``, the router statistics and ``_routed`` (``node``, the routing's
         _Routed node). A checkpoint's recomputation (in backward) computes the same, as it
