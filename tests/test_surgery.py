@@ -98,6 +98,31 @@ def test_the_unembedding_is_replaced_on_request_and_found_by_its_shape():
     assert [r[0] for r in report.rows] == ["a"] and [n for n, _ in report.kept] == ["b"]
 
 
+class Positions(nn.Module):
+    """A model whose MLP maps its width onto as many hidden units as there are positions."""
+
+    def __init__(self, head: bool = True, tied: bool = False):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(50, 16), nn.Embedding(64, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+                                    for _ in range(2))
+        self.head = nn.Linear(16, 50 if head else 3, bias=False)
+        if tied:
+            self.head.weight = self.tok.weight
+
+
+@pytest.mark.parametrize("head,tied,kept", [(True, False, ["head"]), (False, False, []),
+                                            (True, True, ["head"])])
+def test_only_the_last_layer_can_be_the_unembedding(head, tied, kept):
+    """An inner 16 -> 64 layer matches the position embedding (16 wide, 64 positions): it
+    was kept dense as "the unembedding", next to a tied head or in a classifier."""
+    model = Positions(head, tied)
+    report = einc.replace_linear(model, "lowrank(rank=2)")
+    assert [n for n, _ in report.kept] == kept
+    assert len(report) == 4 + (len(kept) == 0)
+    assert all(isinstance(b[0], einc.StructuredLinear) for b in model.blocks)
+
+
 class Tied(nn.Module):
     def __init__(self):
         super().__init__()

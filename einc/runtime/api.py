@@ -91,8 +91,8 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
     embeddings: replacing it would untie them), a subclass of nn.Linear (torch's attention
     reads its ``out_proj.weight`` directly), the projections inside nn.MultiheadAttention
     (bare parameters), the router of a BTT-MoE layer (part of that layer), and, unless
-    ``keep_unembedding=False``, the unembedding: the last nn.Linear mapping an
-    nn.Embedding's width to its vocabulary.
+    ``keep_unembedding=False``, the unembedding: the model's last nn.Linear when it maps an
+    nn.Embedding's width to its vocabulary and no embedding is tied to a layer.
     """
     _check_options(as_structure(spec), options)  # also when no layer is chosen
     include = [include] if isinstance(include, str) else include
@@ -206,13 +206,17 @@ def _kept_dense(model: nn.Module, names: dict, keep_unembedding: bool) -> dict[i
                     kept[id(mod)] = (f"its parameters are shared with {where!r} (tied "
                                      "weights, which a replacement would untie)")
                     break
-    if keep_unembedding:
-        vocab = {(m.embedding_dim, m.num_embeddings) for m in model.modules()
-                 if isinstance(m, nn.Embedding)}
-        heads = [m for m in model.modules() if type(m) is nn.Linear and id(m) not in kept
-                 and (m.in_features, m.out_features) in vocab]
-        if heads:
-            m = heads[-1]
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    # an embedding tied to a layer names the unembedding itself (kept above, as shared)
+    tied = any(len(owners[id(m.weight)]) > 1 for m in embeddings)
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    if keep_unembedding and not tied and linears:
+        # the model's last layer, when it maps an embedding's width to its vocabulary (an
+        # inner layer of that shape, say onto as many hidden units as there are positions,
+        # is not one)
+        m = linears[-1]
+        vocab = {(e.embedding_dim, e.num_embeddings) for e in embeddings}
+        if id(m) not in kept and (m.in_features, m.out_features) in vocab:
             kept[id(m)] = (f"the unembedding ({m.in_features} -> {m.out_features}, an "
                            "nn.Embedding's width to its vocabulary); keep_unembedding=False "
                            "replaces it too")
