@@ -1209,3 +1209,19 @@ def test_forward_mode_ad():
         (head(x[:, :12]).square().mean() + moe_aux_loss(m)).backward()
         with pytest.raises(einc.CompileError, match=r"\[0, 3\]"):
             btt_moe_sparse(x.view(7, 4, 4), m.A, m.B, torch.full((7, 2), 9), torch.ones(7, 2))
+
+
+@pytest.mark.parametrize("bias", [None, "yes", 1])
+def test_bias_must_be_a_bool(bias):
+    """nn.Linear reads bias by its truth; einc refuses what is not True or False (None used
+    to fail inside the parameter count with a TypeError)."""
+    for make in (lambda: einc.BTTMoE(16, 16, experts=4, k=2, bias=bias),
+                 lambda: einc.compile("bttmoe(experts=4, k=2)", 16, bias=bias),
+                 lambda: einc.compile("btt", 16, bias=bias)):
+        with pytest.raises(einc.CompileError, match="bias must be True or False"):
+            make()
+
+
+def test_compiling_a_bttmoe_spec_with_other_cores_names_the_allowed_value():
+    with pytest.raises(einc.CompileError, match="support cores=2 only.*allowed: cores=2"):
+        einc.compile("bttmoe(experts=4, k=2, cores=3)", 64)

@@ -245,3 +245,24 @@ def test_the_bttmoe_gpt_example_runs():
     assert out.returncode == 0, out.stderr
     assert "(lm_head kept dense)" in out.stdout
     assert "load " in out.stdout and "validation loss after 2 steps" in out.stdout
+
+
+@pytest.mark.parametrize("spec,kw,error,match", [
+    ("bttmoe(experts=4, k=2)", {"backend": "bad"}, einc.CompileError, "unknown backend 'bad'"),
+    ("bttmoe(experts=4, k=2)", {"deterministic": "yes"}, einc.CompileError,
+     "deterministic must be True or False"),
+    ("btt", {"tolerance": -1}, einc.SizeError, "tolerance must be a number >= 0"),
+    ("btt", {"route": "fast"}, einc.CompileError, "known routes"),
+    ("btt", {"include": 0}, einc.CompileError, "include must be a glob pattern"),
+    ("btt", {"exclude": [1]}, einc.CompileError, "exclude must be a glob pattern"),
+    ("btt", {"keep_unembedding": None}, einc.CompileError, "keep_unembedding must be True"),
+])
+def test_option_values_are_checked_even_when_no_layer_matches(spec, kw, error, match):
+    model = nn.Sequential(nn.Linear(64, 64))
+    with pytest.raises(error, match=match):
+        einc.replace_linear(model, spec, **dict({"include": "nothing"}, **kw))
+    assert type(model[0]) is nn.Linear
+    # patterns as a set, and no model at all
+    assert len(einc.replace_linear(model, "btt", include={"0"})) == 1
+    with pytest.raises(einc.CompileError, match="takes a torch.nn.Module, got list"):
+        einc.replace_linear([nn.Linear(4, 4)], "btt")

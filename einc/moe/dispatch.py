@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CompileError, EincError
-from ..runtime.fused import dual, exporting, tracing
+from ..runtime.fused import check_flag, dual, exporting, tracing
 
 __all__ = [
     "route",
@@ -854,8 +854,7 @@ def _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed: boo
         raise CompileError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
     if backend not in BACKENDS:
         raise CompileError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    if not isinstance(deterministic, bool):
-        raise CompileError(f"deterministic must be True or False, got {deterministic!r}")
+    check_flag("deterministic", deterministic)
     # torch.use_deterministic_algorithms(True) asks the same of every operation
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     if N == 0:

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from .dispatch import BACKENDS, _masked, _sparse, route
 from ..errors import CompileError
-from ..runtime.fused import (allocating, autocasting, check_dtype, check_input, dtype_mismatch,
-                             exporting, tracing, vmapping)
+from ..runtime.fused import (allocating, autocasting, check_dtype, check_flag, check_input,
+                             dtype_mismatch, exporting, tracing, vmapping)
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
 
@@ -190,8 +190,8 @@ class BTTMoE(nn.Module):
             raise CompileError(f"k must be in [1, experts={experts}], got {k}")
         if in_features < 1 or out_features < 1:
             raise CompileError("in_features and out_features must be positive")
-        if not isinstance(deterministic, bool):
-            raise CompileError(f"deterministic must be True or False, got {deterministic!r}")
+        check_flag("bias", bias)
+        check_flag("deterministic", deterministic)
         if backend not in BACKENDS:
             raise CompileError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
         check_dtype(dtype)
@@ -421,8 +421,8 @@ def from_structure(s, d_in: int, d_out: int, bias: bool = True, device=None, dty
 
     _check_options(s, options)
     if s.equation != BTTMoE.equation or s.moe.expert_index != BTTMoE.expert_index:
-        raise CompileError(f"BTT-MoE layers are compiled for two cores ({BTTMoE.equation}); "
-                           f"this spec has {s.equation}: use bttmoe(cores=2)")
+        raise CompileError(f"BTT-MoE layers support cores=2 only ({BTTMoE.equation}); this "
+                           f"spec has {s.equation}: use bttmoe(cores=2); allowed: cores=2")
     sizes = concretize(s, d_in, d_out, tolerance).sizes
     return BTTMoE(d_in, d_out, experts=sizes["r"], k=s.moe.k, bias=bias, device=device,
                   dtype=dtype, input_sizes=(sizes["g"], sizes["a"]),

@@ -10,7 +10,9 @@ from torch import nn
 from ..analysis import DEFAULT_TOLERANCE, resolve_dims
 from ..codegen.lower import as_structure
 from ..errors import CompileError, EincError
-from .module import StructuredLinear
+from ..analysis.concrete import check_tolerance
+from .fused import check_flag
+from .module import StructuredLinear, _check_route
 
 
 def compile(spec, d_in: int | None = None, d_out: int | None = None, bias: bool = True,
@@ -30,12 +32,35 @@ def compile(spec, d_in: int | None = None, d_out: int | None = None, bias: bool 
 
 
 def _check_options(s, options: dict) -> None:
+    """The options' names for the spec's kind of layer, and their values."""
     moe = s.moe is not None
     allowed = ("tolerance", "backend", "deterministic") if moe else ("route", "tolerance")
     unknown = ", ".join(sorted(set(options) - set(allowed)))
     if unknown:
         raise CompileError(f"unknown option(s) for a {'BTT-MoE' if moe else 'structured'} "
                            f"layer: {unknown}; allowed: {', '.join(allowed)}")
+    if "tolerance" in options:
+        check_tolerance(options["tolerance"])
+    if "route" in options:
+        _check_route(options["route"])
+    if "deterministic" in options:
+        check_flag("deterministic", options["deterministic"])
+    if "backend" in options:
+        from ..moe.dispatch import BACKENDS
+
+        if options["backend"] not in BACKENDS:
+            raise CompileError(f"unknown backend {options['backend']!r}; known: "
+                               f"{', '.join(BACKENDS)}")
+
+
+def _patterns(name: str, value) -> list | None:
+    """``include`` / ``exclude``: None, a glob pattern, or a list, tuple or set of them."""
+    if value is None or isinstance(value, str):
+        return value if value is None else [value]
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise CompileError(f"{name} must be a glob pattern on module names or a list of them "
+                       f"(e.g. 'blocks.*.mlp.*'), got {value!r}")
 
 
 @dataclass
@@ -94,9 +119,12 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
     ``keep_unembedding=False``, the unembedding: the model's last nn.Linear when it maps an
     nn.Embedding's width to its vocabulary and no embedding is tied to a layer.
     """
-    _check_options(as_structure(spec), options)  # also when no layer is chosen
-    include = [include] if isinstance(include, str) else include
-    exclude = [exclude] if isinstance(exclude, str) else (exclude or [])
+    if not isinstance(model, nn.Module):
+        raise CompileError(f"replace_linear takes a torch.nn.Module, got {type(model).__name__}")
+    _check_options(as_structure(spec), dict(options, tolerance=tolerance))  # also when no
+    include = _patterns("include", include)                                # layer is chosen
+    exclude = _patterns("exclude", exclude) or []
+    check_flag("keep_unembedding", keep_unembedding)
     report = ReplaceReport()
     names = _names_by_module(model)
     kept = _kept_dense(model, names, keep_unembedding)

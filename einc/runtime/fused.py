@@ -219,6 +219,13 @@ def allocating(numel: int, dtype, device):
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_flag(name: str, value) -> None:
+    """A True/False argument (``bias``, ``deterministic``): refused otherwise, as a value
+    like None or "yes" would otherwise be read by its truth."""
+    if not isinstance(value, bool):
+        raise CompileError(f"{name} must be True or False, got {value!r}")
+
+
 def check_dtype(dtype) -> None:
     """A layer's ``dtype`` argument: None (torch's default) or a floating-point dtype."""
     if dtype is not None and dtype not in FLOAT_DTYPES:

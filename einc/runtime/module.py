@@ -11,8 +11,8 @@ from ..analysis import DEFAULT_TOLERANCE
 from ..codegen import emit
 from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
-from .fused import (ChainFunction, allocating, autocasting, check_dtype, check_input,
-                    chunk_tokens, dtype_mismatch, dual, tracing)
+from .fused import (ChainFunction, allocating, autocasting, check_dtype, check_flag,
+                    check_input, chunk_tokens, dtype_mismatch, dual, tracing)
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
@@ -34,6 +34,7 @@ class StructuredLinear(nn.Module):
         super().__init__()
         _check_route(route)
         check_dtype(dtype)
+        check_flag("bias", bias)
         structure = as_structure(spec)
         if structure.moe is not None:
             raise CompileError("a bttmoe spec builds an einc.BTTMoE: use einc.compile or "
