@@ -201,7 +201,8 @@ def test_grouped_mm_backend_float32(N, E, k, deterministic):
 def test_grouped_mm_backend_rejects_float64():
     x, A, B, W, b = make_problem(4, 2, 2, 2, 2, 3, 1)
     idx, gate = route(x.reshape(4, -1) @ W.t(), 1)
-    with pytest.raises(einc.CompileError, match="grouped_mm unsupported .* dtype=torch.float64"):
+    with pytest.raises(einc.CompileError,
+                       match="grouped_mm cannot run .*dtype=torch.float64.*: torch.float64 on cpu"):
         btt_moe_sparse(x, A, B, idx, gate, backend="grouped_mm")
 
 
@@ -446,7 +447,7 @@ def test_layer_backend_option_matches_masked(backend):
     """The layer's backend (constructor, spec options, attribute), float64 against the
     masked route, in the output and every gradient."""
     if backend == "grouped_mm" and not grouped_mm_available(torch.device("cpu"), torch.float64):
-        with pytest.raises(einc.CompileError, match="grouped_mm unsupported"):
+        with pytest.raises(einc.CompileError, match="grouped_mm cannot run"):
             einc.BTTMoE(30, 20, experts=5, k=2, backend=backend).double()(
                 torch.randn(4, 30, dtype=torch.float64))
         return
@@ -1108,7 +1109,7 @@ def test_measure_backends_times_each_and_leaves_the_caller_alone():
     # a backend that cannot run here (grouped_mm refuses float64) is left out, not fatal
     assert dispatch.measure_backends(["grouped_mm", "padded"], (2, 4, 3, 4, 4, 2), torch.float64,
                                      torch.device("cpu"), tokens=16, train=True, reps=1) == "padded"
-    with pytest.raises(einc.CompileError, match="grouped_mm unsupported"):
+    with pytest.raises(einc.CompileError, match="grouped_mm cannot run"):
         dispatch.measure_backends(["grouped_mm"], (2, 4, 3, 4, 4, 2), torch.float64,
                                   torch.device("cpu"), tokens=16, train=True, reps=1)
 
@@ -1225,3 +1226,18 @@ def test_bias_must_be_a_bool(bias):
 def test_compiling_a_bttmoe_spec_with_other_cores_names_the_allowed_value():
     with pytest.raises(einc.CompileError, match="support cores=2 only.*allowed: cores=2"):
         einc.compile("bttmoe(experts=4, k=2, cores=3)", 64)
+
+
+def test_nested_tensor_input_is_a_clear_error():
+    nt = torch.nested.nested_tensor([torch.randn(2, 16), torch.randn(3, 16)])
+    for layer in (einc.BTTMoE(16, 16, experts=4, k=2), einc.compile("btt", 16)):
+        with pytest.raises(einc.CompileError, match="nested tensors are not supported"):
+            layer(nt)
+
+
+def test_a_replaced_core_of_another_shape_is_named():
+    m = einc.BTTMoE(16, 16, experts=4, k=2)
+    m.A = torch.nn.Parameter(torch.randn(4, 2, 4, 4))  # g * a = 8, not 16
+    with pytest.raises(einc.CompileError, match=r"core A of this BTT-MoE layer has shape "
+                                                r"\(4, 2, 4, 4\), expected \(4, 4, 4, 4\)"):
+        m(torch.randn(3, 16))

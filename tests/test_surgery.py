@@ -104,8 +104,8 @@ class Positions(nn.Module):
     def __init__(self, head: bool = True, tied: bool = False):
         super().__init__()
         self.tok, self.pos = nn.Embedding(50, 16), nn.Embedding(64, 16)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
-                                    for _ in range(2))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)) for _ in range(2))
         self.head = nn.Linear(16, 50 if head else 3, bias=False)
         if tied:
             self.head.weight = self.tok.weight

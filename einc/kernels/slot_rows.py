@@ -152,7 +152,8 @@ def _gather(src: Tensor, slot_row: Tensor, row_slot: Tensor, scale: Optional[Ten
         per_row = (other.to(acc) * rows.to(acc)).sum(1)
         dot = per_row.index_select(0, slot_row.reshape(-1)).to(src.dtype)
     if scale is not None:
-        rows = rows * torch.where(valid, scale.index_select(0, row_slot.clamp(min=0)).unsqueeze(1), 0)
+        per_row = scale.index_select(0, row_slot.clamp(min=0)).unsqueeze(1)
+        rows = rows * torch.where(valid, per_row, 0)
     return rows, dot
 
 

@@ -895,10 +895,15 @@ def _run(rows, A, B, expert_idx, gate, deterministic, backend, bias):
     gmm_ok = backend != "strided" and _gmm_usable(x, g, a, f, e, E)
     if backend == "grouped_mm":
         if not gmm_ok:
+            why = (f"{x.dtype} on {x.device} is not supported by this torch build" if not
+                   grouped_mm_available(x.device, x.dtype) else
+                   f"more than {GMM_MAX_GROUPS} experts" if E > GMM_MAX_GROUPS else
+                   "the sizes give strides that are not multiples of 16 bytes")
             raise CompileError(
-                f"grouped_mm unsupported for device={x.device}, dtype={x.dtype}, "
-                f"sizes g={g}, a={a}, f={f}, e={e}, experts={E} (needs 16-byte aligned strides "
-                f"and at most {GMM_MAX_GROUPS} experts)"
+                f"grouped_mm cannot run this layer (device={x.device}, dtype={x.dtype}, "
+                f"sizes g={g}, a={a}, f={f}, e={e}, experts={E}): {why}; it needs a "
+                f"supported device and dtype, 16-byte aligned strides and at most "
+                f"{GMM_MAX_GROUPS} experts"
             )
         return _sparse_grouped(x, A, B, expert_idx, gate, deterministic)
     if backend == "auto" and gmm_ok:

@@ -348,6 +348,12 @@ class BTTMoE(nn.Module):
         if g * a != self.in_features:
             x2 = F.pad(x2, (0, g * a - self.in_features))
         A, B, bias = self.A, self.B, self.bias
+        E = self.experts
+        for name, p, want, idx in (("A", A, (g, a, f, E), "g a f r"),
+                                   ("B", B, (f, g, E, e), "f g r e")):
+            if p.shape != want:  # a replaced core: named here, not as a wrongly shaped input
+                raise CompileError(f"core {name} of this BTT-MoE layer has shape "
+                                   f"{tuple(p.shape)}, expected {want} ({idx})")
         if autocast:  # the experts run in autocast's dtype, as nn.Linear does
             dt = torch.get_autocast_dtype(x2.device.type)
             x2, A, B = x2.to(dt), A.to(dt), B.to(dt)  # .to keeps the cores' strides

@@ -167,6 +167,9 @@ def check_input(x, in_features: int) -> None:
     ``in_features``; anything else is named here, not by an error deep inside."""
     if not isinstance(x, torch.Tensor):
         raise CompileError(f"expected a tensor input, got {type(x).__name__}")
+    if x.is_nested:  # its sizes cannot be read: torch's own error says to file an issue
+        raise CompileError("nested tensors are not supported: pad them into one tensor "
+                           "(x.to_padded_tensor(0.0)) or pass their rows concatenated")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise CompileError(f"expected input with last dimension {in_features}, got shape "
                            f"{tuple(x.shape)}")
