@@ -1212,15 +1212,20 @@ def test_forward_mode_ad():
             btt_moe_sparse(x.view(7, 4, 4), m.A, m.B, torch.full((7, 2), 9), torch.ones(7, 2))
 
 
-@pytest.mark.parametrize("bias", [None, "yes", 1])
+@pytest.mark.parametrize("bias", [None, "yes", 2, 1.0])
 def test_bias_must_be_a_bool(bias):
     """nn.Linear reads bias by its truth; einc refuses what is not True or False (None used
-    to fail inside the parameter count with a TypeError)."""
+    to fail inside the parameter count with a TypeError), taking numpy bools and 0/1."""
     for make in (lambda: einc.BTTMoE(16, 16, experts=4, k=2, bias=bias),
                  lambda: einc.compile("bttmoe(experts=4, k=2)", 16, bias=bias),
                  lambda: einc.compile("btt", 16, bias=bias)):
         with pytest.raises(einc.CompileError, match="bias must be True or False"):
             make()
+    import numpy as np
+
+    for ok, has in ((1, True), (0, False), (np.bool_(True), True)):
+        assert (einc.BTTMoE(16, 16, experts=4, k=2, bias=ok).bias is not None) is has
+        assert (einc.compile("btt", 16, bias=ok).bias is not None) is has
 
 
 def test_compiling_a_bttmoe_spec_with_other_cores_names_the_allowed_value():
@@ -1237,7 +1242,10 @@ def test_nested_tensor_input_is_a_clear_error():
 
 def test_a_replaced_core_of_another_shape_is_named():
     m = einc.BTTMoE(16, 16, experts=4, k=2)
+    m(torch.randn(5, 16))
+    aux, stats = m.aux_loss, m.router_stats()
     m.A = torch.nn.Parameter(torch.randn(4, 2, 4, 4))  # g * a = 8, not 16
     with pytest.raises(einc.CompileError, match=r"core A of this BTT-MoE layer has shape "
                                                 r"\(4, 2, 4, 4\), expected \(4, 4, 4, 4\)"):
         m(torch.randn(3, 16))
+    assert m.aux_loss is aux and m.router_stats()["tokens"] == stats["tokens"] == 5

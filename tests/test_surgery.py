@@ -266,3 +266,45 @@ def test_option_values_are_checked_even_when_no_layer_matches(spec, kw, error, m
     assert len(einc.replace_linear(model, "btt", include={"0"})) == 1
     with pytest.raises(einc.CompileError, match="takes a torch.nn.Module, got list"):
         einc.replace_linear([nn.Linear(4, 4)], "btt")
+
+
+class Heads(nn.Module):
+    """Layouts of a language model's head: ``order`` lists the modules in registration
+    order; "blocks" is an MLP onto as many units as there are positions."""
+
+    def __init__(self, order, shared_embeddings=False, spectral=False):
+        super().__init__()
+        parts = {"tok": lambda: nn.Embedding(50, 16), "pos": lambda: nn.Embedding(64, 16),
+                 "dec": lambda: nn.Embedding(50, 16),
+                 "blocks": lambda: nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)),
+                 "head": lambda: nn.Linear(16, 50), "v_head": lambda: nn.Linear(16, 1)}
+        for name in order:
+            setattr(self, name, parts[name]())
+        if shared_embeddings:  # encoder and decoder embeddings share one weight
+            self.dec.weight = self.tok.weight
+        if spectral:
+            nn.utils.parametrizations.spectral_norm(self.tok)
+
+
+@pytest.mark.parametrize("order,kw", [
+    (["tok", "pos", "blocks", "head"], {}),
+    (["tok", "pos", "head", "blocks"], {}),  # the head registered before the blocks
+    (["tok", "pos", "blocks", "head", "v_head"], {}),  # a value head after it
+    (["tok", "dec", "pos", "blocks", "head"], {"shared_embeddings": True}),
+    (["tok", "pos", "blocks", "head"], {"spectral": True}),  # a computed embedding weight
+])
+def test_the_unembedding_in_common_layouts(order, kw):
+    model = Heads(order, **kw)
+    report = einc.replace_linear(model, "lowrank(rank=2)")
+    assert [n for n, _ in report.kept] == ["head"]
+    assert isinstance(model.blocks[0], einc.StructuredLinear)
+    assert len(einc.replace_linear(Heads(order, **kw), "lowrank(rank=2)",
+                                   keep_unembedding=False).kept) == 0
+
+
+def test_patterns_from_any_collection_of_strings():
+    from collections import UserList
+
+    for include in (UserList(["0"]), {"0": 1}.keys(), ("0",)):
+        assert len(einc.replace_linear(nn.Sequential(nn.Linear(64, 64)), "btt",
+                                       include=include)) == 1

@@ -854,7 +854,7 @@ def _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed: boo
         raise CompileError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
     if backend not in BACKENDS:
         raise CompileError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    check_flag("deterministic", deterministic)
+    deterministic = check_flag("deterministic", deterministic)
     # torch.use_deterministic_algorithms(True) asks the same of every operation
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     if N == 0:

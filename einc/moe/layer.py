@@ -190,8 +190,8 @@ class BTTMoE(nn.Module):
             raise CompileError(f"k must be in [1, experts={experts}], got {k}")
         if in_features < 1 or out_features < 1:
             raise CompileError("in_features and out_features must be positive")
-        check_flag("bias", bias)
-        check_flag("deterministic", deterministic)
+        bias = check_flag("bias", bias)
+        deterministic = check_flag("deterministic", deterministic)
         if backend not in BACKENDS:
             raise CompileError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
         check_dtype(dtype)
@@ -344,16 +344,18 @@ class BTTMoE(nn.Module):
         N = x2.shape[0]
         g, a = self.input_sizes
         f, e = self.output_sizes
+        E = self.experts
+        # a replaced core: named here (not as a wrongly shaped input), before routing
+        # overwrites the last forward's aux loss and statistics
+        for name, p, want, idx in (("A", self.A, (g, a, f, E), "g a f r"),
+                                   ("B", self.B, (f, g, E, e), "f g r e")):
+            if p.shape != want:
+                raise CompileError(f"core {name} of this BTT-MoE layer has shape "
+                                   f"{tuple(p.shape)}, expected {want} ({idx})")
         expert_idx, gate = self._route(x2)
         if g * a != self.in_features:
             x2 = F.pad(x2, (0, g * a - self.in_features))
         A, B, bias = self.A, self.B, self.bias
-        E = self.experts
-        for name, p, want, idx in (("A", A, (g, a, f, E), "g a f r"),
-                                   ("B", B, (f, g, E, e), "f g r e")):
-            if p.shape != want:  # a replaced core: named here, not as a wrongly shaped input
-                raise CompileError(f"core {name} of this BTT-MoE layer has shape "
-                                   f"{tuple(p.shape)}, expected {want} ({idx})")
         if autocast:  # the experts run in autocast's dtype, as nn.Linear does
             dt = torch.get_autocast_dtype(x2.device.type)
             x2, A, B = x2.to(dt), A.to(dt), B.to(dt)  # .to keeps the cores' strides

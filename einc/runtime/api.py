@@ -54,13 +54,18 @@ def _check_options(s, options: dict) -> None:
 
 
 def _patterns(name: str, value) -> list | None:
-    """``include`` / ``exclude``: None, a glob pattern, or a list, tuple or set of them."""
+    """``include`` / ``exclude``: None, a glob pattern, or a collection of them (a list,
+    tuple, set, dict keys, a config system's list...)."""
     if value is None or isinstance(value, str):
         return value if value is None else [value]
-    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise CompileError(f"{name} must be a glob pattern on module names or a list of them "
-                       f"(e.g. 'blocks.*.mlp.*'), got {value!r}")
+    try:
+        patterns = list(value)
+    except TypeError:
+        patterns = None
+    if patterns is None or not all(isinstance(v, str) for v in patterns):
+        raise CompileError(f"{name} must be a glob pattern on module names or a collection of "
+                           f"them (e.g. 'blocks.*.mlp.*'), got {value!r}")
+    return patterns
 
 
 @dataclass
@@ -116,15 +121,15 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
     embeddings: replacing it would untie them), a subclass of nn.Linear (torch's attention
     reads its ``out_proj.weight`` directly), the projections inside nn.MultiheadAttention
     (bare parameters), the router of a BTT-MoE layer (part of that layer), and, unless
-    ``keep_unembedding=False``, the unembedding: the model's last nn.Linear when it maps an
-    nn.Embedding's width to its vocabulary and no embedding is tied to a layer.
+    ``keep_unembedding=False``, the unembedding: a layer mapping an nn.Embedding's width to
+    its vocabulary (see :func:`_unembedding` for how it is told from an inner layer).
     """
     if not isinstance(model, nn.Module):
         raise CompileError(f"replace_linear takes a torch.nn.Module, got {type(model).__name__}")
     _check_options(as_structure(spec), dict(options, tolerance=tolerance))  # also when no
     include = _patterns("include", include)                                # layer is chosen
     exclude = _patterns("exclude", exclude) or []
-    check_flag("keep_unembedding", keep_unembedding)
+    keep_unembedding = check_flag("keep_unembedding", keep_unembedding)
     report = ReplaceReport()
     names = _names_by_module(model)
     kept = _kept_dense(model, names, keep_unembedding)
@@ -234,21 +239,34 @@ def _kept_dense(model: nn.Module, names: dict, keep_unembedding: bool) -> dict[i
                     kept[id(mod)] = (f"its parameters are shared with {where!r} (tied "
                                      "weights, which a replacement would untie)")
                     break
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    # an embedding tied to a layer names the unembedding itself (kept above, as shared)
-    tied = any(len(owners[id(m.weight)]) > 1 for m in embeddings)
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
-    if keep_unembedding and not tied and linears:
-        # the model's last layer, when it maps an embedding's width to its vocabulary (an
-        # inner layer of that shape, say onto as many hidden units as there are positions,
-        # is not one)
-        m = linears[-1]
-        vocab = {(e.embedding_dim, e.num_embeddings) for e in embeddings}
-        if id(m) not in kept and (m.in_features, m.out_features) in vocab:
-            kept[id(m)] = (f"the unembedding ({m.in_features} -> {m.out_features}, an "
-                           "nn.Embedding's width to its vocabulary); keep_unembedding=False "
-                           "replaces it too")
+    if keep_unembedding:
+        head = _unembedding(model, owners)
+        if head is not None and id(head) not in kept:
+            kept[id(head)] = (f"the unembedding ({head.in_features} -> {head.out_features}, "
+                              "an nn.Embedding's width to its vocabulary); "
+                              "keep_unembedding=False replaces it too")
     return kept
+
+
+def _unembedding(model: nn.Module, owners: dict) -> nn.Linear | None:
+    """The layer that maps an nn.Embedding's width d to its vocabulary V, if one can be
+    told: none when an embedding is tied to a layer (that layer is the unembedding, kept
+    as shared); else the model's last plain nn.Linear if it maps some (d, V); else the last
+    (d -> V) layer without a (V -> d) layer beside it. An MLP onto as many hidden units as
+    there are positions (a match for the position embedding) has its way back."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    ids = {id(m) for m in linears}
+    # a parametrized embedding's weight is computed, owned by no module: never tied
+    if not linears or any(ids & owners.get(id(e.weight), set()) for e in embeddings):
+        return None
+    vocab = {(e.embedding_dim, e.num_embeddings) for e in embeddings}
+    maps = lambda m: (m.in_features, m.out_features) in vocab
+    if maps(linears[-1]):
+        return linears[-1]
+    back = {(m.out_features, m.in_features) for m in linears}
+    heads = [m for m in linears if maps(m) and (m.in_features, m.out_features) not in back]
+    return heads[-1] if heads else None
 
 
 def _flops(module) -> int:

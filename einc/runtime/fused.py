@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
@@ -222,11 +224,14 @@ def allocating(numel: int, dtype, device):
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_flag(name: str, value) -> None:
-    """A True/False argument (``bias``, ``deterministic``): refused otherwise, as a value
-    like None or "yes" would otherwise be read by its truth."""
-    if not isinstance(value, bool):
-        raise CompileError(f"{name} must be True or False, got {value!r}")
+def check_flag(name: str, value) -> bool:
+    """A True/False argument (``bias``, ``deterministic``) as a bool: Python and numpy
+    bools and the integers 0 and 1 (which nn.Linear takes too); anything else, such as
+    None or "yes", is refused instead of being read by its truth."""
+    if isinstance(value, (bool, np.bool_)) or (
+            isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise CompileError(f"{name} must be True or False, got {value!r}")
 
 
 def check_dtype(dtype) -> None:

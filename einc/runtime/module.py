@@ -34,7 +34,7 @@ class StructuredLinear(nn.Module):
         super().__init__()
         _check_route(route)
         check_dtype(dtype)
-        check_flag("bias", bias)
+        bias = check_flag("bias", bias)
         structure = as_structure(spec)
         if structure.moe is not None:
             raise CompileError("a bttmoe spec builds an einc.BTTMoE: use einc.compile or "
