@@ -470,7 +470,7 @@ def test_layer_backend_option_matches_masked(backend):
 
 @pytest.mark.parametrize("bad,match", [
     (dict(backend="fast"), "known: auto, chunked"),
-    (dict(deterministic=1), "True or False"),
+    (dict(deterministic=2), "True or False"),
     (dict(bogus=1), "allowed: tolerance, backend, deterministic")])
 def test_layer_options_are_checked(bad, match):
     with pytest.raises(einc.CompileError, match=match):
