@@ -460,6 +460,12 @@ def _sparse_grouped(x, A, B, expert_idx, gate, deterministic):
 
 BACKENDS = ("auto", "chunked", "grouped_mm", "strided", "padded", "triton")
 
+def check_backend(backend) -> None:
+    """A sparse backend's name: one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise CompileError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+
+
 #: the padded capacity is rounded up to a multiple of this (aligned matmul blocks)
 CAPACITY_MULTIPLE = 8
 
@@ -852,8 +858,7 @@ def _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed: boo
     N, k = expert_idx.shape
     if not isinstance(gate, Tensor) or gate.shape != (N, k) or x.shape[0] != N:
         raise CompileError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
-    if backend not in BACKENDS:
-        raise CompileError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    check_backend(backend)
     deterministic = check_flag("deterministic", deterministic)
     # torch.use_deterministic_algorithms(True) asks the same of every operation
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()

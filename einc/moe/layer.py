@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import BACKENDS, _masked, _sparse, route
+from .dispatch import _masked, _sparse, check_backend, route
 from ..errors import CompileError
 from ..runtime.fused import (allocating, autocasting, check_dtype, check_flag, check_input,
                              dtype_mismatch, exporting, tracing, vmapping)
@@ -192,8 +192,7 @@ class BTTMoE(nn.Module):
             raise CompileError("in_features and out_features must be positive")
         bias = check_flag("bias", bias)
         deterministic = check_flag("deterministic", deterministic)
-        if backend not in BACKENDS:
-            raise CompileError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        check_backend(backend)
         check_dtype(dtype)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
@@ -266,7 +265,7 @@ class BTTMoE(nn.Module):
     def _route_marked(self, logits: Tensor) -> Tuple[Tensor, Tensor]:
         """Top-k routing of ``logits`` through the _Routed marker, with the records."""
         node = None
-        if logits.requires_grad and not tracing():  # torch.func has no use for old-style Functions
+        if logits.requires_grad and not tracing():  # torch.func takes no old-style Function
             logits = _Routed.apply(logits)
             node = logits.grad_fn
         expert_idx, gate = route(logits, self.k)

@@ -46,11 +46,9 @@ def _check_options(s, options: dict) -> None:
     if "deterministic" in options:
         check_flag("deterministic", options["deterministic"])
     if "backend" in options:
-        from ..moe.dispatch import BACKENDS
+        from ..moe.dispatch import check_backend
 
-        if options["backend"] not in BACKENDS:
-            raise CompileError(f"unknown backend {options['backend']!r}; known: "
-                               f"{', '.join(BACKENDS)}")
+        check_backend(options["backend"])
 
 
 def _patterns(name: str, value) -> list | None:
