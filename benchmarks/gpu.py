@@ -12,7 +12,9 @@ For each width d and structure it times forward, backward and forward+backward (
 
 and BTT-MoE (E experts, k per token): sparse dispatch, masked (all experts, gated) and the
 rank-k BTT floor (same useful work, no routing). Routing (top-k + softmax of fixed logits)
-is inside the MoE timings; the router's linear map is not.
+is inside the MoE timings; the router's linear map is not. Where Triton runs, a comment line
+per MoE shape times the triton backend's slot moves (einc.kernels.slot_rows) against the
+torch operations they replaced.
 
     python benchmarks/gpu.py                  # everything (< 5 min on one H100/H200)
     python benchmarks/gpu.py --quick          # a subset
@@ -308,6 +310,31 @@ def moe_cells(timer, d, E, k, tokens, dtype, device, seed=0):
                 torch.cuda.empty_cache()
 
 
+def slot_move_line(timer, d, E, k, tokens, dtype, device) -> str:
+    """Forward+backward ms of the triton backend's two slot moves (token rows into the
+    padded slots, and a token's gated slot rows back), on the Triton kernels and on the
+    torch operations they replaced, at this layer's routing: one comment line."""
+    from einc.kernels.slot_rows import combine_slots, dispatch_slots
+    from einc.moe.dispatch import _padded_plan
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    logits = torch.randn(tokens, E, generator=gen).to(device)
+    idx, gate = route(logits, k)
+    C, slot_row, row_slot = _padded_plan(idx, E)
+    slot_row = slot_row.view(tokens, k)
+    x = torch.randn(tokens, d, generator=gen).to(device, dtype).requires_grad_()
+    gate = gate.to(dtype).requires_grad_()
+    ms = {}
+    for kernel in ("auto", "torch"):
+        def moves(kernel=kernel):  # the slot rows stand in for the experts' outputs
+            rows = dispatch_slots(x, slot_row, row_slot, kernel)
+            return combine_slots(rows, slot_row, row_slot, gate, kernel)
+        ms[kernel] = measure(timer, moves, [x, gate])["f+b"]
+    return (f"# slot moves d={d} E={E} k={k} ({E * C} padded rows): f+b {ms['auto']:.3f} ms "
+            f"on the kernels, {ms['torch']:.3f} ms on torch operations "
+            f"({ms['torch'] / ms['auto']:.2f}x)")
+
+
 # ---------------------------------------------------------------------------- report
 def fmt_row(cells):
     return " | ".join(cells)
@@ -409,6 +436,12 @@ def main(argv=None) -> int:
                 continue
             for route, flops, t, err in moe_cells(timer, d, E, args.k, args.tokens, dtype, device):
                 emit(d, f"bttmoe(E={E},k={args.k})", route, flops, t, base, err)
+            if route_available(torch.empty(0, device=device, dtype=dtype)):
+                try:
+                    print(slot_move_line(timer, d, E, args.k, args.tokens, dtype, device),
+                          flush=True)
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    failure(exc, d, f"bttmoe(E={E},k={args.k})", "slot moves")
     elapsed = time.perf_counter() - t_start
     if skipped:
         print(f"# {skipped} group(s) of cells skipped: time budget of {args.budget:.0f} s spent")
