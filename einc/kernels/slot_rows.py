@@ -210,7 +210,8 @@ class _DispatchSlots(torch.autograd.Function):
 class _CombineSlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, slot_row, row_slot, gate, kernel):
-        ctx.save_for_backward(rows, slot_row, row_slot, gate)
+        # the rows only for the gate's gradient: a frozen router's layer need not keep them
+        ctx.save_for_backward(rows if ctx.needs_input_grad[3] else None, slot_row, row_slot, gate)
         ctx.kernel = kernel
         return _sum(rows, slot_row, gate, kernel=kernel)
 
