@@ -71,6 +71,7 @@ class SizeTables:
     pick_y: np.ndarray   # (a pair with fewer ties repeats its first one)
     padded_x: np.ndarray  # (nX,) int64
     padded_y: np.ndarray
+    counts: np.ndarray   # (nX, nY) int8: how many ties each pair of rows has
 
     @property
     def ties(self) -> int:
@@ -105,12 +106,14 @@ def size_tables(space: Space, d_in: int, d_out: int) -> SizeTables:
             picks[i, j] = combine(a, ry[j])
     most = max((len(p) for p in picks.values()), default=1)
     pick = np.zeros((2, len(rx), len(ry), most), dtype=np.int8)
+    counts = np.ones((len(rx), len(ry)), dtype=np.int8)
     for (i, j), p in picks.items():
+        counts[i, j] = len(p)
         p = p + [p[0]] * (most - len(p))
         pick[:, i, j] = np.array(p, dtype=np.int8).T
     return SizeTables(stack(rx, len(space.xc)), stack(ry, len(space.yc)), pick[0], pick[1],
                       np.array([r.padded for r in rx], dtype=np.int64),
-                      np.array([r.padded for r in ry], dtype=np.int64))
+                      np.array([r.padded for r in ry], dtype=np.int64), counts)
 
 
 def score(space: Space, d_in: int, d_out: int, tolerance: float = 0.15, keep=None,
@@ -184,21 +187,31 @@ def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) ->
     e = space.exponents(ix, iy, ir)
     present = e > 0
     pres = {c: present[:, space.col[c]].astype(np.float64) for c in t.classes}
-    sizes = params = flops = rank = None
-    for tie in range(tables.ties):  # as concretize: highest rank bound, then FLOPs, params
-        sx, sy = tables.sizes(ix, iy, tie)
+
+    def costs(at, tie):  # params, FLOPs and rank bound of the points ``at`` at this tie
+        sx, sy = tables.sizes(ix[at], iy[at], tie)
         z = {c: sx[:, j] for j, c in enumerate(space.xc)}
         z.update({c: sy[:, j] for j, c in enumerate(space.yc)})
-        z.update({c: rank_sizes[ir, j] for j, c in enumerate(space.rc)})
-        p, f = t.params(z, pres), t.flops(z, pres)
-        r = np.broadcast_to(np.asarray(t.rank_bound(z, d_in, d_out), dtype=np.float64), f.shape)
-        if sizes is None:
-            sizes, params, flops, rank = z, p, f, r
+        z.update({c: rank_sizes[ir[at], j] for j, c in enumerate(space.rc)})
+        sub = {c: v[at] for c, v in pres.items()}
+        p, f = t.params(z, sub), t.flops(z, sub)
+        n = len(ix) if isinstance(at, slice) else len(at)
+        full = lambda v: np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)).copy()
+        return full(p), full(f), full(t.rank_bound(z, d_in, d_out))
+
+    params, flops, rank = costs(slice(None), 0)
+    # as concretize: of equally close roundings the highest rank bound, then the fewest
+    # FLOPs and parameters; only the points whose pair of rows has that many ties
+    ties = tables.counts[ix, iy]
+    for tie in range(1, tables.ties):
+        at = np.nonzero(ties > tie)[0]
+        if not at.size:
             continue
-        better = (r > rank) | ((r == rank) & ((f < flops) | ((f == flops) & (p < params))))
-        sizes = {c: np.where(better, z[c], sizes[c]) for c in sizes}
-        params, flops = np.where(better, p, params), np.where(better, f, flops)
-        rank = np.where(better, r, rank)
+        p, f, r = costs(at, tie)
+        was = (params[at], flops[at], rank[at])
+        better = (r > was[2]) | ((r == was[2]) & ((f < was[1]) | ((f == was[1]) & (p < was[0]))))
+        won = at[better]
+        params[won], flops[won], rank[won] = p[better], f[better], r[better]
     exps = {c: e[:, space.col[c]].astype(np.int32) for c in t.classes}
     exps["__one__"] = space.k
     omega, psi, nu = t.exponents(exps)
