@@ -460,6 +460,7 @@ def _sparse_grouped(x, A, B, expert_idx, gate, deterministic):
 
 BACKENDS = ("auto", "chunked", "grouped_mm", "strided", "padded", "triton")
 
+
 def check_backend(backend) -> None:
     """A sparse backend's name: one of :data:`BACKENDS`."""
     if backend not in BACKENDS:
