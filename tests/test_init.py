@@ -88,8 +88,15 @@ def test_lr_multipliers_and_param_groups():
     assert {id(p) for p in by_lr[1e-3 * 32]["params"]} == structured
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     torch.optim.AdamW(groups)  # accepted by an optimizer
-    with pytest.raises(einc.CompileError):
-        einc.param_groups(model, lr=0)
+    for bad in (0, -1e-3, float("nan"), float("inf"), "1e-3", None, True):
+        with pytest.raises(einc.CompileError, match="lr must be"):
+            einc.param_groups(model, lr=bad)
+    decayed = einc.param_groups(model, lr=1e-3, weight_decay=0.1)
+    assert [g["weight_decay"] for g in decayed] == [0.1] * len(groups)
+    assert all("weight_decay" not in g for g in einc.param_groups(model, lr=1e-3))
+    for bad in (-0.1, float("nan"), "0.1"):
+        with pytest.raises(einc.CompileError, match="weight_decay must be"):
+            einc.param_groups(model, lr=1e-3, weight_decay=bad)
 
 
 @pytest.mark.parametrize("spec,d", [("(1/4|1/4|1/2|1/2|1/4|1/4|1/4)", 1024), ("btt", 1000),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import fnmatch
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -277,9 +279,15 @@ def _flops(module) -> int:
 def param_groups(model: nn.Module, lr: float, weight_decay: float | None = None) -> list[dict]:
     """Optimizer groups with per-factor learning rates: each structured factor gets
     ``lr * multiplier`` from its module's ``lr_multipliers()`` (see docs/compile.md); every
-    other parameter gets ``lr``. Pass the result to torch.optim.AdamW."""
-    if lr <= 0:
-        raise CompileError(f"lr must be positive, got {lr}")
+    other parameter gets ``lr``. ``weight_decay``, when given, is set on every group
+    (None leaves the optimizer's default). Pass the result to torch.optim.AdamW."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
+        raise CompileError(f"lr must be a positive finite number, got {lr!r}")
+    if weight_decay is not None and (isinstance(weight_decay, bool)
+                                     or not isinstance(weight_decay, numbers.Real)
+                                     or not 0 <= weight_decay < math.inf):
+        raise CompileError("weight_decay must be None (the optimizer's default) or a finite "
+                           f"number >= 0, got {weight_decay!r}")
     by_mult: dict[float, list] = {}
     claimed = set()
     for mod in model.modules():
