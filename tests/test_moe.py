@@ -718,6 +718,25 @@ def test_flat_rows_give_the_same_result_and_a_gradient_of_their_shape(backend):
         assert not dr._is_view()
 
 
+def test_the_masked_reference_takes_flat_rows_too():
+    """btt_moe_masked takes the same two layouts as btt_moe_sparse, with the rows'
+    gradient in their own shape; a width that is not g * a is still refused by name."""
+    x, A, B, W, b = make_problem(11, 3, 4, 2, 5, 4, 2, seed=3)
+    rows = x.detach().reshape(11, 12).requires_grad_()
+    idx, gate = route(rows.detach() @ W.detach().t(), 2)
+    got = btt_moe_masked(rows, A, B, idx, gate)
+    want = btt_moe_masked(x, A, B, idx, gate)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, btt_moe_sparse(rows, A, B, idx, gate), rtol=1e-12, atol=1e-12)
+    go = torch.randn(11, 2, 5, dtype=DT)
+    (dr,) = torch.autograd.grad(got, rows, go)
+    (dx,) = torch.autograd.grad(want, x, go)
+    assert dr.shape == (11, 12)
+    torch.testing.assert_close(dr, dx.reshape(11, 12), rtol=1e-12, atol=1e-12)
+    with pytest.raises(einc.CompileError, match=r"x must be \(N, g, a\)"):
+        btt_moe_masked(rows[:, :10], A, B, idx, gate)
+
+
 def test_the_functional_traces_for_any_routing():
     import warnings
     x, A, B, W, b = make_problem(9, 2, 3, 3, 2, 4, 2, seed=4)

@@ -235,7 +235,8 @@ def btt_dense(
 
 def btt_moe_masked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Tensor,
                    validate: bool = True) -> Tensor:
-    """Reference BTT-MoE: compute every expert for every token, then mask.
+    """Reference BTT-MoE: compute every expert for every token, then mask. ``x`` is
+    (N, g, a) or the same rows flattened, (N, g * a), as for :func:`btt_moe_sparse`.
 
     The rank slices of the intermediate are weighted by the dense ``(N, E)``
     gate matrix (zero off the top-k).  Returns ``(N, f, e)``.
@@ -243,9 +244,18 @@ def btt_moe_masked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Te
     return _masked(x, A, B, expert_idx, gate, routed=not validate)
 
 
+def _unflatten(x: Tensor, A: Tensor) -> Tensor:
+    """(N, g * a) rows as (N, g, a) when A is a (g, a, f, E) core; anything else as it is,
+    for :func:`_check_shapes` to judge."""
+    if x.dim() == 2 and A.dim() == 4 and x.shape[1] == A.shape[0] * A.shape[1]:
+        return x.reshape(x.shape[0], A.shape[0], A.shape[1])
+    return x
+
+
 def _masked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Tensor,
             routed: bool) -> Tensor:
     """:func:`btt_moe_masked`; ``routed``: expert_idx came from :func:`route`."""
+    x = _unflatten(x, A)
     _check_shapes(x, A, B)
     E = A.shape[3]
     if not routed:
@@ -851,8 +861,7 @@ def btt_moe_sparse(
 def _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed: bool):
     """:func:`btt_moe_sparse`; ``routed``: expert_idx came from :func:`route`."""
     rows = x  # (N, g * a) rows go to the chunked backend as they are (see ChunkedMoE)
-    if x.dim() == 2 and A.dim() == 4 and x.shape[1] == A.shape[0] * A.shape[1]:
-        x = x.reshape(x.shape[0], A.shape[0], A.shape[1])
+    x = _unflatten(x, A)
     g, a, f, E, e = _check_shapes(x, A, B)
     if not routed:
         check_experts(expert_idx, E)
