@@ -425,6 +425,34 @@ def test_moe_aux_loss_with_a_layer_skipped_this_step():
     assert a.router.weight.grad is not None and not moe_aux_loss(a).requires_grad
 
 
+def test_moe_aux_loss_after_an_evaluation_outside_no_grad():
+    """A layer evaluated (eval mode, gradients on) and then skipped by a training step
+    adds that evaluation's aux loss without a gradient: its router must get no gradient
+    from a batch the step never saw. Trained in eval mode, the layer keeps its gradient."""
+    torch.manual_seed(1)
+    a, b = BTTMoE(16, 16, experts=4, k=2), BTTMoE(16, 16, experts=4, k=2)
+    model = torch.nn.ModuleList([a, b])
+    with torch.no_grad():
+        b.router.weight.normal_()
+    model.eval()
+    b(a(torch.randn(9, 16)))  # evaluation with gradients on: b's graph stays alive
+    model.train()
+    stale = b.aux_loss.detach().clone()
+    x = torch.randn(9, 16)
+    y = a(x)  # b skipped this step
+    total = moe_aux_loss(model)
+    torch.testing.assert_close(total, a.aux_loss + stale)
+    (y.square().mean() + total).backward()
+    assert b.router.weight.grad is None  # was a gradient from the evaluation's batch
+    # the whole model in eval mode (dropout off) while training: the aux loss is this
+    # step's and keeps its gradient
+    model.eval()
+    b(a(x))
+    assert moe_aux_loss(model).requires_grad
+    moe_aux_loss(model).backward()
+    assert b.router.weight.grad is not None and b.router.weight.grad.abs().sum() > 0
+
+
 def test_layer_deterministic_flag():
     torch.manual_seed(0)
     m = BTTMoE(64, 48, experts=6, k=2)

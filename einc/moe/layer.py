@@ -220,6 +220,7 @@ class BTTMoE(nn.Module):
         self.backend = backend
         self._aux_loss: Optional[Tensor] = None
         self._routed = None  # the last forward's _Routed node, when it recorded a graph
+        self._aux_training = True  # the layer's mode in the forward that set aux_loss
         self._stats: Optional[dict] = None
         self.reset_parameters()
 
@@ -293,8 +294,12 @@ class BTTMoE(nn.Module):
         return state
 
     def _aux_alive(self) -> bool:
-        """Whether ``aux_loss`` can still take a backward: false once a backward without
-        ``retain_graph`` went through the forward it came from."""
+        """Whether ``aux_loss`` belongs in a training step's loss with its gradient: false
+        once a backward without ``retain_graph`` went through the forward it came from,
+        and false for an evaluation's (a forward in eval mode) once the layer trains again,
+        whose graph may be alive but whose batch is not this step's."""
+        if self.training and not getattr(self, "_aux_training", True):
+            return False
         node = getattr(self, "_routed", None)  # absent in layers pickled before it existed
         return node is None or _alive(node)
 
@@ -308,7 +313,7 @@ class BTTMoE(nn.Module):
             self._record_values(logits, expert_idx)
             self._aux_loss, self._stats = kept
             return
-        self._routed = node
+        self._routed, self._aux_training = node, self.training
         self._record_values(logits, expert_idx)
 
     def _record_values(self, logits: Tensor, expert_idx: Tensor) -> None:
@@ -441,7 +446,9 @@ def moe_aux_loss(model: nn.Module) -> Tensor:
 
     A layer whose last forward a backward has already been through (without
     ``retain_graph``), such as one skipped in this step by layer drop or conditional
-    compute, adds its value without a gradient: its graph is gone. After the step's
+    compute, adds its value without a gradient: its graph is gone. So does a layer in
+    training mode whose last forward ran in eval mode (an evaluation outside no_grad, then
+    a step that skipped the layer): that batch is not this step's. After the step's
     backward, the sum is the step's value for logging."""
     if not isinstance(model, nn.Module):
         raise CompileError(f"moe_aux_loss takes a torch.nn.Module, got {type(model).__name__}")
