@@ -746,6 +746,27 @@ def test_flat_rows_give_the_same_result_and_a_gradient_of_their_shape(backend):
         assert not dr._is_view()
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_every_accepted_index_dtype_runs_on_every_backend(dtype):
+    """check_experts accepts these integer dtypes; every backend, the masked reference and
+    forward-mode AD (which takes the padded route) give what int64 indices give."""
+    x, A, B, W, b = make_problem(10, 2, 4, 3, 5, 4, 2, seed=5)
+    idx, gate = route(x.detach().reshape(10, -1) @ W.detach().t(), 2)
+    want = btt_moe_masked(x, A, B, idx, gate)
+    torch.testing.assert_close(btt_moe_masked(x, A, B, idx.to(dtype), gate), want)
+    for backend in ("auto", "chunked", "padded", "strided", "triton"):
+        got = btt_moe_sparse(x, A, B, idx.to(dtype), gate, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=backend)
+    xd = x.detach()
+    _, tangent = torch.func.jvp(lambda t: btt_moe_sparse(t, A.detach(), B.detach(),
+                                                         idx.to(dtype), gate.detach()),
+                                (xd,), (torch.ones_like(xd),))
+    _, want_t = torch.func.jvp(lambda t: btt_moe_masked(t, A.detach(), B.detach(), idx,
+                                                        gate.detach()),
+                               (xd,), (torch.ones_like(xd),))
+    torch.testing.assert_close(tangent, want_t, rtol=1e-12, atol=1e-12)
+
+
 def test_the_masked_reference_takes_flat_rows_too():
     """btt_moe_masked takes the same two layouts as btt_moe_sparse, with the rows'
     gradient in their own shape; a width that is not g * a is still refused by name."""

@@ -260,6 +260,7 @@ def _masked(x: Tensor, A: Tensor, B: Tensor, expert_idx: Tensor, gate: Tensor,
     E = A.shape[3]
     if not routed:
         check_experts(expert_idx, E)
+    expert_idx = expert_idx.long()  # every accepted integer dtype, as the backends index
     if (not isinstance(gate, Tensor) or gate.shape != expert_idx.shape
             or gate.shape[0] != x.shape[0]):
         raise CompileError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
@@ -865,6 +866,7 @@ def _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed: boo
     g, a, f, E, e = _check_shapes(x, A, B)
     if not routed:
         check_experts(expert_idx, E)
+    expert_idx = expert_idx.long()  # every accepted integer dtype, as the backends index
     N, k = expert_idx.shape
     if not isinstance(gate, Tensor) or gate.shape != (N, k) or x.shape[0] != N:
         raise CompileError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
