@@ -451,6 +451,24 @@ def test_json_schema():
     assert "omega psi nu" in text and "rank bound" in text
 
 
+@pytest.mark.parametrize("spec,d", [
+    ("ga,gafr,fgre->fe with g = a, f = e, r = 16*d^(-1/4)", 256),
+    ("i,ir,ro->o with r = 64*d^(-1/2)", 64),
+    ("i,ir,ro->o with r = 1024/d", 64),
+])
+def test_a_size_shrinking_with_d_has_no_exponents_or_theta(spec, d):
+    """A negative exponent went into the min-cut as a capacity, which the max-flow reads
+    as 0: psi came out 1/4 (the {g, f, r} cut is 3/4) or negative, and the theta point had
+    rho = -1/4, outside [0, 1]. Such a size falls below 1 as d grows: no asymptotics. The
+    counts at the given width stay exact."""
+    r = analyze(spec, d=d).to_dict()
+    assert (r["omega"], r["psi"], r["nu"]) == (None, None, None)
+    assert r.get("theta") is None and r.get("redundant") is None
+    m = einc.compile(spec, d_in=d)
+    assert r["params"] == sum(f.numel() for f in m.factors())
+    assert "omega psi nu     -  -  -" in str(analyze(spec, d=d))
+
+
 def test_a_one_step_chain_has_no_intermediate():
     """dense printed "largest interm.  0 per vector"; JSON keeps the number."""
     dense = analyze("dense", d=64)

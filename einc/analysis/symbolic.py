@@ -68,12 +68,13 @@ def _flop_terms(steps, sizes: dict[str, Size]):
 def exponents(s: Structure) -> tuple:
     """``(order, omega, psi, nu)`` without sympy: the absorption order with the smallest FLOPs
     as d -> infinity (ties keep the spec order), and the exponents for d_in = d_out = d
-    (None when no size grows with d)."""
+    (None when no size grows with d, or when one shrinks: d -> infinity would take it below
+    1, so the structure has no asymptotics to read)."""
     sizes = s.sizes
     keys = {o: _posynomial(_flop_terms(_path.chain(s, o), sizes)) for o in _path.orders(s)}
     order = min(keys, key=lambda o: keys[o])  # min() keeps the first (spec order) on ties
     exps = {i: sizes[i].exponent() for i in s.index_names}
-    if not any(e != 0 for e in exps.values()):
+    if not any(e != 0 for e in exps.values()) or any(e < 0 for e in exps.values()):
         return order, None, None, None
     lead_flops = keys[order][0][0]
     lead_params = _posynomial((1.0, sum((exps[i] for i in f.indices), Fraction(0)))

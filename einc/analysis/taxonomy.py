@@ -23,7 +23,8 @@ def closed_forms(theta) -> dict:
 
 
 def theta_of(s: Structure):
-    """The theta point of a two-factor structure with growing sizes, else None.
+    """The theta point of a two-factor structure with growing sizes (none shrinking, as a
+    theta's components are exponents in [0, 1]), else None.
 
     The factors' names and order in a spec are arbitrary; A is the factor absorbed first in
     the cheaper order (the non-redundant orientation), so a theta read off an einsum is never
@@ -33,7 +34,8 @@ def theta_of(s: Structure):
     if len(s.factors) != 2 or s.moe is not None:
         return None
     sizes = s.sizes
-    if all(sz.is_const for sz in sizes.values()):
+    if all(sz.is_const for sz in sizes.values()) or any(sz.exponent() < 0
+                                                        for sz in sizes.values()):
         return None
     a_name, b_name = (f.name for f in s.factors)
     theta = [Fraction(0)] * 7
