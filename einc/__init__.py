@@ -7,8 +7,8 @@ Stages, each a module or subpackage, in the order data flows through them:
 ``experiments`` (training harness).
 """
 from .analysis import analyze
-from .errors import (CompileError, EincError, SizeError, SpecSyntaxError, StructureError,
-                     UnknownNameError)
+from .errors import (CompileError, EincError, SizeError, SpecSyntaxError, SpecTypeError,
+                     StructureError, UnknownNameError)
 from .ir import Structure
 from .syntax import parse
 
@@ -33,5 +33,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'einc' has no attribute {name!r}")
 
 
-__all__ = ["parse", "analyze", "Structure", "EincError", "SpecSyntaxError", "StructureError",
-           "SizeError", "UnknownNameError", "CompileError", *_LAZY]
+__all__ = ["parse", "analyze", "Structure", "EincError", "SpecSyntaxError", "SpecTypeError",
+           "StructureError", "SizeError", "UnknownNameError", "CompileError", *_LAZY]

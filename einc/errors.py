@@ -68,6 +68,10 @@ class SpecSyntaxError(EincError):
     """The spec text does not follow the grammar."""
 
 
+class SpecTypeError(EincError, TypeError):
+    """The spec is not a string (nor an already parsed Structure)."""
+
+
 class StructureError(EincError):
     """The spec parses but does not describe a valid linear map."""
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import lark
 
-from .errors import Pos, SizeError, SpecSyntaxError, StructureError, UnknownNameError
+from .errors import (Pos, SizeError, SpecSyntaxError, SpecTypeError, StructureError,
+                     UnknownNameError)
 from .ir import MAX_INDICES, Index, MoE, Operand, Structure
 from .sizes import MAX_BITS, SYMBOLS, Size, check_bounds, number, size_problem
 
@@ -60,7 +61,8 @@ class Binding:
 def parse(spec: str) -> Structure:
     """Parse a spec into a structure (cached: the IR is immutable)."""
     if not isinstance(spec, str):
-        raise TypeError(f"a spec is a string, not {type(spec).__name__}")
+        raise SpecTypeError("a spec is a string (an einsum, a theta point or a preset such "
+                            f"as 'btt'), got {type(spec).__name__}")
     return _parse_cached(spec)
 
 

@@ -1,8 +1,10 @@
 """StructuredLinear against independent references: torch.einsum over its own factors and
 the materialised matrix, in float64, for random structures and every route."""
 import math
+import pickle
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +103,22 @@ def test_gradgradcheck_fused(spec):
         m.bias.normal_()
     x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x, *ps: m(x), (x, *m.parameters()))
+
+
+def test_chunk_is_checked_when_set():
+    """module.chunk took 2.5 until a forward failed deep inside with a TypeError, and took
+    0 and negatives silently."""
+    m = einc.compile("btt", 64)
+    x = torch.randn(7, 64)
+    want = m(x)
+    for bad in (2.5, 0, -3, True, "4"):
+        with pytest.raises(einc.CompileError, match="chunk must be None"):
+            m.chunk = bad
+    assert m.chunk is None
+    m.chunk = np.int64(3)
+    assert m.chunk == 3 and type(m.chunk) is int
+    torch.testing.assert_close(m(x), want)
+    assert pickle.loads(pickle.dumps(m)).chunk == 3
 
 
 def test_inference_keeps_no_intermediates():

@@ -104,8 +104,15 @@ def test_theta_matches_the_papers_einsum():
 
 def test_parse_is_cached_and_type_checked():
     assert parse("btt") is parse("btt")
-    with pytest.raises(TypeError):
-        parse(None)
+    for bad in (None, 4, b"btt", ["btt"]):
+        with pytest.raises(einc.SpecTypeError, match="a spec is a string"):
+            parse(bad)
+    # one error family, and still a TypeError for code that catches that
+    assert issubclass(einc.SpecTypeError, einc.EincError)
+    assert issubclass(einc.SpecTypeError, TypeError)
+    for call in (lambda: einc.analyze(None, d=64), lambda: einc.compile(3, d_in=64)):
+        with pytest.raises(einc.EincError, match="a spec is a string"):
+            call()
 
 
 def test_moe_preset_records_experts():

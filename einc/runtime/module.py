@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,7 +58,6 @@ class StructuredLinear(nn.Module):
             else:
                 self.register_parameter("bias", None)
         self.route = route
-        #: tokens per chunk of the fused route (None: chosen per call, see chunk_tokens)
         self.chunk = None
         self._plain = _compile_forward(low, tuple(self._attrs))
         #: per factor, the permutation from its spec order to its storage order
@@ -82,6 +83,19 @@ class StructuredLinear(nn.Module):
     @route.setter
     def route(self, value: str) -> None:
         self._route = _check_route(value)
+
+    @property
+    def chunk(self) -> int | None:
+        """Tokens per chunk of the fused route; None chooses per call (chunk_tokens)."""
+        return self.__dict__.get("_chunk", self.__dict__.get("chunk"))  # or an old pickle's
+
+    @chunk.setter
+    def chunk(self, value) -> None:
+        if value is not None and (isinstance(value, (bool, np.bool_))
+                                  or not isinstance(value, numbers.Integral) or value < 1):
+            raise CompileError(f"chunk must be None (chosen per call) or a positive integer, "
+                               f"got {value!r}")
+        self._chunk = None if value is None else int(value)
 
     # -- conventions -----------------------------------------------------------------
     @property
