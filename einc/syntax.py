@@ -98,7 +98,8 @@ def _lark_parse(spec: str) -> lark.Tree:
         ch = spec[e.pos_in_stream]
         ascii_only = "" if ch.isascii() else (
             " (names are ASCII: a letter or _, then letters, digits or _)")
-        raise SpecSyntaxError(f"unexpected character {ch!r}; expected {_expected(e.allowed)}"
+        allowed = _accepted_after(spec[:e.pos_in_stream]) or e.allowed
+        raise SpecSyntaxError(f"unexpected character {ch!r}; expected {_expected(allowed)}"
                               f"{ascii_only}", spec, Pos.at(spec, e.pos_in_stream)) from None
     except lark.UnexpectedToken as e:
         tok = e.token
@@ -107,6 +108,19 @@ def _lark_parse(spec: str) -> lark.Tree:
                                   spec, Pos.at(spec, max(len(spec.rstrip()) - 1, 0))) from None
         raise SpecSyntaxError(f"unexpected {tok.value!r}; expected {_expected(e.expected)}",
                               spec, Pos.at(spec, tok.start_pos, tok.end_pos)) from None
+
+
+def _accepted_after(prefix: str) -> set:
+    """The terminals the grammar takes after ``prefix``. The lexer's own list for a bad
+    character is its state's, which LALR shares between places (after an output operand
+    it offered ',' and '->' too); feeding the prefix to the parser gives the exact set.
+    Empty where the prefix cannot be replayed."""
+    try:
+        ip = _parser().parse_interactive(prefix)
+        ip.exhaust_lexer()
+        return set(ip.accepts())
+    except lark.exceptions.LarkError:
+        return set()
 
 
 def _pos(node, spec: str) -> Pos:

@@ -136,6 +136,12 @@ BAD = [
     ("x[i] -> y[i]", SpecSyntaxError, "unexpected '->'", 6, 2),
     ("i,io->o with o = 3 = 4", SpecSyntaxError, "only index names", 18, 1),
     ("i,io->o ; o", SpecSyntaxError, "unexpected character ';'", 9, 1),
+    # the list is the parser's for this place, not the lexer state's (which offered ','
+    # and '->' after the output operand too)
+    ("x[i] W[i o] -> y[o] #", SpecSyntaxError,
+     "unexpected character '#'; expected 'with', the end of the spec", 21, 1),
+    ("x[i] W[i o] #", SpecSyntaxError, "unexpected character '#'; expected ',', '->', a name",
+     13, 1),
     # index errors
     ("ga,gafr,fgre->fz", StructureError, "output index 'z' appears in no operand", 16, 1),
     ("x[i] W[i o] V[o p] -> y[p q] with p = 4", StructureError,
