@@ -197,6 +197,20 @@ def test_budget_below_every_candidate_gives_an_empty_result():
     assert "(budget 2,097.152)" in res.message and "(budget 1,048.576)" in res.message
 
 
+def test_budgets_are_exact():
+    """0.567 * 20000 is 11339.999999999998 in floats: the four layers costing exactly
+    0.567x dense were dropped. A budget is an exact fraction, compared with integer costs."""
+    by_fraction = search(d=100, max_flops="0.567x", top=0)
+    assert max(r["flops"] for r in by_fraction) == 11_340
+    ids = lambda rs: sorted(r["spec"] for r in rs)
+    assert ids(by_fraction) == ids(search(d=100, max_flops=11_340, top=0))
+    assert ids(by_fraction) == ids(search(d=100, max_flops="567/1000x", top=0))
+    assert 11_340 not in {r["flops"] for r in search(d=100, max_flops=11_339, top=0)}
+    # a finite budget past float range is a budget, not an error
+    assert len(search(d=64, k=4, max_flops="1e400", top=0)) == \
+        len(search(d=64, k=4, max_flops=None, top=0))
+
+
 @pytest.mark.parametrize("kwargs,error,text", [
     ({"k": 0}, einc.SizeError, "k = 0"),
     ({"sort": "speed"}, einc.UnknownNameError, "unknown sort key"),
@@ -268,7 +282,9 @@ def test_cli_refuses_huge_exponent_bounds(capsys):
     ({"top": 2.0}, einc.SizeError, "top must be a non-negative integer"),
     ({"d": 2.0}, einc.SizeError, "d must be a positive integer, got 2.0"),
     ({"max_flops": 10 ** 5000}, einc.SizeError, "bad FLOP budget ~1e+5000: give a number"),
-    ({"max_params": "1e400"}, einc.SizeError, "it must be a positive, finite number"),
+    ({"max_params": "nan"}, einc.SizeError, "it must be a positive, finite number"),
+    ({"max_params": float("nan")}, einc.SizeError, "it must be a positive, finite number"),
+    ({"max_params": True}, einc.SizeError, "bad parameter budget True: give a number"),
 ])
 def test_argument_types_are_checked(kwargs, error, text):
     with pytest.raises(error, match=re.escape(text)):

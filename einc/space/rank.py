@@ -66,38 +66,54 @@ def check_sort_key(key: str) -> str:
     return key
 
 
-def parse_budget(value, dense: int, what: str):
-    """A budget: a number (1e6, 250000) or a multiple of the dense layer's ("0.1x")."""
+def parse_budget(value, dense: int, what: str) -> Fraction | None:
+    """A budget: a number (1e6, 250000, 1/3) or a multiple of the dense layer's ("0.1x"),
+    as an exact fraction: integer costs are compared with it exactly, so a layer costing
+    0.567x dense meets a budget of 0.567x (0.567 * 20000 is 11339.999999999998 in floats)."""
     if value is None:
         return None
     bad = SizeError(f"bad {what} budget {shown(value)}: give a number (for example 1e6) or a "
                     "fraction of the dense layer's (for example 0.1x)")
+    if isinstance(value, (bool, np.bool_)):
+        raise bad
     try:
         text = str(value).strip().replace("_", "")  # str() refuses 4,300+ digit integers
     except ValueError:
         raise bad from None
     if text.lower() in ("none", "inf"):
         return None
+    times = isinstance(value, str) and text.lower().endswith("x")
+    body = text[:-1].strip() if times else text
     try:
-        if isinstance(value, str) and text.lower().endswith("x"):
-            amount = float(text[:-1]) * dense
-        else:
-            amount = float(text)
-    except ValueError:
+        amount = Fraction(body) if isinstance(value, str) else Fraction(value)
+    except (ValueError, TypeError, OverflowError, ZeroDivisionError):
+        if body.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            raise SizeError(f"bad {what} budget {shown(value)}: it must be a positive, finite "
+                            "number (none lifts the budget)") from None
         raise bad from None
-    if not math.isfinite(amount) or amount <= 0:
+    amount *= dense if times else 1
+    if amount <= 0:
         raise SizeError(f"bad {what} budget {shown(value)}: it must be a positive, finite number "
                         "(none lifts the budget)")
-    if amount < 1 and not text.lower().endswith("x"):  # surely a forgotten x: nothing fits
+    if amount < 1 and not times:  # surely a forgotten x: nothing fits
         raise SizeError(f"bad {what} budget {shown(value)}: an absolute budget below 1 fits "
                         f"nothing; for a fraction of the dense layer's, write {text}x")
     return amount
 
 
+def _within(costs: np.ndarray, cap: Fraction) -> np.ndarray:
+    """costs <= cap for integer costs held as float64: against the cap's whole part, which
+    is exact below 2**53 (rounding is monotone, so a cost within the cap is never dropped;
+    above 2**53 a cost just over it can round onto it, which :func:`search` re-checks on
+    the exact records)."""
+    whole = math.floor(cap)
+    return costs <= (float(whole) if whole < 2 ** 1000 else math.inf)
+
+
 def format_budget(amount: float) -> str:
     """A budget as it is compared: 209,715.2 stays 209,715.2 (rounding it to a whole number
     could print a budget the cheapest candidate seems to meet)."""
-    if float(amount).is_integer():
+    if Fraction(amount).denominator == 1:
         return f"{int(amount):,}"
     text = repr(float(amount))
     if "e" in text:  # tiny fractions of a small dense layer
@@ -228,9 +244,9 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     def keep(cols):
         m = np.ones(len(cols["ids"]), dtype=bool)
         if flop_cap is not None:
-            m &= cols["flops"] <= flop_cap
+            m &= _within(cols["flops"], flop_cap)
         if param_cap is not None:
-            m &= cols["params"] <= param_cap
+            m &= _within(cols["params"], param_cap)
         if psi_min is not None:
             m &= cols["psi"] >= float(psi_min * space.k) - 1e-9
         if omega_max is not None:
@@ -244,6 +260,8 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     chosen = order if top is None else order[:top]
     names = known_ids(space)
     records = [record(space, int(cands.ids[i]), din, dout, tolerance, names) for i in chosen]
+    records = [r for r in records if (flop_cap is None or r["flops"] <= flop_cap)
+               and (param_cap is None or r["params"] <= param_cap)]  # exact, see _within
     message = "" if len(cands) else _empty_message(cands, flop_cap, param_cap)
     if measure and records:
         from .measure import measure_records
