@@ -477,3 +477,27 @@ def test_search_train_arguments_are_checked_before_searching(no_runs, run_einc, 
     rc, out, err = run_einc("search", "--d", "64", "--k", "4", "--top", "2",
                          "--train", "regression", *args)
     assert rc == 2 and text in err and out == ""  # nothing searched or printed
+
+
+@pytest.mark.parametrize("fmt", ["--json", "--csv"])
+def test_search_train_keeps_json_and_csv_machine_readable(run_einc, tmp_path, fmt):
+    """The side-by-side rankings were printed after the records, which made the JSON and
+    CSV unreadable; there each record carries its trained rank and loss instead."""
+    import csv
+    import io
+    import json
+
+    rc, out, err = run_einc("search", "--d", "16", "--top", "2", fmt, "--no-progress",
+                            "--train", "regression", "--train-widths", "4", "--train-steps",
+                            "2", "--train-lr", "1e-3", "--train-out", str(tmp_path / "runs"))
+    assert rc == 0, err
+    rows = json.loads(out) if fmt == "--json" else list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 2
+    assert sorted(int(r["trained_rank"]) for r in rows) == [1, 2]
+    assert all(float(r["trained_loss"]) > 0 for r in rows)
+    assert "analytic ranking" not in out
+
+
+def test_search_train_refuses_every_row(no_runs, run_einc):
+    rc, out, err = run_einc("search", "--d", "16", "--top", "0", "--train", "regression")
+    assert rc == 2 and out == "" and "--top 0 would show every candidate" in err

@@ -161,10 +161,13 @@ def check_training(args) -> tuple[dict, list[str]]:
     return kw, created
 
 
-def train_rerank(training: dict, records) -> int:
-    """The ``einc search --train TASK`` step: print the analytic and trained rankings.
-    ``training``: the keyword arguments :func:`check_training` returned."""
+def train_rerank(training: dict, records, show: bool = True) -> dict:
+    """The ``einc search --train TASK`` step: train the records and return
+    :func:`~einc.experiments.harness.rerank`'s rankings, printing both side by side when
+    ``show``. ``training``: the keyword arguments :func:`check_training` returned."""
     from .harness import format_rerank, rerank
 
-    print(format_rerank(rerank(records, **training)))
-    return 0
+    ranks = rerank(records, **training)
+    if show:
+        print(format_rerank(ranks))
+    return ranks

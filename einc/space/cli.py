@@ -82,6 +82,9 @@ def _search(args) -> int:
     if given and not args.train:
         raise EincError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only "
                         "with --train TASK, which was not given")
+    if args.train and top == 0:  # training thousands of candidates is never meant
+        raise EincError("--train trains every row shown, and --top 0 would show every "
+                        "candidate: give --top N, for example --top 8")
     try:
         if args.plot:
             from .plot import prepare
@@ -104,18 +107,23 @@ def _search(args) -> int:
     except BaseException:
         remove_folders(created)
         raise
-    if args.json:
-        print(json.dumps(list(result), indent=2))
-    elif args.csv:
-        print(to_csv(result), end="")
-    else:
+    records = list(result)
+    ranks = None
+    if args.train and result:
+        from ..experiments.cli import train_rerank
+        if not (args.json or args.csv):
+            print(table(result) + "\n")
+        ranks = train_rerank(training, records, show=not (args.json or args.csv))
+    if args.json or args.csv:
+        if ranks is not None:  # the trained ranking goes into the records, not beside them
+            trained = {spec: (i, loss) for i, spec, _, loss in ranks["trained"]}
+            records = [dict(r, trained_rank=trained[r["spec"]][0],
+                            trained_loss=trained[r["spec"]][1]) for r in records]
+        print(json.dumps(records, indent=2) if args.json else to_csv(records).rstrip("\n"))
+    elif ranks is None:
         print(table(result))
     if not result and result.message and (args.json or args.csv):
         print(f"einc: {result.message}", file=sys.stderr)
-    if args.train and result:
-        from ..experiments.cli import train_rerank
-        print()
-        train_rerank(training, list(result))
     if args.plot:
         from .plot import plot
 

@@ -390,8 +390,12 @@ CSV_FIELDS = ["rank", "name", "spec", "theta", "d_in", "d_out", "padded_in", "pa
 
 
 def to_csv(records) -> str:
+    """The records as CSV, ranked; with ``einc search --train`` also their trained rank and
+    loss."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    trained = ["trained_rank", "trained_loss"] if any("trained_rank" in r for r in records) \
+        else []
+    w = csv.DictWriter(buf, CSV_FIELDS + trained, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for i, r in enumerate(records, 1):
         row = dict(r, rank=i)
