@@ -325,6 +325,28 @@ def test_measure_adds_a_column():
     assert [r["measured_ms"] for r in res] == sorted(r["measured_ms"] for r in res)
 
 
+def test_measure_compiles_with_the_search_tolerance(monkeypatch):
+    """--measure compiled every row with the default tolerance: a row the search kept at
+    --tolerance 0.5 (16.7% padding at d = 12) was refused while measuring. The layer timed
+    has the record's sizes."""
+    pytest.importorskip("einc.runtime")
+    import einc.runtime
+
+    built = []
+    real = einc.runtime.compile
+
+    def spy(*args, **kw):
+        built.append(real(*args, **kw))
+        return built[-1]
+
+    monkeypatch.setattr(einc.runtime, "compile", spy)
+    res = search(d=12, k=6, tolerance=0.5, max_flops=None, sort="params", top=8,
+                 measure=True, progress=False)
+    assert len(res) == 8 and all(r["measured_ms"] > 0 for r in res)
+    assert any(r["padded_in"] > 12 * 1.15 for r in res)
+    assert [dict(m.lowered.sizes) for m in built] == [r["sizes"] for r in res]
+
+
 # -- command line -------------------------------------------------------------------------
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "einc", "search", *args],

@@ -18,8 +18,10 @@ def _compiler():
 
 
 def measure_records(records, *, batch: int = 64, repeats: int = 5, warmup: int = 2,
-                    progress: bool | None = None, threads: int | None = None) -> None:
-    """Add ``measured_ms`` (median forward+backward time of a batch, in ms) to each record."""
+                    progress: bool | None = None, threads: int | None = None,
+                    tolerance: float | None = None) -> None:
+    """Add ``measured_ms`` (median forward+backward time of a batch, in ms) to each record,
+    compiled with the padding ``tolerance`` its search used (None: the default)."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise EincError(f"the batch size must be a positive integer, got {batch!r}")
     compile_ = _compiler()
@@ -29,7 +31,8 @@ def measure_records(records, *, batch: int = 64, repeats: int = 5, warmup: int =
         torch.set_num_threads(threads)
     with Progress(len(records), "measuring", enabled=progress, delay=0.0) as bar:
         for rec in records:
-            module = compile_(rec["spec"], d_in=rec["d_in"], d_out=rec["d_out"])
+            extra = {} if tolerance is None else {"tolerance": tolerance}
+            module = compile_(rec["spec"], d_in=rec["d_in"], d_out=rec["d_out"], **extra)
             x = torch.randn(batch, rec["d_in"])
             times = []
             for k in range(warmup + repeats):

@@ -266,7 +266,7 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     if measure and records:
         from .measure import measure_records
 
-        measure_records(records, batch=batch, progress=progress)
+        measure_records(records, batch=batch, progress=progress, tolerance=tolerance)
         if sort == "measured":
             records.sort(key=lambda r: r["measured_ms"])
     return SearchResult(records, candidates=cands, order=order, sort=sort, message=message)
