@@ -414,11 +414,15 @@ TINY = ["--widths", "8", "--steps", "2", "--lr", "1e-3", "--eval-points", "2",
                                     "and <= 1,048,576"),
     (["--structures", "btt(rank="], "ends too early"),
     (["--out", "AFILE"], "exists and is not a folder"),
+    (["--out", ""], "the output folder is an empty path"),  # was taken for "no folder"
+    (["--out", "TAKEN"], "holds 'table.md', which is not a file"),
 ])
 def test_scaling_cli_refuses_bad_arguments(no_runs, run_einc, tmp_path, args, text):
     afile = tmp_path / "afile"
     afile.write_text("")
-    args = [str(afile) if a == "AFILE" else a for a in args]
+    (tmp_path / "taken" / "table.md").mkdir(parents=True)
+    args = [str(afile) if a == "AFILE" else str(tmp_path / "taken") if a == "TAKEN" else a
+            for a in args]
     rc, out, err = run_einc("experiment", "scaling", *TINY, *args)
     assert rc == 2 and text in err and out == "" and "training:" not in err  # no plan line
 

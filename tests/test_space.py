@@ -451,6 +451,16 @@ def test_plot_destination_is_checked_before_searching(tmp_path, capsys):
     rc, out, err = _main(capsys, "--d", "64", "--k", "4", "--top", "3", "--plot",
                          str(tmp_path / "made" / "plots"))
     assert rc == 0 and (tmp_path / "made" / "plots" / "cube.png").exists()
+    # an empty path was taken for "no plot"; a folder where a plot goes failed at the end
+    (tmp_path / "taken" / "pareto.png").mkdir(parents=True)
+    for dest, text in (("", "the plot folder is an empty path"),
+                       (tmp_path / "taken", "holds 'pareto.png', which is not a file")):
+        rc, out, err = _main(capsys, "--d", "64", "--k", "4", "--plot", str(dest))
+        assert rc == 2 and text in err and out == ""
+    # nothing to plot: the folder made for the plots goes again
+    rc, out, err = _main(capsys, "--d", "64", "--k", "4", "--max-flops", "100", "--plot",
+                         str(tmp_path / "empty" / "plots"))
+    assert rc == 2 and "nothing to plot" in err and not (tmp_path / "empty").exists()
 
 
 def test_transpose_keeps_the_cheaper_orientation():

@@ -36,8 +36,8 @@ import numpy as np
 
 from ..errors import EincError, Pos, SizeError, SpecSyntaxError, UnknownNameError
 from ..space.checks import (MAX_BATCH, MAX_EVAL_POINTS, MAX_SEED, MAX_SEEDS, MAX_STEPS,
-                            MAX_TRAIN_WIDTH, bounds_text, prepare_folder, remove_folders,
-                            shown)
+                            MAX_TRAIN_WIDTH, bounds_text, check_targets, prepare_folder,
+                            remove_folders, shown)
 from ..syntax import parse
 from . import fit as fitting
 from .executors import EXECUTORS, dist_env, run_jobs
@@ -420,13 +420,17 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
 def prepare_out(out) -> list[str]:
     """Make sure ``out`` (and ``out/runs``) can hold the runs before any is trained; returns
     the folders created."""
-    if not out:
+    if out is None:
         return []
-    created = prepare_folder(out, "output folder")
+    created = prepare_folder(out, "output folder")  # refuses "" by name
     runs = os.path.join(out, "runs")
-    if os.path.lexists(runs) and not os.path.isdir(runs):
+    try:
+        if os.path.lexists(runs) and not os.path.isdir(runs):
+            raise EincError(f"the output folder {out!r} holds a file 'runs' where the runs go")
+        check_targets(out, OUTPUT_FILES)
+    except EincError:
         remove_folders(created)
-        raise EincError(f"the output folder {out!r} holds a file 'runs' where the runs go")
+        raise
     return created
 
 
@@ -687,6 +691,11 @@ def runs_csv(records) -> str:
                         r.get("psi"), r.get("nu"), r.get("params"), r.get("flops_per_step"),
                         step, flops, loss, r["status"]])
     return buf.getvalue()
+
+
+#: the files :func:`_write_outputs` writes into the output folder
+OUTPUT_FILES = ("runs.json", "runs.csv", "frontier.csv", "summary.json", "table.md",
+                "frontier.png")
 
 
 def _write_outputs(out, records, sweep, summary, plot) -> list[str]:

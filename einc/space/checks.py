@@ -50,6 +50,17 @@ def prepare_folder(path, what: str = "output folder") -> list[str]:
     return created
 
 
+def check_targets(folder, names, what: str = "output folder") -> None:
+    """Refuse, before any work, a file the run will write in ``folder`` whose name is taken
+    by something that is not a file (a folder named ``table.md``): the write would fail
+    at the end, after the other files were written."""
+    for name in names:
+        path = os.path.join(os.fspath(folder), name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise EincError(f"the {what} {os.fspath(folder)!r} holds {name!r}, which is not a "
+                            "file, where that file goes: remove or rename it")
+
+
 def remove_folders(created) -> None:
     """Remove folders :func:`prepare_folder` created, innermost first, if still empty."""
     for folder in reversed(list(created)):

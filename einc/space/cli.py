@@ -86,7 +86,7 @@ def _search(args) -> int:
         raise EincError("--train trains every row shown, and --top 0 would show every "
                         "candidate: give --top N, for example --top 8")
     try:
-        if args.plot:
+        if args.plot is not None:  # "" too, which prepare refuses by name
             from .plot import prepare
             created += prepare(args.plot)
         if args.train:
@@ -124,9 +124,14 @@ def _search(args) -> int:
         print(table(result))
     if not result and result.message and (args.json or args.csv):
         print(f"einc: {result.message}", file=sys.stderr)
-    if args.plot:
+    if args.plot is not None:
         from .plot import plot
 
-        for path in plot(result, args.plot):
+        try:
+            paths = plot(result, args.plot)
+        except BaseException:  # nothing to plot: the folders made for it go again
+            remove_folders(created)
+            raise
+        for path in paths:
             print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from ..errors import EincError
-from .checks import prepare_folder
+from .checks import check_targets, prepare_folder, remove_folders
 
 MAX_POINTS = 20_000
 
@@ -29,11 +29,21 @@ def _pyplot():
     return plt
 
 
+#: the files :func:`plot` writes (the last one only for measured records)
+PLOT_FILES = ("cube.png", "pareto.png", "pareto_time.png")
+
+
 def prepare(directory) -> list[str]:
     """Check, before a search, that its plots can be written: matplotlib imports and
     ``directory`` is (or can be made) a writable folder. Returns the folders it created."""
     _pyplot()
-    return prepare_folder(directory, "plot folder")
+    created = prepare_folder(directory, "plot folder")
+    try:
+        check_targets(directory, PLOT_FILES, "plot folder")
+    except EincError:
+        remove_folders(created)
+        raise
+    return created
 
 
 def plot(result, directory) -> list[str]:
