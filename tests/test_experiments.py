@@ -350,11 +350,28 @@ def no_runs(monkeypatch):
     ({"widths": [2 ** 32]}, einc.SizeError, "widths must be integers >= 1 and <= 1,048,576"),
     ({"widths": {"dense": [8], "btt": [8, 2 ** 32]}}, einc.SizeError,
      "the widths of 'btt' must be integers >= 1 and <= 1,048,576"),
+    # task options: these ran on (hidden layers by the hundred million)
+    ({"options": {"hidden": 10 ** 8}}, einc.SizeError,
+     "option hidden of the regression task takes an integer >= 1 and <= 10,000"),
+    ({"options": {"test_size": 2 ** 40}}, einc.SizeError, "<= 1,048,576"),
 ])
 def test_scaling_checks_its_arguments_before_any_run(no_runs, kwargs, error, text):
     kw = dict(structures=["dense", "btt"], widths=[8], steps=2, progress=False)
     with pytest.raises(error, match=text):
         scaling("regression", **dict(kw, **kwargs))
+
+
+@pytest.mark.parametrize("options,widths,text", [
+    ({"layers": 10 ** 8}, [8], "option layers of the charlm task takes an integer >= 1 and "
+                               "<= 10,000"),
+    # 8 at head_dim 3 ran two heads of 4; refused before any run, not when building
+    ({"head_dim": 3}, [2, 8], "width 8 does not split into heads of 3"),
+    ({"head_dim": 16}, [16, 40], "width 40 does not split into heads of 16"),
+])
+def test_charlm_options_and_heads_are_checked_before_any_run(no_runs, options, widths, text):
+    with pytest.raises(einc.SizeError, match=text):
+        scaling("charlm", structures=["dense"], widths=widths, steps=2, progress=False,
+                options=options)
 
 
 def test_unknown_task_option_lists_the_options():

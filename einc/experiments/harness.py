@@ -406,12 +406,15 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
     if executor not in EXECUTORS:
         raise UnknownNameError(f"unknown executor {executor!r}; known executors: "
                                f"{', '.join(EXECUTORS)}")
+    options = check_options(task, options or {})
+    if hasattr(cls, "check_widths"):  # the task's own rules, e.g. widths that split into heads
+        cls.check_widths(every, options)
     return {"task": task, "structures": structures, "per": per, "widths": every,
             "steps": _count(steps, "steps", 1, MAX_STEPS), "seeds": seeds,
             "batch": cls.default_batch if batch is None else _count(batch, "batch", 1,
                                                                      MAX_BATCH),
             "lr": lr, "lr_sweep": rates, "workers": _count(workers, "workers"),
-            "executor": executor, "options": check_options(task, options or {}),
+            "executor": executor, "options": options,
             "eval_points": _count(eval_points, "eval_points", 1, MAX_EVAL_POINTS),
             "threads": None if threads is None else _count(threads, "threads"),
             "aux_weight": _number(aux_weight, "aux_weight", positive=False)}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SizeError, UnknownNameError
+from ..space.checks import MAX_SEED, shown
 from .ffmoe import FFMoE
 
 TASKS: dict[str, type] = {}
@@ -46,12 +47,19 @@ def task_options(name: str) -> dict:
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+#: the largest value of an integer task option unless the task gives its own
+OPTION_MAXIMUM = 2 ** 20
+
+
 def check_options(name: str, options: dict) -> dict:
     """The options of task ``name``, checked against what its constructor takes: an unknown
     option lists the known ones; an integer option needs an integer at least the task's
-    ``option_minimum`` (1 unless the task says otherwise), a number option a finite number."""
+    ``option_minimum`` (1 unless the task says otherwise) and at most its ``option_maximum``
+    (:data:`OPTION_MAXIMUM` unless the task says otherwise: far beyond a run that finishes,
+    so that a typo is refused at once), a number option a finite number."""
     known = task_options(name)
     minimum = getattr(TASKS[name], "option_minimum", {})
+    maximum = getattr(TASKS[name], "option_maximum", {})
     out = {}
     for key, value in dict(options).items():
         if key not in known:
@@ -64,12 +72,12 @@ def check_options(name: str, options: dict) -> dict:
         if isinstance(default, bool):
             out[key] = value
         elif isinstance(default, int):
-            lo = minimum.get(key, 1)
+            lo, hi = minimum.get(key, 1), maximum.get(key, OPTION_MAXIMUM)
             v = (int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool)
                  else int(value) if isinstance(value, float) and value.is_integer() else None)
-            if v is None or v < lo:
-                raise SizeError(f"option {key} of the {name} task takes an integer >= {lo}, "
-                                f"got {value!r}")
+            if v is None or not lo <= v <= hi:
+                raise SizeError(f"option {key} of the {name} task takes an integer >= {lo} and "
+                                f"<= {hi:,}, got {shown(value)}")
             out[key] = v
         elif isinstance(default, float):
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -160,6 +168,7 @@ class Regression:
     """
     name = "regression"
     option_minimum = {"teacher_seed": 0}
+    option_maximum = {"teacher_seed": MAX_SEED, "teacher_depth": 10_000, "hidden": 10_000}
     tokens_per_example = 1
     default_batch = 512
     default_lr_sweep = (1e-3, 3e-3, 1e-2)
@@ -341,6 +350,7 @@ class CharLM:
     name = "charlm"
     accepts_ffmoe = True
     option_minimum = {"train_chars": 10_000, "val_chars": 1_000}
+    option_maximum = {"train_chars": 2 ** 36, "val_chars": 2 ** 36, "layers": 10_000}
     default_batch = 32
     default_lr_sweep = (1e-3, 3e-3, 1e-2)
 
@@ -371,12 +381,25 @@ class CharLM:
         w = data[starts[:, None] + off]
         return w[:, :-1], w[:, 1:]
 
+    @staticmethod
+    def heads(width: int, head_dim: int) -> int:
+        """Heads of ``head_dim`` at ``width``; one head of the whole width below it. A width
+        above it that is not a multiple is refused (8 at head_dim 3 ran 2 heads of 4)."""
+        if width > head_dim and width % head_dim:
+            raise SizeError(f"width {width} does not split into heads of {head_dim} "
+                            "(option head_dim): give widths that are multiples of it")
+        return max(1, width // head_dim)
+
+    @classmethod
+    def check_widths(cls, widths, options: dict) -> None:
+        """Before any run: every width splits into heads."""
+        head_dim = options.get("head_dim", task_options(cls.name)["head_dim"])
+        for w in widths:
+            cls.heads(w, head_dim)
+
     def build(self, spec, width: int) -> nn.Module:
         moe = ffmoe_options(spec)
-        heads = max(1, width // self.head_dim)
-        if width % heads:
-            raise UnknownNameError(f"width {width} does not split into heads of "
-                                   f"{self.head_dim}")
+        heads = self.heads(width, self.head_dim)
         model = GPT(width, self.layers, heads, self.context, ratio=self.ratio, moe=moe)
         structure_model(model, "dense" if moe else spec, include="blocks.*")
         return model
