@@ -197,6 +197,43 @@ def test_budget_below_every_candidate_gives_an_empty_result():
     assert "(budget 2,097.152)" in res.message and "(budget 1,048.576)" in res.message
 
 
+def test_each_layer_is_listed_once_at_its_width(capsys):
+    """At d = 64, r = d^(1/12) rounds to 1, so (1/2|0|1/2|0|1/2|1/2|1/12) is Monarch and the
+    top 20 listed the same layer twice (about half of all rows repeated one above)."""
+    from einc.space.rank import layer_key
+
+    every = search(d=64, top=0, distinct=False)
+    once = search(d=64, top=0)
+    assert len(once) + once.repeats == len(every) and once.repeats > 1000
+    firsts = {}
+    for r in every:
+        firsts.setdefault(layer_key(r), r)
+    assert [r["spec"] for r in once] == [r["spec"] for r in firsts.values()]
+    by_spec = {r["spec"]: r for r in every}
+    monarch = by_spec["(1/2|0|1/2|0|1/2|1/2|0)"]
+    btt = by_spec["(1/2|0|1/2|0|1/2|1/2|1/12)"]
+    assert btt["sizes"]["r"] == 1 and layer_key(btt) == layer_key(monarch)
+    # a repeat has the first one's parameters and rank bound; its FLOPs can differ where a
+    # step sums over a size-1 index only (counted as multiply-adds, a product without it)
+    for r in every:
+        first = firsts[layer_key(r)]
+        assert (r["params"], r["rank_bound"]) == (first["params"], first["rank_bound"])
+        assert first["flops"] / 2 <= r["flops"] <= 2 * first["flops"]
+    # not merged: a layer and its transpose, unless transpose=True
+    t = by_spec["(7/12|0|5/12|0|1/2|1/2|1/12)"]
+    tt = by_spec["(1/2|0|1/2|0|7/12|5/12|1/12)"]
+    assert layer_key(t) != layer_key(tt) and layer_key(t, True) == layer_key(tt, True)
+    # the default top 20 shows 20 different layers, and says how many it skipped
+    top = search(d=64)
+    assert len(top) == 20 and len({layer_key(r) for r in top}) == 20 and top.repeats > 0
+    rc, out, err = _main(capsys, "--d", "64")
+    assert rc == 0 and f"{top.repeats} skipped as the layer of a row above" in out
+    rc, out, err = _main(capsys, "--d", "64", "--all-roundings", "--json")
+    assert [r["spec"] for r in json.loads(out)] == [r["spec"] for r in every[:20]]
+    with pytest.raises(einc.EincError, match="distinct must be True or False"):
+        search(d=64, distinct="no")
+
+
 def test_budgets_are_exact():
     """0.567 * 20000 is 11339.999999999998 in floats: the four layers costing exactly
     0.567x dense were dropped. A budget is an exact fraction, compared with integer costs."""

@@ -47,6 +47,9 @@ def _register(sub):
                    "compiled top N candidates (refused with --top 0)")
     p.add_argument("--batch", type=int_at_least(1), default=64,
                    help="batch size for --measure (default 64)")
+    p.add_argument("--all-roundings", action="store_true", help="also list points whose "
+                   "layer at this width is one listed above (their sizes round alike, e.g. "
+                   "r = d^(1/12) is 1 at d = 64); by default each layer is listed once")
     p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
     p.add_argument("--train", metavar="TASK", help="re-rank the shown candidates by training "
                    "them (einc experiment scaling on TASK: regression or charlm)")
@@ -103,6 +106,7 @@ def _search(args) -> int:
                         top=top, transpose=args.transpose,
                         exclude_degenerate=args.exclude_degenerate, tolerance=args.tolerance,
                         measure=args.measure, batch=args.batch,
+                        distinct=not args.all_roundings,
                         progress=False if args.no_progress else None)
     except BaseException:
         remove_folders(created)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 import numbers
 from fractions import Fraction
@@ -169,12 +170,14 @@ def _integer(value, minimum: int, message: str) -> int:
 class SearchResult(list):
     """The ranked records (dicts), with the counts of the run and the scored columns."""
 
-    def __init__(self, records, *, candidates: Candidates, order, sort: str, message: str = ""):
+    def __init__(self, records, *, candidates: Candidates, order, sort: str, message: str = "",
+                 repeats: int = 0):
         super().__init__(records)
         self.candidates = candidates
         self.order = order        # indices into candidates, ranked (all that passed)
         self.sort = sort
         self.message = message
+        self.repeats = repeats    # rows left out above the last shown: a layer shown already
 
     @property
     def counts(self) -> dict:
@@ -189,8 +192,8 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
            max_flops=DEFAULT_MAX_FLOPS, max_params=None, min_psi=None, max_omega=None,
            sort: str = "paper", top: int | None = DEFAULT_TOP, transpose: bool = False,
            exclude_degenerate: bool = False, tolerance: float = DEFAULT_TOLERANCE,
-           measure: bool = False, batch: int = 64, progress: bool | None = None
-           ) -> SearchResult:
+           measure: bool = False, batch: int = 64, progress: bool | None = None,
+           distinct: bool = True) -> SearchResult:
     """Enumerate, score, filter and rank structures for a layer of width d.
 
     ``search(d=1024, max_flops="0.1x")`` returns a list of records (dicts with the fields of
@@ -199,7 +202,9 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     multiples of the dense layer's ("0.1x"); the FLOP budget defaults to the dense layer's
     ("none" lifts it). ``measure=True`` times the first ``top`` (default 20) compiled modules
     with a batch of ``batch`` and is refused with ``top`` 0 or None; ``sort="measured"``
-    orders them by that time and needs ``measure=True``.
+    orders them by that time and needs ``measure=True``. With ``distinct`` (the default) a
+    point whose layer at this width is one ranked above (its sizes round alike, see
+    :func:`layer_key`) is left out; ``distinct=False`` lists every point.
     """
     if d is None and d_in is None and d_out is None:
         d = DEFAULT_D
@@ -211,10 +216,10 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     din, dout = resolve_dims(_NoStructure, d, d_in, d_out)
     check_tolerance(tolerance)
     check_sort_key(sort)
-    transpose, exclude_degenerate, measure = (
+    transpose, exclude_degenerate, measure, distinct = (
         _flag(v, name) for v, name in ((transpose, "transpose"),
                                        (exclude_degenerate, "exclude_degenerate"),
-                                       (measure, "measure")))
+                                       (measure, "measure"), (distinct, "distinct")))
     progress = _flag(progress, "progress", none="a bar when stderr is a terminal")
     if top is not None:
         top = _integer(top, 0, "top must be a non-negative integer (0 or None for all)")
@@ -257,11 +262,22 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
 
     cands = score(space, din, dout, tolerance, keep, progress)
     order = _sort_order(cands, sort)
-    chosen = order if top is None else order[:top]
     names = known_ids(space)
-    records = [record(space, int(cands.ids[i]), din, dout, tolerance, names) for i in chosen]
-    records = [r for r in records if (flop_cap is None or r["flops"] <= flop_cap)
-               and (param_cap is None or r["params"] <= param_cap)]  # exact, see _within
+    records, seen, repeats = [], set(), 0
+    for i in order:  # best first, until top rows
+        r = record(space, int(cands.ids[i]), din, dout, tolerance, names)
+        if (flop_cap is not None and r["flops"] > flop_cap) or \
+                (param_cap is not None and r["params"] > param_cap):
+            continue  # exact, see _within
+        if distinct:
+            key = layer_key(r, transpose)
+            if key in seen:
+                repeats += 1
+                continue
+            seen.add(key)
+        records.append(r)
+        if top is not None and len(records) == top:
+            break
     message = "" if len(cands) else _empty_message(cands, flop_cap, param_cap)
     if measure and records:
         from .measure import measure_records
@@ -269,7 +285,33 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
         measure_records(records, batch=batch, progress=progress, tolerance=tolerance)
         if sort == "measured":
             records.sort(key=lambda r: r["measured_ms"])
-    return SearchResult(records, candidates=cands, order=order, sort=sort, message=message)
+    return SearchResult(records, candidates=cands, order=order, sort=sort, message=message,
+                        repeats=repeats)
+
+
+def layer_key(rec: dict, transpose: bool = False) -> tuple:
+    """What makes a record's layer at its width, whatever its exponents: per set of
+    operands an index joins (input, output, which factors), the product of the sizes of
+    such indices, size 1 left out, under every renaming of the factors (and, with
+    ``transpose``, input and output swapped). Two lattice points whose sizes round alike
+    (r = d^(1/12) is 1 at d = 64) give the same key: the same layer, up to the order of
+    its input and output features."""
+    names = list(rec["factors"])
+    members = {ix: [f for f in names if ix in rec["factors"][f]] for ix in rec["sizes"]}
+    best = None
+    for perm in itertools.permutations(names):
+        for flip in ((False, True) if transpose else (False,)):
+            groups: dict = {}
+            for ix, size in rec["sizes"].items():
+                if size == 1:
+                    continue
+                ends = (ix in rec["input"], ix in rec["output"])
+                sig = (ends[::-1] if flip else ends,
+                       tuple(f in members[ix] for f in (perm[::-1] if flip else perm)))
+                groups[sig] = groups.get(sig, 1) * size
+            key = tuple(sorted(groups.items()))
+            best = key if best is None or key < best else best
+    return best
 
 
 class _NoStructure:  # resolve_dims only consults the structure when widths are missing
@@ -375,8 +417,12 @@ def table(result: SearchResult) -> str:
     fmt = lambda row: "  ".join(x.ljust(w) if j in (1, len(row) - 1) else x.rjust(w)
                                 for j, (x, w) in enumerate(zip(row, width))).rstrip()
     lines += [fmt(cols), fmt(["-" * w for w in width])] + [fmt(r) for r in rows]
-    if len(result) < n["passed"]:
-        lines.append(f"(top {len(result)} of {n['passed']:,}; --top 0 shows all)")
+    repeated = (f"{result.repeats:,} skipped as the layer of a row above, sizes rounded "
+                "alike at this width (--all-roundings lists them); " if result.repeats else "")
+    if len(result) + result.repeats < n["passed"]:
+        lines.append(f"(top {len(result)} of {n['passed']:,}; {repeated}--top 0 shows all)")
+    elif repeated:
+        lines.append(f"({repeated.rstrip('; ')})")
     return "\n".join(lines)
 
 
