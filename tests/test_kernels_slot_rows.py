@@ -149,3 +149,46 @@ def test_kernel_choice_is_checked(monkeypatch):
         dispatch_slots(x, slot_row, row_slot, kernel="triton")
     # "auto" then takes torch operations
     torch.testing.assert_close(dispatch_slots(x, slot_row, row_slot)[slot_row[:, 0]], x)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_inconsistent_operands_are_refused(kernel):
+    """The kernels read by offset without masks: a wrong shape or index read out of bounds
+    (on the interpreter, garbage with a plausible shape) where the torch moves raised."""
+    from einc.errors import CompileError
+
+    slot_row, row_slot = plan(3, 3, 2, seed=7)
+    x = torch.randn(3, 8, dtype=torch.float64, device=DEVICE)
+    rows = torch.randn(row_slot.numel(), 4, dtype=torch.float64, device=DEVICE)
+    gate = torch.rand(3, 2, dtype=torch.float64, device=DEVICE)
+    P, S = row_slot.numel(), slot_row.numel()
+    far_row, far_slot = slot_row.clone(), row_slot.clone()
+    far_row[1, 1], far_slot[0] = P, S
+    cases = [
+        (lambda: dispatch_slots(x.view(3, 2, 4), slot_row, row_slot, kernel), "must be 2-d"),
+        (lambda: dispatch_slots(x[:2], slot_row, row_slot, kernel), "has 3 tokens, expected 2"),
+        (lambda: dispatch_slots(x, far_row, row_slot, kernel), f"padded rows in \\[0, {P}\\)"),
+        (lambda: dispatch_slots(x, slot_row, far_slot, kernel), f"slots in \\[0, {S}\\)"),
+        (lambda: dispatch_slots(x, slot_row[:, :0], row_slot, kernel), "k >= 1"),
+        (lambda: dispatch_slots(x, slot_row.double(), row_slot, kernel), "integer tensor"),
+        (lambda: combine_slots(rows, slot_row, row_slot, gate[:2], kernel), "gate must have"),
+        (lambda: combine_slots(rows, slot_row, row_slot, gate[:, :1], kernel), "gate must have"),
+        (lambda: combine_slots(rows[:-1], slot_row, row_slot, gate, kernel),
+         f"{P - 1} rows for {P} padded rows"),
+        (lambda: combine_slots(rows, far_row, row_slot, gate, kernel), "padded rows in"),
+    ]
+    if DEVICE == "cpu":
+        cases.append((lambda: dispatch_slots(x, slot_row.to("meta"), row_slot, kernel),
+                      "slot_row is on meta"))
+    for call, text in cases:
+        with pytest.raises(CompileError, match=text):
+            call()
+
+
+def test_meta_tensors_take_the_torch_moves():
+    """Under the interpreter any non-CUDA tensor counted as kernel-ready: meta tensors then
+    failed with 'Cannot copy out of meta tensor'."""
+    slot_row, row_slot = plan(5, 4, 2, seed=8)
+    x = torch.randn(5, 6, device="meta")
+    out = dispatch_slots(x, slot_row.to("meta"), row_slot.to("meta"), validate=False)
+    assert out.device.type == "meta" and out.shape == (row_slot.numel(), 6)

@@ -618,3 +618,21 @@ def test_second_derivatives_through_the_reference():
     fn = lambda a, b: strided_bmm(a.permute(2, 0, 1), b.unsqueeze(0).expand(2, 4, 5), spec,
                                   alpha=0.5)
     assert torch.autograd.gradgradcheck(fn, (a, b))
+
+
+def test_reading_past_the_operand_needs_the_whole_buffer_for_a_gradient():
+    """A spec may read a slice's buffer past the slice; the gradient has the slice's elements
+    only, so the addresses past it got none (silently). Without a gradient the read stays
+    allowed; with one, passing the whole buffer gives every address its gradient."""
+    big = torch.randn(100, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 2, dtype=torch.float64)
+    spec = StridedBmmSpec((), (6,), (2,), (4,), (4, 1), (2, 1))  # reads 24 elements
+    with pytest.raises(ValueError, match="reads A past the last element"):
+        strided_bmm(big[7:17], b, spec)
+    with torch.no_grad():
+        torch.testing.assert_close(strided_bmm(big[7:17], b, spec),
+                                   big[7:31].view(6, 4) @ b)
+    (g,) = torch.autograd.grad(strided_bmm(big[7:], b, spec).sum(), big)
+    want = torch.zeros(100, dtype=torch.float64)
+    want[7:31] = b.sum(1).repeat(6)
+    torch.testing.assert_close(g, want)

@@ -234,19 +234,65 @@ def _indices(slot_row: Tensor, row_slot: Tensor):
     return slot_row.long().contiguous(), row_slot.long().contiguous()
 
 
-def dispatch_slots(x: Tensor, slot_row: Tensor, row_slot: Tensor, kernel: str = "auto") -> Tensor:
+def _check_plan(what: str, src: Tensor, slot_row: Tensor, row_slot: Tensor, tokens: int,
+                validate: bool) -> None:
+    """Shapes, dtypes and devices of a move's operands (the kernels read by offset, unmasked:
+    a wrong shape or index would read out of bounds); with ``validate`` also the index
+    ranges, one host sync on a GPU."""
+    from ..errors import CompileError
+
+    def bad(message):
+        raise CompileError(f"{what}: {message}")
+
+    for name, t in (("slot_row", slot_row), ("row_slot", row_slot)):
+        if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype.is_complex \
+                or t.dtype == torch.bool:
+            bad(f"{name} must be an integer tensor")
+        if t.device != src.device:
+            bad(f"{name} is on {t.device}, the rows on {src.device}")
+    if src.dim() != 2:
+        bad(f"the rows must be 2-d (rows, width), got shape {tuple(src.shape)}")
+    if slot_row.dim() != 2 or slot_row.shape[1] < 1 or row_slot.dim() != 1:
+        bad(f"slot_row must be (N, k) with k >= 1 and row_slot 1-d, got "
+            f"{tuple(slot_row.shape)} and {tuple(row_slot.shape)}")
+    if slot_row.shape[0] != tokens:
+        bad(f"slot_row has {slot_row.shape[0]} tokens, expected {tokens}")
+    if validate and slot_row.numel():
+        P, S = row_slot.shape[0], slot_row.numel()
+        if int(slot_row.min()) < 0 or int(slot_row.max()) >= P:
+            bad(f"slot_row entries must be padded rows in [0, {P})")
+        if P and (int(row_slot.min()) < -1 or int(row_slot.max()) >= S):
+            bad(f"row_slot entries must be slots in [0, {S}) or -1 (padding)")
+
+
+def dispatch_slots(x: Tensor, slot_row: Tensor, row_slot: Tensor, kernel: str = "auto",
+                   validate: bool = True) -> Tensor:
     """Token rows ``x`` (N, W) gathered into the padded slot rows (``row_slot``'s length, W),
     padding rows zero; backward sums each token's ``k`` slot gradients in a fixed order.
-    ``kernel="torch"`` keeps to torch operations, ``"triton"`` insists on the kernels."""
+    ``kernel="torch"`` keeps to torch operations, ``"triton"`` insists on the kernels.
+    ``validate=False`` skips reading the index ranges (a host sync on a GPU), for plans
+    from :func:`einc.moe.dispatch._padded_plan`."""
     _use_kernel(x, kernel)
+    _check_plan("dispatch_slots", x, slot_row, row_slot, x.shape[0] if x.dim() else -1,
+                validate)
     return _DispatchSlots.apply(x.contiguous(), *_indices(slot_row, row_slot), kernel)
 
 
 def combine_slots(rows: Tensor, slot_row: Tensor, row_slot: Tensor, gate: Tensor,
-                  kernel: str = "auto") -> Tensor:
+                  kernel: str = "auto", validate: bool = True) -> Tensor:
     """``y[t] = sum_j gate[t, j] * rows[slot_row[t, j]]`` for padded slot rows (P, W) and
     gates (N, k), taken in the rows' dtype; gradients for ``rows`` (zero on padding) and
-    ``gate``."""
+    ``gate``. ``validate`` as for :func:`dispatch_slots`."""
     _use_kernel(rows, kernel)
+    if not isinstance(gate, Tensor) or gate.shape != slot_row.shape:
+        from ..errors import CompileError
+        raise CompileError(f"combine_slots: gate must have slot_row's shape "
+                           f"{tuple(slot_row.shape)}, got "
+                           f"{tuple(gate.shape) if isinstance(gate, Tensor) else gate!r}")
+    _check_plan("combine_slots", rows, slot_row, row_slot, gate.shape[0], validate)
+    if rows.shape[0] != row_slot.shape[0]:
+        from ..errors import CompileError
+        raise CompileError(f"combine_slots: {rows.shape[0]} rows for {row_slot.shape[0]} "
+                           "padded rows in row_slot")
     return _CombineSlots.apply(rows.contiguous(), *_indices(slot_row, row_slot),
                                gate.to(rows.dtype).contiguous(), kernel)

@@ -910,7 +910,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _triton_usable(t: torch.Tensor) -> bool:
-    return triton_available() and t.dtype in _KERNEL_DTYPES and (t.is_cuda or _interpreting())
+    return triton_available() and t.dtype in _KERNEL_DTYPES and (
+        t.is_cuda or (_interpreting() and t.device.type == "cpu"))  # not meta, say
 
 
 def _run(problem, x, y, out, alpha, accumulate, bias=None, row=1) -> None:
@@ -984,6 +985,15 @@ def strided_bmm(
     if needs_grad:
         if out is not None or accumulate:
             raise ValueError("out= and accumulate=True are not differentiable")
+        for name, t, shape, strides in (("A", a, spec.a_shape, spec.a_strides),
+                                        ("B", b, spec.b_shape, spec.b_strides)):
+            if t.requires_grad and _span(shape, strides) > _span(t.shape, t.stride()):
+                # a gradient has the tensor's elements only: those addresses would get none
+                raise ValueError(
+                    f"the spec reads {name} past the last element of the tensor passed "
+                    f"({_span(shape, strides)} elements from its start, the tensor spans "
+                    f"{_span(t.shape, t.stride())}), so their gradient would be lost: pass "
+                    "the tensor that holds every address read (the whole buffer)")
         return StridedBmmFunction.apply(a, b, spec, alpha, backend)
     return _strided_bmm_impl(a, b, spec, out, alpha, accumulate, backend)
 

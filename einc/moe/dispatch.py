@@ -694,7 +694,8 @@ def _sparse_triton(x, A, B, expert_idx, gate, kernel="auto"):
     slot_row = slot_row.view(N, k)
     # gathered rows, zero on padding; backward sums each token's k rows in a fixed order
     # (padding rows, which no slot names, get no gradient: their outputs are dropped)
-    xs = dispatch_slots(x.reshape(N, g * a), slot_row, row_slot, kernel)  # (E*C, g*a)
+    xs = dispatch_slots(x.reshape(N, g * a), slot_row, row_slot, kernel,  # (E*C, g*a)
+                        validate=False)  # the plan is _padded_plan's
     xv = xs.view(E, C, g, a).permute(2, 0, 1, 3)  # batch (g, E), m C, k a
     Av = A.permute(0, 3, 1, 2)  # (g, E, a, f)
     spec = StridedBmmSpec.from_views(xv, Av, batch_ndim=2, k_ndim=1,
@@ -706,7 +707,7 @@ def _sparse_triton(x, A, B, expert_idx, gate, kernel="auto"):
                                      c_strides=(e, Cs * f * e, f * e, 1))  # stored [E][C][f][e]
     u = strided_bmm(zv, Bv, spec, backend=kernel)
     rows = u.permute(1, 2, 0, 3).reshape(E * C, f * e)  # a view: u is stored [E][C][f][e]
-    return combine_slots(rows, slot_row, row_slot, gate, kernel).view(N, f, e)
+    return combine_slots(rows, slot_row, row_slot, gate, kernel, validate=False).view(N, f, e)
 
 
 #: tokens the measurement of the GPU backends runs at most (the call's power-of-two bucket)
