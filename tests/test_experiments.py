@@ -432,6 +432,7 @@ TINY = ["--widths", "8", "--steps", "2", "--lr", "1e-3", "--eval-points", "2",
     (["--structures", "btt(rank="], "ends too early"),
     (["--out", "AFILE"], "exists and is not a folder"),
     (["--out", ""], "the output folder is an empty path"),  # was taken for "no folder"
+    (["--ray-address", "auto"], "applies only with the ray executor"),  # was ignored
     (["--out", "TAKEN"], "holds 'table.md', which is not a file"),
 ])
 def test_scaling_cli_refuses_bad_arguments(no_runs, run_einc, tmp_path, args, text):

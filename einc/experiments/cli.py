@@ -129,8 +129,7 @@ def _scaling(args) -> int:
     # Without arguments this starts a long run on defaults: say what, once the arguments
     # are known to be good and before the first step.
     plan = check_scaling(task=args.task, structures=structures, widths=args.widths,
-                         steps=args.steps, **{k: v for k, v in common.items()
-                                              if k != "ray_address"})
+                         steps=args.steps, **common)
     prepare_out(args.out)
     if dist_env()[0] == 0:  # under torchrun, once
         print(f"training: task {plan['task']}; structures {', '.join(plan['structures'])}; "
@@ -155,7 +154,7 @@ def check_training(args) -> tuple[dict, list[str]]:
 
     kw = dict(task=args.train, widths=args.train_widths, steps=args.train_steps,
               **_common(args, prefix="train_"))
-    check_scaling(**{k: v for k, v in kw.items() if k != "ray_address"})
+    check_scaling(**kw)
     created = prepare_out(args.train_out)
     kw.update(out=args.train_out, progress=False if args.no_progress else None)
     return kw, created

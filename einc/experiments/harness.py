@@ -357,7 +357,7 @@ def _check_structure(spec: str, task: str) -> None:
 def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 256),
                   steps=1000, seeds=(0,), batch=None, lr=None, lr_sweep=None, workers=1,
                   executor: str = "local", options=None, eval_points=24, threads=None,
-                  aux_weight=DEFAULT_AUX_WEIGHT) -> dict:
+                  aux_weight=DEFAULT_AUX_WEIGHT, ray_address=None) -> dict:
     """Check and normalise the arguments of :func:`scaling` without training anything;
     raise an :class:`~einc.errors.EincError` for the first bad one. ``structures=None``
     checks everything but the structures (``einc search --train`` checks its options
@@ -406,6 +406,9 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
     if executor not in EXECUTORS:
         raise UnknownNameError(f"unknown executor {executor!r}; known executors: "
                                f"{', '.join(EXECUTORS)}")
+    if ray_address is not None and executor != "ray":  # it would be silently unused
+        raise EincError(f"ray_address (--ray-address) applies only with the ray executor "
+                        f"(--executor ray), not {executor!r}")
     options = check_options(task, options or {})
     if hasattr(cls, "check_widths"):  # the task's own rules, e.g. widths that split into heads
         cls.check_widths(every, options)
@@ -474,7 +477,7 @@ def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 1
     a = check_scaling(task=task, structures=structures, widths=widths, steps=steps,
                       seeds=seeds, batch=batch, lr=lr, lr_sweep=lr_sweep, workers=workers,
                       executor=executor, options=options, eval_points=eval_points,
-                      threads=threads, aux_weight=aux_weight)
+                      threads=threads, aux_weight=aux_weight, ray_address=ray_address)
     structures, per, widths, seeds, batch = (a["structures"], a["per"], a["widths"],
                                              a["seeds"], a["batch"])
     steps, lr, workers, options, eval_points, threads, aux_weight = (
