@@ -91,6 +91,11 @@ def test_lr_multipliers_and_param_groups():
     for bad in (0, -1e-3, float("nan"), float("inf"), "1e-3", None, True):
         with pytest.raises(einc.CompileError, match="lr must be"):
             einc.param_groups(model, lr=bad)
+    # a tensor rate, as torch's optimizers take for compiled steps
+    tensor_groups = einc.param_groups(model, lr=torch.tensor(1e-3))
+    assert sorted(float(g["lr"]) for g in tensor_groups) == pytest.approx([1e-3, 1e-3 * 32])
+    with pytest.raises(einc.CompileError, match="lr must be"):
+        einc.param_groups(model, lr=torch.tensor(-1e-3))
     decayed = einc.param_groups(model, lr=1e-3, weight_decay=0.1)
     assert [g["weight_decay"] for g in decayed] == [0.1] * len(groups)
     assert all("weight_decay" not in g for g in einc.param_groups(model, lr=1e-3))

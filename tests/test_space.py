@@ -205,16 +205,24 @@ def test_each_layer_is_listed_once_at_its_width(capsys):
     every = search(d=64, top=0, distinct=False)
     once = search(d=64, top=0)
     assert len(once) + once.repeats == len(every) and once.repeats > 1000
-    firsts = {}
+    firsts, kept, cheapest, shown = {}, {}, {}, {}
     for r in every:
-        firsts.setdefault(layer_key(r), r)
-    assert [r["spec"] for r in once] == [r["spec"] for r in firsts.values()]
+        key = layer_key(r)
+        firsts.setdefault(key, r)
+        kept.setdefault((key, r["flops"]), r)
+        cheapest[key] = min(cheapest.get(key, r["flops"]), r["flops"])
+    assert [r["spec"] for r in once] == [r["spec"] for r in kept.values()]
+    # a cheaper count of a layer is never hidden behind a dearer one above it
+    for r in once:
+        shown.setdefault(layer_key(r), set()).add(r["flops"])
+    assert all(cheapest[key] in flops for key, flops in shown.items())
     by_spec = {r["spec"]: r for r in every}
     monarch = by_spec["(1/2|0|1/2|0|1/2|1/2|0)"]
     btt = by_spec["(1/2|0|1/2|0|1/2|1/2|1/12)"]
     assert btt["sizes"]["r"] == 1 and layer_key(btt) == layer_key(monarch)
     # a repeat has the first one's parameters and rank bound; its FLOPs can differ where a
-    # step sums over a size-1 index only (counted as multiply-adds, a product without it)
+    # step sums over a size-1 index only (counted as multiply-adds, as opt_einsum counts;
+    # a product without it): then both are listed
     for r in every:
         first = firsts[layer_key(r)]
         assert (r["params"], r["rank_bound"]) == (first["params"], first["rank_bound"])
@@ -225,13 +233,30 @@ def test_each_layer_is_listed_once_at_its_width(capsys):
     assert layer_key(t) != layer_key(tt) and layer_key(t, True) == layer_key(tt, True)
     # the default top 20 shows 20 different layers, and says how many it skipped
     top = search(d=64)
-    assert len(top) == 20 and len({layer_key(r) for r in top}) == 20 and top.repeats > 0
+    assert len(top) == 20 and top.repeats > 0
+    assert len({(layer_key(r), r["flops"]) for r in top}) == 20
     rc, out, err = _main(capsys, "--d", "64")
     assert rc == 0 and f"{top.repeats} skipped as the layer of a row above" in out
     rc, out, err = _main(capsys, "--d", "64", "--all-roundings", "--json")
     assert [r["spec"] for r in json.loads(out)] == [r["spec"] for r in every[:20]]
     with pytest.raises(einc.EincError, match="distinct must be True or False"):
         search(d=64, distinct="no")
+
+
+@pytest.mark.parametrize("kw", [dict(d_in=12, d_out=24, k=6, max_flops=None),
+                                dict(d=12, k=6, transpose=True, max_flops=None),
+                                dict(d=8, factors=3, k=2, max_flops="4x")])
+def test_the_search_reads_each_points_layer_as_its_record_gives_it(kw):
+    """The search keys every row off the template (records for thousands of repeats took
+    seconds at small widths); that key is the record's, for every point."""
+    from einc.space.rank import _point_key, layer_key
+
+    res = search(top=0, distinct=False, **kw)
+    c = res.candidates
+    assert len(res) > 100
+    for i, rec in zip(res.order, res):
+        assert _point_key(res.space, int(c.ids[i]), rec["d_in"], rec["d_out"], 0.15) == \
+            layer_key(rec, kw.get("transpose", False)), rec["spec"]
 
 
 def test_budgets_are_exact():

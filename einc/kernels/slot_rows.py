@@ -257,7 +257,10 @@ def _check_plan(what: str, src: Tensor, slot_row: Tensor, row_slot: Tensor, toke
             f"{tuple(slot_row.shape)} and {tuple(row_slot.shape)}")
     if slot_row.shape[0] != tokens:
         bad(f"slot_row has {slot_row.shape[0]} tokens, expected {tokens}")
-    if validate and slot_row.numel():
+    # ranges are read where the values are concrete: not on the meta device, not while
+    # torch.compile traces (a data-dependent guard), as for check_experts
+    if validate and slot_row.numel() and src.device.type != "meta" \
+            and not torch.compiler.is_compiling():
         P, S = row_slot.shape[0], slot_row.numel()
         if int(slot_row.min()) < 0 or int(slot_row.max()) >= P:
             bad(f"slot_row entries must be padded rows in [0, {P})")

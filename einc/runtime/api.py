@@ -281,7 +281,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float | None = None)
     ``lr * multiplier`` from its module's ``lr_multipliers()`` (see docs/compile.md); every
     other parameter gets ``lr``. ``weight_decay``, when given, is set on every group
     (None leaves the optimizer's default). Pass the result to torch.optim.AdamW."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
+    # a number, or a one-element tensor (which torch's optimizers take too)
+    value = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 \
+        and lr.is_floating_point() else lr
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise CompileError(f"lr must be a positive finite number, got {lr!r}")
     if weight_decay is not None and (isinstance(weight_decay, bool)
                                      or not isinstance(weight_decay, numbers.Real)

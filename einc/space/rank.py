@@ -6,6 +6,7 @@ import io
 import itertools
 import math
 import numbers
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -85,8 +86,20 @@ def parse_budget(value, dense: int, what: str) -> Fraction | None:
         return None
     times = isinstance(value, str) and text.lower().endswith("x")
     body = text[:-1].strip() if times else text
+    power = re.search(r"[eE]([+-]?\d+)$", body) if isinstance(value, str) else None
+    if power and abs(int(power.group(1))) > 4000:  # exact, 1e10000000 takes seconds
+        raise SizeError(f"bad {what} budget {shown(value)}: its exponent is out of range "
+                        "(none lifts the budget)")
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
     try:
-        amount = Fraction(body) if isinstance(value, str) else Fraction(value)
+        if isinstance(value, str):
+            amount = Fraction(body)
+        elif isinstance(value, numbers.Integral):
+            amount = Fraction(int(value))
+        else:  # float, numpy floats, Fraction, Decimal, 0-d tensors...
+            amount = Fraction(value) if isinstance(value, (numbers.Rational, float)) \
+                else Fraction(float(value))
     except (ValueError, TypeError, OverflowError, ZeroDivisionError):
         if body.lower().lstrip("+-") in ("nan", "inf", "infinity"):
             raise SizeError(f"bad {what} budget {shown(value)}: it must be a positive, finite "
@@ -265,15 +278,17 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     names = known_ids(space)
     records, seen, repeats = [], set(), 0
     for i in order:  # best first, until top rows
-        r = record(space, int(cands.ids[i]), din, dout, tolerance, names)
+        pid = int(cands.ids[i])
+        if distinct:  # the same layer and the same counted cost (see layer_key)
+            key = (_point_key(space, pid, din, dout, tolerance), cands.flops[i])
+            if key in seen:
+                repeats += 1
+                continue
+        r = record(space, pid, din, dout, tolerance, names)
         if (flop_cap is not None and r["flops"] > flop_cap) or \
                 (param_cap is not None and r["params"] > param_cap):
             continue  # exact, see _within
         if distinct:
-            key = layer_key(r, transpose)
-            if key in seen:
-                repeats += 1
-                continue
             seen.add(key)
         records.append(r)
         if top is not None and len(records) == top:
@@ -295,19 +310,42 @@ def layer_key(rec: dict, transpose: bool = False) -> tuple:
     such indices, size 1 left out, under every renaming of the factors (and, with
     ``transpose``, input and output swapped). Two lattice points whose sizes round alike
     (r = d^(1/12) is 1 at d = 64) give the same key: the same layer, up to the order of
-    its input and output features."""
-    names = list(rec["factors"])
-    members = {ix: [f for f in names if ix in rec["factors"][f]] for ix in rec["sizes"]}
+    its input and output features. The search also compares FLOPs: a step summing over
+    a size-1 index only is counted as multiply-adds (as opt_einsum counts), the same step
+    without that index as products, so such a pair is listed twice, the cheaper count
+    never hidden behind the dearer."""
+    factors = rec["factors"]
+    return _canonical_key([(ix in rec["input"], ix in rec["output"],
+                            frozenset(f for f in factors if ix in factors[f]), size)
+                           for ix, size in rec["sizes"].items()], list(factors), transpose)
+
+
+def _point_key(space: Space, pid: int, d_in: int, d_out: int, tolerance: float) -> tuple:
+    """:func:`layer_key` of a lattice point read off the template, without building its
+    record (the search checks every row for repeats, thousands at small widths)."""
+    t = space.template
+    ix, iy, ir = (int(v[0]) for v in space.split(np.array([pid])))
+    exps = space.point_exponents(ix, iy, ir)
+    sizes = t.concrete_sizes(exps, d_in, d_out, tolerance)[0]
+    items = [("x" in t.membership[c], "y" in t.membership[c],
+              frozenset(t.membership[c]) - {"x", "y"}, sizes[c])
+             for c in t.classes if exps[c] > 0]
+    return _canonical_key(items, list(t.factor_names), space.transpose)
+
+
+def _canonical_key(items, factor_names, transpose: bool) -> tuple:
+    """items: (in the input, in the output, the factors it joins, size) per index. Indices
+    of size 1 are left out, and so are factors left without an index (a point without
+    its B, or with a B of size 1, is the same layer)."""
+    items = [it for it in items if it[3] != 1]
+    factor_names = [f for f in factor_names if any(f in it[2] for it in items)]
     best = None
-    for perm in itertools.permutations(names):
+    for perm in itertools.permutations(factor_names):
         for flip in ((False, True) if transpose else (False,)):
             groups: dict = {}
-            for ix, size in rec["sizes"].items():
-                if size == 1:
-                    continue
-                ends = (ix in rec["input"], ix in rec["output"])
-                sig = (ends[::-1] if flip else ends,
-                       tuple(f in members[ix] for f in (perm[::-1] if flip else perm)))
+            for in_x, in_y, joins, size in items:
+                order = perm[::-1] if flip else perm
+                sig = ((in_y, in_x) if flip else (in_x, in_y), tuple(f in joins for f in order))
                 groups[sig] = groups.get(sig, 1) * size
             key = tuple(sorted(groups.items()))
             best = key if best is None or key < best else best
