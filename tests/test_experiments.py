@@ -364,9 +364,9 @@ def test_scaling_checks_its_arguments_before_any_run(no_runs, kwargs, error, tex
 @pytest.mark.parametrize("options,widths,text", [
     ({"layers": 10 ** 8}, [8], "option layers of the charlm task takes an integer >= 1 and "
                                "<= 10,000"),
-    # 8 at head_dim 3 ran two heads of 4; refused before any run, not when building
-    ({"head_dim": 3}, [2, 8], "width 8 does not split into heads of 3"),
-    ({"head_dim": 16}, [16, 40], "width 40 does not split into heads of 16"),
+    # a width its heads do not divide: refused before any run, not when building
+    ({"head_dim": 32}, [64, 100], "width 100 does not split into its 3 heads"),
+    ({"head_dim": 3}, [8, 10], "width 10 does not split into its 3 heads"),
 ])
 def test_charlm_options_and_heads_are_checked_before_any_run(no_runs, options, widths, text):
     with pytest.raises(einc.SizeError, match=text):

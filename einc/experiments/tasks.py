@@ -345,7 +345,7 @@ class CharLM:
     structure; the embedding and the unembedding (``lm_head``) stay dense. ``ffmoe(...)``
     swaps each feed-forward block for :class:`~einc.experiments.ffmoe.FFMoE` with dense
     attention. Validation loss: mean cross-entropy (nats per byte) on fixed windows of
-    held-out files. Width ``w`` has ``w / head_dim`` heads.
+    held-out files. Width ``w`` has ``w // head_dim`` heads (at least one) of equal width.
     """
     name = "charlm"
     accepts_ffmoe = True
@@ -383,12 +383,15 @@ class CharLM:
 
     @staticmethod
     def heads(width: int, head_dim: int) -> int:
-        """Heads of ``head_dim`` at ``width``; one head of the whole width below it. A width
-        above it that is not a multiple is refused (8 at head_dim 3 ran 2 heads of 4)."""
-        if width > head_dim and width % head_dim:
-            raise SizeError(f"width {width} does not split into heads of {head_dim} "
-                            "(option head_dim): give widths that are multiples of it")
-        return max(1, width // head_dim)
+        """``width // head_dim`` heads (at least one), each ``width / heads`` wide: head_dim
+        is the target head width (48 at 32 is one head of 48, 8 at 3 two heads of 4); a
+        width those heads do not divide is refused."""
+        heads = max(1, width // head_dim)
+        if width % heads:
+            raise SizeError(f"width {width} does not split into its {heads} heads "
+                            f"(width // head_dim, head_dim {head_dim}): give another width "
+                            "or head_dim")
+        return heads
 
     @classmethod
     def check_widths(cls, widths, options: dict) -> None:
