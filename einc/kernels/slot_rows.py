@@ -234,11 +234,12 @@ def _indices(slot_row: Tensor, row_slot: Tensor):
     return slot_row.long().contiguous(), row_slot.long().contiguous()
 
 
-def _check_plan(what: str, src: Tensor, slot_row: Tensor, row_slot: Tensor, tokens: int,
-                validate: bool) -> None:
+def _check_plan(what: str, src: Tensor, slot_row: Tensor, row_slot: Tensor, validate: bool,
+                gate: Optional[Tensor] = None) -> None:
     """Shapes, dtypes and devices of a move's operands (the kernels read by offset, unmasked:
-    a wrong shape or index would read out of bounds); with ``validate`` also the index
-    ranges, one host sync on a GPU."""
+    a wrong shape or index would read out of bounds): token rows ``src`` for a dispatch,
+    slot rows and their ``gate`` for a combine; with ``validate`` also the index ranges,
+    one host sync on a GPU."""
     from ..errors import CompileError
 
     def bad(message):
@@ -250,13 +251,18 @@ def _check_plan(what: str, src: Tensor, slot_row: Tensor, row_slot: Tensor, toke
             bad(f"{name} must be an integer tensor")
         if t.device != src.device:
             bad(f"{name} is on {t.device}, the rows on {src.device}")
+    if gate is not None and (not isinstance(gate, Tensor) or gate.shape != slot_row.shape):
+        bad(f"gate must have slot_row's shape {tuple(slot_row.shape)}, got "
+            f"{tuple(gate.shape) if isinstance(gate, Tensor) else gate!r}")
     if src.dim() != 2:
         bad(f"the rows must be 2-d (rows, width), got shape {tuple(src.shape)}")
     if slot_row.dim() != 2 or slot_row.shape[1] < 1 or row_slot.dim() != 1:
         bad(f"slot_row must be (N, k) with k >= 1 and row_slot 1-d, got "
             f"{tuple(slot_row.shape)} and {tuple(row_slot.shape)}")
-    if slot_row.shape[0] != tokens:
-        bad(f"slot_row has {slot_row.shape[0]} tokens, expected {tokens}")
+    if gate is None and slot_row.shape[0] != src.shape[0]:  # a dispatch: one row per token
+        bad(f"slot_row has {slot_row.shape[0]} tokens, expected {src.shape[0]}")
+    if gate is not None and src.shape[0] != row_slot.shape[0]:  # a combine: one per padded row
+        bad(f"{src.shape[0]} rows for {row_slot.shape[0]} padded rows in row_slot")
     # ranges are read where the values are concrete: not on the meta device, not while
     # torch.compile traces (a data-dependent guard), as for check_experts
     if validate and slot_row.numel() and src.device.type != "meta" \
@@ -276,8 +282,7 @@ def dispatch_slots(x: Tensor, slot_row: Tensor, row_slot: Tensor, kernel: str = 
     ``validate=False`` skips reading the index ranges (a host sync on a GPU), for plans
     from :func:`einc.moe.dispatch._padded_plan`."""
     _use_kernel(x, kernel)
-    _check_plan("dispatch_slots", x, slot_row, row_slot, x.shape[0] if x.dim() else -1,
-                validate)
+    _check_plan("dispatch_slots", x, slot_row, row_slot, validate)
     return _DispatchSlots.apply(x.contiguous(), *_indices(slot_row, row_slot), kernel)
 
 
@@ -287,15 +292,6 @@ def combine_slots(rows: Tensor, slot_row: Tensor, row_slot: Tensor, gate: Tensor
     gates (N, k), taken in the rows' dtype; gradients for ``rows`` (zero on padding) and
     ``gate``. ``validate`` as for :func:`dispatch_slots`."""
     _use_kernel(rows, kernel)
-    if not isinstance(gate, Tensor) or gate.shape != slot_row.shape:
-        from ..errors import CompileError
-        raise CompileError(f"combine_slots: gate must have slot_row's shape "
-                           f"{tuple(slot_row.shape)}, got "
-                           f"{tuple(gate.shape) if isinstance(gate, Tensor) else gate!r}")
-    _check_plan("combine_slots", rows, slot_row, row_slot, gate.shape[0], validate)
-    if rows.shape[0] != row_slot.shape[0]:
-        from ..errors import CompileError
-        raise CompileError(f"combine_slots: {rows.shape[0]} rows for {row_slot.shape[0]} "
-                           "padded rows in row_slot")
+    _check_plan("combine_slots", rows, slot_row, row_slot, validate, gate)
     return _CombineSlots.apply(rows.contiguous(), *_indices(slot_row, row_slot),
                                gate.to(rows.dtype).contiguous(), kernel)
