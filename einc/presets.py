@@ -55,10 +55,15 @@ def kron():
 
 @preset
 def monarch(blocks=None):
-    """Monarch (BTT of rank 1) with ``blocks`` blocks on each side; default sqrt(d)."""
+    """Monarch: a rank-1 BTT whose first core A is ``blocks`` dense blocks; by default
+    d_in^(1/2), which is ``btt`` (the paper's Monarch point). The output side splits so that
+    the intermediate g * f stays (d_in * d_out)^(1/2) wide, so every block count is full
+    rank (square: B is d/blocks blocks of blocks x blocks); g = f = blocks would bound the
+    rank by blocks^2."""
     if blocks is None:
-        blocks = (D_IN * D_OUT) ** Fraction(1, 4)
-    return "x[g a]", ["A[g a f]", "B[f g e]"], "y[f e]", {"g": blocks, "f": blocks}
+        blocks = D_IN ** Fraction(1, 2)
+    return "x[g a]", ["A[g a f]", "B[f g e]"], "y[f e]", {
+        "g": blocks, "e": blocks * (D_OUT / D_IN) ** Fraction(1, 2)}
 
 
 @preset

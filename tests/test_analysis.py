@@ -178,6 +178,24 @@ def test_rank_bound_is_capped_by_the_cropped_layer(spec, d_in, d_out):
     if spec == "kron":  # two full-rank 8 x 8 blocks, cropped: the bound is reached
         assert "the layer's width" in str(rep) and int(torch.linalg.matrix_rank(w)) == 60
 
+@pytest.mark.parametrize("blocks,d_in,d_out", [(2, 64, 64), (4, 64, 64), (16, 64, 64),
+                                                 (4, 32, 64), (8, 64, 32)])
+def test_monarch_is_full_rank_at_every_block_count(blocks, d_in, d_out):
+    """monarch(blocks=b) sized g = f = b bounded the rank by b^2 (16 of 64 at b = 4): only
+    b = sqrt(d) was a Monarch matrix. A is b blocks and the intermediate g * f stays
+    sqrt(d_in * d_out) wide (square: B is d/b blocks of b x b) for every b."""
+    spec = f"monarch(blocks={blocks})"
+    rep = einc.analyze(spec, d_in=d_in, d_out=d_out)
+    assert rep.rank_bound == min(d_in, d_out) and rep.sizes["g"] == blocks
+    assert d_in != d_out or rep.sizes["e"] == blocks
+    torch.manual_seed(0)
+    m = einc.compile(spec, d_in=d_in, d_out=d_out, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+    assert int(torch.linalg.matrix_rank(m.materialize())) == min(d_in, d_out)
+
+
 # ------------------------------------------------------------------ exponents: closed forms
 K = 12
 _TRI = [(Fraction(a, K), Fraction(b, K), Fraction(K - a - b, K))

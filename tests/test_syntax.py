@@ -58,9 +58,9 @@ GOOD = [
     ("lowrank(rank=16)", "i,ir,ro->o", "i=d_in, r=16, o=d_out"),
     ("kron", "ij,jl,ik->kl", "i=d_in^(1/2), j=d_in^(1/2), l=d_out^(1/2), k=d_out^(1/2)"),
     ("monarch", "ga,gaf,fge->fe",
-     "g=d_in^(1/4)*d_out^(1/4), a=d_in^(3/4)*d_out^(-1/4), f=d_in^(1/4)*d_out^(1/4), "
-     "e=d_in^(-1/4)*d_out^(3/4)"),
-    ("monarch(blocks=8)", "ga,gaf,fge->fe", "g=8, a=1/8*d_in, f=8, e=1/8*d_out"),
+     "g=d_in^(1/2), a=d_in^(1/2), f=d_out^(1/2), e=d_out^(1/2)"),
+    ("monarch(blocks=8)", "ga,gaf,fge->fe",
+     "g=8, a=1/8*d_in, f=1/8*d_in^(1/2)*d_out^(1/2), e=8*d_in^(-1/2)*d_out^(1/2)"),
     ("btt", "ga,gafr,fgre->fe", BTT),
     ("btt(rank=4)", "ga,gafr,fgre->fe",
      "g=d_in^(1/2), a=d_in^(1/2), f=d_out^(1/2), r=4, e=d_out^(1/2)"),
