@@ -58,6 +58,12 @@ class Binding:
 
 
 # ---------------------------------------------------------------------------- entry point
+def as_structure(spec) -> Structure:
+    """The structure of a spec given to analyze or compile: text is parsed, a Structure
+    (perhaps built by hand) is checked."""
+    return check(spec) if isinstance(spec, Structure) else parse(spec)
+
+
 def parse(spec: str) -> Structure:
     """Parse a spec into a structure (cached: the IR is immutable)."""
     if not isinstance(spec, str):
@@ -92,7 +98,8 @@ def _lark_parse(spec: str) -> lark.Tree:
     try:
         return _parser().parse(spec)
     except lark.UnexpectedEOF as e:
-        raise SpecSyntaxError(f"the spec ends too early; expected {_expected(e.expected)}",
+        allowed = _accepted_after(spec) or e.expected
+        raise SpecSyntaxError(f"the spec ends too early; expected {_expected(allowed)}",
                               spec, Pos.at(spec, max(len(spec) - 1, 0))) from None
     except lark.UnexpectedCharacters as e:
         ch = spec[e.pos_in_stream]
@@ -104,17 +111,20 @@ def _lark_parse(spec: str) -> lark.Tree:
     except lark.UnexpectedToken as e:
         tok = e.token
         if tok.type == "$END":
-            raise SpecSyntaxError(f"the spec ends too early; expected {_expected(e.expected)}",
+            allowed = _accepted_after(spec) or e.expected
+            raise SpecSyntaxError(f"the spec ends too early; expected {_expected(allowed)}",
                                   spec, Pos.at(spec, max(len(spec.rstrip()) - 1, 0))) from None
-        raise SpecSyntaxError(f"unexpected {tok.value!r}; expected {_expected(e.expected)}",
+        allowed = _accepted_after(spec[:tok.start_pos]) or e.expected
+        raise SpecSyntaxError(f"unexpected {tok.value!r}; expected {_expected(allowed)}",
                               spec, Pos.at(spec, tok.start_pos, tok.end_pos)) from None
 
 
 def _accepted_after(prefix: str) -> set:
-    """The terminals the grammar takes after ``prefix``. The lexer's own list for a bad
-    character is its state's, which LALR shares between places (after an output operand
-    it offered ',' and '->' too); feeding the prefix to the parser gives the exact set.
-    Empty where the prefix cannot be replayed."""
+    """The terminals the grammar takes after ``prefix``. The lists lark attaches to a bad
+    character or token are the state's, which LALR shares between places (after an output
+    operand they offered ',' and '->' too; after a size, ')' and '|' but not '*' or '^');
+    feeding the prefix to the parser gives the exact set. Empty where the prefix cannot be
+    replayed."""
     try:
         ip = _parser().parse_interactive(prefix)
         ip.exhaust_lexer()
@@ -293,6 +303,9 @@ def _theta_values(body: lark.Tree, spec: str) -> list[tuple[Fraction, Pos]]:
         if any(t.data == "symbol" for t in item.iter_subtrees()):
             raise SizeError(f"{what} is not a number: theta exponents are numbers in [0, 1]",
                             spec, pos)
+        if any(t.data == "add" for t in item.iter_subtrees()):  # else read as out of range
+            raise SizeError(f"{what} is a sum: a theta exponent is one number in [0, 1] "
+                            "(0.5, 1/2 or 2^(-1)), with no + or - between terms", spec, pos)
         try:
             value = eval_size(item, spec, signed=True)
         except SizeError as e:
@@ -329,20 +342,101 @@ def build(inp: Operand, factors, output: Operand, bindings: list[Binding], spec:
           moe: MoE | None = None, origin: str = "einsum", theta=None) -> Structure:
     """Check an einsum and solve its sizes; every spelling of a structure goes through here."""
     factors = tuple(factors)
+    _check_einsum(inp, factors, output, spec)
+    first_pos = _first_positions((inp, *factors, output))
+    order = list(first_pos)
+    sizes = solve_sizes(order, inp, output, bindings, spec, first_pos)
+    indices = tuple(Index(i, sizes[i], first_pos[i]) for i in order)
+    return Structure(inp, factors, output, indices, moe=moe, source=spec, origin=origin,
+                     theta=theta)
+
+
+def check(s: Structure) -> Structure:
+    """``s``, after the checks a written spec gets in :func:`build`, with its given sizes in
+    place of solving them: a Structure built by hand otherwise reached the analysis and
+    codegen unchecked (a KeyError for an index without a size, IndexError for no factors)."""
+    spec = s.source or None  # no text: the messages come without a caret
+    _check_types(s)
+    _check_einsum(s.input, s.factors, s.output, spec)
+    _check_given_sizes(s, spec)
+    if s.moe is not None:
+        _check_moe(s, spec)
+    if s.theta is not None:
+        from .theta import check_count
+        check_count(len(s.theta), spec, s.input.pos)
+    return s
+
+
+def _check_einsum(inp, factors, output, spec):
     _check_names(inp, factors, output, spec)
     _check_count(inp, factors, output, spec)
     _check_indices(inp, factors, output, spec)
-    order = []
-    for op in (inp, *factors, output):
-        order += [i for i in op.indices if i not in order]
-    first_pos = {}
-    for op in (inp, *factors, output):
-        for i, p in zip(op.indices, op.index_pos or [None] * len(op.indices)):
-            first_pos.setdefault(i, p)
-    sizes = solve_sizes(order, inp, output, bindings, spec, first_pos)
-    indices = tuple(Index(i, sizes[i], first_pos.get(i)) for i in order)
-    return Structure(inp, factors, output, indices, moe=moe, source=spec, origin=origin,
-                     theta=theta)
+
+
+def _first_positions(ops) -> dict:
+    """Every index, in order of first appearance, with where it is first written (or None)."""
+    first = {}
+    for op in ops:
+        for k, i in enumerate(op.indices):
+            first.setdefault(i, op.index_pos[k] if k < len(op.index_pos) else None)
+    return first
+
+
+def _check_types(s: Structure):
+    """The IR's own nodes, in tuples: later stages hash structures (a list of factors gave
+    'unhashable type')."""
+    def need(ok, what, kind, value):
+        if not ok:
+            raise SpecTypeError(f"{what} must be {kind}, got {type(value).__name__}")
+
+    need(isinstance(s.input, Operand), "Structure.input", "an Operand", s.input)
+    need(isinstance(s.output, Operand), "Structure.output", "an Operand", s.output)
+    need(isinstance(s.factors, tuple) and all(isinstance(f, Operand) for f in s.factors),
+         "Structure.factors", "a tuple of Operand", s.factors)
+    need(isinstance(s.indices, tuple) and all(isinstance(ix, Index) and isinstance(ix.name, str)
+                                              and isinstance(ix.size, Size) for ix in s.indices),
+         "Structure.indices", "a tuple of Index, each a name with a Size", s.indices)
+    for op in s.operands:
+        need(isinstance(op.name, str), "an operand's name", "a str", op.name)
+        need(isinstance(op.indices, tuple) and all(isinstance(i, str) for i in op.indices),
+             f"the indices of {op.name}", "a tuple of index names (str)", op.indices)
+
+
+def _check_given_sizes(s: Structure, spec):
+    """One valid size for every index of the operands and for no other (the checks
+    :func:`solve_sizes` makes of the sizes written after `with`)."""
+    first_pos = _first_positions(s.operands)
+    given = {}
+    for ix in s.indices:
+        if ix.name not in first_pos:
+            raise SizeError(f"unknown index {ix.name!r} in the sizes; the indices are "
+                            f"{', '.join(first_pos)}", spec, ix.pos)
+        if ix.name in given:
+            raise SizeError(f"index {ix.name!r} is given two sizes: {given[ix.name].short()} "
+                            f"and {ix.size.short()}", spec, ix.pos)
+        problem = size_problem(ix.size)
+        if problem:
+            raise SizeError(f"size {ix.size.short()} of index {ix.name!r} {problem}", spec,
+                            ix.pos)
+        given[ix.name] = ix.size
+    missing = [i for i in first_pos if i not in given]
+    if missing:
+        raise SizeError(f"the size of {', '.join(missing)} is not given: a Structure lists "
+                        "every index of its operands in its indices, with a size", spec,
+                        first_pos[missing[0]])
+    for op, what in ((s.input, "d_in"), (s.output, "d_out")):
+        _check_product(op, given, what, spec)
+
+
+def _check_moe(s: Structure, spec):
+    e, k = s.moe.expert_index, s.moe.k
+    outside = [f.name for f in s.factors if e not in f.indices]
+    if outside:
+        raise StructureError(f"expert index {e!r} is not in {', '.join(outside)}: the expert "
+                             "index joins every factor", spec, s.input.pos)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise SizeError(f"k = {k!r} is not a positive integer: each input is routed to k "
+                        "experts, k >= 1", spec, s.input.pos)
 
 
 def _check_names(inp, factors, output, spec):
@@ -367,7 +461,7 @@ def _check_count(inp, factors, output, spec):
         for k, i in enumerate(op.indices):
             seen.add(i)
             if len(seen) > MAX_INDICES:
-                pos = op.index_pos[k] if op.index_pos else (op.pos or inp.pos)
+                pos = op.index_pos[k] if k < len(op.index_pos) else (op.pos or inp.pos)
                 total = len({j for o in (inp, *factors, output) for j in o.indices})
                 raise StructureError(
                     f"this structure has {total} indices; einc allows at most {MAX_INDICES} "
@@ -382,7 +476,7 @@ def _check_identifier(name: str, what: str, spec, pos):
 
 
 def _check_indices(inp, factors, output, spec):
-    where = lambda op, k: op.index_pos[k] if op.index_pos else op.pos
+    where = lambda op, k: op.index_pos[k] if k < len(op.index_pos) else op.pos
     for op in (inp, *factors, output):
         dup = [k for k, i in enumerate(op.indices) if op.indices.index(i) != k]
         if dup:

@@ -3,10 +3,11 @@ import dataclasses
 
 import pytest
 
-from einc import StructureError
+import einc
+from einc import SizeError, SpecTypeError, StructureError
 from einc.ir import MAX_INDICES, Index, Operand, Structure, canonical_form
 from einc.sizes import Size
-from einc.syntax import parse
+from einc.syntax import check, parse
 
 BTT = "x[g a] A[g a f r] B[f g r e] -> y[f e] with g = a, f = e, r = 2"
 
@@ -99,3 +100,48 @@ def test_letters_refuse_more_indices_than_einsum_has():
         s.equation
     ok = parse("btt(cores=17)")  # 50 indices: every one gets its own letter
     assert len(set(ok.letters().values())) == len(ok.indices) == 50
+
+
+def _hand_built(inp, factors, out, sizes):
+    """A Structure built without a spec: operands as (name, indices), sizes as numbers."""
+    op = lambda name, ix: Operand(name, tuple(ix.split()))
+    return Structure(op("x", inp), tuple(op(n, ix) for n, ix in factors), op("y", out),
+                     tuple(Index(i, Size.const(v)) for i, v in sizes.items()))
+
+
+# a hand-built structure, the error a written spec gets for the same problem
+BAD_BY_HAND = [
+    # raised KeyError: 'q' deep in the analysis
+    (_hand_built("i", [("W", "i q"), ("V", "q o")], "o", dict(i=4, o=4)), SizeError,
+     "the size of q is not given"),
+    # IndexError in the planner
+    (_hand_built("i", [], "i", dict(i=4)), StructureError, "at least one weight factor"),
+    # ValueError from tuple.index in the emitter
+    (_hand_built("i", [("W", "i o")], "o z", dict(i=4, o=2, z=2)), StructureError,
+     "output index 'z' appears in no operand"),
+    # a torch permute error
+    (_hand_built("i", [("W", "i i o")], "o", dict(i=4, o=4)), StructureError,
+     "index 'i' appears twice in W"),
+    (_hand_built("i", [("W", "i o")], "o", dict(i=4, o=4, q=2)), SizeError,
+     "unknown index 'q' in the sizes; the indices are i, o"),
+    (_hand_built("i", [("W", "i o")], "o", dict(i=4, o=0)), SizeError,
+     "size 0 of index 'o' is not a positive integer"),
+    (Structure(Operand("x", ("i",)), [Operand("W", ("i", "o"))], Operand("y", ("o",)),
+               (Index("i", Size.const(4)), Index("o", Size.const(4)))), SpecTypeError,
+     "Structure.factors must be a tuple of Operand, got list"),
+]
+
+
+@pytest.mark.parametrize("s,error,fragment", BAD_BY_HAND)
+def test_a_hand_built_structure_is_checked_like_a_written_one(s, error, fragment):
+    for enter in (lambda: einc.analyze(s, d=4), lambda: einc.compile(s, 4)):
+        with pytest.raises(error) as info:
+            enter()
+        assert fragment in info.value.message
+        assert "\n" not in str(info.value)  # no source text, so no caret
+
+
+def test_a_valid_hand_built_structure_passes():
+    s = _hand_built("i", [("W", "i r"), ("V", "r o")], "o", dict(i=4, r=2, o=4))
+    assert einc.analyze(s, d=4).params == 16
+    assert check(parse("btt")) == parse("btt")

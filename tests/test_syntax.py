@@ -142,6 +142,15 @@ BAD = [
      "unexpected character '#'; expected 'with', the end of the spec", 21, 1),
     ("x[i] W[i o] #", SpecSyntaxError, "unexpected character '#'; expected ',', '->', a name",
      13, 1),
+    # an unexpected token's list was lark's for the state, which LALR shares between places:
+    # it offered ',', '->' and a name after the output, ')' and '|' after a size, and left
+    # out '*' or '/' and '^'
+    ("x[i] W[i o] -> y[o] ]", SpecSyntaxError,
+     "unexpected ']'; expected 'with', the end of the spec", 21, 1),
+    ("i,io->o with o=3 with o=4", SpecSyntaxError, "unexpected 'with'; expected '*' or '/', "
+     "'+' or '-', ',', '=', '^', the end of the spec", 18, 4),
+    ("i,io->o with o=3 )", SpecSyntaxError, "unexpected ')'; expected '*' or '/', '+' or '-', "
+     "',', '=', '^', the end of the spec", 18, 1),
     # index errors
     ("ga,gafr,fgre->fz", StructureError, "output index 'z' appears in no operand", 16, 1),
     ("x[i] W[i o] V[o p] -> y[p q] with p = 4", StructureError,
@@ -196,6 +205,9 @@ BAD = [
     ("(0.5|0|x|0|0.5|0.5|0)", SizeError,
      "gamma = x is not a number: theta exponents are numbers in [0, 1]", 8, 1),
     ("(0.5|0|nan|0|0.5|0.5|0)", SizeError, "gamma = nan is not a number", 8, 3),
+    # a sum was called out of range
+    ("(0.25+0.25|0|0.5|0|0.5|0.5|0)", SizeError, "alpha = 0.25+0.25 is a sum: a theta "
+     "exponent is one number in [0, 1]", 2, 9),
     ("(0.5|0|0.5|0|0.5|0.5|-inf)", SizeError, "rho = -inf is not a number", 22, 4),
     # irrational exponents were read as their rational part (2^(1/2) as 1)
     ("(2^(1/2)|0|0|0|1|0|0)", SizeError, "alpha = 2^(1/2) is not a rational number", 2, 7),

@@ -18,10 +18,8 @@ __all__ = ["analyze", "Report", "concretize", "resolve_dims", "closed_forms", "t
 
 
 def _structure(spec) -> Structure:
-    if isinstance(spec, Structure):
-        return spec
-    from ..syntax import parse
-    return parse(spec)
+    from ..syntax import as_structure  # a hand-built Structure is checked like parsed text
+    return as_structure(spec)
 
 
 def plan(s: Structure, sizes: dict):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..analysis import DEFAULT_TOLERANCE, concretize, resolve_dims
 from ..analysis import path as _path
 from ..ir import Structure
-from ..syntax import parse
+from ..syntax import as_structure
 from .plan import Plan, plan
 
 
@@ -40,10 +40,6 @@ class Lowered:
 
     def factor_shape(self, k: int) -> tuple[int, ...]:
         return tuple(self.sizes[i] for i in self.structure.factors[k].indices)
-
-
-def as_structure(spec) -> Structure:
-    return spec if isinstance(spec, Structure) else parse(spec)
 
 
 def lower(spec, d_in=None, d_out=None, tolerance: float = DEFAULT_TOLERANCE) -> Lowered:
