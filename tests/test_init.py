@@ -102,6 +102,10 @@ def test_lr_multipliers_and_param_groups():
     for bad in (-0.1, float("nan"), "0.1"):
         with pytest.raises(einc.CompileError, match="weight_decay must be"):
             einc.param_groups(model, lr=1e-3, weight_decay=bad)
+    for bad in (None, list(model)):  # an AttributeError on .modules() before
+        with pytest.raises(einc.CompileError, match="param_groups takes a torch.nn.Module, "
+                                                    f"got {type(bad).__name__}"):
+            einc.param_groups(bad, lr=1e-3)
 
 
 @pytest.mark.parametrize("spec,d", [("(1/4|1/4|1/2|1/2|1/4|1/4|1/4)", 1024), ("btt", 1000),

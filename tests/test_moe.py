@@ -1308,6 +1308,37 @@ def test_nested_tensor_input_is_a_clear_error():
             layer(nt)
 
 
+@pytest.mark.parametrize("device", ["nope", 99, "cuda:99"] + (
+    [] if torch.cuda.is_available() else ["cuda"]))
+def test_an_unusable_device_is_refused(device):
+    # torch's parse error or 'Torch not compiled with CUDA enabled' came out of the layer
+    with pytest.raises(einc.CompileError, match=f"device must be None or one of cpu, meta.*"
+                                                f"got {device!r}"):
+        einc.BTTMoE(16, 16, experts=4, k=2, device=device)
+
+
+def test_an_input_on_another_device_is_a_clear_error():
+    # 'Tensor on device cpu is not on the expected device meta!' came out of forward
+    m = einc.BTTMoE(16, 16, experts=4, k=2, device="meta")
+    for call in (m, m.forward_masked):
+        with pytest.raises(einc.CompileError, match="input on device cpu differs from the "
+                                                    "layer's meta"):
+            call(torch.randn(3, 16))
+    with pytest.raises(einc.CompileError, match="input on device meta differs from the "
+                                                "layer's cpu"):
+        einc.BTTMoE(16, 16, experts=4, k=2)(torch.empty(3, 16, device="meta"))
+
+
+@pytest.mark.parametrize("layout", ["to_sparse", "to_sparse_csr"])
+def test_a_sparse_input_is_a_clear_error(layout):
+    # 'reshape is not implemented for sparse tensors' came out of forward
+    m = einc.BTTMoE(16, 16, experts=4, k=2)
+    with pytest.raises(einc.CompileError, match="input layout torch.sparse_.* is not "
+                                                "supported, only torch.strided"):
+        m(getattr(torch.randn(3, 16), layout)())
+    assert m.aux_loss is None  # refused before routing
+
+
 def test_a_replaced_core_of_another_shape_is_named():
     m = einc.BTTMoE(16, 16, experts=4, k=2)
     m(torch.randn(5, 16))

@@ -3,6 +3,7 @@ the materialised matrix, in float64, for random structures and every route."""
 import math
 import pickle
 import random
+import re
 
 import numpy as np
 import pytest
@@ -261,6 +262,52 @@ def test_a_layer_dtype_must_be_floating_point(spec, dtype):
     # complex and integer layers were built and could never be called
     with pytest.raises(einc.CompileError, match="dtype must be None or one of torch.float16"):
         einc.compile(spec, 16, dtype=dtype)
+
+
+# devices torch cannot parse, and ones this build or machine has not got
+BAD_DEVICES = ["nope", "cuda:99", 99, True, 1.5] + (
+    [] if torch.cuda.is_available() else ["cuda", torch.device("cuda")])
+
+
+@pytest.mark.parametrize("spec", ["btt", "bttmoe(experts=4, k=2)"])
+@pytest.mark.parametrize("device", BAD_DEVICES)
+def test_an_unusable_device_is_refused_naming_the_available_ones(spec, device):
+    # torch's parse error, 'Torch not compiled with CUDA enabled' or 'Cannot access
+    # accelerator device' came out of einc.compile
+    with pytest.raises(einc.CompileError, match=r"device must be None or one of cpu, meta.*"
+                                                "got " + re.escape(repr(device))):
+        einc.compile(spec, 16, device=device)
+    if "moe" not in spec:
+        with pytest.raises(einc.CompileError, match="device must be None or one of cpu, meta"):
+            einc.StructuredLinear(16, 16, spec, device=device)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta", torch.device("cpu"), None])
+def test_usable_devices_are_taken(device):
+    m = einc.StructuredLinear(16, 16, "btt", device=device)
+    assert all(p.device == torch.device(device or "cpu") for p in m.parameters())
+
+
+@pytest.mark.parametrize("route", ["auto", "fused", "plain", "einsum", "steps"])
+def test_an_input_on_another_device_is_a_clear_error(route):
+    # torch's 'Attempting to copy from device cpu to device meta' came out of forward
+    m = einc.compile("btt", 16, device="meta", route=route)
+    with pytest.raises(einc.CompileError, match=r"input on device cpu differs from the "
+                                                r"layer's meta.*to_empty\(device='cpu'\)"):
+        m(torch.randn(3, 16))
+    m = einc.compile("btt", 16, route=route)
+    with pytest.raises(einc.CompileError, match=r"input on device meta differs from the "
+                                                r"layer's cpu.*module.to\('meta'\)"):
+        m(torch.empty(3, 16, device="meta"))
+
+
+@pytest.mark.parametrize("layout", ["to_sparse", "to_sparse_csr"])
+def test_a_sparse_input_is_a_clear_error(layout):
+    # 'reshape is not implemented for sparse tensors' came out of forward
+    m = einc.compile("btt", 16)
+    with pytest.raises(einc.CompileError, match="input layout torch.sparse_.* is not "
+                                                "supported, only torch.strided"):
+        m(getattr(torch.randn(3, 16), layout)())
 
 
 @pytest.mark.parametrize("spec,d", [("lowrank(rank=2^32)", 2**20),  # 32 PiB

@@ -29,8 +29,9 @@ from torch import Tensor, nn
 
 from .dispatch import _masked, _sparse, check_backend, route
 from ..errors import CompileError
-from ..runtime.fused import (allocating, autocasting, check_dtype, check_flag, check_input,
-                             dtype_mismatch, exporting, tracing, vmapping)
+from ..runtime.fused import (allocating, autocasting, check_device, check_dtype, check_flag,
+                             check_input, check_module, dtype_mismatch, exporting, tracing,
+                             vmapping)
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
 
@@ -194,6 +195,7 @@ class BTTMoE(nn.Module):
         deterministic = check_flag("deterministic", deterministic)
         check_backend(backend)
         check_dtype(dtype)
+        device = check_device(device)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -338,7 +340,7 @@ class BTTMoE(nn.Module):
             self._stats = {"load": frac.detach(), "entropy": entropy, "tokens": N}
 
     def _evaluate(self, x: Tensor, masked: bool) -> Tensor:
-        check_input(x, self.in_features)
+        check_input(x, self.in_features, self.A.device)
         # autocast leaves float64 alone: a float64 layer computes in float64 there too
         autocast = autocasting(x.device) and self.A.dtype != torch.float64
         if x.dtype != self.A.dtype and not autocast:
@@ -450,8 +452,7 @@ def moe_aux_loss(model: nn.Module) -> Tensor:
     training mode whose last forward ran in eval mode (an evaluation outside no_grad, then
     a step that skipped the layer): that batch is not this step's. After the step's
     backward, the sum is the step's value for logging."""
-    if not isinstance(model, nn.Module):
-        raise CompileError(f"moe_aux_loss takes a torch.nn.Module, got {type(model).__name__}")
+    check_module("moe_aux_loss", model)
     total: Optional[Tensor] = None
     for m in model.modules():
         if isinstance(m, BTTMoE) and m.aux_loss is not None:

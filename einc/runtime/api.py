@@ -13,7 +13,7 @@ from ..analysis import DEFAULT_TOLERANCE, resolve_dims
 from ..codegen.lower import as_structure
 from ..errors import CompileError, EincError
 from ..analysis.concrete import check_tolerance
-from .fused import check_flag
+from .fused import check_flag, check_module
 from .module import StructuredLinear, _check_route
 
 
@@ -124,8 +124,7 @@ def replace_linear(model: nn.Module, spec, include=None, exclude=None,
     ``keep_unembedding=False``, the unembedding: a layer mapping an nn.Embedding's width to
     its vocabulary (see :func:`_unembedding` for how it is told from an inner layer).
     """
-    if not isinstance(model, nn.Module):
-        raise CompileError(f"replace_linear takes a torch.nn.Module, got {type(model).__name__}")
+    check_module("replace_linear", model)
     _check_options(as_structure(spec), dict(options, tolerance=tolerance))  # also when no
     include = _patterns("include", include)                                # layer is chosen
     exclude = _patterns("exclude", exclude) or []
@@ -281,6 +280,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float | None = None)
     ``lr * multiplier`` from its module's ``lr_multipliers()`` (see docs/compile.md); every
     other parameter gets ``lr``. ``weight_decay``, when given, is set on every group
     (None leaves the optimizer's default). Pass the result to torch.optim.AdamW."""
+    check_module("param_groups", model)
     # a number, or a one-element tensor (which torch's optimizers take too)
     value = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 \
         and lr.is_floating_point() else lr

@@ -164,20 +164,36 @@ def autocasting(device: torch.device) -> bool:
         return False
 
 
-def check_input(x, in_features: int) -> None:
-    """A layer's input must be a floating-point tensor whose last dimension is
-    ``in_features``; anything else is named here, not by an error deep inside."""
+def check_input(x, in_features: int, device: torch.device | None = None) -> None:
+    """A layer's input must be a dense floating-point tensor whose last dimension is
+    ``in_features``, on the layer's ``device`` when given; anything else is named here,
+    not by an error deep inside."""
     if not isinstance(x, torch.Tensor):
         raise CompileError(f"expected a tensor input, got {type(x).__name__}")
     if x.is_nested:  # its sizes cannot be read: torch's own error says to file an issue
         raise CompileError("nested tensors are not supported: pad them into one tensor "
                            "(x.to_padded_tensor(0.0)) or pass their rows concatenated")
+    if x.layout != torch.strided:  # sparse (or mkldnn) tensors cannot be reshaped
+        raise CompileError(f"input layout {x.layout} is not supported, only torch.strided: "
+                           "convert it, e.g. x.to_dense()")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise CompileError(f"expected input with last dimension {in_features}, got shape "
                            f"{tuple(x.shape)}")
     if not x.is_floating_point():
         raise CompileError(f"expected a floating-point input, got {x.dtype}: convert it, "
                            f"e.g. x.float()")
+    # a comparison of device objects: no host sync, and a constant to torch.compile
+    if device is not None and x.device != device:
+        # a meta layer has no values to copy: it moves with to_empty (then is initialised)
+        move = "to_empty(device=" if device.type == "meta" else "to("
+        raise CompileError(f"input on device {x.device} differs from the layer's {device}: "
+                           f"move one of them (x.to('{device}') or module.{move}'{x.device}'))")
+
+
+def check_module(name: str, model) -> None:
+    """The model a model-wide function (``name``) walks must be an nn.Module."""
+    if not isinstance(model, torch.nn.Module):
+        raise CompileError(f"{name} takes a torch.nn.Module, got {type(model).__name__}")
 
 
 def _gib(n: int) -> str:
@@ -232,6 +248,42 @@ def check_flag(name: str, value) -> bool:
             isinstance(value, numbers.Integral) and value in (0, 1)):
         return bool(value)
     raise CompileError(f"{name} must be True or False, got {value!r}")
+
+
+def available_devices() -> list[str]:
+    """The devices this torch build and machine can hold a layer on, for messages: cpu,
+    meta and the accelerator (cuda, mps, ...) if one is present, with its indices."""
+    found = ["cpu", "meta"]
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if acc is not None and acc.is_available():
+        kind, count = acc.current_accelerator().type, acc.device_count()
+    elif torch.cuda.is_available():
+        kind, count = "cuda", torch.cuda.device_count()
+    elif torch.backends.mps.is_available():
+        kind, count = "mps", 1
+    else:
+        return found
+    return found + [kind, f"{kind}:0" if count == 1 else f"{kind}:0 to {kind}:{count - 1}"]
+
+
+def check_device(device) -> torch.device | None:
+    """A layer's ``device`` argument as a torch.device: None (torch's default) or what
+    torch.device takes (a string, a torch.device, an accelerator index) naming a device
+    this build and machine can allocate on. Refused here instead of by torch's parse error
+    or its 'Torch not compiled with CUDA enabled' from inside the allocation."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+        # an empty tensor allocates nothing; every backend that cannot serve the device
+        # refuses in its own way (RuntimeError, AssertionError, NotImplementedError,
+        # ModuleNotFoundError), hence the broad except
+        torch.empty(0, device=dev)
+    except Exception:
+        raise CompileError(f"device must be None or one of {', '.join(available_devices())} "
+                           f"(those this torch build and machine can use), got {device!r}"
+                           ) from None
+    return dev
 
 
 def check_dtype(dtype) -> None:

@@ -13,8 +13,8 @@ from ..analysis import DEFAULT_TOLERANCE
 from ..codegen import emit
 from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
-from .fused import (ChainFunction, allocating, autocasting, check_dtype, check_flag,
-                    check_input, chunk_tokens, dtype_mismatch, dual, tracing)
+from .fused import (ChainFunction, allocating, autocasting, check_device, check_dtype,
+                    check_flag, check_input, chunk_tokens, dtype_mismatch, dual, tracing)
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
@@ -36,6 +36,7 @@ class StructuredLinear(nn.Module):
         super().__init__()
         _check_route(route)
         check_dtype(dtype)
+        device = check_device(device)
         bias = check_flag("bias", bias)
         structure = as_structure(spec)
         if structure.moe is not None:
@@ -155,7 +156,7 @@ class StructuredLinear(nn.Module):
 
     # -- compute -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_features)
+        check_input(x, self.in_features, self.factors()[0].device)
         # autocast casts inside torch ops, which the plain routes use and the fused ones
         # (computing in the factors' dtype) do not
         autocast = autocasting(x.device)
