@@ -15,7 +15,7 @@ from einc.experiments import (eval_steps, fit_power_law, frontier, job_key, mode
                               run_job, scaling)
 from einc.experiments import harness
 from einc.experiments.ffmoe import FFMoE
-from einc.experiments.harness import split_specs
+from einc.experiments.harness import rerank, split_specs
 from einc.experiments.tasks import make_task
 
 TINY_LM = {"context": 16, "layers": 1, "head_dim": 16, "train_chars": 60_000,
@@ -354,11 +354,48 @@ def no_runs(monkeypatch):
     ({"options": {"hidden": 10 ** 8}}, einc.SizeError,
      "option hidden of the regression task takes an integer >= 1 and <= 10,000"),
     ({"options": {"test_size": 2 ** 40}}, einc.SizeError, "<= 1,048,576"),
+    # raw TypeErrors from os.fspath and dict(), or silently read by their truth
+    ({"out": 1}, einc.EincError, "the output folder must be a path .* got 1"),
+    ({"options": [1]}, einc.EincError, "options of the regression task are a dict"),
+    ({"irreducible": "x"}, einc.EincError, "irreducible must be True or False"),
+    ({"plot": "x"}, einc.EincError, "plot must be True or False"),
+    ({"progress": 3}, einc.EincError, "progress must be True, False or None"),
 ])
 def test_scaling_checks_its_arguments_before_any_run(no_runs, kwargs, error, text):
     kw = dict(structures=["dense", "btt"], widths=[8], steps=2, progress=False)
     with pytest.raises(error, match=text):
         scaling("regression", **dict(kw, **kwargs))
+
+
+@pytest.mark.parametrize("spec,text", [
+    # a raw ValueError from the layer, and a ZeroDivisionError, once the first run started
+    ("ffmoe(experts=4,k=8)", "ffmoe takes k from 1 to experts = 4, got 8"),
+    ("ffmoe(experts=0,k=0)", "ffmoe takes experts from 1 to 1,048,576, got 0"),
+    ("ffmoe(k=9)", "ffmoe takes k from 1 to experts = 8, got 9"),
+])
+def test_ffmoe_options_are_checked_before_any_run(no_runs, spec, text):
+    with pytest.raises(einc.SizeError, match=text):
+        scaling("charlm", structures=[spec], widths=[8], steps=2, progress=False)
+
+
+def test_model_flops_takes_a_module():
+    with pytest.raises(einc.CompileError, match="model_flops takes a torch.nn.Module, got NoneType"):
+        model_flops(None)  # AttributeError: 'NoneType' object has no attribute 'named_modules'
+
+
+def test_rerank_names_a_bad_candidate(no_runs):
+    with pytest.raises(einc.EincError, match="rerank takes specs or einc.search records"):
+        rerank([{}])  # KeyError: 'spec'
+
+
+def test_ffmoe_layer_and_hidden_width_are_checked():
+    with pytest.raises(einc.CompileError, match="positive integer experts, got 0"):
+        FFMoE(8, 8, experts=0, k=0)
+    with pytest.raises(einc.CompileError, match="k from 1 to experts = 2, got 3"):
+        FFMoE(8, 8, experts=2, k=3)
+    task = make_task("charlm", **dict(TINY_LM, ratio=1, head_dim=4))
+    with pytest.raises(einc.SizeError, match="no hidden units .* k must be at most 4"):
+        task.build("ffmoe(experts=8,k=8)", 4)
 
 
 @pytest.mark.parametrize("options,widths,text", [

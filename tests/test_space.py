@@ -488,7 +488,9 @@ def test_measure_with_top_zero_is_refused(capsys):
 
 
 @pytest.mark.parametrize("args,text", [
-    (["--batch", "0"], "argument --batch: takes an integer >= 1, got '0'"),
+    (["--batch", "0"], "argument --batch: takes an integer >= 1 and <= 1,048,576, got '0'"),
+    # a batch of 10^8 rows at d = 4096 was a raw allocation traceback
+    (["--batch", "100000000"], "argument --batch: takes an integer >= 1 and <= 1,048,576"),
     (["--top", "-1"], "argument --top: takes an integer >= 0"),
 ])
 def test_counts_are_checked_when_parsing(capsys, args, text):

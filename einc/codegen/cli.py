@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import stat
 import sys
 
 from ..cli import _add_width, command
 from ..errors import CompileError
+from ..files import replace_file
 
 
 @command
@@ -107,25 +107,8 @@ def _write_file(path: str, text: str) -> None:
     if not os.path.isdir(folder):
         why = "is not a folder" if os.path.exists(folder) else "does not exist"
         raise CompileError(f"cannot write {path}: folder {folder} {why}")
-    # O_EXCL with mode 0o666: the kernel applies the umask (and default ACLs) as for any
-    # new file, where mkstemp would force 0o600
-    tmp = os.path.join(folder, f".{os.path.basename(target)[:64]}.{secrets.token_hex(8)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        replace_file(target, lambda fh: fh.write(text),
+                     mode=None if old is None else stat.S_IMODE(old.st_mode))
     except OSError as e:
-        raise CompileError(f"cannot write {path}: cannot create a file in {folder}: "
-                           f"{e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        if old is not None:
-            os.chmod(tmp, stat.S_IMODE(old.st_mode))
-        os.replace(tmp, target)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise CompileError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
+        raise CompileError(f"cannot write {path}: {e.strerror or e}") from None

@@ -15,14 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CompileError
+
 Z_LOSS_WEIGHT = 0.1
 
 
 class FFMoE(nn.Module):
     def __init__(self, d: int, hidden: int, experts: int = 8, k: int = 2, bias: bool = True):
         super().__init__()
-        if not 1 <= k <= experts:
-            raise ValueError(f"k must be in [1, experts={experts}], got {k}")
+        for name, value in (("d", d), ("hidden", hidden), ("experts", experts), ("k", k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CompileError(f"FFMoE takes a positive integer {name}, got {value!r}")
+        if k > experts:
+            raise CompileError(f"FFMoE takes k from 1 to experts = {experts}, got {k}")
         self.d, self.hidden, self.experts, self.k = d, hidden, experts, k
         self.spec = f"ffmoe(experts={experts},k={k})"
         self.router = nn.Linear(d, experts)

@@ -17,6 +17,8 @@ from functools import lru_cache
 
 from torch import nn
 
+from ..runtime.fused import check_module
+
 
 @dataclass
 class FlopCount:
@@ -74,6 +76,7 @@ def layer_flops(module: nn.Module):
 def model_flops(model: nn.Module) -> FlopCount:
     """Sum :func:`layer_flops` over the model; a counted module's children are skipped
     (the router inside a BTT-MoE is part of its active FLOPs)."""
+    check_module("model_flops", model)
     count = FlopCount()
     skip: list[str] = []
     for name, mod in model.named_modules():

@@ -35,9 +35,10 @@ import numbers
 import numpy as np
 
 from ..errors import EincError, Pos, SizeError, SpecSyntaxError, UnknownNameError
+from ..files import write_output
 from ..space.checks import (MAX_BATCH, MAX_EVAL_POINTS, MAX_SEED, MAX_SEEDS, MAX_STEPS,
                             MAX_TRAIN_WIDTH, bounds_text, check_targets, prepare_folder,
-                            remove_folders, shown)
+                            flag, remove_folders, shown)
 from ..syntax import parse
 from . import fit as fitting
 from .executors import EXECUTORS, dist_env, run_jobs
@@ -474,6 +475,8 @@ def scaling(task: str = "regression", structures=("dense", "btt"), widths=(64, 1
     """
     if structures is None:
         raise EincError("no structures to train")
+    irreducible, plot = flag(irreducible, "irreducible"), flag(plot, "plot")
+    progress = flag(progress, "progress", none="a bar when stderr is a terminal")
     a = check_scaling(task=task, structures=structures, widths=widths, steps=steps,
                       seeds=seeds, batch=batch, lr=lr, lr_sweep=lr_sweep, workers=workers,
                       executor=executor, options=options, eval_points=eval_points,
@@ -680,10 +683,7 @@ def _save_run(out, rec) -> None:
         return
     folder = os.path.join(out, "runs")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, rec["key"] + ".json")
-    with open(path + ".tmp", "w") as fh:
-        json.dump(rec, fh)
-    os.replace(path + ".tmp", path)
+    write_output(os.path.join(folder, rec["key"] + ".json"), lambda fh: json.dump(rec, fh))
 
 
 def runs_csv(records) -> str:
@@ -710,8 +710,7 @@ def _write_outputs(out, records, sweep, summary, plot) -> list[str]:
 
     def write(name, text):
         path = os.path.join(out, name)
-        with open(path, "w") as fh:
-            fh.write(text)
+        write_output(path, lambda fh: fh.write(text))
         files.append(path)
 
     allrecs = list(records) + [r for r in sweep if r["key"] not in {x["key"] for x in records}]
@@ -747,7 +746,10 @@ def rerank(candidates, task: str = "regression", widths=(32, 64, 128), steps: in
     two being lists of ``(rank, spec, name, loss)`` (loss None for the analytic list)."""
     specs, names = [], {}
     for c in candidates:
-        spec = c["spec"] if isinstance(c, dict) else str(c)
+        if not (isinstance(c, str) or (isinstance(c, dict) and isinstance(c.get("spec"), str))):
+            raise EincError(f"rerank takes specs or einc.search records (dicts with a 'spec'), "
+                            f"got {shown(c)}")
+        spec = c["spec"] if isinstance(c, dict) else c
         if spec not in names:
             specs.append(spec)
             names[spec] = (c.get("name") if isinstance(c, dict) else "") or ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..files import save_png
 from .fit import predict
 from .harness import mean_curves
 
@@ -64,6 +65,7 @@ def plot_frontiers(records, summary, path: str, title: str | None = None) -> str
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return save_png(fig, path)
+    finally:
+        plt.close(fig)

@@ -13,13 +13,14 @@ import os
 import re
 import sysconfig
 import zlib
+from collections.abc import Mapping
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SizeError, UnknownNameError
+from ..errors import EincError, SizeError, UnknownNameError
 from ..space.checks import MAX_SEED, shown
 from .ffmoe import FFMoE
 
@@ -60,8 +61,11 @@ def check_options(name: str, options: dict) -> dict:
     known = task_options(name)
     minimum = getattr(TASKS[name], "option_minimum", {})
     maximum = getattr(TASKS[name], "option_maximum", {})
+    if not isinstance(options, Mapping):
+        raise EincError(f"the options of the {name} task are a dict of option name -> value, "
+                        f"got {shown(options)}")
     out = {}
-    for key, value in dict(options).items():
+    for key, value in options.items():
         if key not in known:
             raise UnknownNameError(
                 f"unknown option {key!r} for the {name} task",
@@ -105,6 +109,12 @@ def ffmoe_options(spec: str):
         if key.strip() not in opts or not value.strip().isdigit():
             raise UnknownNameError(f"ffmoe takes experts=<int> and k=<int>, got {part!r}", spec)
         opts[key.strip()] = int(value)
+    if not 1 <= opts["experts"] <= OPTION_MAXIMUM:
+        raise SizeError(f"ffmoe takes experts from 1 to {OPTION_MAXIMUM:,}, got {opts['experts']}",
+                        spec)
+    if not 1 <= opts["k"] <= opts["experts"]:
+        raise SizeError(f"ffmoe takes k from 1 to experts = {opts['experts']}, got {opts['k']}",
+                        spec)
     return opts
 
 
@@ -402,6 +412,10 @@ class CharLM:
 
     def build(self, spec, width: int) -> nn.Module:
         moe = ffmoe_options(spec)
+        if moe and self.ratio * width < moe["k"]:  # each expert's hidden width, ratio*width // k
+            raise SizeError(f"{spec} at width {width} leaves its experts no hidden units "
+                            f"(ratio * width // k = {self.ratio * width} // {moe['k']} = 0); "
+                            f"k must be at most {self.ratio * width} here")
         heads = self.heads(width, self.head_dim)
         model = GPT(width, self.layers, heads, self.context, ratio=self.ratio, moe=moe)
         structure_model(model, "dense" if moe else spec, include="blocks.*")

@@ -8,6 +8,8 @@ import math
 import numbers
 import os
 
+import numpy as np
+
 from ..errors import EincError
 
 
@@ -17,6 +19,8 @@ def prepare_folder(path, what: str = "output folder") -> list[str]:
     later checks fail can take them back with :func:`remove_folders`. Raises an
     :class:`~einc.errors.EincError` naming ``what`` when the path is a file, sits under a
     file, or cannot be created or written."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise EincError(f"the {what} must be a path (a str or os.PathLike), got {shown(path)}")
     path = os.fspath(path)
     if not path:
         raise EincError(f"the {what} is an empty path")
@@ -85,6 +89,16 @@ MAX_SEED = 2 ** 64 - 1    # the largest seed torch.manual_seed takes
 
 def bounds_text(minimum: int, most: int | None = None) -> str:
     return f">= {minimum}" + ("" if most is None else f" and <= {most:,}")
+
+
+def flag(value, name: str, none: str = ""):
+    """``value`` as a bool; None too when ``none`` says what None means."""
+    if value is None and none:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        allowed = f"True, False or None ({none})" if none else "True or False"
+        raise EincError(f"{name} must be {allowed}, got {shown(value)}")
+    return bool(value)
 
 
 def shown(value) -> str:

@@ -5,7 +5,7 @@ import json
 
 from ..cli import _add_width, command
 from ..errors import EincError
-from .checks import MAX_STEPS, MAX_TRAIN_WIDTH, int_at_least, int_list, remove_folders
+from .checks import MAX_BATCH, MAX_STEPS, MAX_TRAIN_WIDTH, int_at_least, int_list, remove_folders
 
 
 @command
@@ -45,8 +45,8 @@ def _register(sub):
                    "and created, before searching)")
     p.add_argument("--measure", action="store_true", help="time forward+backward of the "
                    "compiled top N candidates (refused with --top 0)")
-    p.add_argument("--batch", type=int_at_least(1), default=64,
-                   help="batch size for --measure (default 64)")
+    p.add_argument("--batch", type=int_at_least(1, MAX_BATCH), default=64,
+                   help=f"batch size for --measure, 1 to {MAX_BATCH:,} (default 64)")
     p.add_argument("--all-roundings", action="store_true", help="also list points whose "
                    "layer at this width is one listed above (their sizes round alike, e.g. "
                    "r = d^(1/12) is 1 at d = 64); by default each layer is listed once")

@@ -5,6 +5,7 @@ import statistics
 import time
 
 from ..errors import EincError
+from .checks import MAX_BATCH
 from .progress import Progress
 
 
@@ -22,8 +23,9 @@ def measure_records(records, *, batch: int = 64, repeats: int = 5, warmup: int =
                     tolerance: float | None = None) -> None:
     """Add ``measured_ms`` (median forward+backward time of a batch, in ms) to each record,
     compiled with the padding ``tolerance`` its search used (None: the default)."""
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise EincError(f"the batch size must be a positive integer, got {batch!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+        raise EincError(f"the batch size must be an integer from 1 to {MAX_BATCH:,}, "
+                        f"got {batch!r}")
     compile_ = _compiler()
     import torch
 
@@ -33,14 +35,25 @@ def measure_records(records, *, batch: int = 64, repeats: int = 5, warmup: int =
         for rec in records:
             extra = {} if tolerance is None else {"tolerance": tolerance}
             module = compile_(rec["spec"], d_in=rec["d_in"], d_out=rec["d_out"], **extra)
-            x = torch.randn(batch, rec["d_in"])
-            times = []
-            for k in range(warmup + repeats):
-                module.zero_grad(set_to_none=True)
-                start = time.perf_counter()
-                module(x).sum().backward()
-                if k >= warmup:
-                    times.append(time.perf_counter() - start)
+            try:
+                times = _time(module, torch.randn(batch, rec["d_in"]), warmup, repeats)
+            except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is one
+                if not isinstance(e, MemoryError) and "alloc" not in str(e):
+                    raise
+                raise EincError(f"measuring {rec['spec']} at a batch of {batch:,} needs more "
+                                f"memory than this machine has; use a smaller --batch") from None
             rec["measured_ms"] = 1000 * statistics.median(times)
             rec["measured_batch"] = batch
             bar.update()
+
+
+def _time(module, x, warmup: int, repeats: int) -> list[float]:
+    """Forward+backward times of ``module`` on ``x`` after ``warmup`` untimed calls."""
+    times = []
+    for k in range(warmup + repeats):
+        module.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        module(x).sum().backward()
+        if k >= warmup:
+            times.append(time.perf_counter() - start)
+    return times

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from ..errors import EincError
+from ..files import save_png
 from .checks import check_targets, prepare_folder, remove_folders
 
 MAX_POINTS = 20_000
@@ -95,9 +96,10 @@ def _cube(plt, c, k, known, path):
     ax.set_zlabel("nu (FLOP exponent - 1)")
     ax.set_title(_title(c), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return save_png(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _front(x, y):
@@ -134,9 +136,10 @@ def _pareto(plt, c, known, path):
     ax.set_title(_title(c), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return save_png(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _pareto_time(plt, records, path):
@@ -155,6 +158,7 @@ def _pareto_time(plt, records, path):
     ax.set_ylabel("parameters")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return save_png(fig, path)
+    finally:
+        plt.close(fig)

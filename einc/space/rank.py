@@ -16,7 +16,7 @@ from ..analysis.report import _frac, _num
 from ..analysis.taxonomy import closed_forms, theta_of
 from ..errors import EincError, SizeError, UnknownNameError
 from ..theta import structure_from_theta
-from .checks import shown
+from .checks import flag, shown
 from .lattice import Space
 from .names import known_ids
 from .score import Candidates, score
@@ -163,16 +163,6 @@ def parse_exponent(value, option: str, symbol: str, most, where: str = ""):
     return q
 
 
-def _flag(value, name: str, none: str = ""):
-    """``value`` as a bool; None too when ``none`` says what None means."""
-    if value is None and none:
-        return None
-    if not isinstance(value, (bool, np.bool_)):
-        allowed = f"True, False or None ({none})" if none else "True or False"
-        raise EincError(f"{name} must be {allowed}, got {shown(value)}")
-    return bool(value)
-
-
 def _integer(value, minimum: int, message: str) -> int:
     """``value`` as an int (numpy integers too) >= minimum, else SizeError(message)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
@@ -230,10 +220,10 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     check_tolerance(tolerance)
     check_sort_key(sort)
     transpose, exclude_degenerate, measure, distinct = (
-        _flag(v, name) for v, name in ((transpose, "transpose"),
+        flag(v, name) for v, name in ((transpose, "transpose"),
                                        (exclude_degenerate, "exclude_degenerate"),
                                        (measure, "measure"), (distinct, "distinct")))
-    progress = _flag(progress, "progress", none="a bar when stderr is a terminal")
+    progress = flag(progress, "progress", none="a bar when stderr is a terminal")
     if top is not None:
         top = _integer(top, 0, "top must be a non-negative integer (0 or None for all)")
     if top == 0:
