@@ -463,6 +463,35 @@ def test_torch_func_grad_takes_a_plain_route():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("route", ["fused", "plain", "einsum", "steps"])
+def test_torch_func_transforms_run_on_every_named_route(route):
+    """An explicit fused route under vmap / jacrev / forward-mode AD raised torch's raw
+    setup_context error; it takes the plain route there, as auto does."""
+    from torch.func import jacrev, jvp, vmap
+    m = einc.compile("btt(rank=2)", 16, bias=True, route=route).double()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    w = m.materialize().detach()  # (out_features, in_features), as nn.Linear's weight
+    torch.testing.assert_close(vmap(m)(x), x @ w.t() + m.bias, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jacrev(m)(x[0]), w, rtol=1e-12, atol=1e-12)
+    _, tangent = jvp(m, (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(tangent, torch.ones_like(x) @ w.t(), rtol=1e-12, atol=1e-12)
+
+
+def test_steps_route_finds_a_free_batch_letter():
+    """The steps route picked its token letter from the uppercase letters but R, and so found
+    none when a spec used those 25 (a bare StopIteration, also from a timed auto call)."""
+    up = "ABCDEFGHIJKLMNOPQSTUVWXYZ"
+    x, mid, y = up[:12], up[12:17], up[17:]
+    sizes = ", ".join(f"{c} = {2 if c in 'AMS' else 1}" for c in up)
+    m = einc.compile(f"{x},{x}{mid},{mid}{y}->{y} with {sizes}", route="steps",
+                     dtype=torch.float64)
+    xin = torch.randn(3, m.in_features, dtype=torch.float64)
+    m.route = "einsum"
+    want = m(xin)
+    m.route = "steps"
+    torch.testing.assert_close(m(xin), want, rtol=1e-12, atol=1e-12)
+
+
 def test_route_is_checked_when_set():
     m = einc.compile("btt", 64)
     with pytest.raises(einc.CompileError, match="unknown route 'bogus'"):

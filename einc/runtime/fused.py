@@ -120,8 +120,14 @@ def tracing() -> bool:
     vmap, ...) is active. The custom autograd Functions here write into preallocated
     buffers and use the old ``forward(ctx, ...)`` form, which none of them supports;
     ``auto`` routes then take plain torch ops instead."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or transforming()
+
+
+def transforming() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active, outside
+    torch.compile and torch.jit.trace."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return True
+        return False
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active and active())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import string
 
 import numpy as np
 import torch
@@ -14,7 +15,8 @@ from ..codegen import emit
 from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
 from .fused import (ChainFunction, allocating, autocasting, check_device, check_dtype,
-                    check_flag, check_input, chunk_tokens, dtype_mismatch, dual, tracing)
+                    check_flag, check_input, chunk_tokens, dtype_mismatch, dual, tracing,
+                    transforming)
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
@@ -165,6 +167,11 @@ class StructuredLinear(nn.Module):
         if route == "auto":
             plain = tracing() or autocast or dual(x, *self.factors(), self.bias)
             route = "plain" if plain else _auto_route(self, x)
+        elif route in ("fused", "triton") and (transforming() or dual(x, *self.factors(), self.bias)):
+            # their autograd Functions support neither torch.func transforms nor forward-mode
+            # AD (torch's raw setup_context error): the same chain in plain ops, as BTT-MoE's
+            # backends do
+            route = "plain"
         # autocast leaves float64 alone, so a float64 layer computes in float64 there too
         autocast = autocast and dtype != torch.float64
         if x.dtype != dtype and not autocast:
@@ -283,7 +290,8 @@ class StructuredLinear(nn.Module):
         which wins where the plan needs several relayouts."""
         low, s = self.lowered, self.structure
         letters = s.letters()
-        tok = next(c for c in "ZYXWVUTSQPONMLKJIHGFEDCBA" if c not in letters.values())
+        # a structure has at most 51 indices, so one of the 52 letters is always free
+        tok = next(c for c in string.ascii_letters[::-1] if c not in letters.values())
         term = lambda idx: "".join(tok if i == low.plan.token else letters[i] for i in idx)
         z = self._tokens(x).reshape(-1, *low.input_sizes)
         order = low.plan.input_order
