@@ -127,7 +127,7 @@ def concretize(s: Structure, d_in: int, d_out: int,
             raise SizeError(
                 f"{what} = {d} needs {padded / d - 1:.1%} padding with this structure "
                 f"({_describe(s, sizes, what)} = {padded}), above the tolerance of "
-                f"{tolerance:.0%}: choose a width that suits the structure or raise the tolerance",
+                f"{tolerance + 0.0:.0%}: choose a width that suits the structure or raise the tolerance",
                 s.source or None)
     return Concrete(sizes, d_in, d_out, pin, pout)
 

@@ -408,8 +408,9 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
         raise UnknownNameError(f"unknown executor {executor!r}; known executors: "
                                f"{', '.join(EXECUTORS)}")
     if ray_address is not None and executor != "ray":  # it would be silently unused
-        raise EincError(f"ray_address (--ray-address) applies only with the ray executor "
-                        f"(--executor ray), not {executor!r}")
+        raise EincError(f"ray_address (--ray-address, or --train-ray-address in einc search) "
+                        f"applies only with the ray executor (--executor ray, "
+                        f"--train-executor ray), not {executor!r}")
     options = check_options(task, options or {})
     if hasattr(cls, "check_widths"):  # the task's own rules, e.g. widths that split into heads
         cls.check_widths(every, options)
