@@ -7,13 +7,27 @@ student of a random ReLU teacher) and ``charlm`` (a small GPT on the bytes of Py
 standard library). Runs execute locally, in a process pool or through Ray, and one run can
 be data-parallel under torchrun. See docs/experiments.md.
 """
-from .executors import dist_env, ray_available, run_jobs
-from .ffmoe import FFMoE
-from .fit import fit_power_law, frontier, loss_at
-from .flops import FlopCount, layer_flops, model_flops
-from .harness import (ScalingResult, eval_steps, format_rerank, format_table, job_key,
-                      rerank, run_job, scaling, summarize)
-from .tasks import TASKS, make_task, task
+import importlib
+
+# Importing these loads torch; the CLI imports this package (for its `experiment` command)
+# on every call, so they load on first use and `einc analyze` starts without torch.
+_LAZY = {
+    "dist_env": "executors", "ray_available": "executors", "run_jobs": "executors",
+    "FFMoE": "ffmoe",
+    "fit_power_law": "fit", "frontier": "fit", "loss_at": "fit",
+    "FlopCount": "flops", "layer_flops": "flops", "model_flops": "flops",
+    "ScalingResult": "harness", "eval_steps": "harness", "format_rerank": "harness",
+    "format_table": "harness", "job_key": "harness", "rerank": "harness",
+    "run_job": "harness", "scaling": "harness", "summarize": "harness",
+    "TASKS": "tasks", "make_task": "tasks", "task": "tasks",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["scaling", "rerank", "format_rerank", "ScalingResult", "run_job", "job_key",
            "eval_steps", "summarize", "format_table", "frontier", "fit_power_law", "loss_at",
