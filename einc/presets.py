@@ -30,7 +30,7 @@ def preset(fn):
 
 
 
-D_IN, D_OUT = Size.symbol("d_in"), Size.symbol("d_out")
+D_IN, D_OUT, D_MIN = Size.symbol("d_in"), Size.symbol("d_out"), Size.symbol("d_min")
 
 
 @preset
@@ -55,15 +55,14 @@ def kron():
 
 @preset
 def monarch(blocks=None):
-    """Monarch: a rank-1 BTT whose first core A is ``blocks`` dense blocks; by default
-    d_in^(1/2), which is ``btt`` (the paper's Monarch point). The output side splits so that
-    the intermediate g * f stays (d_in * d_out)^(1/2) wide, so every block count is full
-    rank (square: B is d/blocks blocks of blocks x blocks); g = f = blocks would bound the
-    rank by blocks^2."""
+    """Monarch: a rank-1 BTT whose first core A is ``blocks`` dense blocks. The intermediate
+    g * f is kept d_min wide (f = d_min / blocks), so every block count is full rank (square:
+    B is d/blocks blocks of blocks x blocks; g = f = blocks bounded the rank by blocks^2).
+    The default is ``btt``'s point, g = a = d_in^(1/2) and f = e = d_out^(1/2)."""
     if blocks is None:
-        blocks = D_IN ** Fraction(1, 2)
-    return "x[g a]", ["A[g a f]", "B[f g e]"], "y[f e]", {
-        "g": blocks, "e": blocks * (D_OUT / D_IN) ** Fraction(1, 2)}
+        return "x[g a]", ["A[g a f]", "B[f g e]"], "y[f e]", {
+            "g": D_IN ** Fraction(1, 2), "e": D_OUT ** Fraction(1, 2)}
+    return "x[g a]", ["A[g a f]", "B[f g e]"], "y[f e]", {"g": blocks, "f": D_MIN / blocks}
 
 
 @preset

@@ -179,14 +179,19 @@ def test_rank_bound_is_capped_by_the_cropped_layer(spec, d_in, d_out):
         assert "the layer's width" in str(rep) and int(torch.linalg.matrix_rank(w)) == 60
 
 @pytest.mark.parametrize("blocks,d_in,d_out", [(2, 64, 64), (4, 64, 64), (16, 64, 64),
-                                                 (4, 32, 64), (8, 64, 32)])
+                                                 (4, 32, 64), (8, 64, 32), (2, 64, 32),
+                                                 (2, 128, 48), (4, 96, 40)])
 def test_monarch_is_full_rank_at_every_block_count(blocks, d_in, d_out):
     """monarch(blocks=b) sized g = f = b bounded the rank by b^2 (16 of 64 at b = 4): only
-    b = sqrt(d) was a Monarch matrix. A is b blocks and the intermediate g * f stays
-    sqrt(d_in * d_out) wide (square: B is d/b blocks of b x b) for every b."""
+    b = sqrt(d) was a Monarch matrix. A is b blocks and the intermediate g * f is d_min wide
+    (square: B is d/b blocks of b x b), so every b is full rank, pads nothing where b
+    divides the widths, and costs less than dense (an intermediate sqrt(d_in * d_out) wide
+    made e irrational at most rectangular widths: refused for padding, or dearer than dense)."""
     spec = f"monarch(blocks={blocks})"
     rep = einc.analyze(spec, d_in=d_in, d_out=d_out)
     assert rep.rank_bound == min(d_in, d_out) and rep.sizes["g"] == blocks
+    assert (rep.padded_in, rep.padded_out) == (d_in, d_out)
+    assert rep.flops < 2 * d_in * d_out
     assert d_in != d_out or rep.sizes["e"] == blocks
     torch.manual_seed(0)
     m = einc.compile(spec, d_in=d_in, d_out=d_out, bias=False, dtype=torch.float64)
