@@ -3,8 +3,10 @@ renamed over it, so that a full disk or an interrupted run never leaves a half-w
 (only the old one, or none)."""
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 from typing import IO, Callable, Optional
 
 from .errors import EincError
@@ -12,11 +14,26 @@ from .errors import EincError
 
 def replace_file(path: str, write: Callable[[IO], None], binary: bool = False,
                  mode: Optional[int] = None) -> None:
-    """Call ``write`` on a new temporary file in ``path``'s folder, then rename it to
-    ``path``. A new file gets the mode open() would give it (0o666 less the umask), or
-    ``mode``. On any failure the temporary file is removed and the error propagates
-    (an OSError from the file system as it is)."""
-    folder, name = os.path.split(os.path.abspath(path))
+    """Call ``write`` on a new temporary file beside ``path``, then rename it over ``path``.
+    A symlink is written through (its target is replaced, the link kept); a file replaced
+    keeps its mode, a new one gets the mode open() would give it (0o666 less the umask),
+    unless ``mode`` is given. A read-only file is refused as open() would refuse it. On any
+    failure the temporary file is removed and the error propagates (an OSError from the
+    file system as it is)."""
+    target = os.path.realpath(path)
+    try:
+        old = os.stat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        old = None
+    if old is not None and not stat.S_ISREG(old.st_mode):  # a folder, a device, a FIFO
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    if old is not None:
+        # renaming over a file needs only the folder's permission
+        if not os.access(target, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        if mode is None:
+            mode = stat.S_IMODE(old.st_mode)
+    folder, name = os.path.split(target)
     tmp = os.path.join(folder, f".{name[:64]}.{secrets.token_hex(8)}.tmp")
     # O_EXCL with mode 0o666: the kernel applies the umask (and default ACLs) as for any
     # new file, where mkstemp would force 0o600
@@ -26,7 +43,7 @@ def replace_file(path: str, write: Callable[[IO], None], binary: bool = False,
             write(fh)
         if mode is not None:
             os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -108,7 +108,6 @@ def _write_file(path: str, text: str) -> None:
         why = "is not a folder" if os.path.exists(folder) else "does not exist"
         raise CompileError(f"cannot write {path}: folder {folder} {why}")
     try:
-        replace_file(target, lambda fh: fh.write(text),
-                     mode=None if old is None else stat.S_IMODE(old.st_mode))
+        replace_file(target, lambda fh: fh.write(text))  # keeps the mode of a file replaced
     except OSError as e:
         raise CompileError(f"cannot write {path}: {e.strerror or e}") from None
