@@ -393,9 +393,12 @@ def _check_types(s: Structure):
     need(isinstance(s.output, Operand), "Structure.output", "an Operand", s.output)
     need(isinstance(s.factors, tuple) and all(isinstance(f, Operand) for f in s.factors),
          "Structure.factors", "a tuple of Operand", s.factors)
-    need(isinstance(s.indices, tuple) and all(isinstance(ix, Index) and isinstance(ix.name, str)
-                                              and isinstance(ix.size, Size) for ix in s.indices),
-         "Structure.indices", "a tuple of Index, each a name with a Size", s.indices)
+    need(isinstance(s.indices, tuple), "Structure.indices", "a tuple of Index", s.indices)
+    for ix in s.indices:
+        need(isinstance(ix, Index), "each of Structure.indices", "an Index", ix)
+        need(isinstance(ix.name, str), "an Index's name", "a str", ix.name)
+        need(isinstance(ix.size, Size), f"the size of index {ix.name!r}",
+             "a Size (einc.sizes.Size.const(8) for 8)", ix.size)
     for op in s.operands:
         need(isinstance(op.name, str), "an operand's name", "a str", op.name)
         need(isinstance(op.indices, tuple) and all(isinstance(i, str) for i in op.indices),

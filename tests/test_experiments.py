@@ -372,6 +372,8 @@ def test_scaling_checks_its_arguments_before_any_run(no_runs, kwargs, error, tex
     ("ffmoe(experts=4,k=8)", "ffmoe takes k from 1 to experts = 4, got 8"),
     ("ffmoe(experts=0,k=0)", "ffmoe takes experts from 1 to 1,048,576, got 0"),
     ("ffmoe(k=9)", "ffmoe takes k from 1 to experts = 8, got 9"),
+    # width 8 (ratio 4) leaves 32 // 64 = 0 hidden units: was a failed run among good ones
+    ("ffmoe(experts=64,k=64)", "at width 8 leaves its experts no hidden units"),
 ])
 def test_ffmoe_options_are_checked_before_any_run(no_runs, spec, text):
     with pytest.raises(einc.SizeError, match=text):

@@ -129,6 +129,9 @@ BAD_BY_HAND = [
     (Structure(Operand("x", ("i",)), [Operand("W", ("i", "o"))], Operand("y", ("o",)),
                (Index("i", Size.const(4)), Index("o", Size.const(4)))), SpecTypeError,
      "Structure.factors must be a tuple of Operand, got list"),
+    (Structure(Operand("x", ("i",)), (Operand("W", ("i", "o")),), Operand("y", ("o",)),
+               (Index("i", 4), Index("o", Size.const(4)))), SpecTypeError,
+     "the size of index 'i' must be a Size"),
 ]
 
 

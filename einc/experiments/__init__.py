@@ -23,10 +23,19 @@ _LAZY = {
 }
 
 
+_MODULES = ("cli", "executors", "ffmoe", "fit", "flops", "harness", "plot", "tasks")
+
+
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    if name in _MODULES:  # einc.experiments.harness without importing it by name first
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY, *_MODULES})
 
 
 __all__ = ["scaling", "rerank", "format_rerank", "ScalingResult", "run_job", "job_key",

@@ -413,7 +413,7 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
                         f"--train-executor ray), not {executor!r}")
     options = check_options(task, options or {})
     if hasattr(cls, "check_widths"):  # the task's own rules, e.g. widths that split into heads
-        cls.check_widths(every, options)
+        cls.check_widths(per, options)
     return {"task": task, "structures": structures, "per": per, "widths": every,
             "steps": _count(steps, "steps", 1, MAX_STEPS), "seeds": seeds,
             "batch": cls.default_batch if batch is None else _count(batch, "batch", 1,

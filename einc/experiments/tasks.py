@@ -404,18 +404,27 @@ class CharLM:
         return heads
 
     @classmethod
-    def check_widths(cls, widths, options: dict) -> None:
-        """Before any run: every width splits into heads."""
-        head_dim = options.get("head_dim", task_options(cls.name)["head_dim"])
-        for w in widths:
-            cls.heads(w, head_dim)
+    def check_widths(cls, per: dict, options: dict) -> None:
+        """Before any run (``per``: each structure's widths): every width splits into heads,
+        and an ffmoe baseline leaves its experts hidden units."""
+        defaults = task_options(cls.name)
+        head_dim = options.get("head_dim", defaults["head_dim"])
+        ratio = options.get("ratio", defaults["ratio"])
+        for spec, widths in per.items():
+            for w in widths:
+                cls.heads(w, head_dim)
+                cls._check_hidden(spec, ffmoe_options(spec), ratio, w)
+
+    @staticmethod
+    def _check_hidden(spec, moe, ratio: int, width: int) -> None:
+        if moe and ratio * width < moe["k"]:  # each expert's hidden width is ratio*width // k
+            raise SizeError(f"{spec} at width {width} leaves its experts no hidden units "
+                            f"(ratio * width // k = {ratio * width} // {moe['k']} = 0); "
+                            f"k must be at most {ratio * width} here")
 
     def build(self, spec, width: int) -> nn.Module:
         moe = ffmoe_options(spec)
-        if moe and self.ratio * width < moe["k"]:  # each expert's hidden width, ratio*width // k
-            raise SizeError(f"{spec} at width {width} leaves its experts no hidden units "
-                            f"(ratio * width // k = {self.ratio * width} // {moe['k']} = 0); "
-                            f"k must be at most {self.ratio * width} here")
+        self._check_hidden(spec, moe, self.ratio, width)
         heads = self.heads(width, self.head_dim)
         model = GPT(width, self.layers, heads, self.context, ratio=self.ratio, moe=moe)
         structure_model(model, "dense" if moe else spec, include="blocks.*")

@@ -133,7 +133,8 @@ class BTTMoE(nn.Module):
     Args:
         in_features, out_features: sizes of the input and output vectors.
         experts: number of experts ``E`` (= BTT rank).
-        k: experts per token.
+        k: experts per token; their gates are the softmax over the k selected logits, so
+            at k = 1 the gate is 1 and the router learns only from ``aux_loss``.
         cores: number of BTT cores; only 2 is supported.
         bias: add a learnable output bias (zero-initialised).
         input_sizes: ``(g, a)`` with ``g * a >= in_features``; the input is

@@ -158,16 +158,17 @@ class StructuredLinear(nn.Module):
 
     # -- compute -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_features, self.factors()[0].device)
+        facs = self.factors()  # once: each call builds a list (about 1 us)
+        check_input(x, self.in_features, facs[0].device)
         # autocast casts inside torch ops, which the plain routes use and the fused ones
         # (computing in the factors' dtype) do not
         autocast = autocasting(x.device)
-        dtype = self._check_factors(autocast)
+        dtype = self._check_factors(autocast, facs)
         route = self.route
         if route == "auto":
-            plain = tracing() or autocast or dual(x, *self.factors(), self.bias)
+            plain = tracing() or autocast or dual(x, *facs, self.bias)
             route = "plain" if plain else _auto_route(self, x)
-        elif route in ("fused", "triton") and (transforming() or dual(x, *self.factors(), self.bias)):
+        elif route in ("fused", "triton") and (transforming() or dual(x, *facs, self.bias)):
             # their autograd Functions support neither torch.func transforms nor forward-mode
             # AD (torch's raw setup_context error): the same chain in plain ops, as BTT-MoE's
             # backends do
@@ -196,13 +197,13 @@ class StructuredLinear(nn.Module):
             return forward_triton(self, x)
         return self._forward_fused(x)
 
-    def _check_factors(self, autocast: bool = False) -> torch.dtype:
+    def _check_factors(self, autocast: bool = False, facs=None) -> torch.dtype:
         """The factors' (and bias's) shapes must be the structure's: the fused route reads a
         factor through its planned strides, so a replaced parameter of another shape would be
         read wrongly instead of refused. Their dtypes must be one, except under autocast,
         which casts float16 / bfloat16 / float32 operands to one (never float64). Returns
         the first factor's dtype."""
-        facs, b = self.factors(), self.bias
+        facs, b = facs or self.factors(), self.bias
         tensors = facs if b is None else [*facs, b]
         first = facs[0].dtype
         same = not autocast or any(t.dtype == torch.float64 for t in tensors)
