@@ -8,6 +8,7 @@ import pytest
 
 import einc
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call, grad
@@ -1348,3 +1349,17 @@ def test_a_replaced_core_of_another_shape_is_named():
                                                 r"\(4, 2, 4, 4\), expected \(4, 4, 4, 4\)"):
         m(torch.randn(3, 16))
     assert m.aux_loss is aux and m.router_stats()["tokens"] == stats["tokens"] == 5
+
+
+def test_deferred_initialisation_keeps_the_router_at_zero():
+    """Deferred init (meta, to_empty, then every module's reset_parameters, as FSDP does)
+    reset the router after the layer, with nn.Linear's random init instead of zeros."""
+    with torch.device("meta"):
+        model = nn.Sequential(einc.BTTMoE(16, 16, experts=4, k=2))
+    model.to_empty(device="cpu")
+    for module in model.modules():  # parents first: the router comes after its layer
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    router = model[0].router
+    assert isinstance(router, nn.Linear)
+    assert not router.weight.any() and not router.bias.any()

@@ -198,12 +198,12 @@ def test_a_bttmoe_router_is_part_of_its_layer():
     with torch.no_grad():
         moe.router.weight.normal_()
     model = nn.Sequential(moe, nn.GELU(), nn.Linear(64, 64))
-    trained = moe.router.weight.clone()
+    router, trained = moe.router, moe.router.weight.clone()
     for spec in ("btt(rank=2)", "bttmoe(experts=4, k=1)"):  # later passes over the model
         report = einc.replace_linear(model, spec)
         assert [r[0] for r in report.rows] == (["2"] if spec.startswith("btt(") else [])
         assert report.kept == [("0.router", "the router of the BTT-MoE layer '0', part of that layer")]
-        assert type(moe.router) is nn.Linear and torch.equal(moe.router.weight, trained)
+        assert moe.router is router and torch.equal(moe.router.weight, trained)
     assert model(torch.randn(3, 64)).shape == (3, 64)
 
 

@@ -127,6 +127,19 @@ def _alive(node) -> bool:
     return True
 
 
+class Router(nn.Linear):
+    """The router: an ``nn.Linear`` whose own ``reset_parameters`` zero-initialises it, so
+    that deferred initialisation, which calls every module's ``reset_parameters`` (meta
+    device, then ``to_empty``; FSDP), does not leave it with nn.Linear's random init after
+    the layer's reset."""
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+            if self.bias is not None:
+                self.bias.zero_()
+
+
 class BTTMoE(nn.Module):
     """Mixture of ``experts`` rank-1 BTT experts, ``k`` active per token.
 
@@ -210,7 +223,7 @@ class BTTMoE(nn.Module):
         E = experts
         numel = E * (g * a * f + f * g * e) + (in_features + 1) * E + out_features * bias
         with allocating(numel, dtype, device):
-            self.router = nn.Linear(in_features, E, bias=True, **factory)
+            self.router = Router(in_features, E, bias=True, **factory)
             # expose (g, a, f, E) / (f, g, E, e); store (g, E, a, f) / (f, E, g, e)
             self.A = nn.Parameter(torch.empty(g, E, a, f, **factory).permute(0, 2, 3, 1))
             self.B = nn.Parameter(torch.empty(f, E, g, e, **factory).permute(0, 2, 1, 3))
@@ -233,8 +246,7 @@ class BTTMoE(nn.Module):
         with torch.no_grad():
             self.A.normal_(0.0, 1.0 / math.sqrt(a))
             self.B.normal_(0.0, math.sqrt(self.k * a / self.in_features))
-            self.router.weight.zero_()
-            self.router.bias.zero_()
+            self.router.reset_parameters()
             if self.bias is not None:
                 self.bias.zero_()
 
