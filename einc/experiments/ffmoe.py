@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CompileError
+from ..moe.layer import Router
 
 Z_LOSS_WEIGHT = 0.1
 
@@ -30,7 +31,7 @@ class FFMoE(nn.Module):
             raise CompileError(f"FFMoE takes k from 1 to experts = {experts}, got {k}")
         self.d, self.hidden, self.experts, self.k = d, hidden, experts, k
         self.spec = f"ffmoe(experts={experts},k={k})"
-        self.router = nn.Linear(d, experts)
+        self.router = Router(d, experts)  # zero-initialised, also by deferred init
         self.w1 = nn.Parameter(torch.empty(experts, d, hidden))
         self.w2 = nn.Parameter(torch.empty(experts, hidden, d))
         self.b1 = nn.Parameter(torch.zeros(experts, hidden)) if bias else None
@@ -42,8 +43,7 @@ class FFMoE(nn.Module):
         with torch.no_grad():
             self.w1.normal_(0.0, 1.0 / math.sqrt(self.d))
             self.w2.normal_(0.0, 1.0 / math.sqrt(self.hidden))
-            self.router.weight.zero_()
-            self.router.bias.zero_()
+            self.router.reset_parameters()
 
     def lr_multipliers(self) -> dict[str, float]:
         """Per-factor rates as einc.param_groups reads them: each expert map is a dense
