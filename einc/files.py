@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import stat
 from typing import IO, Callable, Optional
 
 from .errors import EincError
+
+_TMP = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")  # the names replace_file gives its temporaries
 
 
 def replace_file(path: str, write: Callable[[IO], None], binary: bool = False,
@@ -50,6 +53,22 @@ def replace_file(path: str, write: Callable[[IO], None], binary: bool = False,
         except OSError:
             pass
         raise
+
+
+def sweep_temporaries(folder: str) -> None:
+    """Remove temporary files that :func:`replace_file` left in ``folder`` when its process
+    was killed mid-write (SIGTERM, SIGKILL: no cleanup runs then). Call it before this
+    process writes there."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if _TMP.match(name):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
 
 
 def write_output(path: str, write: Callable[[IO], None], binary: bool = False) -> None:

@@ -380,6 +380,28 @@ def test_ffmoe_options_are_checked_before_any_run(no_runs, spec, text):
         scaling("charlm", structures=[spec], widths=[8], steps=2, progress=False)
 
 
+def test_the_largest_teacher_seed_trains():
+    """teacher_seed = 2^64 - 1, the documented maximum, overflowed manual_seed (seed + 1)."""
+    rec = run_job(_job(options={"test_size": 16, "teacher_seed": 2 ** 64 - 1}, steps=1))
+    assert rec["status"] == "ok"
+
+
+def test_an_option_at_its_default_is_the_same_run():
+    """--option hidden=2 (the default) got a new key and retrained every run."""
+    assert job_key(_job(options={"hidden": 2})) == job_key(_job(options={}))
+    assert job_key(_job(options={"hidden": 3})) != job_key(_job(options={}))
+
+
+def test_the_progress_bar_ends_at_its_total(capsys):
+    """The bar started from a total of 1 that later totals were added to, so it never
+    reached 100% (10 of 11 steps)."""
+    bar = harness._Bar(0, True)
+    bar.total += 10
+    for _ in range(10):
+        bar(1)
+    assert "100.0%" in capsys.readouterr().err.rsplit("\r", 1)[-1]
+
+
 def test_model_flops_takes_a_module():
     with pytest.raises(einc.CompileError, match="model_flops takes a torch.nn.Module, got NoneType"):
         model_flops(None)  # AttributeError: 'NoneType' object has no attribute 'named_modules'
@@ -388,6 +410,9 @@ def test_model_flops_takes_a_module():
 def test_rerank_names_a_bad_candidate(no_runs):
     with pytest.raises(einc.EincError, match="rerank takes specs or einc.search records"):
         rerank([{}])  # KeyError: 'spec'
+    for bad in ("dense", None):  # the characters as specs ("unknown preset 'd'"); TypeError
+        with pytest.raises(einc.EincError, match="rerank takes a list of specs"):
+            rerank(bad)
 
 
 def test_ffmoe_layer_and_hidden_width_are_checked():

@@ -73,3 +73,16 @@ def test_a_read_only_file_is_refused_as_open_would(tmp_path):
     with pytest.raises(einc.EincError, match="Permission denied"):
         write_output(str(path), lambda fh: fh.write("new"))
     assert path.read_text() == "old"
+
+
+def test_a_killed_writer_s_temporaries_are_swept(tmp_path):
+    """SIGTERM or SIGKILL mid-write runs no cleanup: the next run's folder check removes the
+    temporary files replace_file names, and nothing else."""
+    from einc.files import sweep_temporaries
+    left = tmp_path / ".runs.csv.0123456789abcdef.tmp"
+    left.write_text("half")
+    keep = [tmp_path / ".hidden.tmp", tmp_path / "notes.0123456789abcdef.tmp", tmp_path / "runs.csv"]
+    for p in keep:
+        p.write_text("x")
+    sweep_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in keep)

@@ -552,3 +552,14 @@ def test_transpose_keeps_the_cheaper_orientation():
     # known structures are named at either orientation
     named = lambda rs: {r["name"] for r in rs if r["name"]}
     assert named(every) == named(search(d=64, k=3, top=0, max_flops="none"))
+
+
+def test_train_widths_are_checked_against_the_task_before_searching(tmp_path, capsys):
+    """A charlm width its heads do not divide was refused only after the search had printed
+    its table, leaving the --train-out folder behind."""
+    out = tmp_path / "o"
+    rc, stdout, err = _main(capsys, "--d", "64", "--k", "4", "--top", "2", "--train", "charlm",
+                            "--train-widths", "100", "--train-option", "head_dim=32",
+                            "--train-out", str(out))
+    assert rc == 2 and stdout == "" and "width 100 does not split into its 3 heads" in err
+    assert not out.exists()

@@ -35,7 +35,7 @@ import numbers
 import numpy as np
 
 from ..errors import EincError, Pos, SizeError, SpecSyntaxError, UnknownNameError
-from ..files import write_output
+from ..files import sweep_temporaries, write_output
 from ..space.checks import (MAX_BATCH, MAX_EVAL_POINTS, MAX_SEED, MAX_SEEDS, MAX_STEPS,
                             MAX_TRAIN_WIDTH, bounds_text, check_targets, prepare_folder,
                             flag, remove_folders, shown)
@@ -44,7 +44,7 @@ from . import fit as fitting
 from .executors import EXECUTORS, dist_env, run_jobs
 from .flops import model_flops, slug
 from .tasks import (TASKS, add_moe_multipliers, check_options, ffmoe_options, make_task,
-                    taxonomy)
+                    task_options, taxonomy)
 
 WARMUP_FRACTION = 0.02
 DEFAULT_AUX_WEIGHT = 0.01
@@ -65,7 +65,10 @@ def eval_steps(steps: int, points: int) -> list[int]:
 def job_key(job: dict) -> str:
     """A run's file name: readable fields, and a digest of everything that tells runs
     apart exactly (two specs can share a slug, two rates their 3 digits)."""
-    opts = json.dumps(job.get("options") or {}, sort_keys=True)
+    # an option given at its default value is the same run as one left out
+    defaults = task_options(job["task"])
+    opts = json.dumps({k: v for k, v in (job.get("options") or {}).items()
+                       if k not in defaults or defaults[k] != v}, sort_keys=True)
     digest = hashlib.sha1(f"{opts}|{job.get('aux_weight')}|{job.get('eval_points')}|"
                           f"{job.get('lr_width')}|{job['spec']}|{float(job['lr'])!r}"
                           .encode()).hexdigest()[:8]
@@ -214,7 +217,7 @@ class _Bar:
     """Progress over all steps of all runs, on stderr."""
 
     def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.total, self.done, self.enabled = total, 0, enabled
         self.start, self.last, self.note = time.perf_counter(), 0.0, ""
 
     def __call__(self, n: int = 1, note: str | None = None):
@@ -224,7 +227,7 @@ class _Bar:
         now = time.perf_counter()
         if self.enabled and (now - self.last > 0.5 or self.done >= self.total):
             self.last = now
-            frac = min(self.done / self.total, 1.0)
+            frac = min(self.done / self.total, 1.0) if self.total else 1.0
             el = now - self.start
             eta = el / frac - el if frac > 0 else 0.0
             bar = "#" * int(28 * frac) + "-" * (28 - int(28 * frac))
@@ -413,7 +416,8 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
                         f"--train-executor ray), not {executor!r}")
     options = check_options(task, options or {})
     if hasattr(cls, "check_widths"):  # the task's own rules, e.g. widths that split into heads
-        cls.check_widths(per, options)
+        # without structures (einc search --train, before its search) every width still checks
+        cls.check_widths(per or {None: every}, options)
     return {"task": task, "structures": structures, "per": per, "widths": every,
             "steps": _count(steps, "steps", 1, MAX_STEPS), "seeds": seeds,
             "batch": cls.default_batch if batch is None else _count(batch, "batch", 1,
@@ -439,6 +443,8 @@ def prepare_out(out) -> list[str]:
     except EincError:
         remove_folders(created)
         raise
+    for folder in (out, runs):  # what a killed earlier run was writing
+        sweep_temporaries(folder)
     return created
 
 
@@ -745,6 +751,9 @@ def rerank(candidates, task: str = "regression", widths=(32, 64, 128), steps: in
 
     Returns ``{'analytic': [...], 'trained': [...], 'result': ScalingResult}``, the first
     two being lists of ``(rank, spec, name, loss)`` (loss None for the analytic list)."""
+    if isinstance(candidates, (str, dict)) or not hasattr(candidates, "__iter__"):
+        raise EincError(f"rerank takes a list of specs or einc.search records, got "
+                        f"{shown(candidates)}")
     specs, names = [], {}
     for c in candidates:
         if not (isinstance(c, str) or (isinstance(c, dict) and isinstance(c.get("spec"), str))):

@@ -192,7 +192,8 @@ class Regression:
                         "test_size": int(test_size), "teacher_seed": self.teacher_seed}
         self.teacher, self.shift, self.scale = _teacher(self.d_in, self.teacher_width,
                                                         self.teacher_depth, self.teacher_seed)
-        g = torch.Generator().manual_seed(self.teacher_seed + 1)
+        # mod 2^64: the largest seed allowed, 2^64 - 1, overflowed manual_seed
+        g = torch.Generator().manual_seed((self.teacher_seed + 1) % 2 ** 64)
         self.test_x = torch.randn(int(test_size), self.d_in, generator=g)
         self.test_y = self.target(self.test_x)
 
