@@ -269,8 +269,10 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     records, seen, repeats = [], set(), 0
     for i in order:  # best first, until top rows
         pid = int(cands.ids[i])
-        if distinct:  # the same layer and the same counted cost (see layer_key)
-            key = (_point_key(space, pid, din, dout, tolerance), cands.flops[i])
+        # the same layer and the same counted cost (see layer_key); a padded one is its own
+        layer = _point_key(space, pid, din, dout, tolerance) if distinct else None
+        if layer is not None:
+            key = (layer, cands.flops[i])
             if key in seen:
                 repeats += 1
                 continue
@@ -278,7 +280,7 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
         if (flop_cap is not None and r["flops"] > flop_cap) or \
                 (param_cap is not None and r["params"] > param_cap):
             continue  # exact, see _within
-        if distinct:
+        if layer is not None:
             seen.add(key)
         records.append(r)
         if top is not None and len(records) == top:
@@ -303,7 +305,11 @@ def layer_key(rec: dict, transpose: bool = False) -> tuple:
     its input and output features. The search also compares FLOPs: a step summing over
     a size-1 index only is counted as multiply-adds (as opt_einsum counts), the same step
     without that index as products, so such a pair is listed twice, the cheaper count
-    never hidden behind the dearer."""
+    never hidden behind the dearer. None for a padded layer: the module crops the first
+    d_in inputs (d_out outputs) in the written index order, so two such points with equal
+    products can drop different slices (ranks 42 and 44 at d = 50) and are never merged."""
+    if (rec["padded_in"], rec["padded_out"]) != (rec["d_in"], rec["d_out"]):
+        return None
     factors = rec["factors"]
     return _canonical_key([(ix in rec["input"], ix in rec["output"],
                             frozenset(f for f in factors if ix in factors[f]), size)
@@ -316,7 +322,9 @@ def _point_key(space: Space, pid: int, d_in: int, d_out: int, tolerance: float) 
     t = space.template
     ix, iy, ir = (int(v[0]) for v in space.split(np.array([pid])))
     exps = space.point_exponents(ix, iy, ir)
-    sizes = t.concrete_sizes(exps, d_in, d_out, tolerance)[0]
+    sizes, pin, pout = t.concrete_sizes(exps, d_in, d_out, tolerance)
+    if (pin, pout) != (d_in, d_out):
+        return None
     items = [("x" in t.membership[c], "y" in t.membership[c],
               frozenset(t.membership[c]) - {"x", "y"}, sizes[c])
              for c in t.classes if exps[c] > 0]
