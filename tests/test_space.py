@@ -591,3 +591,19 @@ def test_train_widths_are_checked_against_the_task_before_searching(tmp_path, ca
                             "--train-out", str(out))
     assert rc == 2 and stdout == "" and "width 100 does not split into its 3 heads" in err
     assert not out.exists()
+
+
+def test_exponent_bounds_are_exact():
+    """min_psi and max_omega had a slack of 1e-9 (in units of 1/k): 0.50000000001 kept the
+    psi = 1/2 rows and 0.49999999999 the omega = 1/2 ones."""
+    over = search(d=256, k=4, min_psi="0.50000000001", max_flops=None, top=0)
+    assert over and all(Fraction(r["psi"]) > Fraction(1, 2) for r in over)
+    under = search(d=256, k=4, max_omega="0.49999999999", max_flops=None, top=0)
+    assert under and all(Fraction(r["omega"]) < Fraction(1, 2) for r in under)
+    at = search(d=256, k=4, min_psi="1/2", max_flops=None, top=0)
+    assert any(Fraction(r["psi"]) == Fraction(1, 2) for r in at)
+
+
+def test_a_tiny_budget_is_not_printed_as_zero(capsys):
+    rc, out, err = _main(capsys, "--d", "64", "--max-flops", "1e-400x")
+    assert "budget 8.19e-397" in out + err and "budget 0.0" not in out + err

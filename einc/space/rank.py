@@ -7,6 +7,7 @@ import itertools
 import math
 import numbers
 import re
+from decimal import Decimal
 from fractions import Fraction
 
 import numpy as np
@@ -130,8 +131,9 @@ def format_budget(amount: float) -> str:
     if Fraction(amount).denominator == 1:
         return f"{int(amount):,}"
     text = repr(float(amount))
-    if "e" in text:  # tiny fractions of a small dense layer
-        return text
+    if "e" in text or float(amount) == 0:  # tiny fractions of a small dense layer
+        q = Fraction(amount)  # 1e-400x: not 0.0, which float(amount) gives
+        return f"{Decimal(q.numerator) / Decimal(q.denominator):.3g}"
     whole, frac = text.split(".")
     return f"{int(whole):,}.{frac}"
 
@@ -255,10 +257,11 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
             m &= _within(cols["flops"], flop_cap)
         if param_cap is not None:
             m &= _within(cols["params"], param_cap)
+        # exponents are whole multiples of 1/k: compare exactly against the bound's
         if psi_min is not None:
-            m &= cols["psi"] >= float(psi_min * space.k) - 1e-9
+            m &= cols["psi"] >= math.ceil(psi_min * space.k)
         if omega_max is not None:
-            m &= cols["omega"] <= float(omega_max * space.k) + 1e-9
+            m &= cols["omega"] <= math.floor(omega_max * space.k)
         if exclude_degenerate:
             m &= cols["degenerate"] != 1
         return m
