@@ -607,3 +607,10 @@ def test_exponent_bounds_are_exact():
 def test_a_tiny_budget_is_not_printed_as_zero(capsys):
     rc, out, err = _main(capsys, "--d", "64", "--max-flops", "1e-400x")
     assert "budget 8.19e-397" in out + err and "budget 0.0" not in out + err
+
+
+def test_a_cost_rounding_onto_the_cap_is_not_counted_as_passing():
+    """Above 2^53 a cost just over the cap can round onto it as a float; the exact re-check
+    dropped the row but the header still counted it ("2 pass", one row shown)."""
+    res = search(d=2 ** 32, k=1, max_flops=2 ** 65 - 1, top=0)
+    assert len(res) == res.counts["passed"] == 1

@@ -282,7 +282,8 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
         r = record(space, pid, din, dout, tolerance, names)
         if (flop_cap is not None and r["flops"] > flop_cap) or \
                 (param_cap is not None and r["params"] > param_cap):
-            continue  # exact, see _within
+            cands.counts["passed"] -= 1  # exact, see _within: the float cost met the cap
+            continue
         if layer is not None:
             seen.add(key)
         records.append(r)
@@ -459,7 +460,7 @@ def table(result: SearchResult) -> str:
     repeated = (f"{result.repeats:,} skipped as the layer of a row above, sizes rounded "
                 "alike at this width (--all-roundings lists them); " if result.repeats else "")
     if len(result) + result.repeats < n["passed"]:
-        lines.append(f"(top {len(result)} of {n['passed']:,}; {repeated}--top 0 shows all)")
+        lines.append(f"(top {len(result):,} of {n['passed']:,}; {repeated}--top 0 shows all)")
     elif repeated:
         lines.append(f"({repeated.rstrip('; ')})")
     return "\n".join(lines)
