@@ -540,9 +540,11 @@ def test_autocast_runs_every_route_in_low_precision(route):
 def test_jit_trace_takes_the_plain_route_and_holds_for_other_batch_sizes(spec):
     import warnings
     m = einc.compile(spec, 64, 48)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         traced = torch.jit.trace(m, (torch.randn(5, 64),))
+    # einc's checks of fixed sizes add nothing to torch's own notes
+    assert not [w for w in seen if "/einc/" in w.filename], [str(w.message) for w in seen]
     for n in (1, 7, 40):
         x = torch.randn(n, 64)
         torch.testing.assert_close(traced(x), m(x))
@@ -632,3 +634,37 @@ def test_a_float64_factor_is_refused_under_autocast_too():
         with torch.autocast("cpu", dtype=torch.bfloat16), \
                 pytest.raises(einc.CompileError, match="factor B .*torch.float64"):
             m(torch.randn(2, 64))
+
+
+def test_materialize_leaves_the_bias_alone():
+    """materialize() computes the weight without setting the bias aside: a parametrised bias
+    (which cannot be assigned None) works, and the bias object is never swapped out, so a
+    forward in another thread keeps it."""
+    import torch.nn.utils.parametrize as P
+
+    class Positive(torch.nn.Module):
+        def forward(self, b):
+            return torch.nn.functional.softplus(b)
+
+    m = einc.compile("lowrank(rank=4)", d_in=12, d_out=20, dtype=torch.float64)
+    P.register_parametrization(m, "bias", Positive())
+    x = torch.randn(3, 12, dtype=torch.float64)
+    W = m.materialize()
+    torch.testing.assert_close(m(x), x @ W.T + m.bias)
+    assert W.shape == (20, 12)
+
+    seen = []
+    m2 = einc.compile("btt", d_in=16, d_out=16)
+    cls = type(m2)
+    cls_setattr = cls.__setattr__
+
+    def spy(self, name, value):
+        seen.append(name)
+        cls_setattr(self, name, value)
+
+    try:
+        cls.__setattr__ = spy
+        m2.materialize()
+    finally:
+        cls.__setattr__ = cls_setattr
+    assert "bias" not in seen

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from .dispatch import _masked, _sparse, check_backend, route
 from ..errors import CompileError
 from ..runtime.fused import (allocating, autocasting, check_device, check_dtype, check_flag,
-                             check_input, check_module, dtype_mismatch, exporting, tracing,
+                             check_input, check_module, dtype_mismatch, exporting, fixed_sizes,
+                             tracing,
                              vmapping)
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
@@ -352,6 +353,7 @@ class BTTMoE(nn.Module):
             entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean()
             self._stats = {"load": frac.detach(), "entropy": entropy, "tokens": N}
 
+    @fixed_sizes  # its shape checks and branches on sizes
     def _evaluate(self, x: Tensor, masked: bool) -> Tensor:
         check_input(x, self.in_features, self.A.device)
         # autocast leaves float64 alone: a float64 layer computes in float64 there too

@@ -10,9 +10,11 @@ included) and of ``dx`` in place, and factor gradients accumulate over the chunk
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -170,6 +172,21 @@ def autocasting(device: torch.device) -> bool:
         return False
 
 
+def fixed_sizes(fn):
+    """For checks of sizes that a torch.jit.trace records as fixed (the input width, the
+    factors' shapes): its warning that a size became a Python bool is expected there, since
+    a trace is for those sizes anyway, and would only hide warnings that matter."""
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        if not torch.jit.is_tracing():
+            return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            return fn(*args, **kwargs)
+    return checked
+
+
+@fixed_sizes
 def check_input(x, in_features: int, device: torch.device | None = None) -> None:
     """A layer's input must be a dense floating-point tensor whose last dimension is
     ``in_features``, on the layer's ``device`` when given; anything else is named here,

@@ -15,8 +15,8 @@ from ..codegen import emit
 from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
 from .fused import (ChainFunction, allocating, autocasting, check_device, check_dtype,
-                    check_flag, check_input, chunk_tokens, dtype_mismatch, dual, tracing,
-                    transforming)
+                    check_flag, check_input, chunk_tokens, dtype_mismatch, dual, fixed_sizes,
+                    tracing, transforming)
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
@@ -159,10 +159,10 @@ class StructuredLinear(nn.Module):
     # -- compute -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         facs = self.factors()  # once: each call builds a list (about 1 us)
-        check_input(x, self.in_features, facs[0].device)
         # autocast casts inside torch ops, which the plain routes use and the fused ones
         # (computing in the factors' dtype) do not
         autocast = autocasting(x.device)
+        check_input(x, self.in_features, facs[0].device)
         dtype = self._check_factors(autocast, facs)
         route = self.route
         if route == "auto":
@@ -197,6 +197,7 @@ class StructuredLinear(nn.Module):
             return forward_triton(self, x)
         return self._forward_fused(x)
 
+    @fixed_sizes
     def _check_factors(self, autocast: bool = False, facs=None) -> torch.dtype:
         """The factors' (and bias's) shapes must be the structure's: the fused route reads a
         factor through its planned strides, so a replaced parameter of another shape would be
@@ -232,12 +233,13 @@ class StructuredLinear(nn.Module):
             z = nn.functional.pad(z, (0, low.padded_in - low.d_in))
         return z
 
-    def _finish(self, y: torch.Tensor, lead) -> torch.Tensor:
-        """(n, padded_out) -> (..., out_features): padded outputs dropped, bias added."""
+    def _finish(self, y: torch.Tensor, lead, bias: bool = True) -> torch.Tensor:
+        """(n, padded_out) -> (..., out_features): padded outputs dropped, bias added (unless
+        ``bias`` is False)."""
         low = self.lowered
         if low.padded_out > low.d_out:
             y = y[:, :low.d_out]
-        if self.bias is not None:  # in y's dtype, as nn.Linear under autocast
+        if bias and self.bias is not None:  # in y's dtype, as nn.Linear under autocast
             y = y + self.bias.to(y.dtype)
         # contiguous as nn.Linear's: a slice past padded outputs or a transposed einsum
         # result is not, and y.view(-1) would fail
@@ -277,14 +279,15 @@ class StructuredLinear(nn.Module):
         facs = [p.permute(perm) for p, perm in zip(self.factors(), perms)]
         return [(f if dtype is None else f.to(dtype)).contiguous() for f in facs]
 
-    def forward_einsum(self, x: torch.Tensor) -> torch.Tensor:
-        """Reference route: one torch.einsum over the input and the factors."""
+    def forward_einsum(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """Reference route: one torch.einsum over the input and the factors; ``bias=False``
+        leaves the bias out."""
         low = self.lowered
         inp, rest = self.equation.split(",", 1)
         facs, out = rest.split("->")
         y = torch.einsum(f"...{inp},{facs}->...{out}",
                          self._tokens(x).reshape(-1, *low.input_sizes), *self.factors())
-        return self._finish(y.reshape(-1, low.padded_out), x.shape[:-1])
+        return self._finish(y.reshape(-1, low.padded_out), x.shape[:-1], bias)
 
     def forward_steps(self, x: torch.Tensor) -> torch.Tensor:
         """One torch.einsum per step of the planned chain: each call picks its own layouts,
@@ -312,12 +315,9 @@ class StructuredLinear(nn.Module):
         """The dense (out_features, in_features) weight."""
         p = next(self.parameters())
         eye = torch.eye(self.in_features, dtype=p.dtype, device=p.device)
-        bias, self.bias = self.bias, None
-        try:
-            w = self.forward_einsum(eye)
-        finally:
-            self.bias = bias
-        return w.T.contiguous()
+        # the bias is left out, never set aside: other threads may be running forward, and
+        # a parametrised bias cannot be assigned None
+        return self.forward_einsum(eye, bias=False).T.contiguous()
 
     def extra_repr(self) -> str:
         low = self.lowered
