@@ -4,6 +4,7 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 
 import einc
@@ -869,6 +870,25 @@ def test_layer_copies_and_pickles_after_a_training_step():
 def test_layer_rejects_non_integer_sizes(bad):
     with pytest.raises(einc.CompileError, match="must be an integer"):
         einc.BTTMoE(8, 8, **{"experts": 4, **bad})
+
+
+@pytest.mark.parametrize("width,match", [(10 ** 30, "above the largest width"),
+                                         (2 ** 32 + 1, "above the largest width"),
+                                         (0, "must be a positive integer"),
+                                         (None, "must be a positive integer"),
+                                         (8.0, "must be a positive integer")])
+def test_layer_checks_widths_before_choosing_core_sizes(width, match):
+    """A width past einc's limit is refused at once, like einc.compile refuses it, not
+    after a core-size search that grows with its square root (10**30 never returned)."""
+    for args in ((width, 64), (64, width)):
+        with pytest.raises(einc.EincError, match=match):
+            einc.BTTMoE(*args)
+
+
+def test_layer_widths_are_python_ints():
+    m = einc.BTTMoE(np.int64(64), np.int16(48), experts=np.int8(4))
+    assert type(m.in_features) is int and type(m.out_features) is int and type(m.experts) is int
+    assert m(torch.randn(2, 64)).shape == (2, 48)
 
 
 @pytest.mark.parametrize("sizes,match", [((4, 4), "covers only 16 < 64"), ((8,), "two positive"),

@@ -668,3 +668,18 @@ def test_materialize_leaves_the_bias_alone():
     finally:
         cls.__setattr__ = cls_setattr
     assert "bias" not in seen
+
+
+def test_structured_linear_keeps_the_checked_widths():
+    """The module's widths are the checked ones: numpy integers become ints (and no longer
+    overflow in the parameter count), None takes d_in or the spec's own sizes, as
+    einc.compile does."""
+    m = einc.StructuredLinear(np.int64(64), np.int16(30000), "lowrank(rank=1)")
+    assert (m.in_features, m.out_features) == (64, 30000)
+    assert type(m.in_features) is int and type(m.out_features) is int
+    assert m.bias.shape == (30000,)
+    m = einc.StructuredLinear(64, None, "btt")
+    assert m.out_features == 64 and m(torch.randn(2, 64)).shape == (2, 64)
+    m = einc.StructuredLinear(None, None, "x[i j] W[i j o] -> y[o] with i = 3, j = 5, o = 4")
+    assert (m.in_features, m.out_features) == (15, 4)
+    assert m(torch.randn(2, 15)).shape == (2, 4)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dispatch import _masked, _sparse, check_backend, route
+from ..analysis.concrete import check_width
 from ..errors import CompileError
 from ..runtime.fused import (allocating, autocasting, check_device, check_dtype, check_flag,
                              check_input, check_module, dtype_mismatch, exporting, fixed_sizes,
@@ -65,6 +66,14 @@ def _integer(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise CompileError(f"{name} must be an integer, got {value!r}")
     return int(value)  # numpy integers too
+
+
+def _width(name: str, value) -> int:
+    """A layer width: an int from 1 to einc's largest (None, which check_width lets through
+    for widths taken from a spec, is refused: a BTTMoE has no spec sizes)."""
+    if value is None:
+        raise CompileError(f"{name} must be a positive integer, got None")
+    return check_width(value, name)
 
 
 def _sizes(name: str, given: Optional[Sequence[int]], n: int) -> Tuple[int, int]:
@@ -195,17 +204,17 @@ class BTTMoE(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        in_features, out_features, experts, k, cores = (_integer(name, value) for name, value in (
-            ("in_features", in_features), ("out_features", out_features), ("experts", experts),
-            ("k", k), ("cores", cores)))
+        experts, k, cores = (_integer(name, value) for name, value in (
+            ("experts", experts), ("k", k), ("cores", cores)))
+        # the widths einc accepts everywhere (1 to 2^32), checked before any size search
+        in_features, out_features = (_width(name, value) for name, value in (
+            ("in_features", in_features), ("out_features", out_features)))
         if cores != 2:
             raise CompileError(f"BTTMoE supports cores=2 only (got cores={cores}); allowed: 2")
         if experts < 1:
             raise CompileError(f"experts must be >= 1, got {experts}")
         if not 1 <= k <= experts:
             raise CompileError(f"k must be in [1, experts={experts}], got {k}")
-        if in_features < 1 or out_features < 1:
-            raise CompileError("in_features and out_features must be positive")
         bias = check_flag("bias", bias)
         deterministic = check_flag("deterministic", deterministic)
         check_backend(backend)

@@ -45,6 +45,8 @@ class StructuredLinear(nn.Module):
             raise CompileError("a bttmoe spec builds an einc.BTTMoE: use einc.compile or "
                                "einc.replace_linear, which pick the module for the spec")
         low = lower(structure, in_features, out_features, tolerance)
+        # the checked widths (ints; None resolved from the spec or d_in), not the arguments
+        in_features, out_features = low.d_in, low.d_out
         self.in_features, self.out_features = in_features, out_features
         self.spec = spec if isinstance(spec, str) else structure.source or structure.spec_text()
         self.lowered = low
@@ -159,10 +161,10 @@ class StructuredLinear(nn.Module):
     # -- compute -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         facs = self.factors()  # once: each call builds a list (about 1 us)
+        check_input(x, self.in_features, facs[0].device)
         # autocast casts inside torch ops, which the plain routes use and the fused ones
         # (computing in the factors' dtype) do not
         autocast = autocasting(x.device)
-        check_input(x, self.in_features, facs[0].device)
         dtype = self._check_factors(autocast, facs)
         route = self.route
         if route == "auto":
