@@ -32,8 +32,7 @@ from ..analysis.concrete import check_width
 from ..errors import CompileError
 from ..runtime.fused import (allocating, autocasting, check_device, check_dtype, check_flag,
                              check_input, check_module, dtype_mismatch, exporting, fixed_sizes,
-                             tracing,
-                             vmapping)
+                             tracing, vmapping)
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
 
