@@ -559,7 +559,6 @@ def test_transpose_keeps_the_cheaper_orientation():
     """A family holds W and W^T; with transpose=True it is scored at the orientation with
     fewer FLOPs. It was the orbit's smallest lattice id, whatever it cost, so a FLOP budget
     dropped families whose transpose fits (29 of 124 families here)."""
-    from fractions import Fraction
     transpose = lambda t: "(" + "|".join(map(str, (*t[3:6], *t[0:3], t[6]))) + ")"
     theta = lambda r: [Fraction(v).limit_denominator(64) for v in r["theta"]]
     every = search(d=64, k=3, top=0, max_flops="none", transpose=True)
@@ -614,3 +613,30 @@ def test_a_cost_rounding_onto_the_cap_is_not_counted_as_passing():
     dropped the row but the header still counted it ("2 pass", one row shown)."""
     res = search(d=2 ** 32, k=1, max_flops=2 ** 65 - 1, top=0)
     assert len(res) == res.counts["passed"] == 1
+
+
+def test_huge_widths_pick_the_rounding_analyze_picks():
+    """At d = 2^32 the FLOPs of two equally close roundings tie exactly but are above 2^53,
+    where their float values differ in the last bits: the scorer decided the tie by that
+    noise, took the costlier parameters, and dropped a point that meets the budget exactly."""
+    spec = "(1/4|2/3|1/12|1/12|5/6|1/12|0)"
+    rec = einc.analyze(spec, d=2 ** 32)
+    rows = einc.search(d=2 ** 32, max_flops="none", max_params=rec.params, min_psi=rec.psi,
+                       max_omega=rec.omega, sort="params", top=0, progress=False)
+    assert rows[-1]["spec"] == spec and rows[-1]["params"] == rec.params
+    assert all(a["params"] <= b["params"] for a, b in zip(rows, rows[1:]))
+
+
+@pytest.mark.parametrize("kw", [{}, {"min_psi": 1}])
+def test_rows_are_in_exact_order_above_2_53(kw):
+    """Parameters per FLOP from float counts above 2^53 are rounded: equal exact ratios came
+    out one ulp apart and were listed by it, not by the FLOPs that break the tie. Rows are
+    ordered by their exact counts, and a top N is the start of the full list."""
+    key = lambda r: (-Fraction(r["params"], r["flops"]), r["flops"])
+    rows = einc.search(d=2 ** 32, max_flops="none", sort="params-per-flop", top=60,
+                       progress=False, **kw)
+    assert all(key(a) <= key(b) for a, b in zip(rows, rows[1:]))
+    for n in (1, 13, 37):
+        top = einc.search(d=2 ** 32, max_flops="none", sort="params-per-flop", top=n,
+                          progress=False, **kw)
+        assert [r["spec"] for r in top] == [r["spec"] for r in rows[:n]]

@@ -45,21 +45,58 @@ SORT_KEYS = {
 }
 
 
+#: per sort key, its columns in priority order, each ascending (1) or descending (-1); the
+#: point ids break every remaining tie
+_ORDER = {
+    "paper": (("omega", 1), ("psi", -1), ("ppf", -1), ("flops", 1)),
+    "params-per-flop": (("ppf", -1), ("flops", 1)),
+    "flops": (("flops", 1),),
+    "params": (("params", 1),),
+    "omega": (("omega", 1), ("ppf", -1), ("flops", 1)),
+    "psi": (("psi", -1), ("ppf", -1), ("flops", 1)),
+    "nu": (("nu", 1), ("ppf", -1), ("flops", 1)),
+    "rank": (("rank_bound", -1), ("ppf", -1), ("flops", 1)),
+    # which candidates to measure: the paper's first (then sorted by time)
+    "measured": (("omega", 1), ("psi", -1), ("ppf", -1), ("flops", 1)),
+}
+_ROUNDED = ("params", "flops", "ppf")  # float columns that may be rounded (the others exact)
+
+
+def _columns(c: Candidates, key: str) -> list:
+    return [(c.params_per_flop if n == "ppf" else getattr(c, n), sign) for n, sign in _ORDER[key]]
+
+
 def _sort_order(c: Candidates, key: str) -> np.ndarray:
-    ppf = c.params_per_flop
-    keys = {  # np.lexsort sorts by the last key first; ids break every tie
-        "paper": (c.ids, c.flops, -ppf, -c.psi, c.omega),
-        "params-per-flop": (c.ids, c.flops, -ppf),
-        "flops": (c.ids, c.flops),
-        "params": (c.ids, c.params),
-        "omega": (c.ids, c.flops, -ppf, c.omega),
-        "psi": (c.ids, c.flops, -ppf, -c.psi),
-        "nu": (c.ids, c.flops, -ppf, c.nu),
-        "rank": (c.ids, c.flops, -ppf, -c.rank_bound),
-        # which candidates to measure: the paper's first (then sorted by time)
-        "measured": (c.ids, c.flops, -ppf, -c.psi, c.omega),
-    }[key]
-    return np.lexsort(keys)
+    """The candidates in float order (np.lexsort sorts by the last key first)."""
+    return np.lexsort([c.ids] + [sign * col for col, sign in reversed(_columns(c, key))])
+
+
+def _exact_key(c: Candidates, i: int, key: str, params: int, flops: int) -> tuple:
+    """Candidate ``i``'s sort key with exact counts: float64 rounds counts above 2^53, and
+    a ratio of counts at any size, so the float order can tie or swap points whose exact
+    values differ."""
+    exact = {"params": params, "flops": flops, "ppf": Fraction(params, flops)}
+    return tuple(sign * (exact[n] if n in exact else int(getattr(c, n)[i]))
+                 for n, sign in _ORDER[key]) + (int(c.ids[i]),)
+
+
+def _cheap_key(c: Candidates, i: int, key: str) -> tuple | None:
+    """:func:`_exact_key` from the float columns, where they hold the counts exactly."""
+    p, f = float(c.params[i]), float(c.flops[i])
+    return _exact_key(c, i, key, int(p), int(f)) if max(p, f) < 2.0 ** 53 else None
+
+
+def _past(cols: list, names, i: int, last: int) -> bool:
+    """Whether candidate ``i``, after ``last`` in the float order, is after it exactly, and
+    so is every later one: an exact column orders them before the first rounded one, or
+    that one differs by more than rounding."""
+    for (col, _), n in zip(cols, names):
+        a, b = float(col[i]), float(col[last])
+        if n in _ROUNDED:
+            return abs(a - b) > 2.0 ** -40 * max(abs(a), abs(b))
+        if a != b:
+            return True
+    return False
 
 
 def check_sort_key(key: str) -> str:
@@ -269,8 +306,16 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     cands = score(space, din, dout, tolerance, keep, progress)
     order = _sort_order(cands, sort)
     names = known_ids(space)
-    records, seen, repeats = [], set(), 0
-    for i in order:  # best first, until top rows
+    records, keys, seen, repeats, last = [], [], set(), 0, None
+    cols, names_ = _columns(cands, sort), [n for n, _ in _ORDER[sort]]
+    for i in order:  # best first, until top rows and those the float order may have swapped
+        i = int(i)
+        if top is not None and len(records) >= top:
+            if _past(cols, names_, i, last):
+                break
+            cheap = _cheap_key(cands, i, sort)
+            if cheap is not None and cheap > sorted(keys)[top - 1]:
+                continue  # exactly after the top rows
         pid = int(cands.ids[i])
         # the same layer and the same counted cost (see layer_key); a padded one is its own
         layer = _point_key(space, pid, din, dout, tolerance) if distinct else None
@@ -287,8 +332,11 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
         if layer is not None:
             seen.add(key)
         records.append(r)
-        if top is not None and len(records) == top:
-            break
+        keys.append(_exact_key(cands, i, sort, r["params"], r["flops"]))
+        if top is None or len(records) <= top:
+            last = i
+    # the exact order (a stable sort: float order where the counts are equal)
+    records = [r for _, r in sorted(zip(keys, records), key=lambda kr: kr[0])][:top]
     message = "" if len(cands) else _empty_message(cands, flop_cap, param_cap)
     if measure and records:
         from .measure import measure_records

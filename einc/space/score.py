@@ -156,8 +156,11 @@ def score(space: Space, d_in: int, d_out: int, tolerance: float = 0.15, keep=Non
                 continue
             cols = _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out)
             if space.transpose:
-                cols = _cheaper(cols, fits_t, _evaluate(space, tables, rank_sizes, tx, ty, tr,
-                                                        two_factor, d_in, d_out), ok_x[ix] & ok_y[iy])
+                cols_t = _evaluate(space, tables, rank_sizes, tx, ty, tr, two_factor, d_in, d_out)
+                at = lambda x, y, r, c: lambda i: _exact_costs(
+                    space, tables, rank_sizes, x[i], y[i], r[i], c["tie"][i], d_in, d_out)
+                cols = _cheaper(cols, fits_t, cols_t, ok_x[ix] & ok_y[iy],
+                                at(ix, iy, ir, cols), at(tx, ty, tr, cols_t))
             counts["degenerate"] += int((cols["degenerate"] == 1).sum())
             for name, col in (("min_params", cols["params"]), ("min_flops", cols["flops"])):
                 low = float(col.min())
@@ -174,12 +177,42 @@ def score(space: Space, d_in: int, d_out: int, tolerance: float = 0.15, keep=Non
     return Candidates(space, d_in, d_out, counts=counts, **merged)
 
 
-def _cheaper(cols: dict, fits_t, cols_t: dict, fits) -> dict:
+def _cheaper(cols: dict, fits_t, cols_t: dict, fits, exact, exact_t) -> dict:
     """Per point, the orientation that fits the padding tolerance and costs fewer FLOPs
-    (then parameters); the first on a tie."""
+    (then parameters); the first on a tie. ``exact(i)`` / ``exact_t(i)``: a point's exact
+    (params, FLOPs, rank bound), for the pairs whose float costs cannot tell."""
     f, p, ft, pt = cols["flops"], cols["params"], cols_t["flops"], cols_t["params"]
     take = fits_t & (~fits | (ft < f) | ((ft == f) & (pt < p)))
+    for i in np.nonzero(fits_t & fits & (_unsure(f, ft) | _unsure(p, pt)))[0]:
+        (p0, f0, _), (p1, f1, _) = exact(i), exact_t(i)
+        take[i] = f1 < f0 or (f1 == f0 and p1 < p0)
     return {n: np.where(take, cols_t[n], v) for n, v in cols.items()}
+
+
+#: float64 holds every integer below this exactly; above it, costs are rounded
+EXACT = 2.0 ** 53
+
+
+def _unsure(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Where the float costs ``a`` and ``b`` may not order (or tie) as their exact values
+    do: at or above 2^53, within a few roundings of each other (the formulas sum their
+    terms in different orders, so equal costs can differ in the last bits)."""
+    top = np.maximum(np.abs(a), np.abs(b))
+    return (top >= EXACT) & (np.abs(a - b) <= top * 2.0 ** -40)
+
+
+def _exact_costs(space, tables, rank_sizes, x: int, y: int, r: int, tie: int, d_in: int,
+                 d_out: int) -> tuple:
+    """One point's (params, FLOPs, rank bound) at rounding ``tie``, in Python integers."""
+    t = space.template
+    ix, iy, ir = np.array([x]), np.array([y]), np.array([r])
+    present = space.exponents(ix, iy, ir)[0] > 0
+    sub = {c: int(present[space.col[c]]) for c in t.classes}
+    sx, sy = tables.sizes(ix, iy, tie)
+    z = {c: int(sx[0, j]) for j, c in enumerate(space.xc)}
+    z.update({c: int(sy[0, j]) for j, c in enumerate(space.yc)})
+    z.update({c: int(rank_sizes[r, j]) for j, c in enumerate(space.rc)})
+    return t.params(z, sub), t.flops(z, sub), t.rank_bound(z, d_in, d_out)
 
 
 def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) -> dict:
@@ -200,9 +233,12 @@ def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) ->
         return full(p), full(f), full(t.rank_bound(z, d_in, d_out))
 
     params, flops, rank = costs(slice(None), 0)
+    exact = lambda i, tie: _exact_costs(space, tables, rank_sizes, ix[i], iy[i], ir[i], tie,
+                                        d_in, d_out)
     # as concretize: of equally close roundings the highest rank bound, then the fewest
     # FLOPs and parameters; only the points whose pair of rows has that many ties
     ties = tables.counts[ix, iy]
+    chosen = np.zeros(len(ix), dtype=np.int8)
     for tie in range(1, tables.ties):
         at = np.nonzero(ties > tie)[0]
         if not at.size:
@@ -210,8 +246,13 @@ def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) ->
         p, f, r = costs(at, tie)
         was = (params[at], flops[at], rank[at])
         better = (r > was[2]) | ((r == was[2]) & ((f < was[1]) | ((f == was[1]) & (p < was[0]))))
+        # rank bounds are exact (at most the layer's width); costs above 2^53 may not be
+        for j in np.nonzero((r == was[2]) & (_unsure(f, was[1]) | _unsure(p, was[0])))[0]:
+            (p1, f1, _), (p0, f0, _) = exact(at[j], tie), exact(at[j], chosen[at[j]])
+            better[j] = f1 < f0 or (f1 == f0 and p1 < p0)
         won = at[better]
         params[won], flops[won], rank[won] = p[better], f[better], r[better]
+        chosen[won] = tie
     exps = {c: e[:, space.col[c]].astype(np.int32) for c in t.classes}
     exps["__one__"] = space.k
     omega, psi, nu = t.exponents(exps)
@@ -225,7 +266,8 @@ def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) ->
         which, red, deg = space.paper_rules(e, space.factor_present(e))
         applies = which >= 0
     flag = lambda m: np.where(applies, m.astype(np.int8), np.int8(-1)).astype(np.int8)
-    return {"ids": space.ids(ix, iy, ir), "params": np.asarray(params, dtype=np.float64),
+    return {"ids": space.ids(ix, iy, ir), "tie": chosen,
+            "params": np.asarray(params, dtype=np.float64),
             "flops": np.asarray(flops, dtype=np.float64), "omega": omega.astype(np.int16),
             "psi": psi.astype(np.int16), "nu": nu.astype(np.int16),
             "rank_bound": np.asarray(rank, dtype=np.float64),
