@@ -587,3 +587,12 @@ def test_search_train_keeps_json_and_csv_machine_readable(run_einc, tmp_path, fm
 def test_search_train_refuses_every_row(no_runs, run_einc):
     rc, out, err = run_einc("search", "--d", "16", "--top", "0", "--train", "regression")
     assert rc == 2 and out == "" and "--top 0 would show every candidate" in err
+
+
+def test_search_train_with_nothing_to_train_leaves_no_folder(no_runs, run_einc, tmp_path):
+    """A budget no row meets trains nothing: the --train-out folder made for the runs goes
+    again (as --plot's does), instead of staying behind empty."""
+    out = tmp_path / "runs"
+    rc, stdout, err = run_einc("search", "--d", "16", "--top", "2", "--max-flops", "1",
+                               "--train", "regression", "--train-out", str(out))
+    assert rc == 0 and not out.exists()

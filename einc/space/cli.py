@@ -79,7 +79,7 @@ def _search(args) -> int:
     top = DEFAULT_TOP if args.top is None else args.top  # 0: all, in search() too
     # Everything that can be checked is checked before the search: the plot folder and the
     # --train arguments (folders made here are taken back if the search refuses its options).
-    created, training = [], None
+    created, training, made = [], None, []
     given = sorted("--" + dest.replace("_", "-") for dest, default in args.train_defaults.items()
                    if getattr(args, dest) != default)
     if given and not args.train:
@@ -113,6 +113,8 @@ def _search(args) -> int:
         raise
     records = list(result)
     ranks = None
+    if args.train and not result:  # nothing to train: the folders made for the runs go again
+        remove_folders(made)
     if args.train and result:
         from ..experiments.cli import train_rerank
         if not (args.json or args.csv):
