@@ -154,12 +154,14 @@ def score(space: Space, d_in: int, d_out: int, tolerance: float = 0.15, keep=Non
             bar.update(stop - start)
             if not len(ix):
                 continue
-            cols = _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out)
+            args = (space, tables, rank_sizes, two_factor, d_in, d_out, keep)
+            cols = _evaluate(*args, ix, iy, ir)
             if space.transpose:
-                cols_t = _evaluate(space, tables, rank_sizes, tx, ty, tr, two_factor, d_in, d_out)
-                at = lambda x, y, r, c: lambda i: _exact_costs(
-                    space, tables, rank_sizes, x[i], y[i], r[i], c["tie"][i], d_in, d_out)
-                cols = _cheaper(cols, fits_t, cols_t, ok_x[ix] & ok_y[iy],
+                cols_t = _evaluate(*args, tx, ty, tr)
+                at = lambda x, y, r, c: lambda rows: _exact_costs(
+                    space, tables, rank_sizes, x[rows], y[rows], r[rows], c["tie"][rows],
+                    d_in, d_out)
+                cols = _cheaper(cols, fits_t, cols_t, ok_x[ix] & ok_y[iy], keep,
                                 at(ix, iy, ir, cols), at(tx, ty, tr, cols_t))
             counts["degenerate"] += int((cols["degenerate"] == 1).sum())
             for name, col in (("min_params", cols["params"]), ("min_flops", cols["flops"])):
@@ -177,15 +179,20 @@ def score(space: Space, d_in: int, d_out: int, tolerance: float = 0.15, keep=Non
     return Candidates(space, d_in, d_out, counts=counts, **merged)
 
 
-def _cheaper(cols: dict, fits_t, cols_t: dict, fits, exact, exact_t) -> dict:
+def _cheaper(cols: dict, fits_t, cols_t: dict, fits, keep, exact, exact_t) -> dict:
     """Per point, the orientation that fits the padding tolerance and costs fewer FLOPs
-    (then parameters); the first on a tie. ``exact(i)`` / ``exact_t(i)``: a point's exact
-    (params, FLOPs, rank bound), for the pairs whose float costs cannot tell."""
+    (then parameters); the first on a tie. ``exact(rows)`` / ``exact_t(rows)``: those
+    points' exact (params, FLOPs, rank bound), for the pairs whose float costs cannot tell
+    and that may pass ``keep``."""
     f, p, ft, pt = cols["flops"], cols["params"], cols_t["flops"], cols_t["params"]
     take = fits_t & (~fits | (ft < f) | ((ft == f) & (pt < p)))
-    for i in np.nonzero(fits_t & fits & (_unsure(f, ft) | _unsure(p, pt)))[0]:
-        (p0, f0, _), (p1, f1, _) = exact(i), exact_t(i)
-        take[i] = f1 < f0 or (f1 == f0 and p1 < p0)
+    unsure = fits_t & fits & (_unsure(f, ft) | _unsure(p, pt))
+    if unsure.any() and keep is not None:
+        unsure &= keep(cols) | keep(cols_t)
+    rows = np.nonzero(unsure)[0]
+    if rows.size:
+        (p0, f0, _), (p1, f1, _) = exact(rows), exact_t(rows)
+        take[rows] = (f1 < f0) | ((f1 == f0) & (p1 < p0))
     return {n: np.where(take, cols_t[n], v) for n, v in cols.items()}
 
 
@@ -201,21 +208,27 @@ def _unsure(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (top >= EXACT) & (np.abs(a - b) <= top * 2.0 ** -40)
 
 
-def _exact_costs(space, tables, rank_sizes, x: int, y: int, r: int, tie: int, d_in: int,
-                 d_out: int) -> tuple:
-    """One point's (params, FLOPs, rank bound) at rounding ``tie``, in Python integers."""
+def _exact_costs(space, tables, rank_sizes, ix, iy, ir, tie, d_in: int, d_out: int) -> list:
+    """(params, FLOPs, rank bound) of the points ``(ix, iy, ir)``, each at its rounding
+    ``tie``, exactly: object arrays of Python integers (sizes are at most 2^32, so their
+    float64 values are exact)."""
     t = space.template
-    ix, iy, ir = np.array([x]), np.array([y]), np.array([r])
-    present = space.exponents(ix, iy, ir)[0] > 0
-    sub = {c: int(present[space.col[c]]) for c in t.classes}
-    sx, sy = tables.sizes(ix, iy, tie)
-    z = {c: int(sx[0, j]) for j, c in enumerate(space.xc)}
-    z.update({c: int(sy[0, j]) for j, c in enumerate(space.yc)})
-    z.update({c: int(rank_sizes[r, j]) for j, c in enumerate(space.rc)})
-    return t.params(z, sub), t.flops(z, sub), t.rank_bound(z, d_in, d_out)
+    present = space.exponents(ix, iy, ir) > 0
+    exact = lambda v: np.asarray(v).astype(np.int64).astype(object)
+    out = [np.empty(len(ix), dtype=object) for _ in range(3)]
+    for tv in np.unique(tie):
+        at = np.nonzero(tie == tv)[0]
+        sx, sy = tables.sizes(ix[at], iy[at], int(tv))
+        z = {c: exact(sx[:, j]) for j, c in enumerate(space.xc)}
+        z.update({c: exact(sy[:, j]) for j, c in enumerate(space.yc)})
+        z.update({c: exact(rank_sizes[ir[at], j]) for j, c in enumerate(space.rc)})
+        sub = {c: exact(present[at, space.col[c]]) for c in t.classes}
+        for o, v in zip(out, (t.params(z, sub), t.flops(z, sub), t.rank_bound(z, d_in, d_out))):
+            o[at] = np.broadcast_to(np.asarray(v, dtype=object), (len(at),))
+    return out
 
 
-def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) -> dict:
+def _evaluate(space, tables, rank_sizes, two_factor, d_in, d_out, keep, ix, iy, ir) -> dict:
     t = space.template
     e = space.exponents(ix, iy, ir)
     present = e > 0
@@ -233,12 +246,12 @@ def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) ->
         return full(p), full(f), full(t.rank_bound(z, d_in, d_out))
 
     params, flops, rank = costs(slice(None), 0)
-    exact = lambda i, tie: _exact_costs(space, tables, rank_sizes, ix[i], iy[i], ir[i], tie,
-                                        d_in, d_out)
     # as concretize: of equally close roundings the highest rank bound, then the fewest
     # FLOPs and parameters; only the points whose pair of rows has that many ties
     ties = tables.counts[ix, iy]
     chosen = np.zeros(len(ix), dtype=np.int8)
+    unsure = np.zeros(len(ix), dtype=bool)  # a choice the float costs could not make
+    low_p, low_f = params.copy(), flops.copy()  # the cheapest any rounding could be
     for tie in range(1, tables.ties):
         at = np.nonzero(ties > tie)[0]
         if not at.size:
@@ -247,9 +260,8 @@ def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) ->
         was = (params[at], flops[at], rank[at])
         better = (r > was[2]) | ((r == was[2]) & ((f < was[1]) | ((f == was[1]) & (p < was[0]))))
         # rank bounds are exact (at most the layer's width); costs above 2^53 may not be
-        for j in np.nonzero((r == was[2]) & (_unsure(f, was[1]) | _unsure(p, was[0])))[0]:
-            (p1, f1, _), (p0, f0, _) = exact(at[j], tie), exact(at[j], chosen[at[j]])
-            better[j] = f1 < f0 or (f1 == f0 and p1 < p0)
+        unsure[at] |= (r == was[2]) & (_unsure(f, was[1]) | _unsure(p, was[0]))
+        low_p[at], low_f[at] = np.minimum(low_p[at], p), np.minimum(low_f[at], f)
         won = at[better]
         params[won], flops[won], rank[won] = p[better], f[better], r[better]
         chosen[won] = tie
@@ -266,9 +278,34 @@ def _evaluate(space, tables, rank_sizes, ix, iy, ir, two_factor, d_in, d_out) ->
         which, red, deg = space.paper_rules(e, space.factor_present(e))
         applies = which >= 0
     flag = lambda m: np.where(applies, m.astype(np.int8), np.int8(-1)).astype(np.int8)
-    return {"ids": space.ids(ix, iy, ir), "tie": chosen,
+    cols = {"ids": space.ids(ix, iy, ir), "tie": chosen,
             "params": np.asarray(params, dtype=np.float64),
             "flops": np.asarray(flops, dtype=np.float64), "omega": omega.astype(np.int16),
             "psi": psi.astype(np.int16), "nu": nu.astype(np.int16),
             "rank_bound": np.asarray(rank, dtype=np.float64),
             "redundant": flag(red), "degenerate": flag(deg)}
+    rows = np.nonzero(unsure)[0]
+    if rows.size and keep is not None:  # settled only where some rounding may pass
+        loose = {n: v[rows] for n, v in cols.items()}
+        loose["params"], loose["flops"] = low_p[rows], low_f[rows]
+        rows = rows[keep(loose)]
+    if rows.size:
+        _settle(cols, rows, ties[rows], lambda tie: _exact_costs(
+            space, tables, rank_sizes, ix[rows], iy[rows], ir[rows], tie, d_in, d_out))
+    return cols
+
+
+def _settle(cols: dict, rows, ties, exact) -> None:
+    """Pick the rounding of ``rows`` again, as concretize does, from exact costs:
+    ``exact(tie)`` gives the rows' (params, FLOPs, rank bound) at ``tie`` (one per row)."""
+    tie = np.zeros(len(rows), dtype=np.int8)
+    p, f, r = exact(tie)
+    for t in range(1, int(ties.max())):
+        has = ties > t
+        p1, f1, r1 = exact(np.where(has, t, tie))  # rows without this tie repeat theirs
+        better = has & ((r1 > r) | ((r1 == r) & ((f1 < f) | ((f1 == f) & (p1 < p)))))
+        p, f, r = (np.where(better, new, old) for new, old in ((p1, p), (f1, f), (r1, r)))
+        tie[better] = t
+    cols["tie"][rows] = tie
+    for name, v in (("params", p), ("flops", f), ("rank_bound", r)):
+        cols[name][rows] = np.array([float(x) for x in v], dtype=np.float64)
