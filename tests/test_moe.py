@@ -881,7 +881,7 @@ def test_layer_checks_widths_before_choosing_core_sizes(width, match):
     """A width past einc's limit is refused at once, like einc.compile refuses it, not
     after a core-size search that grows with its square root (10**30 never returned)."""
     for args in ((width, 64), (64, width)):
-        with pytest.raises(einc.EincError, match=match):
+        with pytest.raises(einc.SizeError, match=match):  # as einc.compile's and StructuredLinear's
             einc.BTTMoE(*args)
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .dispatch import _masked, _sparse, check_backend, route
 from ..analysis.concrete import check_width
-from ..errors import CompileError
+from ..errors import CompileError, SizeError
 from ..runtime.fused import (allocating, autocasting, check_device, check_dtype, check_flag,
                              check_input, check_module, dtype_mismatch, exporting, fixed_sizes,
                              tracing, vmapping)
@@ -70,8 +70,8 @@ def _integer(name: str, value) -> int:
 def _width(name: str, value) -> int:
     """A layer width: an int from 1 to einc's largest (None, which check_width lets through
     for widths taken from a spec, is refused: a BTTMoE has no spec sizes)."""
-    if value is None:
-        raise CompileError(f"{name} must be a positive integer, got None")
+    if value is None:  # the error check_width gives any other non-width, as StructuredLinear
+        raise SizeError(f"{name} must be a positive integer, got None")
     return check_width(value, name)
 
 
