@@ -18,6 +18,7 @@ torch operations they replaced.
 
     python benchmarks/gpu.py                  # everything (< 5 min on one H100/H200)
     python benchmarks/gpu.py --quick          # a subset
+    python benchmarks/gpu.py --structures     # nn.Linear and BTT-MoE only
     TRITON_INTERPRET=1 python benchmarks/gpu.py --quick --dims 64 --tokens 64   # CPU smoke
 
 Forward is timed with autograd recording (as in training); x requires grad, so backward
@@ -348,6 +349,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float32 (CPU)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--structures", nargs="*", default=None, choices=tuple(STRUCTURES),
+                    metavar="NAME", help=f"structures to time, of {', '.join(STRUCTURES)} "
+                    "(the flag alone: none, BTT-MoE only)")
     ap.add_argument("--experts", type=int, nargs="+", default=None)
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--tune", choices=("heuristic", "full"), default="heuristic")
@@ -367,7 +371,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     dims = args.dims or ([1024, 4096] if args.quick else [1024, 4096, 16384])
-    names = QUICK_STRUCTURES if args.quick else tuple(STRUCTURES)
+    names = tuple(args.structures) if args.structures is not None else \
+        QUICK_STRUCTURES if args.quick else tuple(STRUCTURES)
     experts = args.experts or ([8] if args.quick else [8, 16])
     reps = min(args.reps, 10) if args.quick else args.reps
     timer = Timer(device, args.warmup, reps)
