@@ -188,80 +188,6 @@ def test_dense_btt_is_einsum():
     assert torch.autograd.gradcheck(lambda *t: btt_dense(*t, method="strided"), (x, A, B))
 
 
-
-def _cuda_layer(seed=0, **kw):
-    torch.manual_seed(seed)
-    m = BTTMoE(256, 192, experts=8, k=2, device="cuda", **kw)
-    with torch.no_grad():
-        m.router.weight.normal_(0, 0.05)
-        m.bias.normal_()
-    return m
-
-
-def _step(f, m, x):
-    """Output, and the gradients of x and every parameter, of one step through f."""
-    m.zero_grad()
-    xx = x.detach().clone().requires_grad_()
-    y = f(xx)
-    (y.float().square().sum() + einc.moe_aux_loss(m)).backward()
-    return [y, xx.grad] + [p.grad.clone() for p in m.parameters()]
-
-
-@cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_autocast_runs_the_experts_in_low_precision(dtype):
-    m = _cuda_layer()
-    x = torch.randn(3, 200, 256, device="cuda")
-    want = _step(m, m, x)
-    with torch.autocast("cuda", dtype=dtype):
-        got = _step(m, m, x)
-        masked = m.forward_masked(x)
-    assert got[0].dtype == masked.dtype == dtype
-    assert _rel(got[0], want[0]) < 3e-2 and _rel(masked, want[0]) < 3e-2
-    for name, u, v in zip(["x"] + [n for n, _ in m.named_parameters()], got[1:], want[1:]):
-        assert u.dtype == v.dtype and torch.isfinite(u).all(), name
-        assert _rel(u, v) < 5e-2, name
-
-
-@cuda
-@pytest.mark.parametrize("backend", ["auto", "triton", "padded"])
-def test_cuda_torch_compile_matches_eager(backend):
-    """Inductor on the GPU: output and every gradient (router included) as in eager."""
-    m = _cuda_layer(backend=backend)
-    x = torch.randn(2, 300, 256, device="cuda")
-    want = _step(m, m, x)
-    torch._dynamo.reset()
-    got = _step(torch.compile(m), m, x)
-    for u, v in zip(got, want):
-        assert _rel(u, v) < 1e-4
-    assert got[2 + [n for n, _ in m.named_parameters()].index("router.weight")].abs().sum() > 0
-
-
-@cuda
-@pytest.mark.parametrize("train", [True, False])
-def test_cuda_auto_measures_once_and_picks_a_candidate(train, monkeypatch):
-    import einc.moe.dispatch as dispatch
-
-    calls = []
-    measure = dispatch.measure_backends
-    monkeypatch.setattr(dispatch, "_AUTO", {})
-    monkeypatch.setattr(dispatch, "measure_backends",
-                        lambda names, *a, **kw: calls.append(names) or measure(names, *a, **kw))
-    x, A, B, W, b = make_problem(700, 8, 16, 16, 8, 8, 2, seed=4, dtype=torch.float32)
-    idx, gate = route(x.reshape(700, -1) @ W.t() + b, 2)
-    dev = [t.detach().cuda().requires_grad_(train) for t in (x, A, B)]
-    with torch.set_grad_enabled(train):
-        for _ in range(2):  # the second call finds the measured choice cached
-            out = btt_moe_sparse(*dev, idx.cuda(), gate.cuda(), backend="auto")
-    assert len(calls) == 1 and calls[0][-1] == "padded" and "triton" in calls[0]
-    chosen, = dispatch._AUTO.values()
-    assert chosen in calls[0]
-    assert _rel(out.cpu(), btt_moe_masked(x.float(), A.float(), B.float(), idx, gate)) < 2e-3
-    # deterministic: nothing is timed, the first candidate runs
-    btt_moe_sparse(*dev, idx.cuda(), gate.cuda(), deterministic=True)
-    assert len(calls) == 1
-
-
 @pytest.mark.skipif(not GMM, reason="grouped_mm not available for float32 on this CPU build")
 @pytest.mark.parametrize("N,E,k", [(37, 6, 2), (1, 4, 4), (0, 4, 2), (25, 3, 1)])
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -1229,6 +1155,80 @@ def test_cuda_deterministic_bitwise():
         runs.append([out, *torch.autograd.grad(out.square().sum(), dev)])
     for u, v in zip(*runs):
         assert torch.equal(u, v)
+
+
+
+def _cuda_layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = BTTMoE(256, 192, experts=8, k=2, device="cuda", **kw)
+    with torch.no_grad():
+        m.router.weight.normal_(0, 0.05)
+        m.bias.normal_()
+    return m
+
+
+def _step(f, m, x):
+    """Output, and the gradients of x and every parameter, of one step through f."""
+    m.zero_grad()
+    xx = x.detach().clone().requires_grad_()
+    y = f(xx)
+    (y.float().square().sum() + einc.moe_aux_loss(m)).backward()
+    return [y, xx.grad] + [p.grad.clone() for p in m.parameters()]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_runs_the_experts_in_low_precision(dtype):
+    m = _cuda_layer()
+    x = torch.randn(3, 200, 256, device="cuda")
+    want = _step(m, m, x)
+    with torch.autocast("cuda", dtype=dtype):
+        got = _step(m, m, x)
+        masked = m.forward_masked(x)
+    assert got[0].dtype == masked.dtype == dtype
+    assert _rel(got[0], want[0]) < 3e-2 and _rel(masked, want[0]) < 3e-2
+    for name, u, v in zip(["x"] + [n for n, _ in m.named_parameters()], got[1:], want[1:]):
+        assert u.dtype == v.dtype and torch.isfinite(u).all(), name
+        assert _rel(u, v) < 5e-2, name
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["auto", "triton", "padded"])
+def test_cuda_torch_compile_matches_eager(backend):
+    """Inductor on the GPU: output and every gradient (router included) as in eager."""
+    m = _cuda_layer(backend=backend)
+    x = torch.randn(2, 300, 256, device="cuda")
+    want = _step(m, m, x)
+    torch._dynamo.reset()
+    got = _step(torch.compile(m), m, x)
+    for u, v in zip(got, want):
+        assert _rel(u, v) < 1e-4
+    assert got[2 + [n for n, _ in m.named_parameters()].index("router.weight")].abs().sum() > 0
+
+
+@cuda
+@pytest.mark.parametrize("train", [True, False])
+def test_cuda_auto_measures_once_and_picks_a_candidate(train, monkeypatch):
+    import einc.moe.dispatch as dispatch
+
+    calls = []
+    measure = dispatch.measure_backends
+    monkeypatch.setattr(dispatch, "_AUTO", {})
+    monkeypatch.setattr(dispatch, "measure_backends",
+                        lambda names, *a, **kw: calls.append(names) or measure(names, *a, **kw))
+    x, A, B, W, b = make_problem(700, 8, 16, 16, 8, 8, 2, seed=4, dtype=torch.float32)
+    idx, gate = route(x.reshape(700, -1) @ W.t() + b, 2)
+    dev = [t.detach().cuda().requires_grad_(train) for t in (x, A, B)]
+    with torch.set_grad_enabled(train):
+        for _ in range(2):  # the second call finds the measured choice cached
+            out = btt_moe_sparse(*dev, idx.cuda(), gate.cuda(), backend="auto")
+    assert len(calls) == 1 and calls[0][-1] == "padded" and "triton" in calls[0]
+    chosen, = dispatch._AUTO.values()
+    assert chosen in calls[0]
+    assert _rel(out.cpu(), btt_moe_masked(x.float(), A.float(), B.float(), idx, gate)) < 2e-3
+    # deterministic: nothing is timed, the first candidate runs
+    btt_moe_sparse(*dev, idx.cuda(), gate.cuda(), deterministic=True)
+    assert len(calls) == 1
 
 
 @pytest.mark.skipif(not GMM, reason="grouped_mm not available for float32 on this CPU build")
