@@ -291,6 +291,18 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
                                rtol=1e-4)
 
 
+
+@pytest.mark.parametrize("env,world,gpus,want", [
+    ({}, 2, 0, "cpu"),                                              # no GPU: gloo on the CPU
+    ({}, 2, 1, "cpu"),                                              # two processes, one GPU
+    ({"LOCAL_RANK": "1"}, 2, 2, "cuda:1"),                          # one GPU each
+    ({"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}, 8, 4, "cuda:3"),  # two nodes of four
+    ({"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}, 8, 2, "cpu"),
+])
+def test_ddp_device_gives_each_process_its_own_gpu_or_the_cpu(env, world, gpus, want):
+    assert harness.ddp_device(int(env.get("LOCAL_RANK", 0)), world, env, gpus) == \
+        torch.device(want)
+
 # -- arguments checked before any run -------------------------------------------------------------
 
 def test_split_specs_keeps_quoted_specs_whole():

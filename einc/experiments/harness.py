@@ -118,10 +118,11 @@ def run_job(job: dict) -> dict:
     device = torch.device("cpu")
     if world > 1:
         import torch.distributed as dist
+        device = ddp_device(rank, world, os.environ,
+                            torch.cuda.device_count() if torch.cuda.is_available() else 0)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            dist.init_process_group("gloo" if device.type == "cpu" else "nccl")
+        if device.type == "cuda":
             torch.cuda.set_device(device)
     start = time.perf_counter()
     rec = {k: job[k] for k in ("task", "spec", "width", "seed", "lr", "steps", "batch")}
@@ -141,6 +142,18 @@ def run_job(job: dict) -> dict:
                    f"({first}); try smaller widths, batch or task options (--widths, --batch, "
                    "--option)")
         return rec
+
+
+def ddp_device(rank: int, world: int, env, gpus: int):
+    """The device of one data-parallel process: its own GPU (cuda:LOCAL_RANK, NCCL) when
+    every process on this node has one, else the CPU (gloo). Every rank decides alike, so
+    two processes on one GPU do not both take it, nor one take cuda:1 that is not there."""
+    import torch
+
+    per_node = int(env.get("LOCAL_WORLD_SIZE", world))
+    if 0 < per_node <= gpus:
+        return torch.device("cuda", int(env.get("LOCAL_RANK", rank)))
+    return torch.device("cpu")
 
 
 def _train(job, rec, device, rank, world, start) -> dict:
