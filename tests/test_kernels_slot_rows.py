@@ -84,8 +84,9 @@ def test_kernel_agrees_with_torch_moves_in_low_precision(dtype):
 
 def test_no_second_derivatives():
     slot_row, row_slot = plan(5, 3, 2, seed=1)
-    rows = torch.randn(row_slot.numel(), 4, dtype=torch.float64, requires_grad=True)
-    gate = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    dev = slot_row.device
+    rows = torch.randn(row_slot.numel(), 4, dtype=torch.float64, device=dev, requires_grad=True)
+    gate = torch.rand(5, 2, dtype=torch.float64, device=dev, requires_grad=True)
     y = combine_slots(rows, slot_row, row_slot, gate, kernel="torch")
     with pytest.raises(EincError, match="second derivatives"):
         torch.autograd.grad(y.sum(), rows, create_graph=True)

@@ -673,6 +673,21 @@ def test_autocast_runs_the_experts_in_low_precision_like_nn_linear():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
 
 
+@pytest.mark.parametrize("backend", ["auto", "chunked", "padded", "strided", "triton"])
+def test_sparse_under_autocast_runs_in_its_dtype(backend):
+    """btt_moe_sparse under autocast computes in autocast's dtype whatever the operands'
+    (as nn.Linear); float64 operands stay float64, as autocast leaves them."""
+    x, A, B, W, b = make_problem(40, 4, 8, 4, 6, 4, 2, seed=7, dtype=torch.float32)
+    idx, gate = route(x.reshape(40, -1) @ W.t() + b, 2)
+    want = btt_moe_masked(x, A, B, idx, gate)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = btt_moe_sparse(x, A, B, idx, gate, backend=backend)
+        wide = btt_moe_sparse(*(t.double() for t in (x, A, B)), idx, gate.double(),
+                              backend=backend)
+    assert got.dtype == torch.bfloat16 and wide.dtype == torch.float64
+    assert _rel(got, want) < 3e-2 and _rel(wide, want) < 1e-6
+
+
 def test_meta_device_forward_gives_shapes():
     m = einc.BTTMoE(64, 48, experts=4, k=2, device="meta")
     y = m(torch.empty(2, 5, 64, device="meta"))
@@ -721,6 +736,8 @@ def test_torch_export_computes_every_expert_for_any_batch(strict):
     n = torch.export.Dim("n")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "attribute assigned during export"
+        # torch's own modules imported lazily inside export may warn of their deprecations
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         ep = torch.export.export(m, (torch.randn(5, 64),), dynamic_shapes=({0: n},),
                                  strict=strict)
     assert m.aux_loss is None
@@ -1178,8 +1195,13 @@ def _step(f, m, x):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_autocast_runs_the_experts_in_low_precision(dtype):
-    m = _cuda_layer()
+@pytest.mark.parametrize("backend", ["auto", "padded", "triton", "grouped_mm", "strided"])
+def test_cuda_autocast_runs_the_experts_in_low_precision(dtype, backend):
+    """Every backend's output in autocast's dtype: autocast's float32 rule for sum on CUDA
+    gave the padded backend's float16 output back in float32."""
+    if backend == "grouped_mm" and not grouped_mm_available(torch.device("cuda"), dtype):
+        pytest.skip("grouped_mm unsupported here")
+    m = _cuda_layer(backend=backend)
     x = torch.randn(3, 200, 256, device="cuda")
     want = _step(m, m, x)
     with torch.autocast("cuda", dtype=dtype):

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CompileError, EincError
-from ..runtime.fused import check_flag, dual, exporting, tracing
+from ..runtime.fused import autocasting, check_flag, dual, exporting, tracing
 
 __all__ = [
     "route",
@@ -894,7 +894,21 @@ def _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed: boo
 
 
 def _run(rows, A, B, expert_idx, gate, deterministic, backend, bias):
-    """:func:`btt_moe_sparse` on checked inputs, without the tracing checks."""
+    """:func:`btt_moe_sparse` on checked inputs, without the tracing checks. Under autocast
+    the experts run in autocast's dtype (float64 operands excepted, as autocast leaves
+    them), with autocast off: its float32 rule for sum on CUDA turned the padded backend's
+    float16 output into float32."""
+    if not autocasting(rows.device):
+        return _run_backend(rows, A, B, expert_idx, gate, deterministic, backend, bias)
+    if torch.float64 not in (rows.dtype, A.dtype, B.dtype):
+        dt = torch.get_autocast_dtype(rows.device.type)
+        rows, A, B = rows.to(dt), A.to(dt), B.to(dt)  # .to keeps A's and B's strides
+        bias = None if bias is None else bias.to(dt)
+    with torch.autocast(rows.device.type, enabled=False):
+        return _run_backend(rows, A, B, expert_idx, gate, deterministic, backend, bias)
+
+
+def _run_backend(rows, A, B, expert_idx, gate, deterministic, backend, bias):
     x = rows if rows.dim() == 3 else rows.reshape(rows.shape[0], A.shape[0], A.shape[1])
     g, a, f, E, e = _check_shapes(x, A, B)
     k = expert_idx.shape[1]
@@ -904,7 +918,7 @@ def _run(rows, A, B, expert_idx, gate, deterministic, backend, bias):
     if backend == "auto":
         backend = _auto_backend(x, A, B, k, deterministic)
     if bias is not None:
-        return _run(x, A, B, expert_idx, gate, deterministic, backend, None) + bias
+        return _run_backend(x, A, B, expert_idx, gate, deterministic, backend, None) + bias
     if backend == "padded":  # measured slower than grouped_mm on the 2-core CPU
         return _sparse_padded(x, A, B, expert_idx, gate.to(x.dtype))
     if backend == "triton":
