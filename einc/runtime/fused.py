@@ -158,7 +158,12 @@ def vmapping() -> bool:
 
 
 def exporting() -> bool:
-    """Whether torch.export is tracing (which also counts as compiling)."""
+    """Whether torch.export is tracing (which also counts as compiling). The flag export
+    sets is read where torch has it: torch 2.11's dynamo answers is_exporting() with True
+    under every torch.compile too."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if isinstance(flag, bool):
+        return flag
     check = getattr(torch.compiler, "is_exporting", None)
     return bool(check and check())
 
