@@ -1054,6 +1054,18 @@ def test_moe_aux_loss_with_a_layer_skipped_under_torch_compile():
     (y.sum() + moe_aux_loss(m)).backward()
 
 
+def test_torch_compile_is_not_taken_for_export(monkeypatch):
+    """torch 2.11's dynamo answers torch.compiler.is_exporting() with True under every
+    torch.compile: the compiled layer took the masked route and recorded no aux loss."""
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    torch._dynamo.reset()
+    m = einc.BTTMoE(32, 32, experts=4, k=2)
+    y = torch.compile(m, backend="aot_eager")(torch.randn(8, 32, requires_grad=True))
+    assert m.aux_loss is not None and m.aux_loss.requires_grad
+    (y.sum() + moe_aux_loss(m)).backward()
+    assert m.router.weight.grad is not None
+
+
 @pytest.mark.parametrize("backend", ["chunked", "grouped_mm", "padded"])
 def test_named_backends_run_under_torch_compile(backend):
     """A named backend runs eagerly between graphs as "auto" does: chunked's buffers and
