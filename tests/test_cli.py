@@ -11,8 +11,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def repo_env():
+    """The environment with this checkout first on PYTHONPATH (entries already there, such
+    as a folder of dependencies, kept after it)."""
+    rest = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + ([rest] if rest else [])))
+
+
 def einc(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = repo_env()
     return subprocess.run([sys.executable, "-m", "einc", *args], capture_output=True,
                           text=True, env=env, timeout=120)
 
@@ -89,7 +96,7 @@ def test_usage_errors_exit_2():
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_an_unwritable_stdout_is_an_error_without_traceback():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = repo_env()
     with open("/dev/full", "w") as full:
         r = subprocess.run([sys.executable, "-m", "einc", "analyze", "btt", "--d", "1024"],
                            stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)

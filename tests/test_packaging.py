@@ -1,4 +1,5 @@
 """The wheel ships the grammar and parses specs outside the source tree."""
+import os
 import subprocess
 import sys
 import sysconfig
@@ -47,8 +48,13 @@ def test_installed_wheel_parses_outside_the_repo(wheel, tmp_path):
             "print(pathlib.Path(einc.__file__).parent); print(s.equation); "
             "from einc.syntax import grammar_text; assert 'compact' in grammar_text(); "
             "print(einc.analyze('btt', d=64).params)")
+    # PYTHONPATH entries into this checkout would import it instead of the wheel
+    root = Path(__file__).resolve().parent.parent
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+             if p and not Path(p).resolve().is_relative_to(root)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     run = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     where, equation, params = run.stdout.split()
     assert Path(where).resolve().is_relative_to(env_dir.resolve())
