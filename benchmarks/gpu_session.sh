@@ -3,10 +3,13 @@
 #
 #   bash benchmarks/gpu_session.sh LOGDIR [gpu.py options ...]
 #
-# Logs go to LOGDIR (pytest.log, gpu.log); the benchmark table is printed last.
+# Logs go to LOGDIR (pytest.log, tests.log, gpu.log); the benchmark table is printed last.
 # TEST_TIMEOUT and BENCH_TIMEOUT (seconds) bound the two stages; TEST_WORKERS sets
 # pytest-xdist's worker count (0: no xdist; without pytest-xdist installed the tests run
-# in one process).
+# in one process), each worker on one CPU thread (15 workers of 16 threads each timed out
+# CPU-heavy tests). TESTS=all runs the whole suite instead of the CUDA test files.
+# tests.log lists each test's outcome and failure as it happens, so a stage cut short by
+# its timeout still says what failed (benchmarks/_pytest_live_log.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log="${1:?usage: gpu_session.sh LOGDIR [gpu.py options]}"
@@ -25,12 +28,16 @@ if [ "${TEST_WORKERS:-8}" != 0 ]; then
         echo "pytest-xdist is not installed: the tests run in one process"
     fi
 fi
+files=(tests/test_kernels_strided_bmm.py tests/test_kernels_slot_rows.py tests/test_gpu_route.py
+       tests/test_moe.py)
+[ "${TESTS:-cuda}" = all ] && files=(tests)
 start=$(date +%s)
-timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -p no:cacheprovider "${workers[@]}" --tb=short \
-    tests/test_kernels_strided_bmm.py tests/test_kernels_slot_rows.py tests/test_gpu_route.py \
-    tests/test_moe.py >"$log/pytest.log" 2>&1
+OMP_NUM_THREADS=1 LIVE_LOG="$log/tests.log" PYTHONPATH="$PYTHONPATH:$PWD/benchmarks" \
+    timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -p no:cacheprovider -p _pytest_live_log \
+    "${workers[@]}" --tb=short "${files[@]}" >"$log/pytest.log" 2>&1
 echo "pytest rc=$? in $(( $(date +%s) - start )) s"
-grep -E "^(FAILED|ERROR)" "$log/pytest.log" | head -40
-tail -1 "$log/pytest.log"
+grep -E "^(FAILED|ERROR) " "$log/tests.log" | cut -c1-200 | head -40
+echo "$(grep -c '^PASSED ' "$log/tests.log") passed, $(grep -c '^FAILED ' "$log/tests.log") failed," \
+     "$(grep -c '^SKIPPED ' "$log/tests.log") skipped (tests.log)"
 
 timeout "${BENCH_TIMEOUT:-250}" python3 benchmarks/gpu.py "$@" 2>&1 | tee "$log/gpu.log"
