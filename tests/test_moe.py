@@ -1189,7 +1189,8 @@ def test_cuda_deterministic_bitwise():
 
 def _cuda_layer(seed=0, **kw):
     torch.manual_seed(seed)
-    m = BTTMoE(256, 192, experts=8, k=2, device="cuda", **kw)
+    # 16 x 16 cores both sides: strides of 16-byte multiples, which grouped_mm needs
+    m = BTTMoE(256, 256, experts=8, k=2, device="cuda", **kw)
     with torch.no_grad():
         m.router.weight.normal_(0, 0.05)
         m.bias.normal_()
