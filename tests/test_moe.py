@@ -729,6 +729,8 @@ def test_torch_export_computes_every_expert_for_any_batch(strict):
     """routing makes the sparse dispatch's sizes data-dependent, which an exported program
     cannot hold: under torch.export the layer takes the masked route and writes no state."""
     import warnings
+    if strict and not hasattr(torch.compiler, "is_exporting"):
+        pytest.skip("strict export needs torch.compiler.is_exporting (torch 2.5)")
     torch.manual_seed(0)
     m = einc.BTTMoE(64, 48, experts=4, k=2)
     with torch.no_grad():
@@ -742,6 +744,24 @@ def test_torch_export_computes_every_expert_for_any_batch(strict):
                                  strict=strict)
     assert m.aux_loss is None
     for rows in (1, 7, 40):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_non_strict_export_without_is_exporting_takes_the_masked_route(monkeypatch):
+    """torch 2.4 has no is_exporting: a non-strict export is told by its fake tensors."""
+    import einc.moe.dispatch as dispatch
+    import einc.moe.layer as layer
+    for mod in (dispatch, layer):
+        monkeypatch.setattr(mod, "exporting", lambda: False)
+    torch.manual_seed(0)
+    m = einc.BTTMoE(64, 48, experts=4, k=2)
+    with torch.no_grad():
+        m.router.weight.normal_()
+    n = torch.export.Dim("n")
+    ep = torch.export.export(m, (torch.randn(5, 64),), dynamic_shapes=({0: n},), strict=False)
+    assert m.aux_loss is None
+    for rows in (1, 40):
         x = torch.randn(rows, 64)
         torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-5, atol=1e-5)
 
@@ -1057,6 +1077,8 @@ def test_moe_aux_loss_with_a_layer_skipped_under_torch_compile():
 def test_torch_compile_is_not_taken_for_export(monkeypatch):
     """torch 2.11's dynamo answers torch.compiler.is_exporting() with True under every
     torch.compile: the compiled layer took the masked route and recorded no aux loss."""
+    if not hasattr(torch.compiler, "_is_exporting_flag"):
+        pytest.skip("this torch has no export flag to read (before 2.5)")
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     torch._dynamo.reset()
     m = einc.BTTMoE(32, 32, experts=4, k=2)
@@ -1070,6 +1092,8 @@ def test_torch_compile_is_not_taken_for_export(monkeypatch):
 def test_named_backends_run_under_torch_compile(backend):
     """A named backend runs eagerly between graphs as "auto" does: chunked's buffers and
     grouped_mm's fake kernel used to fail inside the trace."""
+    if backend == "grouped_mm" and not GMM:
+        pytest.skip("grouped_mm not available for float32 on this CPU build")
     m = einc.BTTMoE(64, 64, experts=4, k=2, backend=backend)
     with torch.no_grad():
         m.router.weight.normal_()

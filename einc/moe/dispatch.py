@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CompileError, EincError
-from ..runtime.fused import autocasting, check_flag, dual, exporting, tracing
+from ..runtime.fused import autocasting, check_flag, dual, exporting, fake, tracing
 
 __all__ = [
     "route",
@@ -898,6 +898,9 @@ def _run(rows, A, B, expert_idx, gate, deterministic, backend, bias):
     the experts run in autocast's dtype (float64 operands excepted, as autocast leaves
     them), with autocast off: its float32 rule for sum on CUDA turned the padded backend's
     float16 output into float32."""
+    if fake(rows, A, B):  # a non-strict export on torch < 2.5: no loads to dispatch by
+        y = _masked(_unflatten(rows, A), A, B, expert_idx, gate, routed=True)
+        return y if bias is None else y + bias
     if not autocasting(rows.device):
         return _run_backend(rows, A, B, expert_idx, gate, deterministic, backend, bias)
     if torch.float64 not in (rows.dtype, A.dtype, B.dtype):

@@ -31,8 +31,8 @@ from .dispatch import _masked, _sparse, check_backend, route
 from ..analysis.concrete import check_width
 from ..errors import CompileError, SizeError
 from ..runtime.fused import (allocating, autocasting, check_device, check_dtype, check_flag,
-                             check_input, check_module, dtype_mismatch, exporting, fixed_sizes,
-                             tracing, vmapping)
+                             check_input, check_module, dtype_mismatch, exporting, fake,
+                             fixed_sizes, tracing, vmapping)
 
 __all__ = ["BTTMoE", "moe_aux_loss", "near_square_factors"]
 
@@ -289,6 +289,8 @@ class BTTMoE(nn.Module):
     @torch.compiler.disable
     def _route_marked(self, logits: Tensor) -> Tuple[Tensor, Tensor]:
         """Top-k routing of ``logits`` through the _Routed marker, with the records."""
+        if fake(logits):  # a non-strict export on torch < 2.5: no state to write
+            return route(logits, self.k)
         node = None
         if logits.requires_grad and not tracing():  # torch.func takes no old-style Function
             logits = _Routed.apply(logits)

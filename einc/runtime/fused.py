@@ -168,6 +168,15 @@ def exporting() -> bool:
     return bool(check and check())
 
 
+def fake(*tensors) -> bool:
+    """Whether these tensors hold no values: fake tensors, as a non-strict torch.export
+    traces with, which torch before 2.5 does not report through is_exporting. Only for code
+    that runs eagerly: dynamo cannot trace the check. Plain tensors answer at once."""
+    if all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return False
+    return torch._guards.detect_fake_mode(tensors) is not None
+
+
 def autocasting(device: torch.device) -> bool:
     """Whether autocast is on for this device (False for devices without autocast, such
     as meta, where torch.is_autocast_enabled raises)."""

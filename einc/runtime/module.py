@@ -1,7 +1,6 @@
 """StructuredLinear: a drop-in for nn.Linear whose weight is a structured einsum."""
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import string
@@ -19,6 +18,13 @@ from .fused import (ChainFunction, allocating, autocasting, check_device, check_
                     tracing, transforming)
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
+
+
+def _factor_shapes(low) -> tuple:
+    """Per factor, its shape in spec order and its indices (for messages). A plain
+    attribute, not a cached_property, which torch 2.4's dynamo breaks its graph on."""
+    return tuple((torch.Size(low.sizes[i] for i in f.indices), " ".join(f.indices))
+                 for f in low.structure.factors)
 
 
 class StructuredLinear(nn.Module):
@@ -51,6 +57,7 @@ class StructuredLinear(nn.Module):
         self.spec = spec if isinstance(spec, str) else structure.source or structure.spec_text()
         self.lowered = low
         self._attrs = emit.attribute_names(low)
+        self._shapes = _factor_shapes(low)
         kw = {"device": device, "dtype": dtype}
         with allocating(low.params + (out_features if bias else 0), dtype, device):
             for k, f in enumerate(structure.factors):
@@ -78,6 +85,7 @@ class StructuredLinear(nn.Module):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
+        self._shapes = _factor_shapes(self.lowered)
         self._plain = _compile_forward(self.lowered, tuple(self._attrs))
 
     @property
@@ -220,12 +228,6 @@ class StructuredLinear(nn.Module):
                                f"({self.out_features},) and {first}")
         return first
 
-    @functools.cached_property
-    def _shapes(self) -> tuple:
-        """Per factor, its shape in spec order and its indices (for messages)."""
-        low = self.lowered
-        return tuple((torch.Size(low.sizes[i] for i in f.indices), " ".join(f.indices))
-                     for f in self.structure.factors)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (n, padded_in): flattened and zero-padded."""
