@@ -32,12 +32,18 @@ files=(tests/test_kernels_strided_bmm.py tests/test_kernels_slot_rows.py tests/t
        tests/test_moe.py)
 [ "${TESTS:-cuda}" = all ] && files=(tests)
 start=$(date +%s)
+rm -f "$log/tests.log"  # a stale log would be read as this run's
 OMP_NUM_THREADS=1 LIVE_LOG="$log/tests.log" PYTHONPATH="$PYTHONPATH:$PWD/benchmarks" \
     timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -p no:cacheprovider -p _pytest_live_log \
     "${workers[@]}" --tb=short "${files[@]}" >"$log/pytest.log" 2>&1
 echo "pytest rc=$? in $(( $(date +%s) - start )) s"
-grep -E "^(FAILED|ERROR) " "$log/tests.log" | cut -c1-200 | head -40
-echo "$(grep -c '^PASSED ' "$log/tests.log") passed, $(grep -c '^FAILED ' "$log/tests.log") failed," \
-     "$(grep -c '^SKIPPED ' "$log/tests.log") skipped (tests.log)"
+if [ -s "$log/tests.log" ]; then
+    grep -E "^(FAILED|ERROR) " "$log/tests.log" | cut -c1-200 | head -40
+    echo "$(grep -c '^PASSED ' "$log/tests.log") passed, $(grep -c '^FAILED ' "$log/tests.log")" \
+         "failed, $(grep -c '^ERROR ' "$log/tests.log") errors," \
+         "$(grep -c '^SKIPPED ' "$log/tests.log") skipped (tests.log)"
+else  # pytest stopped before its session started: its own output says why
+    tail -20 "$log/pytest.log"
+fi
 
 timeout "${BENCH_TIMEOUT:-250}" python3 benchmarks/gpu.py "$@" 2>&1 | tee "$log/gpu.log"
