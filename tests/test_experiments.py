@@ -298,6 +298,8 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
     ({"LOCAL_RANK": "1"}, 2, 2, "cuda:1"),                          # one GPU each
     ({"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}, 8, 4, "cuda:3"),  # two nodes of four
     ({"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}, 8, 2, "cpu"),
+    ({"LOCAL_RANK": "2", "SLURM_NTASKS_PER_NODE": "4"}, 8, 4, "cuda:2"),    # srun, 2 nodes
+    ({"LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 4, 2, "cuda:1"),  # mpirun
 ])
 def test_ddp_device_gives_each_process_its_own_gpu_or_the_cpu(env, world, gpus, want):
     assert harness.ddp_device(int(env.get("LOCAL_RANK", 0)), world, env, gpus) == \

@@ -144,15 +144,26 @@ def run_job(job: dict) -> dict:
         return rec
 
 
+#: variables that launchers set to the number of processes on this node
+LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
 def ddp_device(rank: int, world: int, env, gpus: int):
     """The device of one data-parallel process: its own GPU (cuda:LOCAL_RANK, NCCL) when
-    every process on this node has one, else the CPU (gloo). Every rank decides alike, so
-    two processes on one GPU do not both take it, nor one take cuda:1 that is not there."""
+    every process on this node has one, else the CPU (gloo), with a warning where GPUs are
+    present. The processes per node come from the launcher (torchrun, Slurm, Open MPI; all
+    of ``world`` on one node without one), so ranks on alike nodes decide alike: two
+    processes on one GPU do not both take it, nor one take a cuda:1 that is not there."""
     import torch
 
-    per_node = int(env.get("LOCAL_WORLD_SIZE", world))
+    per_node = next((int(env[v]) for v in LOCAL_SIZE_VARS if str(env.get(v, "")).isdigit()),
+                    world)
     if 0 < per_node <= gpus:
         return torch.device("cuda", int(env.get("LOCAL_RANK", rank)))
+    if gpus:
+        print(f"einc: {per_node} data-parallel processes on this node and {gpus} visible "
+              f"GPU(s): training on the CPU (gloo). Give each process its own GPU, or set "
+              f"LOCAL_WORLD_SIZE to the processes per node.", file=sys.stderr)
     return torch.device("cpu")
 
 
