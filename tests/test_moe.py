@@ -688,6 +688,20 @@ def test_sparse_under_autocast_runs_in_its_dtype(backend):
     assert _rel(got, want) < 3e-2 and _rel(wide, want) < 1e-6
 
 
+def test_sparse_under_autocast_empty_batch_and_refused_backend():
+    """An empty batch comes back in autocast's dtype as a full one does; a backend that
+    cannot take autocast's dtype says that autocast chose it."""
+    x, A, B, W, b = make_problem(10, 4, 8, 4, 8, 4, 2, seed=8, dtype=torch.float32)
+    idx, gate = route(x.reshape(10, -1) @ W.t() + b, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        empty = btt_moe_sparse(x[:0], A, B, idx[:0], gate[:0], bias=torch.zeros(4, 8))
+        assert empty.dtype == torch.bfloat16 and empty.shape == (0, 4, 8)
+        if not grouped_mm_available(torch.device("cpu"), torch.bfloat16):
+            with pytest.raises(einc.CompileError, match="under autocast the experts run in "
+                                                        "torch.bfloat16"):
+                btt_moe_sparse(x, A, B, idx, gate, backend="grouped_mm")
+
+
 def test_meta_device_forward_gives_shapes():
     m = einc.BTTMoE(64, 48, experts=4, k=2, device="meta")
     y = m(torch.empty(2, 5, 64, device="meta"))

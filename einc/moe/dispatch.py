@@ -876,7 +876,9 @@ def _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed: boo
     # torch.use_deterministic_algorithms(True) asks the same of every operation
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     if N == 0:
-        y = x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum())
+        if autocasting(x.device):  # the dtype a non-empty batch gets
+            x, A, B, bias = _autocast_operands(x, A, B, bias)
+        y = x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum()).to(x.dtype)
         return y if bias is None else y + bias
     if torch.jit.is_tracing() or exporting() or x.device.type == "meta":
         # every expert, then the gates: a trace would freeze a dispatch's routing-dependent
@@ -903,12 +905,21 @@ def _run(rows, A, B, expert_idx, gate, deterministic, backend, bias):
         return y if bias is None else y + bias
     if not autocasting(rows.device):
         return _run_backend(rows, A, B, expert_idx, gate, deterministic, backend, bias)
-    if torch.float64 not in (rows.dtype, A.dtype, B.dtype):
-        dt = torch.get_autocast_dtype(rows.device.type)
-        rows, A, B = rows.to(dt), A.to(dt), B.to(dt)  # .to keeps A's and B's strides
-        bias = None if bias is None else bias.to(dt)
+    rows, A, B, bias = _autocast_operands(rows, A, B, bias)
     with torch.autocast(rows.device.type, enabled=False):
-        return _run_backend(rows, A, B, expert_idx, gate, deterministic, backend, bias)
+        try:
+            return _run_backend(rows, A, B, expert_idx, gate, deterministic, backend, bias)
+        except CompileError as e:  # e.g. sizes grouped_mm takes in float32 but not here
+            raise CompileError(f"{e} (under autocast the experts run in {rows.dtype})") from None
+
+
+def _autocast_operands(rows, A, B, bias):
+    """The operands in autocast's dtype, unless one is float64 (which autocast leaves)."""
+    if torch.float64 in (rows.dtype, A.dtype, B.dtype):
+        return rows, A, B, bias
+    dt = torch.get_autocast_dtype(rows.device.type)
+    # .to keeps A's and B's strides
+    return rows.to(dt), A.to(dt), B.to(dt), None if bias is None else bias.to(dt)
 
 
 def _run_backend(rows, A, B, expert_idx, gate, deterministic, backend, bias):
