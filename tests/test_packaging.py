@@ -48,10 +48,10 @@ def test_installed_wheel_parses_outside_the_repo(wheel, tmp_path):
             "print(pathlib.Path(einc.__file__).parent); print(s.equation); "
             "from einc.syntax import grammar_text; assert 'compact' in grammar_text(); "
             "print(einc.analyze('btt', d=64).params)")
-    # PYTHONPATH entries into this checkout would import it instead of the wheel
-    root = Path(__file__).resolve().parent.parent
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-             if p and not Path(p).resolve().is_relative_to(root)]
+    # a PYTHONPATH entry holding an einc package (this checkout) would shadow the wheel;
+    # the others (folders of dependencies) stay, made absolute for the subprocess's cwd
+    paths = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+             if p and not Path(p, "einc", "__init__.py").exists()]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     run = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120, env=env)
