@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import _masked, _sparse, check_backend, route
+from .dispatch import _autocast_operands, _masked, _sparse, check_backend, route
 from ..analysis.concrete import check_width
 from ..errors import CompileError, SizeError
 from ..runtime.fused import (allocating, autocasting, check_device, check_dtype, check_flag,
@@ -388,9 +388,7 @@ class BTTMoE(nn.Module):
             x2 = F.pad(x2, (0, g * a - self.in_features))
         A, B, bias = self.A, self.B, self.bias
         if autocast:  # the experts run in autocast's dtype, as nn.Linear does
-            dt = torch.get_autocast_dtype(x2.device.type)
-            x2, A, B = x2.to(dt), A.to(dt), B.to(dt)  # .to keeps the cores' strides
-            bias = None if bias is None else bias.to(dt)
+            x2, A, B, bias = _autocast_operands(x2, A, B, bias)
         masked = masked or vmapping()  # vmap: a dispatch's sizes would differ per entry
         if masked:
             y = _masked(x2.reshape(N, g, a), A, B, expert_idx, gate, routed=True)

@@ -228,7 +228,6 @@ class StructuredLinear(nn.Module):
                                f"({self.out_features},) and {first}")
         return first
 
-
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (n, padded_in): flattened and zero-padded."""
         low = self.lowered
