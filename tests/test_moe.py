@@ -702,6 +702,27 @@ def test_sparse_under_autocast_empty_batch_and_refused_backend():
                 btt_moe_sparse(x, A, B, idx, gate, backend="grouped_mm")
 
 
+def test_aux_loss_is_float32_under_low_precision_autocast():
+    """Rounded to bf16, the aux loss (about 1 for a balanced router) kept 2-3 digits."""
+    torch.manual_seed(3)
+    m = einc.BTTMoE(64, 48, experts=8, k=2)
+    with torch.no_grad():
+        m.router.weight.normal_(0, 0.02)
+    x = torch.randn(300, 64)
+    m(x)
+    want = m.aux_loss.detach()
+    for n in (300, 0):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x[:n])
+        assert m.aux_loss.dtype == torch.float32
+    m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x)
+    assert abs(float(m.aux_loss) - float(want)) < 1e-3 * float(want)
+    assert m.aux_loss.requires_grad
+    assert m.double()(x.double()) is not None and m.aux_loss.dtype == torch.float64
+
+
 def test_meta_device_forward_gives_shapes():
     m = einc.BTTMoE(64, 48, experts=4, k=2, device="meta")
     y = m(torch.empty(2, 5, 64, device="meta"))

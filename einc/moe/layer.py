@@ -344,13 +344,14 @@ class BTTMoE(nn.Module):
 
     def _record_values(self, logits: Tensor, expert_idx: Tensor) -> None:
         N, E = logits.shape
-        if N == 0:
-            self.aux_loss = logits.sum() * 0.0
-            with torch.no_grad():
-                zero = logits.new_zeros(())
-                self._stats = {"load": logits.new_zeros(E), "entropy": zero, "tokens": 0}
-            return
+        # in float32 at least: in bf16 (autocast) its value rounded to 2-3 digits
         acc = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        if N == 0:
+            self.aux_loss = acc.sum() * 0.0
+            with torch.no_grad():
+                zero = acc.new_zeros(())
+                self._stats = {"load": acc.new_zeros(E), "entropy": zero, "tokens": 0}
+            return
         probs = torch.softmax(acc, dim=-1)
         # counted by comparison, not bincount: on a GPU bincount waits for the host to
         # learn the largest index, a sync in every layer's forward
@@ -358,7 +359,7 @@ class BTTMoE(nn.Module):
         frac = chosen.sum(0).to(probs.dtype) / (N * self.k)
         balance = E * (frac * probs.mean(0)).sum()
         z_loss = torch.logsumexp(acc, dim=-1).pow(2).mean()
-        self.aux_loss = (balance + Z_LOSS_WEIGHT * z_loss).to(logits.dtype)
+        self.aux_loss = balance + Z_LOSS_WEIGHT * z_loss
         with torch.no_grad():
             entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean()
             self._stats = {"load": frac.detach(), "entropy": entropy, "tokens": N}
