@@ -6,8 +6,8 @@
 # Logs go to LOGDIR (pytest.log, tests.log, gpu.log); the benchmark table is printed last.
 # TEST_TIMEOUT and BENCH_TIMEOUT (seconds) bound the two stages; TEST_WORKERS sets
 # pytest-xdist's worker count (0: no xdist; without pytest-xdist installed the tests run
-# in one process), each worker on one CPU thread (15 workers of 16 threads each timed out
-# CPU-heavy tests). TESTS=all runs the whole suite instead of the CUDA test files.
+# in one process), each worker on one CPU thread (15 workers at torch's default thread count
+# timed out CPU-heavy tests). TESTS=all runs the whole suite instead of the CUDA test files.
 # tests.log lists each test's outcome and failure as it happens, so a stage cut short by
 # its timeout still says what failed (benchmarks/_pytest_live_log.py).
 set -uo pipefail
