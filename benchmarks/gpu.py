@@ -12,7 +12,8 @@ For each width d and structure it times forward, backward and forward+backward (
 
 and BTT-MoE (E experts, k per token): sparse dispatch, masked (all experts, gated) and the
 rank-k BTT floor (same useful work, no routing). Routing (top-k + softmax of fixed logits)
-is inside the MoE timings; the router's linear map is not. Where Triton runs, a comment line
+is inside the MoE timings; the router's linear map is not, except in the "moe-layer" row:
+the whole einc.BTTMoE layer (router, routing, aux loss, experts, bias) as a model runs it. Where Triton runs, a comment line
 per MoE shape times the triton backend's slot moves (einc.kernels.slot_rows) against the
 torch operations they replaced.
 
@@ -289,12 +290,17 @@ def moe_cells(timer, d, E, k, tokens, dtype, device, seed=0):
     layer = einc.compile(f"btt(rank={k})", g * a, f * e, dtype=dtype).to(device)
     layer.route = "triton" if route_available(x) else "fused"
     xf = x.detach().reshape(tokens, g * a).requires_grad_()
+    # the whole layer as a model uses it: router, routing, aux loss, experts, bias
+    moe = einc.BTTMoE(g * a, f * e, experts=E, k=k, device=device, dtype=dtype)
+    with torch.no_grad():
+        moe.router.weight.normal_(0, (g * a) ** -0.5)
     cands = {
         "moe-sparse": (sparse, [x, A, B, logits]),  # the auto backend
         **{f"moe-{b}": (lambda b=b: sparse(b), [x, A, B, logits]) for b in MOE_BACKENDS},
         "moe-masked": (masked, [x, A, B, logits]),
         "rank-k floor": (lambda: btt_dense(x, Ak, Bk), [x, Ak, Bk]),
         "einc floor": (lambda: layer(xf), [xf, *layer.parameters()]),
+        "moe-layer": (lambda: moe(xf), [xf, *moe.parameters()]),
     }
     with torch.no_grad():  # reference: the masked route over float32 copies
         idx, gate = route(logits, k)
@@ -302,7 +308,7 @@ def moe_cells(timer, d, E, k, tokens, dtype, device, seed=0):
     for name, (fn, params) in cands.items():
         try:
             with torch.no_grad():
-                err = None if name.endswith("floor") else rel_err(fn(), ref)
+                err = None if name.endswith(("floor", "layer")) else rel_err(fn(), ref)
             yield name, flops, timed(timer, (d, f"bttmoe(E={E},k={k})", name), fn, params), err
         except Exception as exc:  # noqa: BLE001 - report and go on
             yield name, flops, failure(exc, d, f"bttmoe(E={E},k={k})", name), None
