@@ -759,6 +759,25 @@ def test_jit_trace_computes_every_expert_and_holds_for_other_inputs():
         torch.testing.assert_close(traced(x), m(x), rtol=1e-5, atol=1e-5)
 
 
+def test_jit_trace_keeps_the_users_own_tracer_warnings():
+    """einc silences the warnings of its own size checks under a trace, not those of code
+    it runs for the user, such as a parametrisation of a core."""
+    import warnings
+    import torch.nn.utils.parametrize as parametrize
+
+    class SignFlip(nn.Module):
+        def forward(self, w):
+            return w if w.sum() > 0 else -w  # data-dependent: a trace should warn here
+
+    m = einc.BTTMoE(16, 16, experts=4, k=2)
+    parametrize.register_parametrization(m, "A", SignFlip())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.jit.trace(m, (torch.randn(3, 16),), check_trace=False)
+    tracer = [w for w in seen if issubclass(w.category, torch.jit.TracerWarning)]
+    assert tracer and all("/einc/" not in w.filename for w in tracer)
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_torch_export_computes_every_expert_for_any_batch(strict):
     """routing makes the sparse dispatch's sizes data-dependent, which an exported program

@@ -189,13 +189,15 @@ def autocasting(device: torch.device) -> bool:
 def fixed_sizes(fn):
     """For checks of sizes that a torch.jit.trace records as fixed (the input width, the
     factors' shapes): its warning that a size became a Python bool is expected there, since
-    a trace is for those sizes anyway, and would only hide warnings that matter."""
+    a trace is for those sizes anyway, and would only hide warnings that matter. Only
+    warnings raised in einc's own code are silenced: code run for the user (a core's
+    parametrisation, a hook) keeps its warnings."""
     @functools.wraps(fn)
     def checked(*args, **kwargs):
         if not torch.jit.is_tracing():
             return fn(*args, **kwargs)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"einc\.")
             return fn(*args, **kwargs)
     return checked
 
