@@ -636,3 +636,17 @@ def test_reading_past_the_operand_needs_the_whole_buffer_for_a_gradient():
     want = torch.zeros(100, dtype=torch.float64)
     want[7:31] = b.sum(1).repeat(6)
     torch.testing.assert_close(g, want)
+
+
+def test_problems_are_memoised_per_spec_and_gradient_layout():
+    """A spec's canonical problem is built once (host time of every launch), and equals a
+    fresh build; a gradient read through other strides is another problem."""
+    sb = sbmm_module
+    spec = StridedBmmSpec((2,), (3,), (5,), (4,), (12, 4, 1), (20, 5, 1))
+    same = StridedBmmSpec((2,), (3,), (5,), (4,), (12, 4, 1), (20, 5, 1))
+    first = sb._problem_of(spec, None, "a", "b", "c")
+    assert sb._problem_of(same, None, "a", "b", "c") is first
+    assert first.groups == sb._make_problem(sb._spec_axes(spec), "a", "b", "c").groups
+    grad = sb._problem_of(spec, (15, 1, 3), "c", "b", "a")
+    assert grad is not first
+    assert grad.groups == sb._make_problem(sb._spec_axes(spec, (15, 1, 3)), "c", "b", "a").groups

@@ -24,6 +24,7 @@ Triton is optional: it is imported on first use and everything falls back to
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -377,6 +378,14 @@ def _make_problem(axes: list[_Axis], x: str, y: str, out: str) -> _Problem:
             role, sy = "m", 0
         groups[role].append((ax.size, sx, sy, so))
     return _Problem({role: _merge_axes(_canonical_order(role, group)) for role, group in groups.items()})
+
+
+@functools.lru_cache(maxsize=4096)
+def _problem_of(spec: StridedBmmSpec, grad_c_strides: tuple | None, x: str, y: str,
+                out: str) -> _Problem:
+    """:func:`_make_problem` over the spec's axes, memoised: a layer's steps launch the same
+    few specs (BTT-MoE: one per capacity), and this Python is host time of every launch."""
+    return _make_problem(_spec_axes(spec, grad_c_strides), x, y, out)
 
 
 def _canonical_order(role: str, axes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -954,7 +963,7 @@ def _strided_bmm_impl(a, b, spec, out, alpha, accumulate, backend) -> torch.Tens
     _check_inputs(a, b, out, spec)
     if accumulate and out is None:
         raise ValueError("accumulate=True needs an out tensor")
-    problem = _make_problem(_spec_axes(spec), "a", "b", "c")
+    problem = _problem_of(spec, None, "a", "b", "c")
     if _select_backend(backend, a, problem) == "torch":
         return strided_bmm_reference(a, b, spec, out, alpha=alpha, accumulate=accumulate)
     if out is None:
@@ -1066,13 +1075,13 @@ class StridedBmmFunction(torch.autograd.Function):
             return ga, gb, None, None, None
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_c = grad_c.to(a.dtype)
-        axes = _spec_axes(spec, grad_c.stride())  # dC is read through its own strides
+        dc = tuple(grad_c.stride())  # dC is read through its own strides
         grad_a = grad_b = None
         if need_a:  # dA[b, m, k] = sum_n dC[b, m, n] B[b, k, n]
-            grad_a = _kernel_grad(_make_problem(axes, "c", "b", "a"), grad_c, b, a, spec.a_shape, spec.a_strides,
+            grad_a = _kernel_grad(_problem_of(spec, dc, "c", "b", "a"), grad_c, b, a, spec.a_shape, spec.a_strides,
                                   alpha, backend)  # fmt: skip
         if need_b:  # dB[b, k, n] = sum_m A[b, m, k] dC[b, m, n]
-            grad_b = _kernel_grad(_make_problem(axes, "a", "c", "b"), a, grad_c, b, spec.b_shape, spec.b_strides,
+            grad_b = _kernel_grad(_problem_of(spec, dc, "a", "c", "b"), a, grad_c, b, spec.b_shape, spec.b_strides,
                                   alpha, backend)  # fmt: skip
         miss_a, miss_b = need_a and grad_a is None, need_b and grad_b is None
         if miss_a or miss_b:
