@@ -317,6 +317,18 @@ def moe_cells(timer, d, E, k, tokens, dtype, device, seed=0):
                 torch.cuda.empty_cache()
 
 
+def auto_line(d, E, k) -> str:
+    """What the measured ``auto`` backend chose for this layer shape (per token bucket,
+    training and inference apart): one comment line."""
+    from einc.moe import dispatch
+
+    g, a = near_square_factors(d)
+    f, e = near_square_factors(d)
+    picks = [f"{'train' if key[9] else 'infer'} {key[8]} tokens: {name}"
+             for key, name in dispatch._AUTO.items() if key[:6] == (g, a, f, e, E, k)]
+    return f"# auto d={d} E={E} k={k} chose " + ("; ".join(picks) or "nothing measured")
+
+
 def slot_move_line(timer, d, E, k, tokens, dtype, device) -> str:
     """Forward+backward ms of the triton backend's two slot moves (token rows into the
     padded slots, and a token's gated slot rows back), on the Triton kernels and on the
@@ -447,6 +459,7 @@ def main(argv=None) -> int:
                 continue
             for route, flops, t, err in moe_cells(timer, d, E, args.k, args.tokens, dtype, device):
                 emit(d, f"bttmoe(E={E},k={args.k})", route, flops, t, base, err)
+            print(auto_line(d, E, args.k), flush=True)
             if route_available(torch.empty(0, device=device, dtype=dtype)):
                 try:
                     print(slot_move_line(timer, d, E, args.k, args.tokens, dtype, device),

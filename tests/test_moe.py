@@ -1335,7 +1335,8 @@ def test_cuda_auto_measures_once_and_picks_a_candidate(train, monkeypatch):
     with torch.set_grad_enabled(train):
         for _ in range(2):  # the second call finds the measured choice cached
             out = btt_moe_sparse(*dev, idx.cuda(), gate.cuda(), backend="auto")
-    assert len(calls) == 1 and calls[0][-1] == "padded" and "triton" in calls[0]
+    # E = 8 <= 4k: the masked computation is timed too, after the sparse backends
+    assert len(calls) == 1 and calls[0][-2:] == ["padded", "masked"] and "triton" in calls[0]
     chosen, = dispatch._AUTO.values()
     assert chosen in calls[0]
     assert _rel(out.cpu(), btt_moe_masked(x.float(), A.float(), B.float(), idx, gate)) < 2e-3
@@ -1389,6 +1390,35 @@ def test_measure_backends_times_each_and_leaves_the_caller_alone():
     with pytest.raises(einc.CompileError, match="grouped_mm cannot run"):
         dispatch.measure_backends(["grouped_mm"], (2, 4, 3, 4, 4, 2), torch.float64,
                                   torch.device("cpu"), tokens=16, train=True, reps=1)
+
+
+@pytest.mark.parametrize("E, k, masked", [(8, 2, True), (9, 2, False), (4, 1, True),
+                                           (16, 2, False), (16, 4, True)])
+def test_gpu_candidates_time_the_masked_computation_for_few_experts(E, k, masked):
+    import einc.moe.dispatch as dispatch
+
+    x, A, B, _, _ = make_problem(10, 2, 4, 3, 4, E, k)
+    names = dispatch._gpu_candidates(x, 2, 4, 3, 4, E, k)
+    assert ("masked" in names) == masked and names[-1] == ("masked" if masked else "padded")
+
+
+def test_measured_masked_choice_computes_the_masked_result():
+    """auto may pick "masked" (measured fastest): the measurement runs it, and the layer's
+    dispatch then computes every expert, bias and gradients included."""
+    import einc.moe.dispatch as dispatch
+
+    # grouped_mm refuses float64, so only the masked computation is left to time
+    assert dispatch.measure_backends(["grouped_mm", "masked"], (2, 4, 3, 4, 4, 2), torch.float64,
+                                     torch.device("cpu"), tokens=16, train=True, reps=1) == "masked"
+    x, A, B, W, b = make_problem(37, 2, 4, 3, 4, 8, 2, seed=3)
+    bias = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    idx, gate = route(x.reshape(37, -1) @ W.t() + b, 2)
+    got = dispatch._run_backend(x, A, B, idx, gate, False, "masked", bias)
+    want = btt_moe_masked(x, A, B, idx, gate) + bias
+    assert torch.equal(got, want)
+    ga = torch.autograd.grad(got.square().sum(), (x, A, B, W, bias), retain_graph=True)
+    gb = torch.autograd.grad(want.square().sum(), (x, A, B, W, bias))
+    assert all(torch.equal(u, v) for u, v in zip(ga, gb))
 
 
 def test_auto_backend_off_the_cpu_is_measured_once_per_shape(monkeypatch):
