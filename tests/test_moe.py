@@ -360,6 +360,72 @@ def test_aux_loss_hand_checked():
     assert abs(m2.aux_loss.item() - (1.0 + 0.1 * math.log(8.0) ** 2)) < 1e-5
 
 
+def _aux_reference(logits, idx, k):
+    """The aux loss as the module docstring defines it, in plain float64 torch ops."""
+    N, E = logits.shape
+    probs = torch.softmax(logits, -1)
+    frac = torch.stack([(idx == r).sum() for r in range(E)]).to(logits.dtype) / (N * k)
+    z = torch.logsumexp(logits, -1).square().mean()
+    return E * (frac * probs.mean(0)).sum() + 0.1 * z
+
+
+@pytest.mark.parametrize("N, E, k", [(1, 1, 1), (5, 4, 1), (37, 8, 2), (64, 16, 4)])
+def test_aux_loss_gradient_and_second_derivative_match_the_definition(N, E, k):
+    """The layer's aux loss has a hand-written backward: its gradient for the router (and
+    with create_graph=True its second derivative) equals autograd's over the definition."""
+    torch.manual_seed(N + E)
+    m = BTTMoE(12, 10, experts=E, k=k, dtype=DT)
+    with torch.no_grad():
+        m.router.weight.normal_(0, 1.0)
+        m.router.bias.normal_(0, 1.0)
+    x = torch.randn(N, 12, dtype=DT)
+    m(x)
+    logits = m.router(x)
+    idx, _ = route(logits.detach(), k)
+    want = _aux_reference(logits, idx, k)
+    assert abs(float(m.aux_loss) - float(want)) < 1e-12
+    params = [m.router.weight, m.router.bias]
+    # first order: the hand-written backward
+    got = torch.autograd.grad(m.aux_loss * 3.0, params, retain_graph=True)
+    ref = torch.autograd.grad(want * 3.0, params, retain_graph=True)
+    for u, v in zip(got, ref):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+    # with a graph (create_graph=True)
+    got = torch.autograd.grad(m.aux_loss * 3.0, params, create_graph=True)
+    ref = torch.autograd.grad(want * 3.0, params, create_graph=True)
+    for u, v in zip(got, ref):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+    second = torch.autograd.grad(sum((u ** 2).sum() for u in got), params)
+    second_ref = torch.autograd.grad(sum((v ** 2).sum() for v in ref), params)
+    for u, v in zip(second, second_ref):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-12)
+
+
+def test_router_stats_are_the_last_forwards_when_read_later():
+    """The statistics are computed when read: from the last forward's routing, not from a
+    later one, and kept by copies and pickles."""
+    import copy
+    import pickle
+
+    torch.manual_seed(1)
+    m = BTTMoE(16, 16, experts=4, k=2, dtype=DT)
+    with torch.no_grad():
+        m.router.weight.normal_(0, 1.0)
+    x1, x2 = torch.randn(9, 16, dtype=DT), torch.randn(5, 16, dtype=DT)
+    m(x2)
+    m(x1)
+    probs = torch.softmax(m.router(x1), -1).detach()
+    idx, _ = route(m.router(x1).detach(), 2)
+    clone = copy.deepcopy(m)
+    stats = m.router_stats()
+    assert stats["tokens"] == 9
+    torch.testing.assert_close(stats["entropy"], -(probs * probs.log()).sum(-1).mean())
+    torch.testing.assert_close(stats["load"], torch.bincount(idx.reshape(-1), minlength=4).to(DT) / 18)
+    for other in (clone, pickle.loads(pickle.dumps(m))):
+        for name, v in other.router_stats().items():
+            assert v == stats[name] if name == "tokens" else torch.equal(v, stats[name])
+
+
 def test_moe_aux_loss_sums_layers_and_reaches_router():
     torch.manual_seed(0)
     net = torch.nn.Sequential(BTTMoE(16, 16, experts=4, k=2), torch.nn.GELU(), BTTMoE(16, 8, experts=4, k=1))
