@@ -7,7 +7,7 @@ import torch
 
 from einc.errors import EincError
 from einc.kernels import triton_available
-from einc.kernels.slot_rows import combine_slots, dispatch_slots
+from einc.kernels.slot_rows import combine_slots, dispatch_slots, place_slots
 from einc.moe.dispatch import _padded_plan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,6 +90,29 @@ def test_no_second_derivatives():
     y = combine_slots(rows, slot_row, row_slot, gate, kernel="torch")
     with pytest.raises(EincError, match="second derivatives"):
         torch.autograd.grad(y.sum(), rows, create_graph=True)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("S,E,skew", [(0, 4, False), (1, 1, False), (37, 5, False),
+                                      (200, 8, True), (3000, 300, False), (64, 700, True)])
+def test_place_slots_puts_each_experts_slots_in_order(kernel, S, E, skew):
+    """The i-th slot of expert r (ascending slot ids) goes to row r * C + i; every other
+    row is padding (-1)."""
+    gen = torch.Generator().manual_seed(S + E)
+    flat = torch.randint(0, 3 if skew else E, (S,), generator=gen) % E
+    counts = torch.bincount(flat, minlength=E)
+    C = int(counts.max()) + 3 if S else 0
+    order = torch.argsort(flat, stable=True)
+    dev = [t.to(DEVICE) for t in (flat, order, counts)]
+    slot_row, row_slot = place_slots(*dev, C, kernel=kernel)
+    want_row = torch.empty(S, dtype=torch.long)
+    want_slot = torch.full((E * C,), -1, dtype=torch.long)
+    for r in range(E):
+        mine = [s for s in range(S) if int(flat[s]) == r]
+        for i, s in enumerate(mine):
+            want_row[s] = r * C + i
+            want_slot[r * C + i] = s
+    assert torch.equal(slot_row.cpu(), want_row) and torch.equal(row_slot.cpu(), want_slot)
 
 
 def test_padded_plan_row_slot_inverts_slot_row():

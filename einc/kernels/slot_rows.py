@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .strided_bmm import _import_triton, _triton_usable
 
-__all__ = ["combine_slots", "dispatch_slots"]
+__all__ = ["combine_slots", "dispatch_slots", "place_slots"]
 
 _KERNELS: dict = {}
 tl = None  # triton.language, bound when the kernels are decorated
@@ -83,6 +83,22 @@ def _sum_fn(src_ptr, slot_row_ptr, scale_ptr, out_ptr, W, K: tl.constexpr,
     tl.store(out_ptr + t * W + cols, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+def _place_fn(flat_ptr, order_ptr, counts_ptr, slot_row_ptr, row_slot_ptr, S, C, E,
+              BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    # sorted position i holds slot order[i] of expert e; its row is e * C + (i - start(e)),
+    # start(e) = the slots of the experts before e (from the counts, summed per position)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < S
+    slot = tl.load(order_ptr + i, mask=inside, other=0)
+    e = tl.load(flat_ptr + slot, mask=inside, other=0)
+    r = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + r, mask=r < E, other=0)
+    start = tl.sum(tl.where(r[None, :] < e[:, None], counts[None, :], 0), axis=1)
+    row = e * C + (i - start)
+    tl.store(slot_row_ptr + slot, row, mask=inside)
+    tl.store(row_slot_ptr + row, slot, mask=inside)
+
+
 def _kernels():
     global tl
     if not _KERNELS:
@@ -92,6 +108,7 @@ def _kernels():
         tl = language
         _KERNELS["gather"] = triton.jit(_gather_fn)
         _KERNELS["sum"] = triton.jit(_sum_fn)
+        _KERNELS["place"] = triton.jit(_place_fn)
     return _KERNELS
 
 
@@ -177,6 +194,32 @@ def _sum(src: Tensor, slot_row: Tensor, scale: Optional[Tensor] = None,
     for j in range(1, k):  # a fixed order
         out += picked[:, j]
     return out.to(src.dtype)
+
+
+def place_slots(flat: Tensor, order: Tensor, counts: Tensor, C: int, kernel: str = "auto"):
+    """Rows of the padded layout for slots sorted by expert: ``flat`` (S,) the expert of
+    every slot, ``order`` (S,) the slots sorted by expert (stable), ``counts`` (E,) the slots
+    per expert, ``C`` the capacity. Returns ``(slot_row, row_slot)``: the row of every slot
+    (the i-th slot of expert r in sorted order gets row ``r * C + i``) and the slot of every
+    row, -1 for padding. One kernel where Triton runs (the torch form takes about ten
+    operations, each a launch and host time on a GPU)."""
+    S, E = flat.shape[0], counts.shape[0]
+    row_slot = torch.full((E * C,), -1, dtype=torch.long, device=flat.device)
+    if _use_kernel(flat, kernel) and S > 0:
+        slot_row = torch.empty(S, dtype=torch.long, device=flat.device)
+        block_e = max(16, 1 << max(0, (E - 1).bit_length()))
+        block = max(16, min(1024, 16384 // block_e))  # the (block, block_e) start sums
+        with _on_device(flat):
+            _kernels()["place"][(-(-S // block),)](
+                flat, order, counts, slot_row, row_slot, S, C, E, BLOCK=block, BLOCK_E=block_e)
+        return slot_row, row_slot
+    starts = torch.cumsum(counts, 0) - counts
+    e_sorted = flat.index_select(0, order)
+    row_sorted = e_sorted * C + (torch.arange(S, device=flat.device) - starts.index_select(0, e_sorted))
+    slot_row = torch.empty_like(order)
+    slot_row[order] = row_sorted
+    row_slot[row_sorted] = order
+    return slot_row, row_slot
 
 
 # ---------------------------------------------------------------------------

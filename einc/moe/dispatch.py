@@ -489,21 +489,16 @@ def _padded_plan(expert_idx: Tensor, E: int):
     load; one host sync), the padded row of every slot in ``(token, choice)``
     order, and the slot of every padded row (-1 for padding rows).
     """
+    from ..kernels.slot_rows import place_slots
+
     N, k = expert_idx.shape
     S = N * k
-    dev = expert_idx.device
     flat = expert_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=E)
     C = int(counts.max()) if S else 0  # host sync
     C = -(-C // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE  # aligned row blocks
-    starts = torch.cumsum(counts, 0) - counts
-    e_sorted = flat.index_select(0, order)
-    row_sorted = e_sorted * C + (torch.arange(S, device=dev) - starts.index_select(0, e_sorted))
-    slot_row = torch.empty_like(order)
-    slot_row[order] = row_sorted
-    row_slot = torch.full((E * C,), -1, dtype=torch.long, device=dev)
-    row_slot[row_sorted] = order
+    slot_row, row_slot = place_slots(flat, order, counts, C)
     return C, slot_row, row_slot
 
 
