@@ -158,7 +158,7 @@ def _aux_plain(logits: Tensor, expert_idx: Tensor, k: int):
     frac = counts.to(probs.dtype) / (N * k)
     balance = E * (frac * probs.mean(0)).sum()
     z_loss = torch.logsumexp(acc, dim=-1).pow(2).mean()
-    return balance + Z_LOSS_WEIGHT * z_loss, probs, counts
+    return balance + Z_LOSS_WEIGHT * z_loss, probs.detach(), counts
 
 
 class _AuxLoss(torch.autograd.Function):
@@ -177,7 +177,7 @@ class _AuxLoss(torch.autograd.Function):
         N, E = logits.shape
         acc = _accumulating(logits)
         lse = torch.logsumexp(acc, dim=1)
-        probs = torch.exp(acc - lse.unsqueeze(1))
+        probs = torch.softmax(acc, dim=1)
         counts = _counts(expert_idx, E)
         n = counts.to(acc.dtype)
         c, z = E / (N * N * k), Z_LOSS_WEIGHT / N
@@ -437,7 +437,7 @@ class BTTMoE(nn.Module):
         else:
             self.aux_loss, probs, counts = _AuxLoss.apply(logits, expert_idx, self.k)
         # the statistics are computed when asked for (router_stats), from these
-        self._stats = _PendingStats(probs.detach(), counts.detach(), N, self.k)
+        self._stats = _PendingStats(probs, counts, N, self.k)  # neither has a gradient
 
     @fixed_sizes  # its shape checks and branches on sizes
     def _evaluate(self, x: Tensor, masked: bool) -> Tensor:
