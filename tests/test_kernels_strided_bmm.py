@@ -552,6 +552,91 @@ def test_direct_launch_repeats_the_first_launch_exactly(monkeypatch):
     assert [c[0] for c in calls] == ["dispatch", "direct"] and sbmm_module.DIRECT_LAUNCH
 
 
+def test_launch_kernel_goes_direct_for_arguments_of_the_same_kind(monkeypatch):
+    """launch_kernel (the slot-move and placement kernels): the first launch of a kind goes
+    through Triton's dispatch, later ones of the same kind (dtypes, alignment, fixed ints,
+    constexprs; varying ints by what Triton specialises) straight to the compiled kernel
+    with the arguments the dispatch would have bound, other grids included."""
+    import inspect
+
+    pytest.importorskip("triton")
+    from einc.kernels import slot_rows
+
+    slot_rows._kernels()  # decorates the kernels (sets the module's tl)
+    calls = []
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, g0, g1, g2, stream, function, packed, meta, enter, exit_, *args):
+            calls.append(("direct", (g0, g1, g2), list(args)))
+
+    class FakeJit:
+        def __init__(self, fn):
+            self.sig = inspect.signature(fn)
+            self.arg_names = list(self.sig.parameters)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                bound = self.sig.bind(*args, **kwargs)
+                calls.append(("dispatch", tuple(grid) + (1,) * (3 - len(grid)),
+                              list(bound.arguments.values())))
+                return Compiled()
+            return launch
+
+        def bound(self, grid, args, constexprs):  # what a dispatch passes
+            return tuple(grid) + (1,) * (3 - len(grid)), list(self.sig.bind(*args, **constexprs).arguments.values())
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+    import triton.runtime
+
+    monkeypatch.setattr(type(triton.runtime.driver), "active", property(lambda self: Driver()), raising=False)
+    monkeypatch.setattr(sbmm_module, "_interpreting", lambda: False)
+    monkeypatch.setattr(sbmm_module, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(sbmm_module, "_PLAIN_LAUNCHES", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    place = FakeJit(slot_rows._place_fn)
+    t = lambda n, dt=torch.long: torch.zeros(n, dtype=dt)  # noqa: E731
+    const = dict(BLOCK=64, BLOCK_E=16)
+
+    def launch(args, grid=(3,), kernel=place, constexprs=const, varying=(5, 6)):
+        sbmm_module.launch_kernel(kernel, grid, args, constexprs, varying=varying)
+
+    first = (t(40), t(40), t(8), t(40), t(64), 40, 8, 8)
+    launch(first)
+    second = (t(56), t(56), t(8), t(56), t(80), 56, 10, 8)  # other tensors and sizes
+    launch(second, grid=(4,))
+    assert [c[0] for c in calls] == ["dispatch", "direct"]
+    want_grid, want_args = place.bound((4,), second, const)
+    assert calls[1][1] == want_grid
+    assert all(u is v or u == v for u, v in zip(calls[1][2], want_args)) and \
+        len(calls[1][2]) == len(want_args)
+    # another kind: a fixed int (E), a varying one divisible by 16, a dtype, a constexpr
+    launch(second[:7] + (9,))
+    launch(second[:5] + (56, 16, 8))
+    launch((t(56, torch.int32),) + second[1:])
+    launch(second, constexprs=dict(BLOCK=32, BLOCK_E=16))
+    assert [c[0] for c in calls[2:]] == ["dispatch"] * 4
+    # a two-dimensional grid and a constexpr passed by name (the sum kernel)
+    summed = FakeJit(slot_rows._sum_fn)
+    rows = (torch.zeros(6, 5), t(6), torch.zeros(3, 2), torch.zeros(3, 5), 5)
+    meta = dict(K=2, BLOCK=16, SCALE=True, ACC=None)
+    for _ in range(2):
+        launch(rows, grid=(3, 1), kernel=summed, constexprs=meta, varying=())
+    assert [c[0] for c in calls[6:]] == ["dispatch", "direct"]
+    assert calls[7][1] == (3, 1, 1) and calls[7][2] == calls[6][2]
+    assert all(u is v for u, v in zip(calls[7][2], calls[6][2]) if isinstance(u, torch.Tensor))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_split_reduction_for_few_tiles_and_a_long_k(kernel, dtype, monkeypatch):
     """Weight gradients reduce over every token into a few small tiles: the reduction is

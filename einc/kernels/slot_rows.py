@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .strided_bmm import _import_triton, _triton_usable
+from .strided_bmm import _import_triton, _triton_usable, launch_kernel
 
 __all__ = ["combine_slots", "dispatch_slots", "place_slots"]
 
@@ -156,10 +156,10 @@ def _gather(src: Tensor, slot_row: Tensor, row_slot: Tensor, scale: Optional[Ten
         out = src.new_empty(P, W)
         dot = None if other is None else src.new_empty(slot_row.numel())  # one row per slot
         with _on_device(src):  # out stands in for the pointers a flag leaves unread
-            _kernels()["gather"][(P,)](
+            launch_kernel(_kernels()["gather"], (P,), (
                 src, row_slot, out if scale is None else scale, out if other is None else other,
-                out, out if dot is None else dot, W, k,
-                BLOCK=_block(W), SCALE=scale is not None, DOT=other is not None, ACC=_acc(src))
+                out, out if dot is None else dot, W, k), dict(
+                BLOCK=_block(W), SCALE=scale is not None, DOT=other is not None, ACC=_acc(src)))
         return out, dot
     valid = (row_slot >= 0).unsqueeze(1)
     rows = torch.where(valid, src.index_select(0, row_slot.clamp(min=0) // k), 0)
@@ -182,9 +182,9 @@ def _sum(src: Tensor, slot_row: Tensor, scale: Optional[Tensor] = None,
         out = src.new_empty(N, W)
         block = _block(W)
         with _on_device(src):
-            _kernels()["sum"][(N, -(-W // block))](
-                src, slot_row, out if scale is None else scale, out, W, k,
-                BLOCK=block, SCALE=scale is not None, ACC=_acc(src))
+            launch_kernel(_kernels()["sum"], (N, -(-W // block)), (
+                src, slot_row, out if scale is None else scale, out, W), dict(
+                K=k, BLOCK=block, SCALE=scale is not None, ACC=_acc(src)))
         return out
     acc = torch.promote_types(src.dtype, torch.float32)  # summed as the kernel sums
     picked = src.index_select(0, slot_row.reshape(-1)).view(N, k, W).to(acc)
@@ -210,8 +210,9 @@ def place_slots(flat: Tensor, order: Tensor, counts: Tensor, C: int, kernel: str
         block_e = max(16, 1 << max(0, (E - 1).bit_length()))
         block = max(16, min(1024, 16384 // block_e))  # the (block, block_e) start sums
         with _on_device(flat):
-            _kernels()["place"][(-(-S // block),)](
-                flat, order, counts, slot_row, row_slot, S, C, E, BLOCK=block, BLOCK_E=block_e)
+            launch_kernel(_kernels()["place"], (-(-S // block),), (
+                flat, order, counts, slot_row, row_slot, S, C, E), dict(
+                BLOCK=block, BLOCK_E=block_e), varying=(5, 6))
         return slot_row, row_slot
     starts = torch.cumsum(counts, 0) - counts
     e_sorted = flat.index_select(0, order)

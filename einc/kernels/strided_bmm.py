@@ -819,8 +819,66 @@ class _DirectLauncher:
         active = self.driver.active
         stream = active.get_current_stream(active.get_current_device())
         meta = c.launch_metadata(grid, stream, *args)
-        c.run(grid[0], 1, 1, stream, c.function, c.packed_metadata, meta, *_launch_hooks(), *args)
+        g = tuple(grid) + (1, 1)
+        c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, meta, *_launch_hooks(),
+              *args)
         self.proven = True
+
+
+_PLAIN_LAUNCHES: dict = {}  # (kernel, arguments' key) -> _DirectLauncher
+
+
+def _int_key(v: int) -> tuple:
+    """What Triton specialises an int argument on: 1, divisibility by 16, 32 or 64 bits."""
+    return v == 1, v % 16 == 0, -(1 << 31) <= v < (1 << 31)
+
+
+def launch_kernel(kernel, grid: tuple, args: tuple, constexprs: dict, varying=()) -> None:
+    """``kernel[grid](*args, **constexprs)`` for a small kernel launched many times with
+    the same kinds of arguments: after the first launch through Triton's dispatch, the
+    compiled kernel runs directly (:class:`_DirectLauncher`; on an H200's host Triton's
+    dispatch took 70-90 us of a launch). ``args`` are the positional arguments in signature
+    order, tensors on the current CUDA device and ints; an int is part of the launch's key
+    with its value, except the positions in ``varying`` (sizes that change per call), keyed
+    by what Triton specialises them on."""
+    global DIRECT_LAUNCH
+    direct = DIRECT_LAUNCH and not _interpreting()
+    if direct:
+        key = [id(kernel), tuple(sorted(constexprs.items())), torch.cuda.current_device()]
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                key.append((a.dtype, a.data_ptr() % 16 == 0, a.device.index))
+            else:
+                key.append(_int_key(a) if i in varying else a)
+        key = tuple(key)
+        launcher = _PLAIN_LAUNCHES.get(key)
+        if launcher is not None:
+            values = {n: args[i] for n, i in launcher.positions.items()}
+            if launcher.proven:
+                launcher(grid, values)
+                return
+            try:
+                launcher(grid, values)
+                return
+            except (AttributeError, TypeError, KeyError):  # another Triton: its dispatch
+                DIRECT_LAUNCH = direct = False
+    compiled = kernel[grid](*args, **constexprs)
+    if direct and all(hasattr(compiled, a) for a in
+                      ("run", "function", "packed_metadata", "launch_metadata")):
+        names = list(kernel.arg_names)
+        values = dict(zip(names, args), **constexprs)
+        positions = {names[i]: i for i, a in enumerate(args)
+                     if isinstance(a, torch.Tensor) or i in varying}
+        try:
+            launcher = _DirectLauncher(compiled, [values[n] for n in names],
+                                       {n: names.index(n) for n in positions})
+        except (KeyError, ImportError, AttributeError):
+            DIRECT_LAUNCH = False
+            return
+        launcher.positions = positions  # argument name -> its index in args
+        if len(_PLAIN_LAUNCHES) >= 4096:
+            _PLAIN_LAUNCHES.clear()
+        _PLAIN_LAUNCHES[key] = launcher
 
 
 def _launch(problem: _Problem, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, alpha: float,
