@@ -434,6 +434,9 @@ class BTTMoE(nn.Module):
             return
         if tracing() or dual(logits):  # torch.func and forward-mode AD: plain torch ops
             self.aux_loss, probs, counts = _aux_plain(logits, expert_idx, self.k)
+        elif autocasting(logits.device):  # its dot products stay in float32 at least
+            with torch.autocast(logits.device.type, enabled=False):
+                self.aux_loss, probs, counts = _AuxLoss.apply(logits, expert_idx, self.k)
         else:
             self.aux_loss, probs, counts = _AuxLoss.apply(logits, expert_idx, self.k)
         # the statistics are computed when asked for (router_stats), from these
