@@ -94,7 +94,8 @@ def test_no_second_derivatives():
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("S,E,skew", [(0, 4, False), (1, 1, False), (37, 5, False),
-                                      (200, 8, True), (3000, 300, False), (64, 700, True)])
+                                      (200, 8, True), (3000, 300, False), (64, 700, True),
+                                      (20, 5000, False)])
 def test_place_slots_puts_each_experts_slots_in_order(kernel, S, E, skew):
     """The i-th slot of expert r (ascending slot ids) goes to row r * C + i; every other
     row is padding (-1)."""

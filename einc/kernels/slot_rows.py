@@ -196,6 +196,10 @@ def _sum(src: Tensor, slot_row: Tensor, scale: Optional[Tensor] = None,
     return out.to(src.dtype)
 
 
+#: experts the placement kernel takes (more go to the torch form)
+PLACE_MAX_EXPERTS = 4096
+
+
 def place_slots(flat: Tensor, order: Tensor, counts: Tensor, C: int, kernel: str = "auto"):
     """Rows of the padded layout for slots sorted by expert: ``flat`` (S,) the expert of
     every slot, ``order`` (S,) the slots sorted by expert (stable), ``counts`` (E,) the slots
@@ -205,7 +209,8 @@ def place_slots(flat: Tensor, order: Tensor, counts: Tensor, C: int, kernel: str
     operations, each a launch and host time on a GPU)."""
     S, E = flat.shape[0], counts.shape[0]
     row_slot = torch.full((E * C,), -1, dtype=torch.long, device=flat.device)
-    if _use_kernel(flat, kernel) and S > 0:
+    # the kernel sums each position's start over a (block, E) tile: up to PLACE_MAX_EXPERTS
+    if _use_kernel(flat, kernel) and S > 0 and E <= PLACE_MAX_EXPERTS:
         slot_row = torch.empty(S, dtype=torch.long, device=flat.device)
         block_e = max(16, 1 << max(0, (E - 1).bit_length()))
         block = max(16, min(1024, 16384 // block_e))  # the (block, block_e) start sums
