@@ -92,19 +92,32 @@ def test_no_second_derivatives():
         torch.autograd.grad(y.sum(), rows, create_graph=True)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("S,E,skew", [(0, 4, False), (1, 1, False), (37, 5, False),
-                                      (200, 8, True), (3000, 300, False), (64, 700, True),
-                                      (20, 5000, False)])
-def test_place_slots_puts_each_experts_slots_in_order(kernel, S, E, skew):
+PLACE_KERNELS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_available(), reason="no triton kernel here (no triton, or no interpreter)"))]
+
+
+@pytest.mark.parametrize("kernel", PLACE_KERNELS)  # "triton" fails unless the kernel runs
+@pytest.mark.parametrize("S,E,skew,layout", [
+    (0, 4, False, "plain"), (1, 1, False, "plain"), (37, 5, False, "plain"),
+    (200, 8, True, "plain"), (3000, 300, False, "plain"), (64, 700, True, "plain"),
+    (20, 5000, False, "plain"), (40, 6, False, "strided"), (30, 4, False, "expanded"),
+    (50, 7, False, "int32")])
+def test_place_slots_puts_each_experts_slots_in_order(kernel, S, E, skew, layout):
     """The i-th slot of expert r (ascending slot ids) goes to row r * C + i; every other
-    row is padding (-1)."""
+    row is padding (-1). The expert ids may come as a strided or expanded view (a slice of
+    (N, k) indices) or as int32."""
     gen = torch.Generator().manual_seed(S + E)
     flat = torch.randint(0, 3 if skew else E, (S,), generator=gen) % E
+    if layout == "strided":
+        flat = torch.stack([flat, flat.flip(0)], 1)[:, 0]
+    elif layout == "expanded":
+        flat = flat[:1].expand(S)
+    elif layout == "int32":
+        flat = flat.int()
     counts = torch.bincount(flat, minlength=E)
     C = int(counts.max()) + 3 if S else 0
     order = torch.argsort(flat, stable=True)
-    dev = [t.to(DEVICE) for t in (flat, order, counts)]
+    dev = [t.to(DEVICE) if DEVICE != "cpu" else t for t in (flat, order, counts)]
     slot_row, row_slot = place_slots(*dev, C, kernel=kernel)
     want_row = torch.empty(S, dtype=torch.long)
     want_slot = torch.full((E * C,), -1, dtype=torch.long)

@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .strided_bmm import _import_triton, _triton_usable, launch_kernel
+from .strided_bmm import (_import_triton, _interpreting, _triton_usable, launch_kernel,
+                          triton_available)
 
 __all__ = ["combine_slots", "dispatch_slots", "place_slots"]
 
@@ -124,15 +125,18 @@ def _acc(t: Tensor):
 KERNELS = ("auto", "triton", "torch")
 
 
-def _use_kernel(t: Tensor, kernel: str) -> bool:
+def _use_kernel(t: Tensor, kernel: str, indices: bool = False) -> bool:
     """Whether the moves run as Triton kernels: "auto" where they can, "torch" never,
-    "triton" always (an error where they cannot)."""
+    "triton" always (an error where they cannot). ``indices``: ``t`` holds integer indices
+    (the placement kernel), so only its device counts."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "triton" and not _triton_usable(t):
+    usable = (triton_available() and (t.is_cuda or (_interpreting() and t.device.type == "cpu"))
+              if indices else _triton_usable(t))
+    if kernel == "triton" and not usable:
         raise RuntimeError(f"the triton slot moves are unavailable for a {t.dtype} tensor on "
                            f"{t.device} (needs triton and a CUDA device, or TRITON_INTERPRET=1)")
-    return kernel != "torch" and _triton_usable(t)
+    return kernel != "torch" and usable
 
 
 def _on_device(t: Tensor):
@@ -210,7 +214,9 @@ def place_slots(flat: Tensor, order: Tensor, counts: Tensor, C: int, kernel: str
     S, E = flat.shape[0], counts.shape[0]
     row_slot = torch.full((E * C,), -1, dtype=torch.long, device=flat.device)
     # the kernel sums each position's start over a (block, E) tile: up to PLACE_MAX_EXPERTS
-    if _use_kernel(flat, kernel) and S > 0 and E <= PLACE_MAX_EXPERTS:
+    if _use_kernel(flat, kernel, indices=True) and S > 0 and E <= PLACE_MAX_EXPERTS:
+        # the kernel reads by flat offset: an expanded or sliced index view would be misread
+        flat, order, counts = flat.contiguous(), order.contiguous(), counts.contiguous()
         slot_row = torch.empty(S, dtype=torch.long, device=flat.device)
         block_e = max(16, 1 << max(0, (E - 1).bit_length()))
         block = max(16, min(1024, 16384 // block_e))  # the (block, block_e) start sums
