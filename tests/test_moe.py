@@ -401,6 +401,21 @@ def test_aux_loss_gradient_and_second_derivative_match_the_definition(N, E, k):
         torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-12)
 
 
+def test_aux_loss_backward_takes_batched_gradients():
+    """autograd.grad(..., is_grads_batched=True) (vmap over the backward, as jacobian and
+    hessian with vectorize=True use) goes through the hand-written backward."""
+    torch.manual_seed(0)
+    m = BTTMoE(8, 8, experts=4, k=2, dtype=DT)
+    with torch.no_grad():
+        m.router.weight.normal_()
+    m(torch.randn(5, 8, dtype=DT))
+    scale = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
+    (got,) = torch.autograd.grad(m.aux_loss, m.router.weight, scale, is_grads_batched=True,
+                                 retain_graph=True)
+    (one,) = torch.autograd.grad(m.aux_loss, m.router.weight)
+    torch.testing.assert_close(got, scale.view(3, 1, 1) * one)
+
+
 def test_router_stats_are_the_last_forwards_when_read_later():
     """The statistics are computed when read: from the last forward's routing, not from a
     later one, and kept by copies and pickles."""
@@ -1102,6 +1117,11 @@ def test_vmap_takes_the_masked_route_and_ensembles_work():
     want = torch.stack([m.forward_masked(x) for x in xs])
     torch.testing.assert_close(torch.func.vmap(m)(xs), want, rtol=1e-12, atol=1e-12)
     assert m.aux_loss.shape == (3,)  # one value per vmapped entry, read after vmap
+    stats = m.router_stats()  # so are the statistics, computed after it
+    assert stats["entropy"].shape == (3,) and stats["load"].shape == (3, 4)
+    for j, x in enumerate(xs):
+        m(x)
+        torch.testing.assert_close(m.router_stats()["entropy"], stats["entropy"][j])
     # an ensemble: stacked parameters of three layers, one input
     ms = [copy.deepcopy(m) for _ in range(3)]
     for j, layer in enumerate(ms):
@@ -1492,7 +1512,7 @@ def test_auto_backend_off_the_cpu_is_measured_once_per_shape(monkeypatch):
 
     calls = []
 
-    def fake_measure(names, sizes, dtype, device, tokens, train, reps=3):
+    def fake_measure(names, sizes, dtype, device, tokens, train, reps=3, like=None):
         calls.append((tuple(names), sizes, tokens, train))
         return names[-1]
 
@@ -1511,6 +1531,33 @@ def test_auto_backend_off_the_cpu_is_measured_once_per_shape(monkeypatch):
     monkeypatch.setattr(dispatch, "_gpu_candidates", lambda *a: ["triton", "padded"])
     assert dispatch._auto_backend(x[:5], A, B, 2, deterministic=True) == "triton"  # fixed, not timed
     assert len(calls) == 2
+
+
+def test_auto_backend_measures_with_the_cores_layout(monkeypatch):
+    """What a backend copies depends on how the cores are laid out (BTTMoE stores them
+    expert-major): the measurement uses the caller's layout, and each layout is measured
+    apart."""
+    import einc.moe.dispatch as dispatch
+
+    seen = []
+    real = dispatch.measure_backends
+
+    def spy(names, sizes, dtype, device, tokens, train, reps=3, like=None):
+        seen.append(tuple(t.stride() for t in like))
+        return real(names, sizes, dtype, device, tokens, train, reps=1, like=like)
+
+    monkeypatch.setattr(dispatch, "_AUTO", {})
+    monkeypatch.setattr(dispatch, "measure_backends", spy)
+    monkeypatch.setattr(dispatch, "_gpu_candidates", lambda *a: ["padded", "masked"])
+    m = BTTMoE(12, 12, experts=4, k=2)
+    x = torch.randn(20, 3, 4, requires_grad=True)
+    A, B = m.A.detach().requires_grad_(), m.B.detach().requires_grad_()
+    dispatch._auto_backend(x, A, B, 2)
+    Ac, Bc = A.detach().contiguous().requires_grad_(), B.detach().contiguous().requires_grad_()
+    dispatch._auto_backend(x, Ac, Bc, 2)
+    dispatch._auto_backend(x, A, B, 2)  # cached
+    assert seen == [(A.stride(), B.stride()), (Ac.stride(), Bc.stride())]
+    assert A.stride() != Ac.stride()
 
 
 def test_auto_backend_measures_inside_activation_checkpointing(monkeypatch):

@@ -744,19 +744,25 @@ def _auto_backend(x: Tensor, A: Tensor, B: Tensor, k: int, deterministic: bool =
     N = x.shape[0]
     bucket = 1 << max(0, (N - 1).bit_length())
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, A, B))
-    key = (g, a, f, e, E, k, x.dtype, x.device, bucket, train, deterministic)
+    # the cores' layout too: what a backend copies depends on it (BTTMoE stores them
+    # expert-major, which the sparse backends read in place and masked copies)
+    key = (g, a, f, e, E, k, x.dtype, x.device, bucket, train, deterministic,
+           A.stride(), B.stride())
     if key not in _AUTO:
         names = _gpu_candidates(x, g, a, f, e, E, k)
         _AUTO[key] = names[0] if len(names) == 1 or deterministic else \
-            measure_backends(names, (g, a, f, e, E, k), x.dtype, x.device, min(bucket, MEASURE_TOKENS), train)
+            measure_backends(names, (g, a, f, e, E, k), x.dtype, x.device,
+                             min(bucket, MEASURE_TOKENS), train, like=(A, B))
     return _AUTO[key]
 
 
-def measure_backends(names, sizes, dtype, device, tokens: int, train: bool, reps: int = 3) -> str:
+def measure_backends(names, sizes, dtype, device, tokens: int, train: bool, reps: int = 3,
+                     like: Optional[Tuple[Tensor, Tensor]] = None) -> str:
     """Time each backend named (sparse ones, and ``"masked"``: every expert on every token)
     on random inputs of these sizes (forward and backward when ``train``; best of ``reps``
-    after one warm-up, taken round-robin) and return the fastest. The caller's tensors,
-    gradients and random stream are untouched."""
+    after one warm-up, taken round-robin) and return the fastest. ``like``: the cores
+    ``(A, B)`` whose memory layout the random ones take (default: contiguous). The
+    caller's tensors, gradients and random stream are untouched."""
     import time
 
     g, a, f, e, E, k = sizes
@@ -767,8 +773,13 @@ def measure_backends(names, sizes, dtype, device, tokens: int, train: bool, reps
     with torch.random.fork_rng(devices=[device] if cuda else []), torch.autocast(device.type, enabled=False), \
             torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.set_grad_enabled(train):
         x = torch.randn(tokens, g, a, device=device, dtype=dtype, requires_grad=train)
-        A = (torch.randn(g, a, f, E, device=device, dtype=dtype) * a ** -0.5).requires_grad_(train)
-        B = (torch.randn(f, g, E, e, device=device, dtype=dtype) * g ** -0.5).requires_grad_(train)
+        if like is None:
+            A = torch.empty(g, a, f, E, device=device, dtype=dtype)
+            B = torch.empty(f, g, E, e, device=device, dtype=dtype)
+        else:  # empty_like keeps a dense layout's strides
+            A, B = (torch.empty_like(t, dtype=dtype, device=device) for t in like)
+        A = A.normal_(0, a ** -0.5).requires_grad_(train)
+        B = B.normal_(0, g ** -0.5).requires_grad_(train)
         logits = torch.randn(tokens, E, device=device, dtype=torch.float32, requires_grad=train)
         dy = torch.randn(tokens, f, e, device=device, dtype=dtype) if train else None
 

@@ -19,6 +19,7 @@ Each forward pass stores ``aux_loss``: the switch load-balancing loss
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import List, Optional, Sequence, Tuple
@@ -196,10 +197,13 @@ class _AuxLoss(torch.autograd.Function):
             return d, None, None
         N, E = logits.shape
         c, z = E / (N * N * ctx.k), Z_LOSS_WEIGHT / N
-        # p * (c n_e + (2 z l - c <p, n>)), times the incoming gradient
-        per_token = torch.add(lse, torch.mv(probs, n), alpha=-c / (2 * z)).mul_(2 * z)
-        d = probs * torch.add(per_token.unsqueeze(1), n, alpha=c)
-        return d.mul_(grad).to(logits.dtype), None, None
+        with torch.autocast(probs.device.type, enabled=False) if autocasting(probs.device) \
+                else contextlib.nullcontext():  # a backward inside autocast: mv in float32+
+            # p * (c n_e + (2 z l - c <p, n>)), times the incoming gradient (out of place:
+            # a batched gradient, is_grads_batched, cannot be multiplied into d in place)
+            per_token = torch.add(lse, torch.mv(probs, n), alpha=-c / (2 * z)).mul_(2 * z)
+            d = probs * torch.add(per_token.unsqueeze(1), n, alpha=c)
+            return (d * grad).to(logits.dtype), None, None
 
 
 class _PendingStats:
@@ -212,7 +216,8 @@ class _PendingStats:
     def settle(self) -> dict:
         probs, counts = _settled(self.probs), _settled(self.counts)
         with torch.no_grad():
-            entropy = -torch.special.xlogy(probs, probs).sum(-1).mean()
+            # per sample after a vmap ((B, N, E) probabilities), as read inside it
+            entropy = -torch.special.xlogy(probs, probs).sum(-1).mean(-1)
             load = counts.to(probs.dtype) / (self.tokens * self.k)
         return {"load": load, "entropy": entropy, "tokens": self.tokens}
 
