@@ -476,6 +476,57 @@ def test_direct_launch_passes_every_argument_in_signature_order(monkeypatch):
     assert list(seen["args"]) == list(range(len(names)))
 
 
+class _FakeTriton:
+    """A stand-in for Triton's JIT dispatch and compiled launcher: every launch is recorded
+    in ``calls`` as ("dispatch" or "direct", 3-d grid, the arguments in signature order)."""
+
+    def __init__(self, monkeypatch):
+        import inspect
+
+        import triton.runtime
+
+        calls = self.calls = []
+
+        class Compiled:
+            function, packed_metadata = "fn", "meta"
+
+            def launch_metadata(self, grid, stream, *args):
+                return None
+
+            def run(self, g0, g1, g2, stream, function, packed, meta, enter, exit_, *args):
+                calls.append(("direct", (g0, g1, g2), list(args)))
+
+        class Jit:
+            def __init__(self, fn):
+                self.sig = inspect.signature(fn)
+                self.arg_names = list(self.sig.parameters)
+
+            def bound(self, grid, args, kwargs):
+                """(3-d grid, arguments in signature order) as a dispatch binds them."""
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+                grid = tuple(grid) + (1,) * (3 - len(grid))
+                return grid, list(self.sig.bind(*args, **kwargs).arguments.values())
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    calls.append(("dispatch", *self.bound(grid, args, kwargs)))
+                    return Compiled()
+                return launch
+
+        class Driver:
+            def get_current_device(self):
+                return 0
+
+            def get_current_stream(self, device):
+                return 0
+
+        self.Compiled, self.Jit = Compiled, Jit
+        monkeypatch.setattr(type(triton.runtime.driver), "active",
+                            property(lambda self: Driver()), raising=False)
+        monkeypatch.setattr(sbmm_module, "_interpreting", lambda: False)
+        monkeypatch.setattr(sbmm_module, "DIRECT_LAUNCH", True)
+
+
 def test_direct_launch_repeats_the_first_launch_exactly(monkeypatch):
     """The second launch of a problem skips Triton's dispatch: the compiled launcher must
     get exactly the arguments the first (dispatched) launch bound, in signature order."""
@@ -483,46 +534,12 @@ def test_direct_launch_repeats_the_first_launch_exactly(monkeypatch):
 
     pytest.importorskip("triton")
     sbmm_module._get_kernel("full")  # decorates the kernels, sets the module's tl
-    calls = []
-
-    class Compiled:
-        function, packed_metadata = "fn", "meta"
-
-        def launch_metadata(self, grid, stream, *args):
-            return None
-
-        def run(self, g0, g1, g2, stream, function, packed, meta, enter, exit_, *args):
-            calls.append(("direct", (g0, g1, g2), list(args)))
-
-    class FakeJit:
-        def __init__(self, fn):
-            self.sig = inspect.signature(fn)
-            self.arg_names = list(self.sig.parameters)
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-                bound = self.sig.bind(*args, **kwargs)
-                calls.append(("dispatch", (grid[0], 1, 1), list(bound.arguments.values())))
-                return Compiled()
-            return launch
-
-    class Driver:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device):
-            return 0
-
-    import triton.runtime
-
-    monkeypatch.setattr(type(triton.runtime.driver), "active", property(lambda self: Driver()), raising=False)
+    fake = _FakeTriton(monkeypatch)
+    calls, Compiled, FakeJit = fake.calls, fake.Compiled, fake.Jit
     monkeypatch.setattr(sbmm_module, "_KERNELS", {
         "heuristic": FakeJit(sbmm_module._strided_bmm_kernel_fn), "full": None})
-    monkeypatch.setattr(sbmm_module, "_interpreting", lambda: False)
     monkeypatch.setattr(sbmm_module, "_tuning", "heuristic")
     monkeypatch.setattr(sbmm_module, "_SHARED_LAUNCHES", {})
-    monkeypatch.setattr(sbmm_module, "DIRECT_LAUNCH", True)
     spec = StridedBmmSpec(batch_sizes=(8,), m_sizes=(12,), n_sizes=(8,), k_sizes=(16,),
                           a_strides=(192, 16, 1), b_strides=(128, 8, 1), c_strides=(1, 96, 8))
     a, b = torch.randn(8, 12, 16), torch.randn(8, 16, 8)
@@ -557,51 +574,12 @@ def test_launch_kernel_goes_direct_for_arguments_of_the_same_kind(monkeypatch):
     through Triton's dispatch, later ones of the same kind (dtypes, alignment, fixed ints,
     constexprs; varying ints by what Triton specialises) straight to the compiled kernel
     with the arguments the dispatch would have bound, other grids included."""
-    import inspect
-
     pytest.importorskip("triton")
     from einc.kernels import slot_rows
 
     slot_rows._kernels()  # decorates the kernels (sets the module's tl)
-    calls = []
-
-    class Compiled:
-        function, packed_metadata = "fn", "meta"
-
-        def launch_metadata(self, grid, stream, *args):
-            return None
-
-        def run(self, g0, g1, g2, stream, function, packed, meta, enter, exit_, *args):
-            calls.append(("direct", (g0, g1, g2), list(args)))
-
-    class FakeJit:
-        def __init__(self, fn):
-            self.sig = inspect.signature(fn)
-            self.arg_names = list(self.sig.parameters)
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                bound = self.sig.bind(*args, **kwargs)
-                calls.append(("dispatch", tuple(grid) + (1,) * (3 - len(grid)),
-                              list(bound.arguments.values())))
-                return Compiled()
-            return launch
-
-        def bound(self, grid, args, constexprs):  # what a dispatch passes
-            return tuple(grid) + (1,) * (3 - len(grid)), list(self.sig.bind(*args, **constexprs).arguments.values())
-
-    class Driver:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device):
-            return 0
-
-    import triton.runtime
-
-    monkeypatch.setattr(type(triton.runtime.driver), "active", property(lambda self: Driver()), raising=False)
-    monkeypatch.setattr(sbmm_module, "_interpreting", lambda: False)
-    monkeypatch.setattr(sbmm_module, "DIRECT_LAUNCH", True)
+    fake = _FakeTriton(monkeypatch)
+    calls, FakeJit = fake.calls, fake.Jit
     monkeypatch.setattr(sbmm_module, "_PLAIN_LAUNCHES", {})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     place = FakeJit(slot_rows._place_fn)
