@@ -143,6 +143,14 @@ def _accumulating(logits: Tensor) -> Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
+def _no_autocast(device: torch.device):
+    """Autocast off where it is on: the aux loss's products stay in float32 or float64,
+    whatever autocast's lists hold."""
+    if autocasting(device):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _counts(expert_idx: Tensor, E: int) -> Tensor:
     """Slots per expert, counted by comparison, not bincount: on a GPU bincount waits for
     the host to learn the largest index, a sync in every layer's forward."""
@@ -176,13 +184,14 @@ class _AuxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, expert_idx: Tensor, k: int):
         N, E = logits.shape
-        acc = _accumulating(logits)
-        lse = torch.logsumexp(acc, dim=1)
-        probs = torch.softmax(acc, dim=1)
-        counts = _counts(expert_idx, E)
-        n = counts.to(acc.dtype)
-        c, z = E / (N * N * k), Z_LOSS_WEIGHT / N
-        aux = torch.dot(n, probs.sum(0)).mul_(c).add_(torch.dot(lse, lse), alpha=z)
+        with _no_autocast(logits.device):
+            acc = _accumulating(logits)
+            lse = torch.logsumexp(acc, dim=1)
+            probs = torch.softmax(acc, dim=1)
+            counts = _counts(expert_idx, E)
+            n = counts.to(acc.dtype)
+            c, z = E / (N * N * k), Z_LOSS_WEIGHT / N
+            aux = torch.dot(n, probs.sum(0)).mul_(c).add_(torch.dot(lse, lse), alpha=z)
         ctx.save_for_backward(logits, expert_idx, probs, lse, n)
         ctx.k = k
         ctx.mark_non_differentiable(probs, counts)
@@ -197,8 +206,7 @@ class _AuxLoss(torch.autograd.Function):
             return d, None, None
         N, E = logits.shape
         c, z = E / (N * N * ctx.k), Z_LOSS_WEIGHT / N
-        with torch.autocast(probs.device.type, enabled=False) if autocasting(probs.device) \
-                else contextlib.nullcontext():  # a backward inside autocast: mv in float32+
+        with _no_autocast(probs.device):  # a backward may run inside autocast too
             # p * (c n_e + (2 z l - c <p, n>)), times the incoming gradient (out of place:
             # a batched gradient, is_grads_batched, cannot be multiplied into d in place)
             per_token = torch.add(lse, torch.mv(probs, n), alpha=-c / (2 * z)).mul_(2 * z)
@@ -439,9 +447,6 @@ class BTTMoE(nn.Module):
             return
         if tracing() or dual(logits):  # torch.func and forward-mode AD: plain torch ops
             self.aux_loss, probs, counts = _aux_plain(logits, expert_idx, self.k)
-        elif autocasting(logits.device):  # its dot products stay in float32 at least
-            with torch.autocast(logits.device.type, enabled=False):
-                self.aux_loss, probs, counts = _AuxLoss.apply(logits, expert_idx, self.k)
         else:
             self.aux_loss, probs, counts = _AuxLoss.apply(logits, expert_idx, self.k)
         # the statistics are computed when asked for (router_stats), from these
