@@ -20,13 +20,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
 
-workers=()
-if [ "${TEST_WORKERS:-8}" != 0 ]; then
-    if python3 -c "import xdist" 2>/dev/null; then
-        workers=(-n "${TEST_WORKERS:-8}")
-    else
-        echo "pytest-xdist is not installed: the tests run in one process"
-    fi
+# pyproject's addopts asks pytest-xdist for one worker per core: set the count here, or
+# clear the option where xdist is missing
+if python3 -c "import xdist" 2>/dev/null; then
+    workers=(-n "${TEST_WORKERS:-8}")
+else
+    workers=(-o "addopts=")
+    [ "${TEST_WORKERS:-8}" != 0 ] && echo "pytest-xdist is not installed: the tests run in one process"
 fi
 files=(tests/test_kernels_strided_bmm.py tests/test_kernels_slot_rows.py tests/test_gpu_route.py
        tests/test_moe.py)
