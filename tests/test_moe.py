@@ -1558,6 +1558,14 @@ def test_auto_backend_measures_with_the_cores_layout(monkeypatch):
     dispatch._auto_backend(x, A, B, 2)  # cached
     assert seen == [(A.stride(), B.stride()), (Ac.stride(), Bc.stride())]
     assert A.stride() != Ac.stride()
+    # the random cores the backends are timed on have that layout
+    timed = []
+    masked = dispatch._masked
+    monkeypatch.setattr(dispatch, "_masked", lambda x, A, B, *rest, **kw:
+                        timed.append((A.stride(), B.stride())) or masked(x, A, B, *rest, **kw))
+    real(["masked"], (3, 4, 3, 4, 4, 2), torch.float32, torch.device("cpu"), 16, True, reps=1,
+         like=(A, B))
+    assert timed and set(timed) == {(A.stride(), B.stride())}
 
 
 def test_auto_backend_measures_inside_activation_checkpointing(monkeypatch):
