@@ -836,8 +836,10 @@ def _int_key(v: int) -> tuple:
 def launch_kernel(kernel, grid: tuple, args: tuple, constexprs: dict, varying=()) -> None:
     """``kernel[grid](*args, **constexprs)`` for a small kernel launched many times with
     the same kinds of arguments: after the first launch through Triton's dispatch, the
-    compiled kernel runs directly (:class:`_DirectLauncher`; on an H200's host Triton's
-    dispatch took 70-90 us of a launch). ``args`` are the positional arguments in signature
+    compiled kernel runs directly (:class:`_DirectLauncher`, which skips the argument
+    binding and cache lookup; on an H200's host a launch through the dispatch cost 70-90 us,
+    and a direct one about 80 us in a slower run, so the gain there is still unmeasured).
+    ``args`` are the positional arguments in signature
     order, tensors on the current CUDA device and ints; an int is part of the launch's key
     with its value, except the positions in ``varying`` (sizes that change per call), keyed
     by what Triton specialises them on."""
