@@ -323,6 +323,47 @@ def test_sparse_bias_argument(backend):
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["auto", "chunked", "strided", "padded", "triton"])
+def test_empty_batch_gives_every_operand_its_gradient(backend):
+    """As the masked route does: x too (an empty one), not only the cores and gates."""
+    x, A, B, W, b = make_problem(0, 2, 3, 4, 5, 4, 2)
+    bias = torch.randn(4, 5, dtype=DT, requires_grad=True)
+    idx, gate = route(torch.randn(0, 4, dtype=DT, requires_grad=True), 2)  # not from x
+    ops = [x, A, B, bias]
+    want = torch.autograd.grad((btt_moe_masked(x, A, B, idx, gate) + bias).sum(), ops)
+    got = torch.autograd.grad(
+        btt_moe_sparse(x, A, B, idx, gate, backend=backend, bias=bias).sum(), ops)
+    for u, v in zip(got, want):
+        assert u.shape == v.shape and torch.equal(u, v)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "strided", "padded", "triton"])
+def test_sparse_refuses_a_wrong_bias_or_mixed_dtypes(backend):
+    """A bias must be (f, e) and every operand of one dtype: a broadcast (e,) bias was taken
+    silently, other shapes and mixed dtypes failed inside torch, and a float64 bias gave a
+    float64 result on some backends and float32 on others."""
+    x, A, B, W, b = make_problem(6, 2, 3, 4, 5, 4, 2, dtype=torch.float32)
+    idx, gate = route(x.reshape(6, -1) @ W.t() + b, 2)
+    run = lambda *ops, **kw: btt_moe_sparse(*ops, idx, gate, backend=backend, **kw)
+    for bias in (torch.zeros(5), torch.zeros(20), torch.zeros(5, 4), [0.0] * 20):
+        with pytest.raises(einc.CompileError, match=r"bias must be None or an \(f, e\) = "
+                                                    r"\(4, 5\) tensor"):
+            run(x, A, B, bias=bias)
+    for ops, bias, named in (((x, A.double(), B.double()), None, "A torch.float64"),
+                             ((x, A, B), torch.zeros(4, 5, dtype=torch.float64),
+                              "bias torch.float64"),
+                             ((x[:0], A.double(), B), None, "A torch.float64")):
+        n = ops[0].shape[0]
+        with pytest.raises(einc.CompileError, match=f"share one dtype.*{named}"):
+            btt_moe_sparse(*ops, idx[:n], gate[:n], backend=backend, bias=bias)
+    # under autocast all run in its dtype, mixed or not, unless one is float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(x, A, B.bfloat16(), bias=torch.zeros(4, 5))
+        assert y.dtype == torch.bfloat16
+        with pytest.raises(einc.CompileError, match="share one dtype"):
+            run(x, A.double(), B)
+
+
 def test_layer_init_rms():
     torch.manual_seed(0)
     m = BTTMoE(1024, 1024, experts=8, k=2)
@@ -821,6 +862,28 @@ def test_assigned_checkpoints_get_the_expert_major_layout_back():
         assert got.stride() == want.stride() and torch.equal(got, want)
     x = torch.randn(5, 64)
     torch.testing.assert_close(n(x), m(x))
+
+
+def test_loading_a_checkpoint_keeps_the_parameters_an_optimizer_holds():
+    """The layout restore after load_state_dict replaced the cores' Parameter objects when
+    their layout was not expert-major (here after .to(memory_format=channels_last)), so an
+    optimizer built before the load silently stopped training them."""
+    torch.manual_seed(0)
+    m = einc.BTTMoE(64, 48, experts=4, k=2)
+    ckpt = {k: v.clone() for k, v in m.state_dict().items()}
+    m = m.to(memory_format=torch.channels_last)
+    assert not m.A.permute(0, 3, 1, 2).is_contiguous()  # the case: not expert-major
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    held = dict(m.named_parameters())
+    m.load_state_dict(ckpt)
+    for name, p in m.named_parameters():
+        assert p is held[name], name
+        torch.testing.assert_close(p, ckpt[name], rtol=0, atol=0)
+    assert m.A.permute(0, 3, 1, 2).is_contiguous() and m.B.permute(0, 2, 1, 3).is_contiguous()
+    before = [p.detach().clone() for p in (m.A, m.B)]
+    m(torch.randn(8, 64)).square().mean().backward()
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip((m.A, m.B), before))
 
 
 def test_jit_trace_computes_every_expert_and_holds_for_other_inputs():

@@ -133,6 +133,24 @@ def _check_shapes(x: Tensor, A: Tensor, B: Tensor) -> Tuple[int, int, int, int, 
     return g, a, f, E, e
 
 
+def _check_operands(x: Tensor, A: Tensor, B: Tensor, bias: Optional[Tensor], f: int,
+                    e: int) -> None:
+    """``bias`` an ``(f, e)`` tensor or None, and one dtype for x, A, B and bias (the
+    backends would otherwise fail inside torch or give a dtype that depends on the
+    backend); under autocast they run in its dtype, unless one is float64, which autocast
+    leaves (:func:`_autocast_operands`)."""
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (f, e)):
+        got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+        raise CompileError(f"bias must be None or an (f, e) = ({f}, {e}) tensor, got {got}")
+    named = [("x", x), ("A", A), ("B", B)] + ([("bias", bias)] if bias is not None else [])
+    dtypes = {t.dtype for _, t in named}
+    if len(dtypes) == 1 or (autocasting(x.device) and torch.float64 not in dtypes):
+        return
+    got = ", ".join(f"{name} {t.dtype}" for name, t in named)
+    raise CompileError(f"x, A, B and bias must share one dtype (outside autocast, or with "
+                       f"a float64 operand under it), got {got}")
+
+
 _MOE_INSTEAD = "backend='chunked' (CPU) and backend='padded' (any device) have them"
 
 
@@ -873,7 +891,8 @@ def btt_moe_sparse(
     so results are bitwise reproducible on every device.  Gradients flow to ``x``,
     ``A``, ``B``, ``gate`` and ``bias`` (an optional ``(f, e)`` tensor added to
     every token's result; the chunked backend starts from it instead of zeros).
-    ``expert_idx`` is checked: integers in ``[0, E)`` (:func:`check_experts`, a host sync
+    ``x``, ``A``, ``B`` and ``bias`` share one dtype (under autocast they all run in its
+    dtype unless one is float64); ``gate`` is converted to it. ``expert_idx`` is checked: integers in ``[0, E)`` (:func:`check_experts`, a host sync
     on a GPU); ``validate=False`` skips reading the range, for indices from :func:`route`
     (as :class:`BTTMoE` does). Returns ``(N, f, e)``.
     """
@@ -893,13 +912,15 @@ def _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias, routed: boo
     if not isinstance(gate, Tensor) or gate.shape != (N, k) or x.shape[0] != N:
         raise CompileError("expert_idx and gate must both be (N, k) with N = x.shape[0]")
     check_backend(backend)
+    _check_operands(x, A, B, bias, f, e)
     deterministic = check_flag("deterministic", deterministic)
     # torch.use_deterministic_algorithms(True) asks the same of every operation
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     if N == 0:
         if autocasting(x.device):  # the dtype a non-empty batch gets
             x, A, B, bias = _autocast_operands(x, A, B, bias)
-        y = x.new_zeros(0, f, e) + 0 * (A.sum() + B.sum() + gate.sum()).to(x.dtype)
+        # every operand in the graph: each gets its (empty or zero) gradient, as masked's
+        y = x.new_zeros(0, f, e) + 0 * (x.sum() + A.sum() + B.sum() + gate.sum()).to(x.dtype)
         return y if bias is None else y + bias
     if torch.jit.is_tracing() or exporting() or x.device.type == "meta":
         # every expert, then the gates: a trace would freeze a dispatch's routing-dependent

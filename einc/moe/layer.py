@@ -529,16 +529,19 @@ class BTTMoE(nn.Module):
 
 
 def _keep_expert_major(module: "BTTMoE", incompatible_keys) -> None:
-    """After ``load_state_dict(assign=True)``, which installs the checkpoint's tensors in
-    whatever layout they were saved: the cores back in the expert-major storage the sparse
-    backends read in place (otherwise every forward would copy them)."""
+    """After ``load_state_dict``: the cores back in the expert-major storage the sparse
+    backends read in place (otherwise every forward would copy them). ``assign=True``
+    installs the checkpoint's tensors in whatever layout they were saved; a copying load
+    keeps the current layout, which ``.to(memory_format=...)`` may have changed. The
+    Parameter objects stay (only their data moves): an optimizer built before the load
+    keeps training them."""
     for name, to_storage in (("A", (0, 3, 1, 2)), ("B", (0, 2, 1, 3))):
         p = getattr(module, name)
         stored = p.permute(*to_storage)
         if not stored.is_contiguous():
             back = tuple(to_storage.index(i) for i in range(4))
-            setattr(module, name, nn.Parameter(stored.contiguous().permute(*back),
-                                               requires_grad=p.requires_grad))
+            with torch.no_grad():
+                p.data = stored.contiguous().permute(*back)
 
 
 def from_structure(s, d_in: int, d_out: int, bias: bool = True, device=None, dtype=None,
