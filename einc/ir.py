@@ -119,7 +119,15 @@ class Structure:
     def spec_text(self) -> str:
         """A spec in the named form that parses back to an equal structure."""
         ops = " ".join(f"{op.name}[{' '.join(op.indices)}]" for op in (self.input, *self.factors))
-        sizes = ", ".join(f"{ix.name} = {ix.size}" for ix in self.indices)
+        names = {ix.name for ix in self.indices}
+
+        def size_text(size) -> str:
+            text = str(size)
+            # a bare `d_in` would read back as a tie to an index of that name: `d_in^1` is
+            # the width
+            return f"{text}^1" if text in names else text
+
+        sizes = ", ".join(f"{ix.name} = {size_text(ix.size)}" for ix in self.indices)
         return f"{ops} -> {self.output.name}[{' '.join(self.output.indices)}] with {sizes}"
 
     def with_sizes(self, sizes: dict[str, int]) -> "Structure":

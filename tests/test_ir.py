@@ -91,6 +91,15 @@ def test_spellings():
     assert conc != s
 
 
+@pytest.mark.parametrize("width", ["d", "d_in", "d_out", "d_min"])
+def test_spec_text_keeps_a_width_apart_from_an_index_of_its_name(width):
+    """With an index named like a width, a size that is that bare width printed as `r = d_in`,
+    which reads back as a tie to the index: the reported spec described another layer."""
+    s = parse(f"x[{width} a] W[{width} a r] V[r o] -> y[o] with a = 2, r = {width}^1")
+    assert parse(s.spec_text()) == s
+    assert s.size("r") == Size.symbol(width) and s.size(width) != Size.symbol(width)
+
+
 def test_letters_refuse_more_indices_than_einsum_has():
     """A hand-built IR past the limit gets a clear error, not StopIteration."""
     names = [f"i{k}" for k in range(MAX_INDICES + 1)]
