@@ -1,4 +1,6 @@
 """The structure space: enumeration, deduplication, ranking, records and the CLI."""
+import csv
+import io
 import itertools
 import json
 import math
@@ -393,6 +395,7 @@ def test_json_schema_matches_analyze():
               "factors", "params", "flops", "flops_backward", "omega", "psi", "nu",
               "rank_bound", "redundant", "degenerate", "theta")
     for r in res:
+        assert r["absorbable"] is False  # left out by default
         assert set(fields) | {"name"} <= set(r)
         rep = einc.analyze(r["spec"], d_in=1024, d_out=512).to_dict()
         assert {f: r[f] for f in fields} == {f: rep[f] for f in fields}
@@ -406,6 +409,50 @@ def test_three_factor_records_parse_and_analyse():
     for r in res:
         rep = einc.analyze(r["spec"], d=1024)
         assert (rep.params, rep.flops) == (r["params"], r["flops"])
+
+
+def _absorbable_by_indices(rec) -> bool:
+    """Independently of the lattice: some factor's indices (of size > 1 exponent, as
+    written in the record's spec) all belong to another factor."""
+    s = einc.parse(rec["spec"])
+    held = [set(f.indices) for f in s.factors if f.indices]
+    return any(i != j and a <= b for i, a in enumerate(held) for j, b in enumerate(held))
+
+
+@pytest.mark.parametrize("factors,k", [(2, 3), (3, 2)])
+def test_absorbable_points_are_those_with_a_factor_inside_another(factors, k):
+    """A factor whose indices all lie in another can be multiplied into it (a Hadamard
+    product of two dense factors is dense): every such point is flagged, no other."""
+    res = search(d=256, factors=factors, k=k, top=0, max_flops="0.25x" if factors == 3 else
+                 None, keep_absorbable=True, distinct=False)
+    flags = [r["absorbable"] for r in res]
+    assert any(flags) and not all(flags)
+    assert flags == [_absorbable_by_indices(r) for r in res]
+    # counted before the filters, as the degenerate points are
+    assert res.counts["absorbable"] >= sum(flags)
+    assert factors == 3 or res.counts["absorbable"] == sum(flags)  # no filter but tolerance
+    dense2 = search(d=64, k=1, top=0, max_flops=None, keep_absorbable=True)
+    assert [r["absorbable"] for r in dense2 if r["spec"] == "(0|0|1|0|0|1|0)"] == [True]
+
+
+def test_absorbable_points_are_left_out_unless_kept(capsys):
+    """They hold a smaller point's matrices at more parameters, so parameters per FLOP, the
+    paper sort's third key, ranked them first: at d = 256 with three factors, Monarch / BTT
+    with a third factor on the indices of one of its two came out on top."""
+    res = search(d=256, factors=3, k=2, top=20)
+    assert res and not any(r["absorbable"] or _absorbable_by_indices(r) for r in res)
+    assert res[0]["name"].startswith("Monarch")
+    assert res.counts["absorbable"] > 0
+    kept = search(d=256, factors=3, k=2, top=0, keep_absorbable=True)
+    assert len(kept) > len(search(d=256, factors=3, k=2, top=0))
+    assert einc.space.rank.table(kept).count("absorbable") > 1
+    assert "with an absorbable factor flagged" in einc.space.rank.table(kept)
+    assert "with an absorbable factor left out" in einc.space.rank.table(res)
+    out = _cli("--d", "64", "--factors", "3", "--k", "2", "--keep-absorbable", "--csv",
+               "--top", "0")
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert {"True", "False"} <= {row["absorbable"] for row in rows}
 
 
 def test_measure_adds_a_column():

@@ -31,6 +31,9 @@ def _register(sub):
     p.add_argument("--max-omega", help="parameter-sharing exponent omega at most (e.g. 0)")
     p.add_argument("--exclude-degenerate", action="store_true",
                    help="leave out points the paper calls degenerate (flagged otherwise)")
+    p.add_argument("--keep-absorbable", action="store_true", help="also list points with a "
+                   "factor that could be multiplied into another (the matrices of a point "
+                   "with one factor fewer, at more parameters), flagged; left out otherwise")
     p.add_argument("--transpose", action="store_true", help="also identify a structure with "
                    "its transpose (needs d_in = d_out)")
     p.add_argument("--sort", default="paper", help="sort key: " + ", ".join(SORT_KEYS)
@@ -106,7 +109,7 @@ def _search(args) -> int:
                         top=top, transpose=args.transpose,
                         exclude_degenerate=args.exclude_degenerate, tolerance=args.tolerance,
                         measure=args.measure, batch=args.batch,
-                        distinct=not args.all_roundings,
+                        distinct=not args.all_roundings, keep_absorbable=args.keep_absorbable,
                         progress=False if args.no_progress else None)
     except BaseException:
         remove_folders(created)

@@ -198,6 +198,22 @@ class Space:
         return np.stack([(e[:, [self.col[c] for c in f]] > 0).any(axis=1)
                          for f in t.factor_classes], axis=1)
 
+    def absorbable(self, e: np.ndarray) -> np.ndarray:
+        """Points with a factor whose indices all belong to another present factor: it can
+        be multiplied into that one elementwise, so the point holds exactly the matrices of
+        a point with one factor fewer, which needs fewer parameters (a Hadamard product of
+        two dense factors is a dense layer, Monarch with a third factor on the indices of
+        one of its two is Monarch)."""
+        present = e > 0
+        fpres = self.factor_present(e)
+        classes = [set(f) for f in self.template.factor_classes]
+        out = np.zeros(len(e), dtype=bool)
+        for i, j in itertools.permutations(range(self.n), 2):
+            own = [self.col[c] for c in classes[i] - classes[j]]  # i's classes without j
+            alone = present[:, own].any(axis=1)
+            out |= fpres[:, i] & fpres[:, j] & ~alone
+        return out
+
     # -- the paper's rules on two-factor points --------------------------------------
     def _pair_info(self, p, q):
         g = next(i for i, el in enumerate(self.group)

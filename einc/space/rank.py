@@ -213,13 +213,14 @@ class SearchResult(list):
     """The ranked records (dicts), with the counts of the run and the scored columns."""
 
     def __init__(self, records, *, candidates: Candidates, order, sort: str, message: str = "",
-                 repeats: int = 0):
+                 repeats: int = 0, keep_absorbable: bool = False):
         super().__init__(records)
         self.candidates = candidates
         self.order = order        # indices into candidates, ranked (all that passed)
         self.sort = sort
         self.message = message
         self.repeats = repeats    # rows left out above the last shown: a layer shown already
+        self.keep_absorbable = keep_absorbable  # absorbable points listed (flagged), not left out
 
     @property
     def counts(self) -> dict:
@@ -235,7 +236,7 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
            sort: str = "paper", top: int | None = DEFAULT_TOP, transpose: bool = False,
            exclude_degenerate: bool = False, tolerance: float = DEFAULT_TOLERANCE,
            measure: bool = False, batch: int = 64, progress: bool | None = None,
-           distinct: bool = True) -> SearchResult:
+           distinct: bool = True, keep_absorbable: bool = False) -> SearchResult:
     """Enumerate, score, filter and rank structures for a layer of width d.
 
     ``search(d=1024, max_flops="0.1x")`` returns a list of records (dicts with the fields of
@@ -246,7 +247,9 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     with a batch of ``batch`` and is refused with ``top`` 0 or None; ``sort="measured"``
     orders them by that time and needs ``measure=True``. With ``distinct`` (the default) a
     point whose layer at this width is one ranked above (its sizes round alike, see
-    :func:`layer_key`) is left out; ``distinct=False`` lists every point.
+    :func:`layer_key`) is left out; ``distinct=False`` lists every point. A point with a
+    factor that could be multiplied into another (``absorbable``: the matrices of a point
+    with one factor fewer, at more parameters) is left out unless ``keep_absorbable``.
     """
     if d is None and d_in is None and d_out is None:
         d = DEFAULT_D
@@ -258,10 +261,11 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
     din, dout = resolve_dims(_NoStructure, d, d_in, d_out)
     check_tolerance(tolerance)
     check_sort_key(sort)
-    transpose, exclude_degenerate, measure, distinct = (
+    transpose, exclude_degenerate, measure, distinct, keep_absorbable = (
         flag(v, name) for v, name in ((transpose, "transpose"),
                                        (exclude_degenerate, "exclude_degenerate"),
-                                       (measure, "measure"), (distinct, "distinct")))
+                                       (measure, "measure"), (distinct, "distinct"),
+                                       (keep_absorbable, "keep_absorbable")))
     progress = flag(progress, "progress", none="a bar when stderr is a terminal")
     if top is not None:
         top = _integer(top, 0, "top must be a non-negative integer (0 or None for all)")
@@ -301,6 +305,8 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
             m &= cols["omega"] <= math.floor(omega_max * space.k)
         if exclude_degenerate:
             m &= cols["degenerate"] != 1
+        if not keep_absorbable:
+            m &= cols["absorbable"] != 1
         return m
 
     cands = score(space, din, dout, tolerance, keep, progress)
@@ -345,7 +351,7 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
         if sort == "measured":
             records.sort(key=lambda r: r["measured_ms"])
     return SearchResult(records, candidates=cands, order=order, sort=sort, message=message,
-                        repeats=repeats)
+                        repeats=repeats, keep_absorbable=keep_absorbable)
 
 
 def layer_key(rec: dict, transpose: bool = False) -> tuple:
@@ -455,6 +461,8 @@ def record(space: Space, pid: int, d_in: int, d_out: int,
         "rank_bound": t.rank_bound(sizes, d_in, d_out),
         "params_per_flop": params / flops,
         "classes": {c: _frac(exps[c]) for c in t.classes if exps[c] > 0},
+        "absorbable": bool(space.absorbable(space.exponents(
+            np.array([ix]), np.array([iy]), np.array([ir])))[0]),
     }
     if theta is not None:
         rules = closed_forms(theta)
@@ -481,6 +489,8 @@ def table(result: SearchResult) -> str:
             f"d_out = {c.d_out}: {n['lattice']:,} lattice points, {n['distinct']:,} distinct "
             f"families after renaming factors{' and transposing' if space.transpose else ''}, "
             f"{n['padding']:,} refused for padding, {n['degenerate']:,} flagged degenerate, "
+            f"{n['absorbable']:,} with an absorbable factor "
+            f"{'flagged' if result.keep_absorbable else 'left out'}, "
             f"{n['passed']:,} pass the filters; sorted by {result.sort}")
     lines = [head]
     if not result:
@@ -494,6 +504,8 @@ def table(result: SearchResult) -> str:
     for i, r in enumerate(result, 1):
         pad = max(r["padded_in"] / r["d_in"], r["padded_out"] / r["d_out"]) - 1
         rules = ("degenerate" if r.get("degenerate") else "ok") if "degenerate" in r else "-"
+        if r.get("absorbable"):
+            rules = "absorbable" if rules in ("ok", "-") else f"absorbable, {rules}"
         row = [str(i), r["name"] or "", _fmt_exp(r["omega"]), _fmt_exp(r["psi"]),
                _fmt_exp(r["nu"]), f"{r['params']:,}", f"{r['params'] / dense_p:.3g}",
                f"{r['flops']:,}", f"{r['flops'] / dense_f:.3g}", f"{pad:.0%}", rules]
@@ -520,7 +532,7 @@ def _fmt_exp(v) -> str:
 
 CSV_FIELDS = ["rank", "name", "spec", "theta", "d_in", "d_out", "padded_in", "padded_out",
               "params", "flops", "flops_backward", "omega", "psi", "nu", "rank_bound",
-              "params_per_flop", "redundant", "degenerate", "measured_ms"]
+              "params_per_flop", "redundant", "degenerate", "absorbable", "measured_ms"]
 
 
 def to_csv(records) -> str:

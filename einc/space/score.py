@@ -25,7 +25,8 @@ class Candidates:
     """Column arrays, one entry per kept point that passed the tolerance and the filters.
 
     omega, psi and nu are in units of 1/k. ``redundant`` / ``degenerate`` are -1 where the
-    paper's rules do not apply (not a two-factor structure), else 0 or 1.
+    paper's rules do not apply (not a two-factor structure), else 0 or 1; ``absorbable`` is
+    1 where a factor could be multiplied into another (:meth:`Space.absorbable`).
     """
 
     space: Space
@@ -40,6 +41,7 @@ class Candidates:
     rank_bound: np.ndarray
     redundant: np.ndarray
     degenerate: np.ndarray
+    absorbable: np.ndarray
     counts: dict = field(default_factory=dict)
 
     def __len__(self):
@@ -55,7 +57,7 @@ class Candidates:
 
 
 _COLUMNS = ("ids", "params", "flops", "omega", "psi", "nu", "rank_bound", "redundant",
-            "degenerate")
+            "degenerate", "absorbable")
 
 
 @dataclass
@@ -128,7 +130,7 @@ def score(space: Space, d_in: int, d_out: int, tolerance: float = 0.15, keep=Non
     per_row = space.nY * space.nR
     rows_per_chunk = max(1, CHUNK // per_row)
     counts = {"lattice": space.size, "distinct": 0, "padding": 0, "degenerate": 0,
-              "passed": 0, "min_params": None, "min_flops": None}
+              "absorbable": 0, "passed": 0, "min_params": None, "min_flops": None}
     parts = []
     iy_base = np.repeat(np.arange(space.nY), space.nR)
     ir_base = np.tile(np.arange(space.nR), space.nY)
@@ -164,6 +166,7 @@ def score(space: Space, d_in: int, d_out: int, tolerance: float = 0.15, keep=Non
                 cols = _cheaper(cols, fits_t, cols_t, ok_x[ix] & ok_y[iy], keep,
                                 at(ix, iy, ir, cols), at(tx, ty, tr, cols_t))
             counts["degenerate"] += int((cols["degenerate"] == 1).sum())
+            counts["absorbable"] += int((cols["absorbable"] == 1).sum())
             for name, col in (("min_params", cols["params"]), ("min_flops", cols["flops"])):
                 low = float(col.min())
                 counts[name] = low if counts[name] is None else min(counts[name], low)
@@ -283,7 +286,8 @@ def _evaluate(space, tables, rank_sizes, two_factor, d_in, d_out, keep, ix, iy, 
             "flops": np.asarray(flops, dtype=np.float64), "omega": omega.astype(np.int16),
             "psi": psi.astype(np.int16), "nu": nu.astype(np.int16),
             "rank_bound": np.asarray(rank, dtype=np.float64),
-            "redundant": flag(red), "degenerate": flag(deg)}
+            "redundant": flag(red), "degenerate": flag(deg),
+            "absorbable": space.absorbable(e).astype(np.int8)}
     rows = np.nonzero(unsure)[0]
     if rows.size and keep is not None:  # settled only where some rounding may pass
         loose = {n: v[rows] for n, v in cols.items()}
