@@ -71,9 +71,9 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "run", None):
-        parser.print_help()
-        return 0
+    if not getattr(args, "run", None):  # no sub-command: a usage error, as argparse's own
+        parser.print_help(sys.stderr)
+        return 2
     try:
         if getattr(args, "d", None) is not None and (args.d_in, args.d_out) != (None, None):
             raise SizeError("give either --d or --d-in/--d-out, not both")  # named as typed

@@ -24,6 +24,12 @@ def einc(*args):
                           text=True, env=env, timeout=120)
 
 
+def test_no_sub_command_is_a_usage_error():
+    """It printed the help and exited 0, so a script that lost its sub-command passed."""
+    r = einc()
+    assert r.returncode == 2 and r.stdout == "" and "usage: einc" in r.stderr
+
+
 def test_analyze_table():
     r = einc("analyze", "btt", "--d", "1024")
     assert r.returncode == 0, r.stderr

@@ -298,6 +298,15 @@ def test_compile_cli_refuses_a_folder_path(tmp_path):
     assert keep.read_text() == "keep\n" and not (tmp_path / "newdir").exists()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/stdout"), reason="needs /dev/stdout")
+def test_compile_cli_names_a_pipe_behind_dev_stdout():
+    """With stdout a pipe, /dev/stdout resolves to a name realpath cannot stat ("pipe:[n]"):
+    the path was taken as a new file and the error said "No such file or directory"."""
+    out = subprocess.run([sys.executable, "-m", "einc", "compile", "dense", "--d", "8",
+                          "-o", "/dev/stdout"], capture_output=True, text=True)
+    assert out.returncode == 2 and "it is a FIFO" in out.stderr, out.stderr
+
+
 def test_layout_planning_grows_linearly_with_the_chain(monkeypatch):
     # the planner tried every combination of layouts along the chain (2^steps): a diagonal
     # form of 24 factors compiled for minutes

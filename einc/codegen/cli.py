@@ -88,7 +88,9 @@ def _write_file(path: str, text: str) -> None:
         raise CompileError(f"cannot write {path}: it names a folder; -o takes a file path")
     target = os.path.realpath(path)
     try:
-        old = os.stat(target)
+        # the path itself, links followed: realpath cannot name every target (/dev/stdout
+        # on a pipe resolves to "pipe:[...]")
+        old = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         old = None
     except OSError as e:  # e.g. a symlink loop
