@@ -498,7 +498,9 @@ def table(result: SearchResult) -> str:
         return "\n".join(lines)
     measured = any("measured_ms" in r for r in result)
     dense_p, dense_f = c.d_in * c.d_out, 2 * c.d_in * c.d_out
-    cols = ["#", "name", "omega", "psi", "nu", "params", "xdense", "FLOPs", "xdense",
+    # the rank bound at this width: psi is asymptotic, and rounded sizes can leave a psi = 1
+    # layer short of full rank (48 of 64 at d = 64)
+    cols = ["#", "name", "omega", "psi", "nu", "rank", "params", "xdense", "FLOPs", "xdense",
             "pad", "rules"] + (["ms"] if measured else []) + ["structure"]
     rows = []
     for i, r in enumerate(result, 1):
@@ -507,7 +509,8 @@ def table(result: SearchResult) -> str:
         if r.get("absorbable"):
             rules = "absorbable" if rules in ("ok", "-") else f"absorbable, {rules}"
         row = [str(i), r["name"] or "", _fmt_exp(r["omega"]), _fmt_exp(r["psi"]),
-               _fmt_exp(r["nu"]), f"{r['params']:,}", f"{r['params'] / dense_p:.3g}",
+               _fmt_exp(r["nu"]), f"{r['rank_bound']:,}", f"{r['params']:,}",
+               f"{r['params'] / dense_p:.3g}",
                f"{r['flops']:,}", f"{r['flops'] / dense_f:.3g}", f"{pad:.0%}", rules]
         if measured:
             row.append(f"{r['measured_ms']:.3g}" if r.get("measured_ms") is not None else "-")
