@@ -455,6 +455,16 @@ def test_absorbable_points_are_left_out_unless_kept(capsys):
     assert {"True", "False"} <= {row["absorbable"] for row in rows}
 
 
+def test_the_table_shows_each_rows_rank_bound():
+    """psi is asymptotic: at d = 64 the first psi = 1 rows are padded layers of rank 48."""
+    res = search(d=64, top=5)
+    lines = einc.space.rank.table(res).splitlines()
+    spans = [m.span() for m in re.finditer(r"-+", lines[2])]  # the columns, by the rule line
+    start, end = spans[[lines[1][a:b].strip() for a, b in spans].index("rank")]
+    shown = [int(ln[start:end].replace(",", "")) for ln in lines[3:3 + len(res)]]
+    assert shown == [r["rank_bound"] for r in res] and min(shown) < 64
+
+
 def test_measure_adds_a_column():
     pytest.importorskip("einc.runtime")
     res = search(d=64, k=4, top=2, measure=True, sort="measured", progress=False)
