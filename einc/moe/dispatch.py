@@ -892,9 +892,10 @@ def btt_moe_sparse(
     ``A``, ``B``, ``gate`` and ``bias`` (an optional ``(f, e)`` tensor added to
     every token's result; the chunked backend starts from it instead of zeros).
     ``x``, ``A``, ``B`` and ``bias`` share one dtype (under autocast they all run in its
-    dtype unless one is float64); ``gate`` is converted to it. ``expert_idx`` is checked: integers in ``[0, E)`` (:func:`check_experts`, a host sync
-    on a GPU); ``validate=False`` skips reading the range, for indices from :func:`route`
-    (as :class:`BTTMoE` does). Returns ``(N, f, e)``.
+    dtype unless one is float64); ``gate`` is converted to it. ``expert_idx`` is checked:
+    integers in ``[0, E)`` (:func:`check_experts`, a host sync on a GPU);
+    ``validate=False`` skips reading the range, for indices from :func:`route` (as
+    :class:`BTTMoE` does). Returns ``(N, f, e)``.
     """
     return _sparse(x, A, B, expert_idx, gate, deterministic, backend, bias,
                    routed=not validate)
