@@ -584,25 +584,26 @@ def test_launch_kernel_goes_direct_for_arguments_of_the_same_kind(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     place = FakeJit(slot_rows._place_fn)
     t = lambda n, dt=torch.long: torch.zeros(n, dtype=dt)  # noqa: E731
-    const = dict(BLOCK=64, BLOCK_E=16)
+    const = dict(BLOCK=64)
 
-    def launch(args, grid=(3,), kernel=place, constexprs=const, varying=(5, 6)):
+    def launch(args, grid=(3,), kernel=place, constexprs=const, varying=(6, 7)):
         sbmm_module.launch_kernel(kernel, grid, args, constexprs, varying=varying)
 
-    first = (t(40), t(40), t(8), t(40), t(64), 40, 8, 8)
+    first = (t(40), t(40), t(8), t(8), t(40), t(64), 40, 8)
     launch(first)
-    second = (t(56), t(56), t(8), t(56), t(80), 56, 10, 8)  # other tensors and sizes
+    second = (t(56), t(56), t(8), t(8), t(56), t(80), 56, 10)  # other tensors and sizes
     launch(second, grid=(4,))
     assert [c[0] for c in calls] == ["dispatch", "direct"]
     want_grid, want_args = place.bound((4,), second, const)
     assert calls[1][1] == want_grid
     assert all(u is v or u == v for u, v in zip(calls[1][2], want_args)) and \
         len(calls[1][2]) == len(want_args)
-    # another kind: a fixed int (E), a varying one divisible by 16, a dtype, a constexpr
-    launch(second[:7] + (9,))
-    launch(second[:5] + (56, 16, 8))
+    # another kind: an int keyed by its value (C, not declared varying), a varying one
+    # divisible by 16, a dtype, a constexpr
+    launch(second[:7] + (11,), varying=(6,))
+    launch(second[:6] + (56, 16))
     launch((t(56, torch.int32),) + second[1:])
-    launch(second, constexprs=dict(BLOCK=32, BLOCK_E=16))
+    launch(second, constexprs=dict(BLOCK=32))
     assert [c[0] for c in calls[2:]] == ["dispatch"] * 4
     # a two-dimensional grid and a constexpr passed by name (the sum kernel)
     summed = FakeJit(slot_rows._sum_fn)

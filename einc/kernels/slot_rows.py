@@ -84,17 +84,16 @@ def _sum_fn(src_ptr, slot_row_ptr, scale_ptr, out_ptr, W, K: tl.constexpr,
     tl.store(out_ptr + t * W + cols, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def _place_fn(flat_ptr, order_ptr, counts_ptr, slot_row_ptr, row_slot_ptr, S, C, E,
-              BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+def _place_fn(flat_ptr, order_ptr, counts_ptr, ends_ptr, slot_row_ptr, row_slot_ptr, S, C,
+              BLOCK: tl.constexpr):
     # sorted position i holds slot order[i] of expert e; its row is e * C + (i - start(e)),
-    # start(e) = the slots of the experts before e (from the counts, summed per position)
+    # start(e) = ends[e] - counts[e], the slots of the experts before e
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = i < S
     slot = tl.load(order_ptr + i, mask=inside, other=0)
-    e = tl.load(flat_ptr + slot, mask=inside, other=0)
-    r = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + r, mask=r < E, other=0)
-    start = tl.sum(tl.where(r[None, :] < e[:, None], counts[None, :], 0), axis=1)
+    e = tl.load(flat_ptr + slot, mask=inside, other=0).to(tl.int64)
+    start = tl.load(ends_ptr + e, mask=inside, other=0) - \
+        tl.load(counts_ptr + e, mask=inside, other=0)
     row = e * C + (i - start)
     tl.store(slot_row_ptr + slot, row, mask=inside)
     tl.store(row_slot_ptr + row, slot, mask=inside)
@@ -200,8 +199,8 @@ def _sum(src: Tensor, slot_row: Tensor, scale: Optional[Tensor] = None,
     return out.to(src.dtype)
 
 
-#: experts the placement kernel takes (more go to the torch form)
-PLACE_MAX_EXPERTS = 4096
+#: sorted slots a placement program places
+PLACE_BLOCK = 1024
 
 
 def place_slots(flat: Tensor, order: Tensor, counts: Tensor, C: int, kernel: str = "auto"):
@@ -209,21 +208,21 @@ def place_slots(flat: Tensor, order: Tensor, counts: Tensor, C: int, kernel: str
     every slot, ``order`` (S,) the slots sorted by expert (stable), ``counts`` (E,) the slots
     per expert, ``C`` the capacity. Returns ``(slot_row, row_slot)``: the row of every slot
     (the i-th slot of expert r in sorted order gets row ``r * C + i``) and the slot of every
-    row, -1 for padding. One kernel where Triton runs (the torch form takes about ten
-    operations, each a launch and host time on a GPU)."""
+    row, -1 for padding. Two launches where Triton runs, a cumulative sum and the kernel
+    (the torch form takes about ten operations, each a launch and host time on a GPU)."""
     S, E = flat.shape[0], counts.shape[0]
     row_slot = torch.full((E * C,), -1, dtype=torch.long, device=flat.device)
-    # the kernel sums each position's start over a (block, E) tile: up to PLACE_MAX_EXPERTS
-    if _use_kernel(flat, kernel, indices=True) and S > 0 and E <= PLACE_MAX_EXPERTS:
+    if _use_kernel(flat, kernel, indices=True) and S > 0:
         # the kernel reads by flat offset: an expanded or sliced index view would be misread
         flat, order, counts = flat.contiguous(), order.contiguous(), counts.contiguous()
+        # each slot reads its expert's start (ends - counts): O(S) work for any E (a sum
+        # over a (block, E) tile per program was O(S * E))
+        ends = torch.cumsum(counts, 0)
         slot_row = torch.empty(S, dtype=torch.long, device=flat.device)
-        block_e = max(16, 1 << max(0, (E - 1).bit_length()))
-        block = max(16, min(1024, 16384 // block_e))  # the (block, block_e) start sums
         with _on_device(flat):
-            launch_kernel(_kernels()["place"], (-(-S // block),), (
-                flat, order, counts, slot_row, row_slot, S, C, E), dict(
-                BLOCK=block, BLOCK_E=block_e), varying=(5, 6))
+            launch_kernel(_kernels()["place"], (-(-S // PLACE_BLOCK),), (
+                flat, order, counts, ends, slot_row, row_slot, S, C), dict(
+                BLOCK=PLACE_BLOCK), varying=(6, 7))
         return slot_row, row_slot
     starts = torch.cumsum(counts, 0) - counts
     e_sorted = flat.index_select(0, order)
