@@ -714,3 +714,22 @@ def test_problems_are_memoised_per_spec_and_gradient_layout():
     grad = sb._problem_of(spec, (15, 1, 3), "c", "b", "a")
     assert grad is not first
     assert grad.groups == sb._make_problem(sb._spec_axes(spec, (15, 1, 3)), "c", "b", "a").groups
+
+
+def test_int64_index_math_only_for_offsets_within_a_tile():
+    """The batch moves the base pointers by int64 scalars, so a batch spanning past 2^31
+    elements with small tiles keeps int32 index math (it switched to int64 for every
+    launch of a million-token MoE layer); an m extent past 2^31 elements switches."""
+    pytest.importorskip("triton")
+    sbmm_module._import_triton()
+
+    def index_64(batch, m):  # x[b][m][k] @ y[b][k][n] -> out[b][m][n], k = n = 64
+        key = (((batch, m * 64, 64 * 64, m * 64),), ((m, 64, 0, 64),), ((64, 0, 1, 1),),
+               ((64, 1, 64, 0),))
+        plan = sbmm_module._launch_plan(key, torch.float32, False, False, "heuristic",
+                                        "ieee", 132)
+        return plan[2]["INDEX_64"]
+
+    assert not index_64(2**20, 64)  # 2^32 elements in all, 2^12 per batch entry
+    assert index_64(1, 2**25 + 1)  # one entry of 2^31 + 64 elements
+    assert not index_64(1, 2**24)

@@ -708,10 +708,14 @@ def _launch_plan(key: tuple, dtype: torch.dtype, accumulate: bool, has_bias: boo
     for role, name in (("batch", "B"), ("m", "M"), ("n", "N"), ("k", "K")):
         consts[f"{name}1"], consts[f"{name}2"] = groups[role][1][0], groups[role][2][0]
 
-    # int32 offsets overflow past 2**31 elements; masked tail lanes may also
-    # step one tile beyond the span, hence the margin.
-    span = max(sum(ax[0] * ax[col] for role in _ROLES for ax in groups[role]) for col in (1, 2, 3))
-    reach = span + 256 * max(abs(v) for v in [1, *x_args, *y_args, *o_args])
+    # int32 offsets overflow past 2**31 elements; masked tail lanes may also step one tile
+    # beyond the span, hence the margin. Only a tile's own offsets count: the batch moves the
+    # base pointers by int64 scalars (a large batch alone kept int64 index math on)
+    tile_roles = [r for r in _ROLES if r != "batch"]
+    span = max(sum(ax[0] * ax[col] for role in tile_roles for ax in groups[role])
+               for col in (1, 2, 3))
+    reach = span + 256 * max([1] + [abs(ax[col]) for role in tile_roles for ax in groups[role]
+                                    for col in (1, 2, 3)])
     itemsize = torch.empty((), dtype=dtype).element_size()
     interpreting = _interpreting()
     consts.update(
