@@ -106,6 +106,27 @@ def test_gradgradcheck_fused(spec):
     assert torch.autograd.gradgradcheck(lambda x, *ps: m(x), (x, *m.parameters()))
 
 
+@pytest.mark.parametrize("spec", ["btt(rank=2)", "lowrank(rank=2)", "tt(rank=2, cores=3)"])
+def test_fused_backward_takes_batched_gradients(spec):
+    """autograd.grad(..., is_grads_batched=True), as jacobian and hessian with
+    vectorize=True use, runs the backward under autograd's vmap, where out= products and
+    copies into preallocated buffers fail: the fused route differentiates a plain re-run."""
+    torch.manual_seed(0)
+    m = einc.compile(spec, 16, 12, dtype=torch.float64, route="fused")
+    m.chunk = 2
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    v = torch.randn(3, *y.shape, dtype=torch.float64)
+    params = [x, *m.parameters()]
+    got = torch.autograd.grad(y, params, v, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        one = torch.autograd.grad(y, params, v[i], retain_graph=True)
+        for u, w in zip(got, one):
+            torch.testing.assert_close(u[i], w)
+    jac = torch.autograd.functional.jacobian(m, x, vectorize=True)
+    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(m, x))
+
+
 def test_chunk_is_checked_when_set():
     """module.chunk took 2.5 until a forward failed deep inside with a TypeError, and took
     0 and negatives silently."""

@@ -238,13 +238,18 @@ def place_slots(flat: Tensor, order: Tensor, counts: Tensor, C: int, kernel: str
 # ---------------------------------------------------------------------------
 
 
-def _first_order_only() -> None:
-    if torch.is_grad_enabled():
-        from ..errors import EincError
+def _first_order_only(grad: torch.Tensor, kernel: str) -> None:
+    from ..errors import EincError
+    from ..runtime.fused import batched
 
+    instead = "backend='chunked' (CPU) and backend='padded' (any device) have them"
+    if torch.is_grad_enabled():
         raise EincError("the triton BTT-MoE backend has no second derivatives (backward "
-                        "with create_graph=True) in its slot moves; backend='chunked' (CPU) "
-                        "and backend='padded' (any device) have them")
+                        f"with create_graph=True) in its slot moves; {instead}")
+    if batched(grad) and _use_kernel(grad, kernel):  # the torch operations take one
+        raise EincError("the triton BTT-MoE backend's kernels take no batch of gradients "
+                        "(autograd.grad with is_grads_batched=True, jacobian or hessian "
+                        f"with vectorize=True); {instead}")
 
 
 class _DispatchSlots(torch.autograd.Function):
@@ -256,7 +261,7 @@ class _DispatchSlots(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _first_order_only()
+        _first_order_only(grad, ctx.kernel)
         (slot_row,) = ctx.saved_tensors
         return _sum(grad.contiguous(), slot_row, kernel=ctx.kernel), None, None, None
 
@@ -271,7 +276,7 @@ class _CombineSlots(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        _first_order_only()
+        _first_order_only(dy, ctx.kernel)
         rows, slot_row, row_slot, gate = ctx.saved_tensors
         need_rows, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         if not (need_rows or need_gate):

@@ -1132,8 +1132,9 @@ class StridedBmmFunction(torch.autograd.Function):
     def backward(ctx, grad_c):
         a, b = ctx.saved_tensors
         spec, alpha, backend = ctx.spec, ctx.alpha, ctx.backend
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the torch reference
-            from ..runtime.fused import regrad
+        from ..runtime.fused import batched, regrad
+        if torch.is_grad_enabled() or batched(grad_c):  # create_graph=True or a batch of dC:
+            # differentiate the torch reference
             ga, gb = regrad(lambda a, b: strided_bmm_reference(a, b, spec, alpha=alpha),
                             [a, b], ctx.needs_input_grad[:2], grad_c.to(a.dtype))
             return ga, gb, None, None, None

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import CompileError
 from ..runtime import buffers
-from ..runtime.fused import Scratch, cache_fit, regrad
+from ..runtime.fused import Scratch, batched, cache_fit, regrad
 
 
 def chunk_slots(d_max: int, itemsize: int) -> int:
@@ -123,7 +123,8 @@ class ChunkedMoE(torch.autograd.Function):
     def backward(ctx, dy):
         x_in, A, B, expert_idx, gate, bias, order, token, gates, *saved = ctx.saved_tensors
         N, g, a, f, E, e = ctx.shape
-        if torch.is_grad_enabled():  # create_graph=True: differentiate plain torch ops
+        if torch.is_grad_enabled() or batched(dy):  # create_graph=True, or a batch of dy:
+            # differentiate plain torch ops
             from .dispatch import _sparse_padded
             plain = lambda x, A, B, gate, bias: _sparse_padded(
                 x.view(N, g, a), A, B, expert_idx, gate) + (0 if bias is None else bias)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CompileError, EincError
-from ..runtime.fused import autocasting, check_flag, dual, exporting, fake, tracing
+from ..runtime.fused import autocasting, batched, check_flag, dual, exporting, fake, tracing
 
 __all__ = [
     "route",
@@ -154,13 +154,18 @@ def _check_operands(x: Tensor, A: Tensor, B: Tensor, bias: Optional[Tensor], f: 
 _MOE_INSTEAD = "backend='chunked' (CPU) and backend='padded' (any device) have them"
 
 
-def _first_order_only(what: str, instead: str = _MOE_INSTEAD) -> None:
+def _first_order_only(what: str, grad: Tensor, instead: str = _MOE_INSTEAD) -> None:
     """Raise in a backward asked for a graph (create_graph=True): these backwards read
     intermediates that forward kept without one, so second derivatives would silently
-    miss terms."""
+    miss terms; and for a batch of gradients (:func:`~einc.runtime.fused.batched`), which
+    their out= products cannot take."""
     if torch.is_grad_enabled():
         raise EincError(f"{what} has no second derivatives (backward with "
                         f"create_graph=True); {instead}")
+    if batched(grad):
+        raise EincError(f"{what} takes no batch of gradients (autograd.grad with "
+                        f"is_grads_batched=True, jacobian or hessian with vectorize=True); "
+                        f"{instead}")
 
 
 class _StridedBTT(torch.autograd.Function):
@@ -193,7 +198,7 @@ class _StridedBTT(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        _first_order_only("btt_dense(method='strided')", "method='bmm' has them")
+        _first_order_only("btt_dense(method='strided')", grad_out, "method='bmm' has them")
         x, AgT, Bf, z = ctx.saved_tensors
         f, g, R, N = z.shape
         a = x.shape[2]
@@ -359,7 +364,7 @@ class _GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        _first_order_only("the grouped_mm BTT-MoE backend")
+        _first_order_only("the grouped_mm BTT-MoE backend", grad_out)
         a, b, offs = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_a = grad_b = None
@@ -595,7 +600,7 @@ class _StridedMoE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        _first_order_only("the strided BTT-MoE backend")
+        _first_order_only("the strided BTT-MoE backend", grad_out)
         xs, z, v, gate, Ag, Bf, slot_row, row_token = ctx.saved_tensors
         N, g, a, f, E, e, k, C = ctx.dims
         P = E * C

@@ -144,6 +144,16 @@ def dual(*tensors) -> bool:
                for t in tensors)
 
 
+def batched(grad) -> bool:
+    """Whether ``grad`` is a batch of gradients that autograd passes through one backward
+    (``autograd.grad(..., is_grads_batched=True)``, ``jacobian``/``hessian`` with
+    ``vectorize=True``): a tensor under autograd's own vmap, which supports neither the
+    ``out=`` operations nor the copies into preallocated buffers of the custom backwards
+    here, so they differentiate plain torch ops instead."""
+    check = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", None)
+    return isinstance(grad, torch.Tensor) and check is not None and bool(check(grad))
+
+
 def vmapping() -> bool:
     """Whether a torch.func.vmap is active (at any depth of nested transforms); not asked
     while compiling or tracing, which cannot follow the interpreter stack."""
@@ -536,7 +546,7 @@ class ChainFunction(torch.autograd.Function):
         nf = len(ctx.needs_input_grad) - 5  # after plan, chunk, keep, x and bias
         x, bias, *saved = ctx.saved_tensors
         saved, factors = saved[:-nf], saved[-nf:]
-        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable
+        if torch.is_grad_enabled() or batched(dy):  # create_graph=True, or a batch of dy
             return (None, None, None, *regrad(lambda *t: chain_plain(plan, *t),
                                               [x, bias, *factors], ctx.needs_input_grad[3:], dy))
         need_b = ctx.has_bias and ctx.needs_input_grad[4]

@@ -36,7 +36,7 @@ import torch
 
 from ..codegen.plan import Plan
 from ..errors import CompileError, EincError
-from .fused import _same, _strides, relayout
+from .fused import _same, _strides, batched, relayout
 
 # the module (the package re-exports the function under the same name)
 sbmm = importlib.import_module("einc.kernels.strided_bmm")
@@ -277,6 +277,10 @@ class TritonChainFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # its kernels' results have no graph to differentiate
             raise EincError("the triton route has no second derivatives (backward with "
                             "create_graph=True); route='fused' or 'plain' has them")
+        if batched(dy):  # autograd's vmap over the backward: the kernels take plain tensors
+            raise EincError("the triton route takes no batch of gradients (autograd.grad "
+                            "with is_grads_batched=True, jacobian or hessian with "
+                            "vectorize=True); route='fused' or 'plain' takes them")
         prog = ctx.prog
         plan, sizes = prog.plan, prog.sizes
         steps, n = plan.steps, len(plan.steps)
