@@ -277,6 +277,8 @@ class Heads(nn.Module):
         parts = {"tok": lambda: nn.Embedding(50, 16), "pos": lambda: nn.Embedding(64, 16),
                  "dec": lambda: nn.Embedding(50, 16),
                  "blocks": lambda: nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)),
+                 # an MLP onto as many hidden units as the vocabulary has entries
+                 "wide": lambda: nn.Sequential(nn.Linear(16, 50), nn.GELU(), nn.Linear(50, 16)),
                  "head": lambda: nn.Linear(16, 50), "v_head": lambda: nn.Linear(16, 1)}
         for name in order:
             setattr(self, name, parts[name]())
@@ -289,6 +291,7 @@ class Heads(nn.Module):
 @pytest.mark.parametrize("order,kw", [
     (["tok", "pos", "blocks", "head"], {}),
     (["tok", "pos", "head", "blocks"], {}),  # the head registered before the blocks
+    (["tok", "pos", "head", "wide", "blocks"], {}),  # and before an MLP 16 -> 50 -> 16
     (["tok", "pos", "blocks", "head", "v_head"], {}),  # a value head after it
     (["tok", "dec", "pos", "blocks", "head"], {"shared_embeddings": True}),
     (["tok", "pos", "blocks", "head"], {"spectral": True}),  # a computed embedding weight

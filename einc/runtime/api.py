@@ -239,7 +239,7 @@ def _kept_dense(model: nn.Module, names: dict, keep_unembedding: bool) -> dict[i
                                      "weights, which a replacement would untie)")
                     break
     if keep_unembedding:
-        head = _unembedding(model, owners)
+        head = _unembedding(model, owners, names)
         if head is not None and id(head) not in kept:
             kept[id(head)] = (f"the unembedding ({head.in_features} -> {head.out_features}, "
                               "an nn.Embedding's width to its vocabulary); "
@@ -247,12 +247,13 @@ def _kept_dense(model: nn.Module, names: dict, keep_unembedding: bool) -> dict[i
     return kept
 
 
-def _unembedding(model: nn.Module, owners: dict) -> nn.Linear | None:
+def _unembedding(model: nn.Module, owners: dict, names: dict) -> nn.Linear | None:
     """The layer that maps an nn.Embedding's width d to its vocabulary V, if one can be
     told: none when an embedding is tied to a layer (that layer is the unembedding, kept
     as shared); else the model's last plain nn.Linear if it maps some (d, V); else the last
-    (d -> V) layer without a (V -> d) layer beside it. An MLP onto as many hidden units as
-    there are positions (a match for the position embedding) has its way back."""
+    (d -> V) layer without a (V -> d) layer beside it in its own parent module: an MLP
+    onto as many hidden units as the vocabulary has entries, or as there are positions (a
+    match for the position embedding), has its way back next to it."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     ids = {id(m) for m in linears}
@@ -263,8 +264,10 @@ def _unembedding(model: nn.Module, owners: dict) -> nn.Linear | None:
     maps = lambda m: (m.in_features, m.out_features) in vocab
     if maps(linears[-1]):
         return linears[-1]
-    back = {(m.out_features, m.in_features) for m in linears}
-    heads = [m for m in linears if maps(m) and (m.in_features, m.out_features) not in back]
+    parent = lambda m: names[id(m)][0].rpartition(".")[0]
+    back = {(parent(m), m.out_features, m.in_features) for m in linears}
+    heads = [m for m in linears
+             if maps(m) and (parent(m), m.in_features, m.out_features) not in back]
     return heads[-1] if heads else None
 
 
