@@ -22,9 +22,15 @@ _LAZY = {
     "search": "einc.space",
     "experiments": "einc.experiments",
 }
+# the stages that import torch, as attributes too (einc.moe.route after `import einc`)
+_SUBPACKAGES = {name: f"einc.{name}" for name in ("codegen", "runtime", "moe", "kernels", "space")}
 
 
 def __getattr__(name):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(_SUBPACKAGES[name])
     if name in _LAZY:
         import importlib
 

@@ -85,6 +85,18 @@ def test_analyze_and_version_do_not_load_torch():
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "False", r.stderr
 
 
+def test_stages_are_attributes_of_the_package():
+    """`import einc` alone loads no torch, but einc.moe, einc.runtime, ... are reachable
+    as attributes (the docs write einc.moe.route); only on first use do they load."""
+    code = ("import sys, einc; before = 'torch' in sys.modules; "
+            "print(before, callable(einc.moe.route), einc.runtime.__name__, "
+            "einc.space.__name__, einc.codegen.__name__, einc.kernels.__name__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True", "einc.runtime", "einc.space", "einc.codegen",
+                                "einc.kernels"]
+
+
 def test_version():
     """`einc --version` prints the version the package is built with (pyproject.toml)."""
     from einc import __version__
