@@ -494,6 +494,8 @@ def test_router_stats_are_the_last_forwards_when_read_later():
     with torch.no_grad():
         m.router.weight.normal_(0, 1.0)
     x1, x2 = torch.randn(9, 16, dtype=DT), torch.randn(5, 16, dtype=DT)
+    with pytest.raises(einc.EincError, match="router_stats.*run the layer on a batch first"):
+        m.router_stats()
     m(x2)
     m(x1)
     probs = torch.softmax(m.router(x1), -1).detach()

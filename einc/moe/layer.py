@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .dispatch import _autocast_operands, _masked, _sparse, check_backend, route
 from ..analysis.concrete import check_width
-from ..errors import CompileError, SizeError
+from ..errors import CompileError, EincError, SizeError
 from ..runtime.fused import (allocating, autocasting, check_device, check_dtype, check_flag,
                              check_input, check_module, dtype_mismatch, dual, exporting, fake,
                              fixed_sizes, tracing, vmapping)
@@ -512,7 +512,8 @@ class BTTMoE(nn.Module):
         experts; ``tokens``: number of routed tokens.
         """
         if self._stats is None:
-            raise RuntimeError("router_stats() needs a forward pass first")
+            raise EincError("router_stats() reports the last forward pass: run the layer "
+                            "on a batch first")
         if isinstance(self._stats, _PendingStats):
             self._stats = self._stats.settle()
         return {name: _settled(v) for name, v in self._stats.items()}
