@@ -195,8 +195,10 @@ def lower_preset(name: str, args, spec: str, pos: Pos, bindings=()) -> Structure
     valued = {n for b in bindings if b.value is not None for n, _ in b.names}
     # only a size the preset derives from the width is re-solved, never one set by a
     # parameter the user wrote (monarch(blocks=4) keeps g = 4)
+    # (told by identity: a parameter's value may equal a derived size, btt(rank=d_in^(1/2)))
+    params = {id(v) for v in kwargs.values()}
     derived = {i for i, v in sizes.items()
-               if isinstance(v, Size) and v.symbols and v not in kwargs.values()}
+               if isinstance(v, Size) and v.symbols and id(v) not in params}
     for side in (ops[0], ops[-1]):
         left_out = [i for i in side.indices if i not in valued]
         free = [i for i in left_out if i in derived]

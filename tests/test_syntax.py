@@ -287,7 +287,11 @@ def test_bad(spec, error, fragment, column, width):
     ("tt(cores=3) with i1 = 2, i2 = 2", 64, dict(i1=2, i2=2, i3=16, o1=4)),
     ("kron with l = 2", 64, dict(i=8, j=8, k=32, l=2)),
     ("btt with g = f = 4", 64, dict(g=4, a=16, f=4, e=16)),
-    ("monarch with a = 16", 64, dict(g=4, a=16))])
+    ("monarch with a = 16", 64, dict(g=4, a=16)),
+    # a parameter equal to a derived size (r = g = d_in^(1/2)) was taken for one: g * a
+    # then multiplied to 4 * d_in^(1/2)
+    ("btt(rank=d_in^(1/2)) with g = 4", 64, dict(g=4, a=16, r=8)),
+    ("tt(rank=d_in^(1/3), cores=3) with i1 = 2", 64, dict(i1=2, i2=4, i3=8, r1=4))])
 def test_a_preset_size_written_after_with_resolves_the_rest_of_its_side(spec, d, want):
     # overriding g kept the preset's a = d_in^(1/2), so g * a could never match d_in
     sizes = einc.analyze(spec, d=d).sizes
