@@ -492,6 +492,19 @@ def test_a_size_shrinking_with_d_has_no_exponents_or_theta(spec, d):
     assert "omega psi nu     -  -  -" in str(analyze(spec, d=d))
 
 
+@pytest.mark.parametrize("spec,kw", [
+    ("btt with g = 4, a = 4", {}),  # the input side fixed at 16
+    ("x[i] A[i r] B[r o] -> y[o] with i = 4, r = 2", {"d_out": 64}),
+])
+def test_a_side_of_fixed_size_has_no_theta(spec, kw):
+    """A theta point's input and output sides each grow as d (alpha + beta + gamma = 1):
+    with one side fixed, (0|0|0|1/2|0|1/2|0) was reported, flagged non-redundant and
+    non-degenerate, and refused when given back."""
+    r = analyze(spec, **kw).to_dict()
+    assert r.get("theta") is None and r.get("redundant") is None
+    assert "paper's rules" not in str(analyze(spec, **kw))
+
+
 def test_a_one_step_chain_has_no_intermediate():
     """dense printed "largest interm.  0 per vector"; JSON keeps the number."""
     dense = analyze("dense", d=64)

@@ -24,7 +24,8 @@ def closed_forms(theta) -> dict:
 
 def theta_of(s: Structure):
     """The theta point of a two-factor structure with growing sizes (none shrinking, as a
-    theta's components are exponents in [0, 1]), else None.
+    theta's components are exponents in [0, 1]) whose input and output sizes each multiply
+    to d (alpha + beta + gamma = delta + epsilon + phi = 1), else None.
 
     The factors' names and order in a spec are arbitrary; A is the factor absorbed first in
     the cheaper order (the non-redundant orientation), so a theta read off an einsum is never
@@ -47,6 +48,8 @@ def theta_of(s: Structure):
             return None
         theta[_CLASS_POS[key]] += sizes[name].exponent()
     a, b, g, dl, e, f, r = theta
+    if a + b + g != 1 or dl + e + f != 1:  # a side of fixed (or not d-wide) size: no point
+        return None
     swapped = (b, a, g, e, dl, f, r)
     if min(a, e) < min(b, dl):  # spec order put B first: read it the way einc absorbs it
         return swapped
