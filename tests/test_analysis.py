@@ -432,6 +432,19 @@ def test_bad_widths(kwargs, fragment):
         analyze("lowrank(rank=d/8)" if kwargs.get("d") == 2 else "btt", **kwargs)
 
 
+def test_a_fixed_side_is_not_a_width_for_the_other():
+    """With no width given, a spec whose input sizes are all numbers took their product as
+    d_out too (3 -> 3): a square layer is assumed only from a width that was given."""
+    spec = "x[i] W[i o] -> y[o] with i = 3"
+    with pytest.raises(einc.SizeError, match="output sizes depend.*fixed at 3.*give d_out"):
+        analyze(spec)
+    with pytest.raises(einc.SizeError, match="input sizes depend.*give d_in"):
+        analyze("x[i] W[i o] -> y[o] with o = 5")
+    assert (analyze(spec, d_out=8).d_in, analyze(spec, d_out=8).d_out) == (3, 8)
+    assert analyze("btt", d_out=64).d_in == 64  # one width given: square
+    assert analyze("x[i] W[i o] -> y[o] with i = 3, o = 5").d_out == 5
+
+
 def test_widths_of_any_integer_type():
     """numpy integers were refused as 'd_in must be a positive integer, got np.int64(1024)'."""
     np = pytest.importorskip("numpy")

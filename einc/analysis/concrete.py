@@ -73,18 +73,25 @@ def resolve_dims(s: Structure, d=None, d_in=None, d_out=None) -> tuple[int, int]
         sizes = s.sizes
         fixed_in = all(sizes[i].is_const for i in s.input.indices)
         fixed_out = all(sizes[i].is_const for i in s.output.indices)
+        # One width given and the other side symbolic: a square layer. A side of fixed
+        # sizes is no width given: its other side, if symbolic, still needs one.
+        given_in, given_out = d_in, d_out
         if d_in is None and fixed_in:
             d_in = _prod(int(sizes[i].coeff) for i in s.input.indices)
         if d_out is None and fixed_out:
             d_out = _prod(int(sizes[i].coeff) for i in s.output.indices)
-        # One width given and the other side symbolic: a square layer.
-        if d_in is not None and d_out is None and not fixed_out:
-            d_out = d_in
-        if d_out is not None and d_in is None and not fixed_in:
-            d_in = d_out
-        if d_in is None or d_out is None:
+        if given_in is not None and d_out is None:
+            d_out = given_in
+        if given_out is not None and d_in is None:
+            d_in = given_out
+        if d_in is None and d_out is None:
             raise SizeError("this structure's sizes depend on the layer width: give d "
                             "(or d_in and d_out)", s.source or None)
+        if d_in is None or d_out is None:
+            side, fixed = ("input", d_out) if d_in is None else ("output", d_in)
+            raise SizeError(f"this structure's {side} sizes depend on the layer width (the "
+                            f"other side is fixed at {fixed}): give d_{side[:-3]}",
+                            s.source or None)
     return d_in, d_out
 
 
