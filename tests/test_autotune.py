@@ -96,3 +96,22 @@ def test_deterministic_algorithms_skip_measuring(monkeypatch):
         assert autotune.choose_route(m, torch.randn(16, 64)) == "fused"
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_measuring_copies_no_module_hooks(monkeypatch):
+    """The timing copy deep-copied the layer's forward hooks: one holding a lock failed the
+    user's first large forward with a TypeError, one bound to a model copied that model."""
+    import functools
+    import threading
+
+    _measuring(monkeypatch)
+    m = einc.compile("btt(rank=2)", 64, dtype=torch.float64)
+    seen = []
+    m.register_forward_hook(functools.partial(lambda lock, mod, i, o: seen.append(1),
+                                              threading.Lock()))
+    m.register_forward_pre_hook(functools.partial(lambda lock, mod, i: None, threading.Lock()))
+    x = torch.randn(8, 64, dtype=torch.float64)
+    y = m(x)
+    assert seen == [1]  # the user's call ran the hook once; the timing never did
+    m.route = "einsum"
+    torch.testing.assert_close(y, m(x))

@@ -60,6 +60,12 @@ def _measure(module, dtype, device, tokens: int, train: bool, reps: int = 5) -> 
     # refuses: the copy takes its values
     memo = {id(t): t.detach().clone().requires_grad_(t.requires_grad)
             for t in module.parameters() if not t.is_leaf}
+    # nor module hooks: the timing calls forward directly, and a hook may hold anything (a
+    # lock deepcopy refuses, or a whole model through a bound method)
+    for m in module.modules():
+        for name, value in vars(m).items():
+            if "hooks" in name and isinstance(value, dict):
+                memo[id(value)] = type(value)()
     twin = copy.deepcopy(module, memo)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), \
