@@ -273,8 +273,11 @@ def test_compile_cli_reports_a_failed_stdout_write():
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr
 
 
-def test_torch_compile_has_no_graph_breaks_and_export_works():
-    m = einc.compile("btt(rank=2)", 64)
+@pytest.mark.parametrize("route", ["auto", "fused"])
+def test_torch_compile_has_no_graph_breaks_and_export_works(route):
+    """An explicit "fused" route too: it broke the graph, and its export failed with grad
+    enabled (bmm with out= in the graph)."""
+    m = einc.compile("btt(rank=2)", 64, route=route)
     x = torch.randn(4, 64)
     explanation = torch._dynamo.explain(m)(x)
     assert explanation.graph_break_count == 0
@@ -286,6 +289,9 @@ def test_torch_compile_has_no_graph_breaks_and_export_works():
     assert xg.grad is not None and m.factors()[0].grad is not None
     exported = torch.export.export(m, (x,))
     assert torch.allclose(exported.module()(x), m(x), atol=1e-5)
+    xg = torch.randn(4, 64, requires_grad=True)  # exported for 4 rows
+    exported.module()(xg).sum().backward()
+    assert xg.grad is not None
 
 
 def test_compile_cli_refuses_a_folder_path(tmp_path):

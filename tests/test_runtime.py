@@ -557,10 +557,12 @@ def test_autocast_runs_every_route_in_low_precision(route):
     assert all(p.grad.dtype == torch.float32 for p in m.parameters())
 
 
-@pytest.mark.parametrize("spec", ["btt(rank=2)", "tt(rank=2, cores=3)"])
-def test_jit_trace_takes_the_plain_route_and_holds_for_other_batch_sizes(spec):
+@pytest.mark.parametrize("spec,route", [("btt(rank=2)", "auto"), ("tt(rank=2, cores=3)", "auto"),
+                                        ("btt(rank=2)", "fused")])
+def test_jit_trace_takes_the_plain_route_and_holds_for_other_batch_sizes(spec, route):
+    """An explicit "fused" route too: its trace failed for any other batch size."""
     import warnings
-    m = einc.compile(spec, 64, 48)
+    m = einc.compile(spec, 64, 48, route=route)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         traced = torch.jit.trace(m, (torch.randn(5, 64),))

@@ -15,7 +15,7 @@ from ..codegen.lower import Lowered, as_structure, lower
 from ..errors import CompileError
 from .fused import (ChainFunction, allocating, autocasting, check_device, check_dtype,
                     check_flag, check_input, chunk_tokens, dtype_mismatch, dual, fixed_sizes,
-                    tracing, transforming)
+                    tracing)
 
 ROUTES = ("auto", "fused", "plain", "einsum", "steps", "triton")
 
@@ -178,9 +178,10 @@ class StructuredLinear(nn.Module):
         if route == "auto":
             plain = tracing() or autocast or dual(x, *facs, self.bias)
             route = "plain" if plain else _auto_route(self, x)
-        elif route in ("fused", "triton") and (transforming() or dual(x, *facs, self.bias)):
+        elif route in ("fused", "triton") and (tracing() or dual(x, *facs, self.bias)):
             # their autograd Functions support neither torch.func transforms nor forward-mode
-            # AD (torch's raw setup_context error): the same chain in plain ops, as BTT-MoE's
+            # AD (torch's raw setup_context error), and write into buffers that a trace,
+            # an export or a graph would freeze: the same chain in plain ops, as BTT-MoE's
             # backends do
             route = "plain"
         # autocast leaves float64 alone, so a float64 layer computes in float64 there too
