@@ -108,6 +108,27 @@ def test_lr_multipliers_and_param_groups():
             einc.param_groups(bad, lr=1e-3)
 
 
+def test_param_groups_of_parametrized_factors():
+    """A parametrized factor is computed, no leaf: its group held the computed tensor (the
+    optimizer refused it) and its original went to the base rate."""
+    import torch.nn.utils.parametrize as P
+
+    class Scale(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = torch.nn.Sequential(einc.compile("btt", 64))
+    P.register_parametrization(model[0], "A", Scale())
+    torch.nn.utils.parametrizations.weight_norm(model[0], "B")
+    groups = einc.param_groups(model, lr=1e-3)
+    fast = next(g for g in groups if g["lr_multiplier"] == 8.0)["params"]
+    originals = [*model[0].parametrizations.A.parameters(recurse=False),
+                 *model[0].parametrizations.B.parameters(recurse=False)]
+    assert {id(p) for p in fast} == {id(p) for p in originals} and len(originals) == 3
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    torch.optim.AdamW(groups)  # every group holds leaves
+
+
 @pytest.mark.parametrize("spec,d", [("(1/4|1/4|1/2|1/2|1/4|1/4|1/4)", 1024), ("btt", 1000),
                                     ("monarch", 1000), ("btt(rank=2, cores=3)", 1001)])
 def test_zero_padded_input_keeps_unit_rms(spec, d):

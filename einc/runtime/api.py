@@ -278,6 +278,18 @@ def _flops(module) -> int:
     return module.lowered.flops
 
 
+def _leaves(mod: nn.Module, attr: str) -> list:
+    """The parameters an optimizer updates for the factor ``attr``: itself, or for a
+    parametrized factor (weight_norm, a custom parametrization) the originals it is
+    computed from, not the computed tensor, which is no leaf."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(mod, attr):
+        return list(mod.parametrizations[attr].parameters(recurse=False))
+    p = getattr(mod, attr)
+    return [p] if isinstance(p, nn.Parameter) else []
+
+
 def param_groups(model: nn.Module, lr: float, weight_decay: float | None = None) -> list[dict]:
     """Optimizer groups with per-factor learning rates: each structured factor gets
     ``lr * multiplier`` from its module's ``lr_multipliers()`` (see docs/compile.md); every
@@ -301,11 +313,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float | None = None)
         if not callable(mults):
             continue
         for attr, m in mults().items():
-            p = getattr(mod, attr)
-            if id(p) in claimed:
-                continue
-            claimed.add(id(p))
-            by_mult.setdefault(float(m), []).append(p)
+            for p in _leaves(mod, attr):
+                if id(p) in claimed:
+                    continue
+                claimed.add(id(p))
+                by_mult.setdefault(float(m), []).append(p)
     rest = [p for p in model.parameters() if id(p) not in claimed]
     groups = []
     if rest:
