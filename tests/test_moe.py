@@ -1346,6 +1346,11 @@ def test_wrong_width_is_a_compile_error_and_autocast_inputs_run():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = m(x.bfloat16().requires_grad_())
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    # autocast leaves float64 alone: a float64 input to a float32 layer is refused, as
+    # outside autocast (the router failed with torch's own message)
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.raises(einc.CompileError, match="input dtype torch.float64 differs"):
+        m(x.double())
 
 
 def test_numpy_integer_sizes_are_accepted():

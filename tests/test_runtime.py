@@ -657,6 +657,12 @@ def test_a_float64_factor_is_refused_under_autocast_too():
         with torch.autocast("cpu", dtype=torch.bfloat16), \
                 pytest.raises(einc.CompileError, match="factor B .*torch.float64"):
             m(torch.randn(2, 64))
+    # a float64 input, likewise: the fused route ran it in bfloat16, the others failed in torch
+    for route in ("auto", "fused", "plain", "einsum", "steps"):
+        m = einc.compile("btt", d_in=64, route=route)
+        with torch.autocast("cpu", dtype=torch.bfloat16), \
+                pytest.raises(einc.CompileError, match="input dtype torch.float64 differs"):
+            m(torch.randn(2, 64, dtype=torch.float64))
 
 
 def test_materialize_leaves_the_bias_alone():

@@ -457,7 +457,8 @@ class BTTMoE(nn.Module):
         check_input(x, self.in_features, self.A.device)
         # autocast leaves float64 alone: a float64 layer computes in float64 there too
         autocast = autocasting(x.device) and self.A.dtype != torch.float64
-        if x.dtype != self.A.dtype and not autocast:
+        # nor a float64 input (the router's nn.Linear refused it with torch's own message)
+        if x.dtype != self.A.dtype and (not autocast or x.dtype == torch.float64):
             raise dtype_mismatch(x.dtype, self.A.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)

@@ -186,7 +186,8 @@ class StructuredLinear(nn.Module):
             route = "plain"
         # autocast leaves float64 alone, so a float64 layer computes in float64 there too
         autocast = autocast and dtype != torch.float64
-        if x.dtype != dtype and not autocast:
+        # nor a float64 input: every route then refuses it, as outside autocast
+        if x.dtype != dtype and (not autocast or x.dtype == torch.float64):
             raise dtype_mismatch(x.dtype, dtype)
         if autocast and route in ("fused", "triton"):
             # these routes compute in their operands' dtype: cast all to autocast's, as
