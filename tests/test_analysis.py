@@ -599,3 +599,11 @@ def test_search_rounds_ties_as_analyze_does():
         for p in m.parameters():
             p.normal_()
     assert torch.linalg.matrix_rank(m.materialize()) > 68
+
+
+def test_an_empty_rank_cut_is_named():
+    """x and y joined by no index (an outer product through a scalar): the table printed
+    "rank bound 1  (cut at )"."""
+    rep = analyze("b,h,b->h", d=16)
+    assert rep.rank_bound == 1 and not rep.rank_cut
+    assert re.search(r"^rank bound\s+1  \(an empty cut: no index joins x to y\)$", str(rep), re.M)

@@ -88,6 +88,8 @@ class Report:
         return json.dumps(self.to_dict(), **kw)
 
     def _rank_text(self) -> str:
+        if not self.rank_cut:  # no index joins x to y: y is a fixed vector times a scalar
+            return f"{self.rank_bound:,}  (an empty cut: no index joins x to y)"
         cut = ", ".join(self.rank_cut)
         through = math.prod(self.sizes[i] for i in self.rank_cut)
         if self.rank_bound < through:  # the cropped padding binds, not the network
