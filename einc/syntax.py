@@ -362,9 +362,31 @@ def check(s: Structure) -> Structure:
     if s.moe is not None:
         _check_moe(s, spec)
     if s.theta is not None:
-        from .theta import check_count
-        check_count(len(s.theta), spec, s.input.pos)
+        _check_theta(s, spec)
     return s
+
+
+def _check_theta(s: Structure, spec):
+    """A theta given with a hand-built structure is the point its sizes read as (in either
+    orientation): the report shows it and the paper's rules computed from it."""
+    from .analysis.taxonomy import read_theta
+    from .theta import check_count
+
+    theta = s.theta
+    if not isinstance(theta, (tuple, list)):
+        raise SizeError(f"theta must be None or a tuple of 7 exponents, got {theta!r}", spec,
+                        s.input.pos)
+    check_count(len(theta), spec, s.input.pos)
+    read = read_theta(s)
+    try:
+        ok = read is not None and tuple(Fraction(t) for t in theta) in read
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        fmt = lambda t: "(" + "|".join(str(v) for v in t) + ")"
+        got = "no theta point" if read is None else f"{fmt(read[0])} or {fmt(read[1])}"
+        raise SizeError(f"theta {theta!r} does not match the structure's sizes, which read as "
+                        f"{got}: leave theta None to read it off", spec, s.input.pos)
 
 
 def _check_einsum(inp, factors, output, spec):

@@ -157,3 +157,27 @@ def test_a_valid_hand_built_structure_passes():
     s = _hand_built("i", [("W", "i r"), ("V", "r o")], "o", dict(i=4, r=2, o=4))
     assert einc.analyze(s, d=4).params == 16
     assert check(parse("btt")) == parse("btt")
+
+
+def test_a_theta_given_with_a_hand_built_structure_must_be_its_point():
+    """check() looked at theta's length only: (0,)*7 or (1.5, 0, ...) on btt's structure was
+    reported as its theta, with the paper's rules computed from it."""
+    import dataclasses
+    from fractions import Fraction as Q
+
+    btt = parse("btt")
+    half = Q(1, 2)
+    for theta in [(0,) * 7, (1.5, 0, 0, 0, 0, 0, 0), (half,) * 7]:
+        with pytest.raises(SizeError, match=r"does not match the structure's sizes, which "
+                                            r"read as \(1/2\|0\|1/2\|0\|1/2\|1/2\|0\)"):
+            einc.analyze(dataclasses.replace(btt, theta=theta), d=64)
+    with pytest.raises(SizeError, match="theta must be None or a tuple of 7 exponents"):
+        einc.analyze(dataclasses.replace(btt, theta="abc"), d=64)
+    with pytest.raises(SizeError, match="has 7 exponents"):
+        einc.analyze(dataclasses.replace(btt, theta=(0, 1)), d=64)
+    # either orientation of the structure's own point is accepted, and reported as given
+    for theta in [(half, 0, half, 0, half, half, 0), (0, half, half, half, 0, half, 0)]:
+        got = einc.analyze(dataclasses.replace(btt, theta=theta), d=64).to_dict()["theta"]
+        assert got == [float(t) for t in theta]
+    typed = parse("(0|1/4|3/4|3/4|0|1/4|0)")  # a redundant point, typed as such
+    assert check(typed) is typed

@@ -32,6 +32,21 @@ def theta_of(s: Structure):
     redundant; where both orders are as cheap, the larger tuple. A theta typed as such keeps
     its orientation and may be redundant.
     """
+    read = read_theta(s)
+    if read is None:
+        return None
+    theta, swapped = read
+    a, b, g, dl, e, f, r = theta
+    if min(a, e) < min(b, dl):  # spec order put B first: read it the way einc absorbs it
+        return swapped
+    if min(a, e) == min(b, dl):  # either order as cheap: the larger tuple, whatever the order
+        return max(theta, swapped)
+    return theta
+
+
+def read_theta(s: Structure):
+    """(theta with the spec's first factor as A, theta with its second as A), or None where
+    the structure is no theta point (see :func:`theta_of`)."""
     if len(s.factors) != 2 or s.moe is not None:
         return None
     sizes = s.sizes
@@ -50,9 +65,4 @@ def theta_of(s: Structure):
     a, b, g, dl, e, f, r = theta
     if a + b + g != 1 or dl + e + f != 1:  # a side of fixed (or not d-wide) size: no point
         return None
-    swapped = (b, a, g, e, dl, f, r)
-    if min(a, e) < min(b, dl):  # spec order put B first: read it the way einc absorbs it
-        return swapped
-    if min(a, e) == min(b, dl):  # either order as cheap: the larger tuple, whatever the order
-        return max(tuple(theta), swapped)
-    return tuple(theta)
+    return tuple(theta), (b, a, g, e, dl, f, r)
