@@ -206,11 +206,20 @@ def lower_preset(name: str, args, spec: str, pos: Pos, bindings=()) -> Structure
             overridden.add(free[-1])
     given = [b for b in given if b.names[0][0] not in overridden] + list(bindings)
     try:
-        return build(ops[0], ops[1:-1], ops[-1], given, spec, moe=moe, origin=name)
+        s = build(ops[0], ops[1:-1], ops[-1], given, spec, moe=moe, origin=name)
     except SizeError as e:  # the preset's operands have no position: point at `with`
         if e.pos is not None or not bindings:
             raise
         raise SizeError(e.message, spec, bindings[0].names[0][1]) from None
+    if moe is not None:  # `with` may resize the expert index below k
+        size = s.size(moe.expert_index)
+        if size.is_const and size.coeff < moe.k:
+            where = next((p for b in bindings for n, p in b.names if n == moe.expert_index),
+                         pos)
+            raise SizeError(f"top-{moe.k} routing needs at least {moe.k} experts, but the "
+                            f"expert index {moe.expert_index!r} has size {size.short()}",
+                            spec, where)
+    return s
 
 
 def _parse_operand(text: str) -> Operand:

@@ -62,7 +62,7 @@ def test_analyze_rectangular():
     (["analyze", "btt", "--d", "5"], "padding", None),
     (["analyze", "btt"], "give d", None),
     (["analyze", "bttmoe(experts=4, k=4) with r = 2", "--d", "1024"],
-     "top-4 routing needs at least 4 experts", None),
+     "top-4 routing needs at least 4 experts", "                              ^"),
     (["analyze", "btt", "--d", "64", "--tolerance", "nan"], "tolerance must be a number >= 0", None),
 ])
 def test_errors_exit_2_without_traceback(args, fragment, caret):

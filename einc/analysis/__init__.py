@@ -80,8 +80,9 @@ def _moe_info(s: Structure, sizes: dict, d_in: int, params: int) -> dict:
     """Per-token costs count only the k routed experts, plus the router (d_in -> E)."""
     e, k = sizes[s.moe.expert_index], s.moe.k
     if k > e:  # the preset checks k <= experts, but `with` may resize the expert index
+        where = next((ix.pos for ix in s.indices if ix.name == s.moe.expert_index), None)
         raise SizeError(f"top-{k} routing needs at least {k} experts, but the expert index "
-                        f"{s.moe.expert_index!r} has size {e}")
+                        f"{s.moe.expert_index!r} has size {e}", s.source or None, where)
     active = dict(sizes, **{s.moe.expert_index: k})
     # the layer runs its cores in spec order whatever is cheapest on paper (they differ
     # where every size is 1, at d = 1)
