@@ -506,7 +506,7 @@ def test_a_size_shrinking_with_d_has_no_exponents_or_theta(spec, d):
 
 
 @pytest.mark.parametrize("spec,kw", [
-    ("btt with g = 4, a = 4", {}),  # the input side fixed at 16
+    ("btt with g = 4, a = 4", {"d_out": 64}),  # the input side fixed at 16
     ("x[i] A[i r] B[r o] -> y[o] with i = 4, r = 2", {"d_out": 64}),
 ])
 def test_a_side_of_fixed_size_has_no_theta(spec, kw):
