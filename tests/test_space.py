@@ -672,6 +672,17 @@ def test_a_cost_rounding_onto_the_cap_is_not_counted_as_passing():
     assert len(res) == res.counts["passed"] == 1
 
 
+def test_a_cost_equal_to_the_cap_above_2_53_is_kept():
+    """The float FLOPs of a point at d = 2^32 - 1 came out 64 above its exact count, and a
+    budget equal to that count dropped it before the exact check."""
+    spec = "(1/3|0|2/3|0|11/12|1/12|1/6)"
+    cost = einc.analyze(spec, d=2 ** 32 - 1).flops
+    assert cost > 2 ** 53
+    res = search(d=2 ** 32 - 1, max_flops=cost, sort="flops", top=0, progress=False)
+    assert spec in {r["spec"] for r in res}
+    assert all(r["flops"] <= cost for r in res) and len(res) == res.counts["passed"]
+
+
 def test_huge_widths_pick_the_rounding_analyze_picks():
     """At d = 2^32 the FLOPs of two equally close roundings tie exactly but are above 2^53,
     where their float values differ in the last bits: the scorer decided the tie by that

@@ -155,11 +155,14 @@ def parse_budget(value, dense: int, what: str) -> Fraction | None:
 
 def _within(costs: np.ndarray, cap: Fraction) -> np.ndarray:
     """costs <= cap for integer costs held as float64: against the cap's whole part, which
-    is exact below 2**53 (rounding is monotone, so a cost within the cap is never dropped;
-    above 2**53 a cost just over it can round onto it, which :func:`search` re-checks on
-    the exact records)."""
+    is exact below 2**53. Above, the float costs are sums of rounded products, off by a
+    few units in the last place either way: the cap gets a relative slack of 2**-40, so a
+    cost within it is never dropped, and :func:`search` re-checks the costs just over it
+    on the exact records."""
     whole = math.floor(cap)
-    return costs <= (float(whole) if whole < 2 ** 1000 else math.inf)
+    if whole >= 2 ** 1000:
+        return np.ones(costs.shape, dtype=bool)
+    return costs <= (float(whole) if whole < 2 ** 53 else float(whole) * (1 + 2.0 ** -40))
 
 
 def format_budget(amount: float) -> str:
