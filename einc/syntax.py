@@ -385,7 +385,9 @@ def _check_theta(s: Structure, spec):
     if not ok:
         fmt = lambda t: "(" + "|".join(str(v) for v in t) + ")"
         got = "no theta point" if read is None else f"{fmt(read[0])} or {fmt(read[1])}"
-        raise SizeError(f"theta {theta!r} does not match the structure's sizes, which read as "
+        shown = fmt(theta) if all(
+            isinstance(v, (int, float, Fraction)) for v in theta) else repr(theta)
+        raise SizeError(f"theta {shown} does not match the structure's sizes, which read as "
                         f"{got}: leave theta None to read it off", spec, s.input.pos)
 
 

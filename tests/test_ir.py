@@ -181,3 +181,8 @@ def test_a_theta_given_with_a_hand_built_structure_must_be_its_point():
         assert got == [float(t) for t in theta]
     typed = parse("(0|1/4|3/4|3/4|0|1/4|0)")  # a redundant point, typed as such
     assert check(typed) is typed
+    # points whose second factor is empty lower to one factor (dense): still their own point
+    for spec in ("(1|0|0|1|0|0|0)", "(0|1|0|0|1|0|0)"):
+        s = parse(spec)
+        assert len(s.factors) == 1 and check(s) is s
+        assert einc.compile(spec, 16).lowered.params == 256

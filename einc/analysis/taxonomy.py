@@ -32,7 +32,7 @@ def theta_of(s: Structure):
     redundant; where both orders are as cheap, the larger tuple. A theta typed as such keeps
     its orientation and may be redundant.
     """
-    read = read_theta(s)
+    read = read_theta(s) if len(s.factors) == 2 else None
     if read is None:
         return None
     theta, swapped = read
@@ -46,14 +46,16 @@ def theta_of(s: Structure):
 
 def read_theta(s: Structure):
     """(theta with the spec's first factor as A, theta with its second as A), or None where
-    the structure is no theta point (see :func:`theta_of`)."""
-    if len(s.factors) != 2 or s.moe is not None:
+    the structure is no theta point (see :func:`theta_of`). One factor reads as A with an
+    empty B: the structure a theta point with beta = epsilon = gamma = phi = rho = 0 lowers
+    to (dense, (1|0|0|1|0|0|0))."""
+    if len(s.factors) not in (1, 2) or s.moe is not None:
         return None
     sizes = s.sizes
     if all(sz.is_const for sz in sizes.values()) or any(sz.exponent() < 0
                                                         for sz in sizes.values()):
         return None
-    a_name, b_name = (f.name for f in s.factors)
+    a_name = s.factors[0].name
     theta = [Fraction(0)] * 7
     for name in s.index_names:
         cls = s.index_class(name)
