@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -69,6 +70,8 @@ def command(register):
 def main(argv=None) -> int:
     from . import _commands  # noqa: F401  (registers the sub-commands of later stages)
 
+    if sys.stdout is None:  # started with stdout closed (`einc ... >&-`)
+        sys.stdout = _ClosedStdout()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):  # no sub-command: a usage error, as argparse's own
@@ -90,8 +93,24 @@ def main(argv=None) -> int:
         return 0
     except OSError as e:  # e.g. writing the result to a full disk
         _drop_stdout()
-        print(f"einc: {e}", file=sys.stderr)
+        what = f"cannot write to standard output: {e.strerror or e}" if e.filename is None \
+            else str(e)
+        print(f"einc: {what}", file=sys.stderr)
         return 1
+
+
+class _ClosedStdout:
+    """sys.stdout when the process started without one: a write is an OSError, reported
+    as any failed write of the output is."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "it is closed")
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        raise OSError(errno.EBADF, "it is closed")
 
 
 def _drop_stdout() -> None:

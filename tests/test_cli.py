@@ -119,7 +119,27 @@ def test_an_unwritable_stdout_is_an_error_without_traceback():
         r = subprocess.run([sys.executable, "-m", "einc", "analyze", "btt", "--d", "1024"],
                            stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.startswith("einc: ") and "No space left" in r.stderr
+    assert r.stderr.startswith("einc: cannot write to standard output: No space left")
+
+
+@pytest.mark.parametrize("args", [["analyze", "btt", "--d", "64"], ["search", "--d", "16"],
+                                  ["compile", "btt", "--d", "16"]])
+def test_a_closed_stdout_is_an_error_without_traceback(args):
+    """`einc ... >&-`: Python starts with sys.stdout None, and the final flush raised an
+    AttributeError with a traceback."""
+    r = subprocess.run([sys.executable, "-m", "einc", *args], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, env=repo_env(), timeout=120,
+                       preexec_fn=lambda: os.close(1))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == "einc: cannot write to standard output: it is closed"
+
+
+def test_compile_to_a_file_needs_no_stdout(tmp_path):
+    out = tmp_path / "layer.py"
+    r = subprocess.run([sys.executable, "-m", "einc", "compile", "btt", "--d", "16", "-o",
+                        str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True, env=repo_env(), timeout=120, preexec_fn=lambda: os.close(1))
+    assert r.returncode == 0 and out.exists(), r.stderr
 
 
 @pytest.mark.parametrize("command", [["analyze", "btt"], ["compile", "btt"], ["search"]])

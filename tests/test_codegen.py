@@ -269,7 +269,8 @@ def test_compile_cli_reports_a_failed_stdout_write():
     with open("/dev/full", "w") as full:
         out = subprocess.run([sys.executable, "-m", "einc", "compile", "btt", "--d", "64"],
                              stdout=full, stderr=subprocess.PIPE, text=True)
-    assert out.returncode == 2 and "cannot write to standard output" in out.stderr
+    # as for analyze and search: an I/O failure (1), not a usage error (2)
+    assert out.returncode == 1 and "cannot write to standard output" in out.stderr
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr
 
 

@@ -60,7 +60,7 @@ def _write_stdout(text: str) -> None:
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
-    except OSError as e:
+    except OSError:
         # The unwritten text stays buffered and the interpreter's final flush would fail
         # again, with a traceback-like message: let that flush go to the null device.
         try:
@@ -69,9 +69,7 @@ def _write_stdout(text: str) -> None:
             os.close(null)
         except (OSError, ValueError):
             pass
-        if isinstance(e, BrokenPipeError):  # `einc compile ... | head`: not an error
-            raise
-        raise CompileError(f"cannot write to standard output: {e.strerror or e}") from None
+        raise  # reported by einc.cli.main, as for every command (`| head`: not an error)
 
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
