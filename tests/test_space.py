@@ -708,3 +708,14 @@ def test_rows_are_in_exact_order_above_2_53(kw):
         top = einc.search(d=2 ** 32, max_flops="none", sort="params-per-flop", top=n,
                           progress=False, **kw)
         assert [r["spec"] for r in top] == [r["spec"] for r in rows[:n]]
+
+
+def test_the_pad_column_never_shows_0_percent_for_a_padded_layer(capsys):
+    """(7/12|0|5/12|0|5/12|7/12|0) at d = 1024 pads 1024 to 1026: the table said 0%."""
+    from einc.space.rank import _percent
+
+    assert [_percent(p) for p in (0, 0.0002, 0.002, 0.05, 0.1, 0.15)] == \
+        ["0%", "<0.1%", "0.2%", "5.0%", "10%", "15%"]
+    rc, out, _ = _main(capsys, "--d", "1024", "--top", "3")
+    row = next(line for line in out.splitlines() if "(7/12|0|5/12|0|5/12|7/12|0)" in line)
+    assert rc == 0 and " 0.2% " in row

@@ -514,7 +514,7 @@ def table(result: SearchResult) -> str:
         row = [str(i), r["name"] or "", _fmt_exp(r["omega"]), _fmt_exp(r["psi"]),
                _fmt_exp(r["nu"]), f"{r['rank_bound']:,}", f"{r['params']:,}",
                f"{r['params'] / dense_p:.3g}",
-               f"{r['flops']:,}", f"{r['flops'] / dense_f:.3g}", f"{pad:.0%}", rules]
+               f"{r['flops']:,}", f"{r['flops'] / dense_f:.3g}", _percent(pad), rules]
         if measured:
             row.append(f"{r['measured_ms']:.3g}" if r.get("measured_ms") is not None else "-")
         row.append(short_form(r))
@@ -534,6 +534,14 @@ def table(result: SearchResult) -> str:
 
 def _fmt_exp(v) -> str:
     return _frac(Fraction(v).limit_denominator(1000)) if v is not None else "-"
+
+
+def _percent(pad: float) -> str:
+    """Padding for the table: whole percents, but never 0% for a padded layer (1026 of
+    1024 is 0.2%)."""
+    if pad <= 0 or pad >= 0.095:
+        return f"{pad:.0%}"
+    return f"{pad:.1%}" if pad >= 0.001 else "<0.1%"
 
 
 CSV_FIELDS = ["rank", "name", "spec", "theta", "d_in", "d_out", "padded_in", "padded_out",
