@@ -277,8 +277,9 @@ def test_layer_api_and_shapes():
     assert m(x).shape == (2, 3, 22)
     assert m(torch.randn(30, dtype=DT)).shape == (22,)
     assert m(torch.randn(0, 30, dtype=DT)).shape == (0, 22)
-    with pytest.raises(ValueError):
-        BTTMoE(16, 16, cores=3)
+    for cores in (1, 26, 2.0):
+        with pytest.raises(einc.CompileError, match="cores must be"):
+            BTTMoE(16, 16, cores=cores)
     with pytest.raises(ValueError):
         BTTMoE(16, 16, experts=4, k=5)
     m2 = BTTMoE(12, 10, experts=3, k=1, input_sizes=(3, 4), output_sizes=(2, 5), bias=False)
@@ -1154,8 +1155,8 @@ def test_layer_widths_are_python_ints():
     assert m(torch.randn(2, 64)).shape == (2, 48)
 
 
-@pytest.mark.parametrize("sizes,match", [((4, 4), "covers only 16 < 64"), ((8,), "two positive"),
-                                         ("88", "two positive"), ((8, 0), "two positive"),
+@pytest.mark.parametrize("sizes,match", [((4, 4), "covers only 16 < 64"), ((8,), "2 positive"),
+                                         ("88", "2 positive"), ((8, 0), "2 positive"),
                                          ((2.9, 40), "each of input_sizes must be an integer")])
 def test_layer_rejects_bad_core_sizes(sizes, match):
     with pytest.raises(einc.CompileError, match=match):
@@ -1752,9 +1753,13 @@ def test_bias_must_be_a_bool(bias):
         assert (einc.compile("btt", 16, bias=ok).bias is not None) is has
 
 
-def test_compiling_a_bttmoe_spec_with_other_cores_names_the_allowed_value():
-    with pytest.raises(einc.CompileError, match="support cores=2 only.*allowed: cores=2"):
-        einc.compile("bttmoe(experts=4, k=2, cores=3)", 64)
+def test_a_bttmoe_layer_is_built_only_from_the_presets_structure():
+    import dataclasses
+    s = einc.parse("bttmoe(experts=4, k=2)")
+    A, B = s.factors  # B's axes in another order: the same sizes, another structure
+    other = dataclasses.replace(s, factors=(A, dataclasses.replace(B, indices=("g", "f", "r", "e"))))
+    with pytest.raises(einc.CompileError, match=r"structure of the bttmoe preset.*bttmoe\(cores=2\)"):
+        einc.compile(other, 16)
 
 
 def test_nested_tensor_input_is_a_clear_error():

@@ -48,8 +48,9 @@ def _analysis(spec, d_in: int, d_out: int):
     return analyze(spec, d_in=d_in, d_out=d_out)
 
 
-def moe_spec(experts: int, k: int) -> str:
-    return f"bttmoe(experts={int(experts)},k={int(k)})"
+def moe_spec(experts: int, k: int, cores: int = 2) -> str:
+    more = f",cores={int(cores)}" if cores != 2 else ""
+    return f"bttmoe(experts={int(experts)},k={int(k)}{more})"
 
 
 def layer_flops(module: nn.Module):
@@ -62,7 +63,7 @@ def layer_flops(module: nn.Module):
         return module.spec, r.flops, r.flops_backward
     if isinstance(module, BTTMoE):  # its own sizes: the constructor may factor differently
         active = module.flops_per_token()  # than the analysis of the spec at these widths
-        return moe_spec(module.experts, module.k), active, 2 * active
+        return moe_spec(module.experts, module.k, module.cores), active, 2 * active
     counter = getattr(module, "flop_count", None)
     if callable(counter):  # a baseline that counts itself (FFMoE)
         fwd, bwd = counter()

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dispatch import _autocast_operands, _masked, _sparse, check_backend, route
+from .multicore import check_backend as check_cores_backend, layer_sizes, layout, near_factors
+from .multicore import run_cores
 from ..analysis.concrete import check_width
 from ..errors import CompileError, EincError, SizeError
 from ..runtime.fused import (allocating, autocasting, check_device, check_dtype, check_flag,
@@ -76,16 +78,17 @@ def _width(name: str, value) -> int:
     return check_width(value, name)
 
 
-def _sizes(name: str, given: Optional[Sequence[int]], n: int) -> Tuple[int, int]:
+def _sizes(name: str, given: Optional[Sequence[int]], n: int, cores: int) -> Tuple[int, ...]:
     if given is None:
-        return near_square_factors(n)
-    if isinstance(given, (str, bytes)) or not isinstance(given, Sequence) or len(given) != 2:
-        raise CompileError(f"{name} must be two positive integers (one per core), got {given!r}")
+        return near_square_factors(n) if cores == 2 else near_factors(n, cores)
+    what = f"{name} must be {cores} positive integers (one per core)"
+    if isinstance(given, (str, bytes)) or not isinstance(given, Sequence) or len(given) != cores:
+        raise CompileError(f"{what}, got {given!r}")
     sizes = tuple(_integer(f"each of {name}", s) for s in given)
     if min(sizes) < 1:
-        raise CompileError(f"{name} must be two positive integers (one per core), got {given!r}")
-    if sizes[0] * sizes[1] < n:
-        raise CompileError(f"{name}={sizes} covers only {sizes[0] * sizes[1]} < {n} features")
+        raise CompileError(f"{what}, got {given!r}")
+    if math.prod(sizes) < n:
+        raise CompileError(f"{name}={sizes} covers only {math.prod(sizes)} < {n} features")
     return sizes
 
 
@@ -251,13 +254,17 @@ class BTTMoE(nn.Module):
         experts: number of experts ``E`` (= BTT rank).
         k: experts per token; their gates are the softmax over the k selected logits, so
             at k = 1 the gate is 1 and the router learns only from ``aux_loss``.
-        cores: number of BTT cores; only 2 is supported.
+        cores: number of BTT cores, 2 (the default) to :data:`einc.presets.MAX_MOE_CORES`.
+            Two cores run on the backends below; three or more on plain torch ops
+            (:mod:`einc.moe.multicore`: ``auto`` and ``padded``).
         bias: add a learnable output bias (zero-initialised).
         input_sizes: ``(g, a)`` with ``g * a >= in_features``; the input is
             zero-padded to ``g * a`` and read as the row-major ``x[g, a]``.
-            Default: :func:`near_square_factors`.
+            Default: :func:`near_square_factors`. With ``c`` cores, ``c`` sizes of the
+            input indices ``i1 .. ic`` (default: :func:`einc.moe.multicore.near_factors`).
         output_sizes: ``(f, e)`` with ``f * e >= out_features``; padded
-            outputs are dropped.  Default: :func:`near_square_factors`.
+            outputs are dropped.  Default: :func:`near_square_factors`; ``c`` sizes
+            (``o1 .. oc``) with ``c`` cores.
         deterministic: bitwise repeatable results on every device (see
             :func:`einc.moe.btt_moe_sparse`); also the attribute ``deterministic``.
         backend: the sparse backend of :func:`einc.moe.btt_moe_sparse` (``"auto"``:
@@ -266,13 +273,16 @@ class BTTMoE(nn.Module):
     Parameters ``A`` (``(g, a, f, E)``) and ``B`` (``(f, g, E, e)``) are stored
     as permuted views of contiguous ``(g, E, a, f)`` and ``(f, E, g, e)``
     tensors, the layouts the expert kernels read; ``.shape`` is the
-    documented order.
+    documented order. With ``c >= 3`` cores the parameters are ``A, B, C, ...`` in the
+    axis order of :attr:`equation` (the ``bttmoe(cores=c)`` preset's), contiguous.
 
     Initialisation: ``A ~ N(0, 1/a)`` (fan-in of core A is ``a``) and
     ``B ~ N(0, k * a / in_features)`` (``= k / g`` without padding).  With the
     zero-initialised router every token gets ``k`` experts with gate ``1/k``,
     and the output variance is ``in_features * var(A) * var(B) / k`` times the
-    mean square input, i.e. output RMS = input RMS at init.  All tied logits
+    mean square input, i.e. output RMS = input RMS at init. With more cores every core
+    but the last has variance 1 / its fan-in (the input index it contracts) and the last
+    ``k * (product of the other fan-ins) / in_features``.  All tied logits
     route to experts ``0..k-1`` at init (lowest index wins ties); the router
     gradient (gates and load-balancing loss) breaks the tie.
     """
@@ -302,8 +312,9 @@ class BTTMoE(nn.Module):
         # the widths einc accepts everywhere (1 to 2^32), checked before any size search
         in_features, out_features = (_width(name, value) for name, value in (
             ("in_features", in_features), ("out_features", out_features)))
-        if cores != 2:
-            raise CompileError(f"BTTMoE supports cores=2 only (got cores={cores}); allowed: 2")
+        from ..presets import MAX_MOE_CORES
+        if not 2 <= cores <= MAX_MOE_CORES:
+            raise CompileError(f"cores must be in [2, {MAX_MOE_CORES}], got {cores}")
         if experts < 1:
             raise CompileError(f"experts must be >= 1, got {experts}")
         if not 1 <= k <= experts:
@@ -311,6 +322,8 @@ class BTTMoE(nn.Module):
         bias = check_flag("bias", bias)
         deterministic = check_flag("deterministic", deterministic)
         check_backend(backend)
+        if cores != 2:
+            check_cores_backend(backend, cores)
         check_dtype(dtype)
         device = check_device(device)
         factory = {"device": device, "dtype": dtype}
@@ -319,17 +332,24 @@ class BTTMoE(nn.Module):
         self.experts = experts
         self.k = k
         self.cores = cores
-        self.input_sizes = _sizes("input_sizes", input_sizes, in_features)
-        self.output_sizes = _sizes("output_sizes", output_sizes, out_features)
-        g, a = self.input_sizes
-        f, e = self.output_sizes
+        self.input_sizes = _sizes("input_sizes", input_sizes, in_features, cores)
+        self.output_sizes = _sizes("output_sizes", output_sizes, out_features, cores)
+        self._lay = lay = layout(cores)  # the cores' axes: an attribute, as torch.compile reads it
+        self.equation, self.expert_index = lay.equation, lay.expert_letter
         E = experts
-        numel = E * (g * a * f + f * g * e) + (in_features + 1) * E + out_features * bias
+        shapes = self._core_shapes()
+        numel = sum(map(math.prod, shapes.values())) + (in_features + 1) * E + out_features * bias
         with allocating(numel, dtype, device):
             self.router = Router(in_features, E, bias=True, **factory)
-            # expose (g, a, f, E) / (f, g, E, e); store (g, E, a, f) / (f, E, g, e)
-            self.A = nn.Parameter(torch.empty(g, E, a, f, **factory).permute(0, 2, 3, 1))
-            self.B = nn.Parameter(torch.empty(f, E, g, e, **factory).permute(0, 2, 1, 3))
+            if cores == 2:
+                g, a = self.input_sizes
+                f, e = self.output_sizes
+                # expose (g, a, f, E) / (f, g, E, e); store (g, E, a, f) / (f, E, g, e)
+                self.A = nn.Parameter(torch.empty(g, E, a, f, **factory).permute(0, 2, 3, 1))
+                self.B = nn.Parameter(torch.empty(f, E, g, e, **factory).permute(0, 2, 1, 3))
+            else:
+                for name, shape in shapes.items():
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
             if bias:
                 self.bias = nn.Parameter(torch.empty(out_features, **factory))
             else:
@@ -344,30 +364,51 @@ class BTTMoE(nn.Module):
         self.reset_parameters()
 
     # ------------------------------------------------------------------
+    def _layout(self):
+        return self._lay
+
+    def _sizes(self) -> dict:
+        """Every index's size, by the names of the ``bttmoe`` preset."""
+        return layer_sizes(self._layout(), self.input_sizes, self.output_sizes, self.experts)
+
+    def _core_shapes(self) -> dict:
+        """Each core's name and shape, in the axis order of :attr:`equation`."""
+        lay, sizes = self._layout(), self._sizes()
+        return {name: lay.core_shape(j, sizes) for j, name in enumerate(lay.names)}
+
+    def _fan_ins(self) -> List[int]:
+        """The size of the input index each core contracts (A: the last input index)."""
+        lay, sizes = self._layout(), self._sizes()
+        return [sizes[lay.consumed(j)] for j in range(lay.cores)]
+
     def reset_parameters(self) -> None:
-        g, a = self.input_sizes
+        fans = self._fan_ins()
         with torch.no_grad():
-            self.A.normal_(0.0, 1.0 / math.sqrt(a))
-            self.B.normal_(0.0, math.sqrt(self.k * a / self.in_features))
+            for core, fan in zip(self.factors()[:-1], fans):
+                core.normal_(0.0, 1.0 / math.sqrt(fan))
+            # the last core makes the output's variance the input's (see the docstring)
+            last = self.k * math.prod(fans[:-1]) / self.in_features
+            self.factors()[-1].normal_(0.0, math.sqrt(last))
             self.router.reset_parameters()
             if self.bias is not None:
                 self.bias.zero_()
 
     def factors(self) -> List[nn.Parameter]:
-        """The BTT cores ``[A, B]`` in the order of :attr:`equation`."""
-        return [self.A, self.B]
+        """The BTT cores (``[A, B]`` with two) in the order of :attr:`equation`."""
+        return [getattr(self, name) for name in self._layout().names]
 
     def lr_multipliers(self) -> dict:
         """Per-core Adam multipliers by the rule of StructuredLinear (d_in / own fan-in):
-        core A contracts ``a``, core B contracts ``g`` for each expert."""
-        g, a = self.input_sizes
-        return {"A": self.in_features / a, "B": self.in_features / g}
+        core A contracts ``a``, core B contracts ``g`` for each expert (with more cores,
+        each core its input index)."""
+        return {name: self.in_features / fan
+                for name, fan in zip(self._layout().names, self._fan_ins())}
 
     def flops_per_token(self) -> int:
-        """Forward FLOPs per token: the k active rank-1 BTTs plus the router."""
-        g, a = self.input_sizes
-        f, e = self.output_sizes
-        return 2 * self.k * (g * a * f + f * g * e) + 2 * self.in_features * self.experts
+        """Forward FLOPs per token: the k active rank-1 BTTs plus the router. A rank-1
+        core's step costs the product of its sizes without the expert index."""
+        per_expert = sum(math.prod(shape) for shape in self._core_shapes().values())
+        return 2 * self.k * per_expert // self.experts + 2 * self.in_features * self.experts
 
     # ------------------------------------------------------------------
     def _route(self, x2: Tensor) -> Tuple[Tensor, Tensor]:
@@ -412,6 +453,11 @@ class BTTMoE(nn.Module):
             state["_stats"] = self.router_stats()
         state["_routed"] = None
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_lay" not in self.__dict__:  # pickled before layers had more than two cores
+            self._lay = layout(self.__dict__.get("cores", 2))
 
     def _aux_alive(self) -> bool:
         """Whether ``aux_loss`` belongs in a training step's loss with its gradient: false
@@ -463,19 +509,28 @@ class BTTMoE(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         N = x2.shape[0]
-        g, a = self.input_sizes
-        f, e = self.output_sizes
-        E = self.experts
+        lay = self._layout()
         # a replaced core: named here (not as a wrongly shaped input), before routing
         # overwrites the last forward's aux loss and statistics
-        for name, p, want, idx in (("A", self.A, (g, a, f, E), "g a f r"),
-                                   ("B", self.B, (f, g, E, e), "f g r e")):
+        for (name, want), p, axes in zip(self._core_shapes().items(), self.factors(), lay.axes):
             if p.shape != want:
                 raise CompileError(f"core {name} of this BTT-MoE layer has shape "
-                                   f"{tuple(p.shape)}, expected {want} ({idx})")
+                                   f"{tuple(p.shape)}, expected {want} ({' '.join(axes)})")
+        if lay.cores != 2:
+            check_cores_backend(self.backend, lay.cores)
         expert_idx, gate = self._route(x2)
-        if g * a != self.in_features:
-            x2 = F.pad(x2, (0, g * a - self.in_features))
+        d_in = math.prod(self.input_sizes)
+        if d_in != self.in_features:
+            x2 = F.pad(x2, (0, d_in - self.in_features))
+        if lay.cores != 2:
+            y = run_cores(x2, self.factors(), lay, self._sizes(), expert_idx, gate,
+                          self.deterministic, masked)
+            y = y[:, : self.out_features]
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)  # autocast's dtype, as the experts ran
+            return y.reshape(*lead, self.out_features).contiguous()
+        g, a = self.input_sizes
+        f, e = self.output_sizes
         A, B, bias = self.A, self.B, self.bias
         if autocast:  # the experts run in autocast's dtype, as nn.Linear does
             x2, A, B, bias = _autocast_operands(x2, A, B, bias)
@@ -522,7 +577,9 @@ class BTTMoE(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"experts={self.experts}, k={self.k}, input_sizes={self.input_sizes}, "
+            f"experts={self.experts}, k={self.k}, "
+            + (f"cores={self.cores}, " if self.cores != 2 else "")
+            + f"input_sizes={self.input_sizes}, "
             f"output_sizes={self.output_sizes}, bias={self.bias is not None}, "
             f"equation='{self.equation}'"
             + (f", backend='{self.backend}'" if self.backend != "auto" else "")
@@ -537,6 +594,8 @@ def _keep_expert_major(module: "BTTMoE", incompatible_keys) -> None:
     keeps the current layout, which ``.to(memory_format=...)`` may have changed. The
     Parameter objects stay (only their data moves): an optimizer built before the load
     keeps training them."""
+    if module.cores != 2:  # stored in the documented order
+        return
     for name, to_storage in (("A", (0, 3, 1, 2)), ("B", (0, 2, 1, 3))):
         p = getattr(module, name)
         stored = p.permute(*to_storage)
@@ -552,14 +611,19 @@ def from_structure(s, d_in: int, d_out: int, bias: bool = True, device=None, dty
     from ..analysis import concretize
     from ..runtime.api import _check_options  # the one list of each layer's options
 
+    from ..presets import MAX_MOE_CORES
+
     _check_options(s, options)
-    if s.equation != BTTMoE.equation or s.moe.expert_index != BTTMoE.expert_index:
-        raise CompileError(f"BTT-MoE layers support cores=2 only ({BTTMoE.equation}); this "
-                           f"spec has {s.equation}: use bttmoe(cores=2); allowed: cores=2")
+    c = len(s.factors)
+    lay = layout(c) if 2 <= c <= MAX_MOE_CORES else None
+    if lay is None or s.equation != lay.equation or s.moe.expert_index != lay.expert:
+        raise CompileError(f"a BTT-MoE layer is the structure of the bttmoe preset "
+                           f"(with {c} cores: bttmoe(cores={c})); this spec has {s.equation}")
     sizes = concretize(s, d_in, d_out, tolerance).sizes
-    return BTTMoE(d_in, d_out, experts=sizes["r"], k=s.moe.k, bias=bias, device=device,
-                  dtype=dtype, input_sizes=(sizes["g"], sizes["a"]),
-                  output_sizes=(sizes["f"], sizes["e"]), **options)
+    return BTTMoE(d_in, d_out, experts=sizes[lay.expert], k=s.moe.k, cores=c, bias=bias,
+                  device=device, dtype=dtype,
+                  input_sizes=tuple(sizes[i] for i in lay.inputs),
+                  output_sizes=tuple(sizes[o] for o in lay.outputs), **options)
 
 
 def moe_aux_loss(model: nn.Module) -> Tensor:
