@@ -12,12 +12,15 @@ import string
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
-from .errors import Pos, StructureError
+from .errors import EincError, Pos, StructureError
 from .sizes import Size
 
 #: The most indices a structure may have: torch.einsum names each index with one of the 52
 #: ASCII letters, and einc keeps one letter free for the batch (token) index.
 MAX_INDICES = len(string.ascii_letters) - 1
+
+#: the labels of the input and the output in :meth:`Structure.index_class`
+INPUT, OUTPUT = "<x>", "<y>"
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,13 @@ class Structure:
         return {ix.name: int(ix.size.coeff) for ix in self.indices}
 
     def index_class(self, name: str) -> frozenset[str]:
-        """The operands an index joins: 'x' for the input, factor names, 'y' for the output."""
+        """The operands an index joins: :data:`INPUT` for the input, factor names,
+        :data:`OUTPUT` for the output (labels no name can be: a factor may be named x or y)."""
         roles = set()
         if name in self.input.indices:
-            roles.add("x")
+            roles.add(INPUT)
         if name in self.output.indices:
-            roles.add("y")
+            roles.add(OUTPUT)
         roles.update(f.name for f in self.factors if name in f.indices)
         return frozenset(roles)
 
@@ -117,7 +121,13 @@ class Structure:
         return ",".join(term(op) for op in (self.input, *self.factors)) + "->" + term(self.output)
 
     def spec_text(self) -> str:
-        """A spec in the named form that parses back to an equal structure."""
+        """A spec in the named form that parses back to an equal structure. Expert routing
+        has no named form: a BTT-MoE structure is spelled as its ``bttmoe(...)`` preset
+        when it is one, otherwise as its einsum without the routing."""
+        if self.moe is not None:
+            preset = self._moe_preset()
+            if preset is not None:
+                return preset
         ops = " ".join(f"{op.name}[{' '.join(op.indices)}]" for op in (self.input, *self.factors))
         names = {ix.name for ix in self.indices}
 
@@ -129,6 +139,17 @@ class Structure:
 
         sizes = ", ".join(f"{ix.name} = {size_text(ix.size)}" for ix in self.indices)
         return f"{ops} -> {self.output.name}[{' '.join(self.output.indices)}] with {sizes}"
+
+    def _moe_preset(self) -> str | None:
+        size = self.sizes.get(self.moe.expert_index)
+        if size is None or not size.is_const:
+            return None
+        text = f"bttmoe(experts={int(size.coeff)}, k={self.moe.k}, cores={len(self.factors)})"
+        from .syntax import parse  # the preset's structure, to compare with
+        try:
+            return text if parse(text) == self else None
+        except EincError:  # not a preset's parameters
+            return None
 
     def with_sizes(self, sizes: dict[str, int]) -> "Structure":
         """The same structure with every index given a concrete integer size."""

@@ -5,7 +5,7 @@ import pytest
 
 import einc
 from einc import SizeError, SpecTypeError, StructureError
-from einc.ir import MAX_INDICES, Index, Operand, Structure, canonical_form
+from einc.ir import INPUT, MAX_INDICES, Index, Operand, Structure, canonical_form
 from einc.sizes import Size
 from einc.syntax import check, parse
 
@@ -85,7 +85,7 @@ def test_spellings():
     assert s.equation == "ab,abcd,cade->ce"
     assert parse(s.spec_text()) == s
     assert s.index_class("r") == frozenset({"W1", "W2"})
-    assert s.index_class("blk") == frozenset({"x", "W1", "W2"})
+    assert s.index_class("blk") == frozenset({INPUT, "W1", "W2"})
     conc = s.with_sizes({"blk": 4, "a": 4, "o": 8, "r": 2, "b": 8})
     assert conc.is_concrete and conc.concrete_sizes()["o"] == 8
     assert conc != s
@@ -186,3 +186,24 @@ def test_a_theta_given_with_a_hand_built_structure_must_be_its_point():
         s = parse(spec)
         assert len(s.factors) == 1 and check(s) is s
         assert einc.compile(spec, 16).lowered.params == 256
+
+
+def test_factors_named_x_or_y_are_factors():
+    """index_class labels the input and output apart from every name: a factor may be named
+    x or y when the input and output are not (the theta point, the paper's rules and the
+    search's canonical graph read those labels)."""
+    from einc.space.canonical import graph_hash, structure_graph
+
+    for names in (("y", "B"), ("A", "x"), ("y", "x")):
+        spec = "inp[g a] {}[g a f] {}[f g e] -> out[f e] with g = a, f = e".format(*names)
+        s = parse(spec)
+        assert s.index_class("g") == frozenset({INPUT, *names})
+        r, want = einc.analyze(spec, d=1024), einc.analyze("btt", d=1024)
+        assert (r.theta, r.redundant, r.degenerate) == (want.theta, False, False)
+        assert graph_hash(structure_graph(s)) == graph_hash(structure_graph(parse("btt")))
+
+
+def test_a_bttmoe_structure_is_spelled_as_its_preset():
+    for spec in ("bttmoe(experts=4, k=2)", "bttmoe(experts=3, k=3, cores=3)"):
+        s = parse(spec)
+        assert parse(s.spec_text()) == s

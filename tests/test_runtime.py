@@ -712,3 +712,11 @@ def test_structured_linear_keeps_the_checked_widths():
     m = einc.StructuredLinear(None, None, "x[i j] W[i j o] -> y[o] with i = 3, j = 5, o = 4")
     assert (m.in_features, m.out_features) == (15, 4)
     assert m(torch.randn(2, 15)).shape == (2, 4)
+
+
+def test_compile_takes_a_square_width_as_d_like_analyze():
+    m = einc.compile("btt", d=256)
+    assert (m.in_features, m.out_features) == (256, 256)
+    assert einc.compile("bttmoe(experts=4, k=2)", d=64).in_features == 64
+    with pytest.raises(einc.EincError, match="either d or d_in/d_out"):
+        einc.compile("btt", 256, d=256)

@@ -451,3 +451,19 @@ def test_roots_of_large_perfect_powers_stay_exact(expr):
     assert parse(f"ab,ar,rbo->o with a = b, r = {expr}").size("r").coeff == want
     a = parse("ab,abo->o with a = (2*65537^2*d_in)^(1/2), b = d_in^(1/2)/(2^(1/2)*65537)")
     assert a.size("a") == parse("ab,abo->o with a = 65537*(2*d_in)^(1/2)").size("a")
+
+
+@pytest.mark.parametrize("spec,equation", [
+    ("x[i] without[i o] -> y[o]", "i,io->o"),
+    ("x[within] W[within o] -> y[o] with within = 4, o = 2", "a,ab->b"),
+    ("x[i] with_w[i o] -> y[o] with i = 2", "i,io->o"),
+])
+def test_names_that_begin_with_the_keyword_are_names(spec, equation):
+    assert parse(spec).equation == equation
+
+
+@pytest.mark.parametrize("spec,bad", [("btt withr = 4", "withr"),
+                                      ("x[i] W[i o] -> y[o] withi = 4", "withi")])
+def test_the_keyword_glued_to_a_name_is_an_error(spec, bad):
+    with pytest.raises(SpecSyntaxError, match=f"unexpected '{bad}'"):
+        parse(spec)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from ..ir import Structure
+from ..ir import INPUT, OUTPUT, Structure
 
 #: index class (the operands it joins, A = the factor absorbed first) -> theta position
 _CLASS_POS = {frozenset("xA"): 0, frozenset("xB"): 1, frozenset("xAB"): 2,
@@ -59,8 +59,8 @@ def read_theta(s: Structure):
     theta = [Fraction(0)] * 7
     for name in s.index_names:
         cls = s.index_class(name)
-        key = frozenset("x" if c == "x" else "y" if c == "y" else "A" if c == a_name else "B"
-                        for c in cls)
+        key = frozenset("x" if c == INPUT else "y" if c == OUTPUT else "A" if c == a_name
+                        else "B" for c in cls)
         if key not in _CLASS_POS:
             return None
         theta[_CLASS_POS[key]] += sizes[name].exponent()

@@ -30,7 +30,7 @@ from fractions import Fraction
 import numpy as np
 import sympy
 
-from ..ir import Index, Operand, Structure
+from ..ir import INPUT, OUTPUT, Index, Operand, Structure
 from ..sizes import Size, ceil_int
 from . import path as _path
 from .concrete import DEFAULT_TOLERANCE, closest
@@ -274,9 +274,9 @@ def _cut_sets(s: Structure) -> tuple[tuple[str, ...], ...]:
             cut = []
             for c in s.index_names:
                 cls = s.index_class(c)
-                facs = cls - {"x", "y"}
-                src = "x" in cls or bool(facs & inside)
-                snk = "y" in cls or bool(facs - inside)
+                facs = cls - {INPUT, OUTPUT}
+                src = INPUT in cls or bool(facs & inside)
+                snk = OUTPUT in cls or bool(facs - inside)
                 if src and snk:
                     cut.append(c)
             cuts.add(tuple(cut))

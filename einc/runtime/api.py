@@ -18,14 +18,15 @@ from .module import StructuredLinear, _check_route
 
 
 def compile(spec, d_in: int | None = None, d_out: int | None = None, bias: bool = True,
-            device=None, dtype=None, **options) -> nn.Module:
+            device=None, dtype=None, *, d: int | None = None, **options) -> nn.Module:
     """The module for ``spec`` at the given widths: a StructuredLinear, or a BTTMoE for a
     spec with experts. ``d_out`` defaults to ``d_in``; both default to the spec's own sizes
-    when they are all numbers. Options: ``route`` and ``tolerance`` (StructuredLinear);
-    ``tolerance``, ``backend`` and ``deterministic`` (BTTMoE)."""
+    when they are all numbers; ``d`` is a square width, as in :func:`einc.analyze`.
+    Options: ``route`` and ``tolerance`` (StructuredLinear); ``tolerance``, ``backend``
+    and ``deterministic`` (BTTMoE)."""
     s = as_structure(spec)
     _check_options(s, options)
-    d_in, d_out = resolve_dims(s, None, d_in, d_out)
+    d_in, d_out = resolve_dims(s, d, d_in, d_out)
     if s.moe is not None:
         from ..moe import from_structure
         return from_structure(s, d_in, d_out, bias=bias, device=device, dtype=dtype, **options)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from ..ir import Structure
+from ..ir import INPUT, OUTPUT, Structure
 from ..sizes import Size
 
 _SWAP = {"d_in": "d_out", "d_out": "d_in"}
@@ -49,7 +49,7 @@ def structure_graph(s: Structure, transpose: bool = False) -> nx.Graph:
         node = ("C", k)
         g.add_node(node, label=str(size))
         for t in cls:
-            g.add_edge(node, t if t in ("x", "y") else ("F", t))
+            g.add_edge(node, {INPUT: "x", OUTPUT: "y"}.get(t, ("F", t)))
     return g
 
 

@@ -13,6 +13,7 @@ from fractions import Fraction
 import numpy as np
 
 from ..analysis.concrete import DEFAULT_TOLERANCE, check_tolerance, resolve_dims
+from ..ir import INPUT, OUTPUT
 from ..analysis.report import _frac, _num
 from ..analysis.taxonomy import closed_forms, theta_of
 from ..errors import EincError, SizeError, UnknownNameError
@@ -386,8 +387,8 @@ def _point_key(space: Space, pid: int, d_in: int, d_out: int, tolerance: float) 
     sizes, pin, pout = t.concrete_sizes(exps, d_in, d_out, tolerance)
     if (pin, pout) != (d_in, d_out):
         return None
-    items = [("x" in t.membership[c], "y" in t.membership[c],
-              frozenset(t.membership[c]) - {"x", "y"}, sizes[c])
+    items = [(INPUT in t.membership[c], OUTPUT in t.membership[c],
+              frozenset(t.membership[c]) - {INPUT, OUTPUT}, sizes[c])
              for c in t.classes if exps[c] > 0]
     return _canonical_key(items, list(t.factor_names), space.transpose)
 
