@@ -343,3 +343,13 @@ def test_compile_cli_leaves_a_read_only_file_alone(tmp_path, monkeypatch, capsys
     assert main(["compile", "btt", "--d", "64", "-o", str(target)]) == 2
     assert "the file is read-only" in capsys.readouterr().err
     assert target.read_text() == "kept" and [p.name for p in tmp_path.iterdir()] == ["layer.py"]
+
+
+@pytest.mark.parametrize("spec,name", [("btt(rank=2)", "BttLinear"),
+                                       ("btt(rank=3, cores=3)", "BttLinear"),
+                                       ("tt(rank=2,cores=3)", "TtLinear"),
+                                       ("ga,gafr,fgre->fe", "StructuredLinear"),
+                                       ("(0.5|0|0.5|0|0.5|0.5|0)", "StructuredLinear")])
+def test_default_class_name_follows_the_preset(spec, name):
+    from einc.codegen.cli import class_name_for
+    assert class_name_for(einc.parse(spec)) == name

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import stat
 import sys
 
@@ -22,11 +21,12 @@ def register(sub):
     p.set_defaults(run=_run)
 
 
-def class_name_for(spec: str) -> str:
-    """A CamelCase class name from the spec's leading word ('btt(rank=2)' -> BttLinear)."""
-    word = re.match(r"[A-Za-z][A-Za-z0-9]*", spec.strip())
-    base = word.group(0).capitalize() if word and "[" not in spec and "," not in spec.split(
-        "with")[0] else "Structured"
+def class_name_for(s) -> str:
+    """A CamelCase class name from the preset a structure came from ('btt(rank=2, cores=3)'
+    -> BttLinear); StructuredLinear for an einsum or a theta point."""
+    from ..presets import PRESETS
+
+    base = s.origin.capitalize() if s.origin in PRESETS else "Structured"
     return f"{base}Linear"
 
 
@@ -41,7 +41,7 @@ def _run(args) -> int:
                            "built in Python with einc.compile / einc.BTTMoE")
     d_in, d_out = resolve_dims(s, args.d, args.d_in, args.d_out)
     low = lower(s, d_in, d_out, args.tolerance)
-    name = class_name_for(args.spec) if args.class_name is None else args.class_name
+    name = class_name_for(s) if args.class_name is None else args.class_name
     check_class_name(low, name, "--class-name")
     text = module_source(low, name, args.spec)
     if args.output == "":
