@@ -348,7 +348,7 @@ def test_compile_cli_leaves_a_read_only_file_alone(tmp_path, monkeypatch, capsys
 @pytest.mark.parametrize("spec,name", [("btt(rank=2)", "BttLinear"),
                                        ("btt(rank=3, cores=3)", "BttLinear"),
                                        ("tt(rank=2,cores=3)", "TtLinear"),
-                                       ("ga,gafr,fgre->fe", "StructuredLinear"),
+                                       ("ga,gafr,fgre->fe with g = a, f = e, r = 2", "StructuredLinear"),
                                        ("(0.5|0|0.5|0|0.5|0.5|0)", "StructuredLinear")])
 def test_default_class_name_follows_the_preset(spec, name):
     from einc.codegen.cli import class_name_for
