@@ -78,16 +78,22 @@ def _spare_letter(lay: Layout) -> str:
 def masked_cores(x: Tensor, cores: Sequence[Tensor], lay: Layout, sizes: dict,
                  expert_idx: Tensor, gate: Tensor) -> Tensor:
     """Every expert on every token, then gated: ``x`` (N, prod inputs) -> (N, prod outputs).
-    The gates enter as one more factor on the expert index, so the contraction order is
-    torch.einsum's (opt_einsum's when installed)."""
+    The cores run one by one, as the BTT chain, with the expert index kept until the gates
+    sum over it: two-operand einsums (with more, torch.einsum asks opt_einsum for a path,
+    which reads the batch size and so fixes it in an export)."""
     m, n = lay.letters, _spare_letter(lay)
-    E = sizes[lay.expert]
-    term = lambda idx: "".join(m[i] for i in idx)
-    eq = (f"{n}{term(lay.inputs)}," + ",".join(term(a) for a in lay.axes)
-          + f",{n}{m[lay.expert]}->{n}{term(lay.outputs)}")
+    r = m[lay.expert]
     N = x.shape[0]
-    G = dense_gates(expert_idx, gate.to(x.dtype), E)
-    y = torch.einsum(eq, x.reshape(N, *(sizes[i] for i in lay.inputs)), *cores, G)
+    z = x.reshape(N, *(sizes[i] for i in lay.inputs))
+    held = list(lay.inputs)
+    for j, (core, axes) in enumerate(zip(cores, lay.axes)):
+        after = [i for i in axes if i != lay.consumed(j)]  # the expert index stays
+        z = torch.einsum(f"{n}{''.join(m[i] for i in held)},{''.join(m[i] for i in axes)}"
+                         f"->{n}{''.join(m[i] for i in after)}", z, core)
+        held = after
+    G = dense_gates(expert_idx, gate.to(x.dtype), sizes[lay.expert])
+    y = torch.einsum(f"{n}{''.join(m[i] for i in held)},{n}{r}->{n}"
+                     f"{''.join(m[i] for i in lay.outputs)}", z, G)
     return y.reshape(N, math.prod(sizes[o] for o in lay.outputs))
 
 
