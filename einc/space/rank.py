@@ -327,7 +327,7 @@ def search(d=None, *, d_in=None, d_out=None, factors: int = 2, k: int = 12,
             if cheap is not None and cheap > sorted(keys)[top - 1]:
                 continue  # exactly after the top rows
         pid = int(cands.ids[i])
-        # the same layer and the same counted cost (see layer_key); a padded one is its own
+        # the same layer and the same counted cost (see layer_key)
         layer = _point_key(space, pid, din, dout, tolerance) if distinct else None
         if layer is not None:
             key = (layer, cands.flops[i])
@@ -367,15 +367,18 @@ def layer_key(rec: dict, transpose: bool = False) -> tuple:
     its input and output features. The search also compares FLOPs: a step summing over
     a size-1 index only is counted as multiply-adds (as opt_einsum counts), the same step
     without that index as products, so such a pair is listed twice, the cheaper count
-    never hidden behind the dearer. None for a padded layer: the module crops the first
-    d_in inputs (d_out outputs) in the written index order, so two such points with equal
-    products can drop different slices (ranks 42 and 44 at d = 50) and are never merged."""
-    if (rec["padded_in"], rec["padded_out"]) != (rec["d_in"], rec["d_out"]):
-        return None
+    never hidden behind the dearer. A padded layer keeps the first d_in inputs (d_out
+    outputs) in the written index order, so there the input's and the output's indices
+    count in that order (two points with equal products can drop different slices: ranks
+    42 and 44 at d = 50); padded points with the same ordered sizes are the same layer."""
     factors = rec["factors"]
-    return _canonical_key([(ix in rec["input"], ix in rec["output"],
-                            frozenset(f for f in factors if ix in factors[f]), size)
-                           for ix, size in rec["sizes"].items()], list(factors), transpose)
+    padded = (rec["padded_in"], rec["padded_out"]) != (rec["d_in"], rec["d_out"])
+    items = [(ix in rec["input"], ix in rec["output"],
+              frozenset(f for f in factors if ix in factors[f]), size)
+             for ix, size in rec["sizes"].items()]
+    position = {ix: n for n, ix in enumerate([*rec["input"], *rec["output"]])}
+    order = [position.get(ix) for ix in rec["sizes"]] if padded else None
+    return _canonical_key(items, list(factors), transpose, order)
 
 
 def _point_key(space: Space, pid: int, d_in: int, d_out: int, tolerance: float) -> tuple:
@@ -385,31 +388,56 @@ def _point_key(space: Space, pid: int, d_in: int, d_out: int, tolerance: float) 
     ix, iy, ir = (int(v[0]) for v in space.split(np.array([pid])))
     exps = space.point_exponents(ix, iy, ir)
     sizes, pin, pout = t.concrete_sizes(exps, d_in, d_out, tolerance)
-    if (pin, pout) != (d_in, d_out):
-        return None
+    classes = [c for c in t.classes if exps[c] > 0]
     items = [(INPUT in t.membership[c], OUTPUT in t.membership[c],
-              frozenset(t.membership[c]) - {INPUT, OUTPUT}, sizes[c])
-             for c in t.classes if exps[c] > 0]
-    return _canonical_key(items, list(t.factor_names), space.transpose)
+              frozenset(t.membership[c]) - {INPUT, OUTPUT}, sizes[c]) for c in classes]
+    s = t.structure
+    position = {c: n for n, c in enumerate([*s.input.indices, *s.output.indices])}
+    order = [position.get(c) for c in classes] if (pin, pout) != (d_in, d_out) else None
+    return _canonical_key(items, list(t.factor_names), space.transpose, order)
 
 
-def _canonical_key(items, factor_names, transpose: bool) -> tuple:
+def _canonical_key(items, factor_names, transpose: bool, order=None) -> tuple:
     """items: (in the input, in the output, the factors it joins, size) per index. Indices
     of size 1 are left out, and so are factors left without an index (a point without
-    its B, or with a B of size 1, is the same layer)."""
-    items = [it for it in items if it[3] != 1]
+    its B, or with a B of size 1, is the same layer). ``order``, for a padded layer: each
+    index's place in the input or output (None for the others); there the input's and
+    output's indices stay a sequence, neighbours joining the same operands merged (they
+    flatten as one index of their product)."""
+    keep = [n for n, it in enumerate(items) if it[3] != 1]
+    items = [items[n] for n in keep]
+    order = None if order is None else [order[n] for n in keep]
     factor_names = [f for f in factor_names if any(f in it[2] for it in items)]
     best = None
     for perm in itertools.permutations(factor_names):
         for flip in ((False, True) if transpose else (False,)):
             groups: dict = {}
-            for in_x, in_y, joins, size in items:
-                order = perm[::-1] if flip else perm
-                sig = ((in_y, in_x) if flip else (in_x, in_y), tuple(f in joins for f in order))
-                groups[sig] = groups.get(sig, 1) * size
+            ordered: list = []
+            for n, (in_x, in_y, joins, size) in enumerate(items):
+                names = perm[::-1] if flip else perm
+                sig = ((in_y, in_x) if flip else (in_x, in_y), tuple(f in joins for f in names))
+                if order is not None and order[n] is not None:
+                    ordered.append((order[n], sig, size))
+                else:
+                    groups[sig] = groups.get(sig, 1) * size
             key = tuple(sorted(groups.items()))
+            if order is not None:
+                key = (key, _sides(ordered, flip))
             best = key if best is None or key < best else best
     return best
+
+
+def _sides(ordered: list, flip: bool) -> tuple:
+    """The input's and the output's (signature, size) sequences in written order (output
+    first when flipped), neighbours with one signature merged."""
+    seqs = {True: [], False: []}
+    for _, sig, size in sorted(ordered, key=lambda o: o[0]):
+        seq = seqs[sig[0][0]]  # sig[0] = (in x, in y) after the flip
+        if seq and seq[-1][0] == sig:
+            seq[-1] = (sig, seq[-1][1] * size)
+        else:
+            seq.append((sig, size))
+    return tuple(seqs[True]), tuple(seqs[False])
 
 
 class _NoStructure:  # resolve_dims only consults the structure when widths are missing
