@@ -607,3 +607,24 @@ def test_an_empty_rank_cut_is_named():
     rep = analyze("b,h,b->h", d=16)
     assert rep.rank_bound == 1 and not rep.rank_cut
     assert re.search(r"^rank bound\s+1  \(an empty cut: no index joins x to y\)$", str(rep), re.M)
+
+
+@pytest.mark.parametrize("spec,d,given", [
+    ("btt(cores=4)", 512, "i1 = i2 = i3 = o1 = o2 = o3 = 4, i4 = o4 = 8"),
+    ("tt(rank=2, cores=4)", 64, "i1 = i2 = o1 = o2 = 2, i3 = i4 = o3 = o4 = 4"),
+])
+def test_a_padding_error_names_sizes_that_fit(spec, d, given):
+    """Rounding only down or up from d^(1/4) cannot fit 512 = 4 x 4 x 4 x 8: the error
+    names such sizes, and the spec with them compiles without padding."""
+    with pytest.raises(einc.SizeError) as err:
+        einc.analyze(spec, d=d)
+    msg = str(err.value)
+    assert "give its sizes" in msg and "0.0% padding of d_in" in msg
+    r = einc.analyze(f"{spec} with {given}", d=d)
+    assert (r.padded_in, r.padded_out) == (d, d)
+
+
+def test_near_factors_examples():
+    from einc.analysis.concrete import near_factors
+    assert near_factors(1024, 3) == (8, 8, 16) and near_factors(13, 1) == (13,)
+    assert near_factors(160, 4) == (3, 3, 3, 6)  # 2 x 4 x 4 x 5 spreads wider than 2x

@@ -129,13 +129,17 @@ def concretize(s: Structure, d_in: int, d_out: int,
     sizes = {ix.name: best[ix.name] for ix in s.indices}
     pin = _prod(sizes[i] for i in s.input.indices)
     pout = _prod(sizes[i] for i in s.output.indices)
-    for what, padded, d in (("d_in", pin, d_in), ("d_out", pout, d_out)):
-        if padded > d * (1 + tolerance) + 1e-9:
-            raise SizeError(
-                f"{what} = {d} needs {padded / d - 1:.1%} padding with this structure "
-                f"({_describe(s, sizes, what)} = {padded}), above the tolerance of "
-                f"{tolerance + 0.0:.0%}: choose a width that suits the structure or raise the tolerance",
-                s.source or None)
+    over = [(what, padded, d) for what, padded, d in (("d_in", pin, d_in), ("d_out", pout, d_out))
+            if padded > d * (1 + tolerance) + 1e-9]
+    if over:
+        what, padded, d = over[0]
+        fits = [_fitting(s, sizes, real, w, n, tolerance) for w, _, n in over]
+        hint = f", give its sizes ({'; '.join(fits)})" if all(fits) else ""
+        raise SizeError(
+            f"{what} = {d} needs {padded / d - 1:.1%} padding with this structure "
+            f"({_describe(s, sizes, what)} = {padded}), above the tolerance of "
+            f"{tolerance + 0.0:.0%}: choose a width that suits the structure{hint} or raise "
+            f"the tolerance", s.source or None)
     return Concrete(sizes, d_in, d_out, pin, pout)
 
 
@@ -252,6 +256,62 @@ def _shortfall(s, fixed, free, d_in, d_out) -> str:
     return "no integer sizes fit d_in and d_out"  # pragma: no cover
 
 
+def _fitting(s, sizes, real, what, d, tolerance) -> str:
+    """Sizes of the side's growing indices that fit ``d`` within the tolerance (rounding
+    only down or up from d^(1/c) misses 512 = 4 x 4 x 4 x 8 for four cores), for the error
+    message; empty when there are none."""
+    op = s.input if what == "d_in" else s.output
+    names = sorted((i for i in op.indices if not s.size(i).is_const), key=lambda i: real[i])
+    fixed = _prod(sizes[i] for i in op.indices if s.size(i).is_const)
+    if not names:
+        return ""
+    fit = near_factors(-(-d // fixed), len(names))
+    padded = fixed * _prod(fit)
+    if padded > d * (1 + tolerance) + 1e-9:
+        return ""
+    given = ", ".join(f"{i} = {n}" for i, n in zip(names, fit))
+    return f"`{given}`: {padded / d - 1:.1%} padding of {what}"
+
+
 def _describe(s, sizes, what) -> str:
     op = s.input if what == "d_in" else s.output
     return " x ".join(f"{i}={sizes[i]}" for i in op.indices)
+
+
+def _iroot_ceil(n: int, c: int) -> int:
+    """The least s with s ** c >= n."""
+    s = max(1, int(round(n ** (1.0 / c))))
+    while s ** c < n:
+        s += 1
+    while s > 1 and (s - 1) ** c >= n:
+        s -= 1
+    return s
+
+
+def near_factors(n: int, c: int, max_ratio: float = 2.0) -> tuple[int, ...]:
+    """``c`` non-decreasing sizes whose product is at least ``n``, as even as possible: the
+    least padding among tuples whose largest size is at most ``max_ratio`` times the
+    smallest, ties going to the more even tuple. ``(s,) * c`` with ``s = ceil(n^(1/c))`` is
+    always a candidate. Examples: 1024 at c = 3 -> (8, 8, 16); 1000 -> (10, 10, 10)."""
+    if c == 1:
+        return (n,)
+    s = _iroot_ceil(n, c)
+    best = [(s ** c - n, 0, (s,) * c)]
+    low = _iroot_ceil(max(1, int(n / max_ratio ** (c - 1))), c)
+
+    def extend(prefix: tuple, product: int, lo: int, hi: int) -> None:
+        left = c - len(prefix)
+        if left == 1:
+            q = max(lo, -(-n // product))
+            if q <= hi:
+                best[0] = min(best[0], (product * q - n, q - prefix[0], prefix + (q,)))
+            return
+        for p in range(lo, hi + 1):
+            # every later size is >= p: the product only grows from here
+            if product * p ** left - n > best[0][0]:
+                break
+            extend(prefix + (p,), product * p, p, hi)
+
+    for p1 in range(max(1, low - 1), s + 1):
+        extend((p1,), p1, p1, int(max_ratio * p1))
+    return best[0][2]

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..analysis.concrete import near_factors  # noqa: F401  (the layer's default sizes)
 from .dispatch import dense_gates
 
 
@@ -203,40 +204,3 @@ def _sparse_eager(x, cores, lay, sizes, expert_idx, gate, deterministic):
     if torch.compiler.is_compiling() or fake(x, *cores):  # where disable() does not apply
         return masked_cores(x, cores, lay, sizes, expert_idx, gate)
     return sparse_cores(x, cores, lay, sizes, expert_idx, gate, deterministic)
-
-
-def _iroot_ceil(n: int, c: int) -> int:
-    """The least s with s ** c >= n."""
-    s = max(1, int(round(n ** (1.0 / c))))
-    while s ** c < n:
-        s += 1
-    while s > 1 and (s - 1) ** c >= n:
-        s -= 1
-    return s
-
-
-def near_factors(n: int, c: int, max_ratio: float = 2.0) -> tuple[int, ...]:
-    """``c`` non-decreasing sizes whose product is at least ``n``, as even as possible: the
-    least padding among tuples whose largest size is at most ``max_ratio`` times the
-    smallest, ties going to the more even tuple. ``(s,) * c`` with ``s = ceil(n^(1/c))`` is
-    always a candidate. Examples: 1024 at c = 3 -> (8, 8, 16); 1000 -> (10, 10, 10)."""
-    s = _iroot_ceil(n, c)
-    best = [(s ** c - n, 0, (s,) * c)]
-    low = _iroot_ceil(max(1, int(n / max_ratio ** (c - 1))), c)
-
-    def extend(prefix: tuple, product: int, lo: int, hi: int) -> None:
-        left = c - len(prefix)
-        if left == 1:
-            q = max(lo, -(-n // product))
-            if q <= hi:
-                best[0] = min(best[0], (product * q - n, q - prefix[0], prefix + (q,)))
-            return
-        for p in range(lo, hi + 1):
-            # every later size is >= p: the product only grows from here
-            if product * p ** left - n > best[0][0]:
-                break
-            extend(prefix + (p,), product * p, p, hi)
-
-    for p1 in range(max(1, low - 1), s + 1):
-        extend((p1,), p1, p1, int(max_ratio * p1))
-    return best[0][2]
