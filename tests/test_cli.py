@@ -28,6 +28,8 @@ def test_no_sub_command_is_a_usage_error():
     """It printed the help and exited 0, so a script that lost its sub-command passed."""
     r = einc()
     assert r.returncode == 2 and r.stdout == "" and "usage: einc" in r.stderr
+    r = einc("experiment")  # its own sub-command missing: the same
+    assert r.returncode == 2 and r.stdout == "" and "usage: einc experiment" in r.stderr
 
 
 def test_analyze_table():

@@ -117,7 +117,13 @@ def _register(sub):
                    "(default: drawn on a terminal)")
     add_training_arguments(s)
     s.set_defaults(run=_scaling)
-    p.set_defaults(run=lambda args: p.print_help() or 0)
+    p.set_defaults(run=lambda args: _no_experiment(p))
+
+
+def _no_experiment(parser) -> int:
+    """``einc experiment`` without one: a usage error, as ``einc`` without a command."""
+    parser.print_help(sys.stderr)
+    return 2
 
 
 def _scaling(args) -> int:
