@@ -96,10 +96,12 @@ CASES = [  # cores, d_in, d_out, experts, k, tokens
 
 
 @pytest.mark.parametrize("c,d_in,d_out,E,k,N", CASES)
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("deterministic,backend", [(False, "chunked"), (True, "chunked"),
+                                                   (False, "padded"), (True, "padded")])
 def test_sparse_and_masked_equal_the_reference_with_all_gradients(c, d_in, d_out, E, k, N,
-                                                                    deterministic):
-    m = _layer(c, d_in, d_out, E, k, bias=N % 2 == 1, deterministic=deterministic)
+                                                                    deterministic, backend):
+    m = _layer(c, d_in, d_out, E, k, bias=N % 2 == 1, deterministic=deterministic,
+               backend=backend)
     x = torch.randn(N, d_in, dtype=DT, requires_grad=True)
     params = [x, *m.parameters()]
     want = _reference(m, x)
@@ -174,8 +176,8 @@ def test_initial_output_rms_matches_the_input():
 
 
 def test_two_core_backends_are_refused_by_name():
-    with pytest.raises(einc.CompileError, match="cores=3 runs on: auto, padded"):
-        einc.BTTMoE(27, 27, experts=4, cores=3, backend="chunked")
+    with pytest.raises(einc.CompileError, match="cores=3 runs on: auto, chunked, padded"):
+        einc.BTTMoE(27, 27, experts=4, cores=3, backend="strided")
     m = einc.BTTMoE(27, 27, experts=4, cores=3, backend="padded")
     m.backend = "triton"
     with pytest.raises(einc.CompileError, match="two-core BTT-MoE layers only"):
@@ -244,3 +246,32 @@ def test_export_and_trace_compute_every_expert_for_any_batch():
     torch.testing.assert_close(ep.module()(x), _reference(m, x))
     traced = torch.jit.trace(m, (torch.randn(5, 27, dtype=DT),), check_trace=False)
     torch.testing.assert_close(traced(x), _reference(m, x))
+
+
+def test_chunks_of_a_few_slots_and_frozen_parts_give_the_reference():
+    """Chunks of 1-3 slots (each expert's run cut in many), a frozen core, a frozen input
+    and second derivatives (create_graph: plain ops) through the chunked backend."""
+    from einc.moe import route
+    from einc.moe.multicore import ChunkedCores, sparse_cores
+
+    m = _layer(3, 30, 20, 5, 2)
+    lay, sizes = layout(3), m._sizes()
+    x = torch.randn(17, math.prod(m.input_sizes), dtype=DT, requires_grad=True)
+    idx, gate = route(torch.randn(17, 5, dtype=DT, requires_grad=True), 2)
+    cores = [p.detach().clone().requires_grad_(j != 1) for j, p in enumerate(m.factors())]
+    want = sparse_cores(x, cores, lay, sizes, idx, gate, True)
+    w = torch.randn_like(want)
+    for chunk in (1, 3):
+        got = ChunkedCores.apply(x, idx, gate, lay, sizes, chunk, *cores)
+        torch.testing.assert_close(got, want)
+        live = [x, gate, cores[0], cores[2]]
+        for g, h in zip(torch.autograd.grad((got * w).sum(), live, retain_graph=True),
+                        torch.autograd.grad((want * w).sum(), live, retain_graph=True)):
+            torch.testing.assert_close(g, h)
+    assert torch.autograd.gradcheck(
+        lambda x, c0: ChunkedCores.apply(x, idx[:4], gate[:4].detach(), lay, sizes, 2, c0,
+                                         *cores[1:]),
+        (x[:4].detach().requires_grad_(), cores[0].detach().requires_grad_()))
+    assert torch.autograd.gradgradcheck(
+        lambda x: ChunkedCores.apply(x, idx[:4], gate[:4].detach(), lay, sizes, 2, *cores),
+        (x[:4].detach().requires_grad_(),))

@@ -524,7 +524,7 @@ class BTTMoE(nn.Module):
             x2 = F.pad(x2, (0, d_in - self.in_features))
         if lay.cores != 2:
             y = run_cores(x2, self.factors(), lay, self._sizes(), expert_idx, gate,
-                          self.deterministic, masked)
+                          self.deterministic, masked, self.backend)
             y = y[:, : self.out_features]
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)  # autocast's dtype, as the experts ran

@@ -6,11 +6,14 @@ outputs already produced and the inputs not yet consumed; the expert index joins
 The index names, the order of every core's axes and the equation all come from the
 ``bttmoe`` preset, so the layer computes exactly the structure the analysis reports.
 
-The sparse path sorts the ``N * k`` slots by expert into (expert, capacity) rows, the
-capacity being the largest expert load (one host sync), runs each core as one einsum with
-the expert as a batch index, and gathers every token's ``k`` rows back for a fixed-order
-gated sum. Padding rows read a zero row and are never gathered back; their cost is the
-layout's ``E * C / (N * k)`` (1 when the load is balanced).
+Two sparse paths, both sorting the ``N * k`` slots by expert: :class:`ChunkedCores` (the
+CPU's) cuts each expert's run into cache-sized chunks and runs each as a rank-1 BTT, one
+einsum per core on the expert's slice, with a hand-written backward;
+:func:`sparse_cores` (elsewhere, and under torch.func) lays the slots out as (expert,
+capacity) rows, the capacity being the largest expert load (one host sync), runs each core
+as one einsum with the expert as a batch index, and gathers every token's ``k`` rows back
+for a fixed-order gated sum. Its padding rows read a zero row and are never gathered back;
+their cost is the layout's ``E * C / (N * k)`` (1 when the load is balanced).
 """
 from __future__ import annotations
 
@@ -156,7 +159,7 @@ def sparse_cores(x: Tensor, cores: Sequence[Tensor], lay: Layout, sizes: dict,
 
 
 #: the backends a layer of three or more cores runs on (the others are two-core kernels)
-BACKENDS = ("auto", "padded")
+BACKENDS = ("auto", "chunked", "padded")
 
 
 def check_backend(backend: str, cores: int) -> None:
@@ -167,7 +170,8 @@ def check_backend(backend: str, cores: int) -> None:
 
 
 def run_cores(x: Tensor, cores: Sequence[Tensor], lay: Layout, sizes: dict,
-              expert_idx: Tensor, gate: Tensor, deterministic: bool, masked: bool) -> Tensor:
+              expert_idx: Tensor, gate: Tensor, deterministic: bool, masked: bool,
+              backend: str = "auto") -> Tensor:
     """The layer's experts on the routed rows ``x`` (N, prod inputs): masked (every
     expert) where asked, or where a dispatch cannot run (empty batch, tracing, export, vmap,
     meta or fake tensors: its sizes depend on the routing); otherwise sparse. Under autocast
@@ -179,28 +183,162 @@ def run_cores(x: Tensor, cores: Sequence[Tensor], lay: Layout, sizes: dict,
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             return _run(x.to(dt), [c.to(dt) for c in cores], lay, sizes, expert_idx, gate,
-                        deterministic, masked)
-    return _run(x, cores, lay, sizes, expert_idx, gate, deterministic, masked)
+                        deterministic, masked, backend)
+    return _run(x, cores, lay, sizes, expert_idx, gate, deterministic, masked, backend)
 
 
-def _run(x, cores, lay, sizes, expert_idx, gate, deterministic, masked):
+def _run(x, cores, lay, sizes, expert_idx, gate, deterministic, masked, backend):
     from ..runtime.fused import exporting, fake, vmapping
 
     if (masked or x.shape[0] == 0 or torch.jit.is_tracing() or exporting() or vmapping()
             or x.device.type == "meta"):
         return masked_cores(x, cores, lay, sizes, expert_idx, gate)
     if torch.compiler.is_compiling():
-        return _sparse_eager(x, cores, lay, sizes, expert_idx, gate, deterministic)
+        return _sparse_eager(x, cores, lay, sizes, expert_idx, gate, deterministic, backend)
     if fake(x, *cores):
         return masked_cores(x, cores, lay, sizes, expert_idx, gate)
-    return sparse_cores(x, cores, lay, sizes, expert_idx, gate, deterministic)
+    return _dispatch(x, cores, lay, sizes, expert_idx, gate, deterministic, backend)
 
 
 @torch.compiler.disable
-def _sparse_eager(x, cores, lay, sizes, expert_idx, gate, deterministic):
+def _sparse_eager(x, cores, lay, sizes, expert_idx, gate, deterministic, backend):
     """The dispatch between two compiled graphs: its capacity is a host sync."""
     from ..runtime.fused import fake
 
     if torch.compiler.is_compiling() or fake(x, *cores):  # where disable() does not apply
         return masked_cores(x, cores, lay, sizes, expert_idx, gate)
-    return sparse_cores(x, cores, lay, sizes, expert_idx, gate, deterministic)
+    return _dispatch(x, cores, lay, sizes, expert_idx, gate, deterministic, backend)
+
+
+def _dispatch(x, cores, lay, sizes, expert_idx, gate, deterministic, backend):
+    """chunked (CPU: the default there) or padded. torch.func transforms and forward-mode
+    AD take padded whatever was named: ChunkedCores supports neither."""
+    from .chunked import chunk_slots
+    from ..runtime.fused import dual, tracing
+
+    if tracing() or dual(x, gate, *cores) or backend == "padded" or (
+            backend == "auto" and x.device.type != "cpu"):
+        return sparse_cores(x, cores, lay, sizes, expert_idx, gate, deterministic)
+    held = [lay.inputs] + [[i for i in a if i not in (lay.consumed(j), lay.expert)]
+                           for j, a in enumerate(lay.axes)]
+    widest = max(math.prod(sizes[i] for i in h) for h in held)
+    return ChunkedCores.apply(x, expert_idx, gate, lay, sizes,
+                              chunk_slots(widest, x.element_size()), *cores)
+
+
+def _chain(lay: Layout):
+    """Per core: (its einsum on one expert's rows, its letters without the expert index,
+    the letters of its input and of its output); the rows' letter first."""
+    m, n = lay.letters, _spare_letter(lay)
+    word = lambda idx: "".join(m[i] for i in idx)
+    steps, held = [], list(lay.inputs)
+    for j, axes in enumerate(lay.axes):
+        own = [i for i in axes if i != lay.expert]
+        after = [i for i in own if i != lay.consumed(j)]
+        steps.append((f"{n}{word(held)},{word(own)}->{n}{word(after)}", word(own),
+                      n + word(held), n + word(after)))
+        held = after
+    return steps, n + word(lay.outputs)
+
+
+class ChunkedCores(torch.autograd.Function):
+    """CPU sparse BTT-MoE of any number of cores: the slots sorted by expert, each expert's
+    run in cache-sized chunks (as :mod:`einc.moe.chunked` for two cores), a chunk being one
+    rank-1 BTT on its gathered rows: one einsum per core on the expert's slice of it, the
+    gated rows added into y. Backward by hand, chunk by chunk: autograd's backward of a
+    chunk's gather fills a gradient of the whole input, for every chunk. Saved: the input of
+    every core but the first (re-gathered); the gate gradient is <input of the last core,
+    its ungated gradient> per slot. ``x`` (N, prod inputs); returns (N, prod outputs)."""
+
+    @staticmethod
+    def forward(ctx, x, expert_idx, gate, lay, sizes, chunk, *cores):
+        from .chunked import _chunks
+
+        N, k = expert_idx.shape
+        E = sizes[lay.expert]
+        flat = expert_idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = torch.div(order, k, rounding_mode="floor")
+        gates = gate.reshape(-1).index_select(0, order).to(x.dtype)
+        chunks = _chunks(torch.bincount(flat, minlength=E).tolist(), chunk)
+        steps, y_word = _chain(lay)
+        axis = [a.index(lay.expert) for a in lay.axes]
+        in_shape = [sizes[i] for i in lay.inputs]
+        width = math.prod(sizes[o] for o in lay.outputs)
+        y = x.new_zeros(N, width)
+        saved = []  # per chunk, the inputs of the cores after the first
+        for r, s0, s1 in chunks:
+            tok, n = token[s0:s1], s1 - s0
+            z = x.index_select(0, tok).view(n, *in_shape)
+            kept = []
+            for j, ((eq, _, _, out_word), core) in enumerate(zip(steps, cores)):
+                if j:
+                    kept.append(z)
+                # the expert's slice made contiguous: a strided one sent bmm to a loop of
+                # per-matrix copies (tens of thousands a step)
+                z = torch.einsum(eq, z, core.select(axis[j], r).contiguous())
+            # the last output's letters in y's order, gated, into y
+            rows = torch.einsum(f"{out_word}->{y_word}", z).reshape(n, width)
+            y.index_add_(0, tok, rows * gates[s0:s1, None])
+            saved += kept
+        ctx.plan = (lay, sizes, chunks, steps, y_word, axis, in_shape, k, len(cores))
+        ctx.save_for_backward(x, expert_idx, gate, order, token, gates, *cores, *saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ..runtime.fused import batched, regrad
+
+        x, expert_idx, gate, order, token, gates, *rest = ctx.saved_tensors
+        lay, sizes, chunks, steps, y_word, axis, in_shape, k, c = ctx.plan
+        cores, saved = rest[:c], rest[c:]
+        need_x, _, need_gate = ctx.needs_input_grad[:3]
+        need_cores = ctx.needs_input_grad[6:]
+        if torch.is_grad_enabled() or batched(dy):  # create_graph=True, or a batch of dy
+            plain = lambda x, gate, *cs: sparse_cores(x, cs, lay, sizes, expert_idx, gate,
+                                                      deterministic=True)
+            got = regrad(plain, [x, gate, *cores], [need_x, need_gate, *need_cores], dy)
+            return (got[0], None, got[1], None, None, None, *got[2:])
+        dy = dy.contiguous()
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        acc = torch.float32 if half else x.dtype  # core gradients sum over chunks
+        dx = torch.zeros_like(x) if need_x else None
+        dcores = [torch.zeros(c.shape, dtype=acc, device=c.device) if need else None
+                  for c, need in zip(cores, need_cores)]
+        dgate = x.new_empty(order.shape[0]) if need_gate else None
+        out_shape = [sizes[o] for o in lay.outputs]
+        for n_chunk, (r, s0, s1) in enumerate(chunks):
+            kept = saved[n_chunk * (c - 1):(n_chunk + 1) * (c - 1)]
+            tok, n = token[s0:s1], s1 - s0
+            inputs = [x.index_select(0, tok).view(n, *in_shape)] if need_cores[0] else [None]
+            inputs += list(kept)
+            g = dy.index_select(0, tok).view(n, *out_shape)
+            last = len(steps) - 1
+            for j in range(last, -1, -1):
+                eq, own, in_word, out_word = steps[j]
+                w = cores[j].select(axis[j], r).contiguous()
+                o_word = y_word if j == last else out_word
+                if j == last:  # the gate: its gradient from the ungated one, then applied
+                    g_in = torch.einsum(f"{o_word},{own}->{in_word}", g, w)
+                    if dgate is not None:
+                        dgate[s0:s1] = (inputs[j] * g_in).reshape(n, -1).sum(1)
+                    gc = gates[s0:s1].view(n, *[1] * (g_in.dim() - 1))
+                    if dcores[j] is not None:
+                        gd = g * gates[s0:s1].view(n, *[1] * (g.dim() - 1))
+                        dcores[j].select(axis[j], r).add_(
+                            torch.einsum(f"{in_word},{o_word}->{own}", inputs[j], gd))
+                    g = g_in * gc
+                    continue
+                if dcores[j] is not None:
+                    dcores[j].select(axis[j], r).add_(
+                        torch.einsum(f"{in_word},{o_word}->{own}", inputs[j], g))
+                if j or dx is not None:
+                    g = torch.einsum(f"{o_word},{own}->{in_word}", g, w)
+            if dx is not None:
+                dx.index_add_(0, tok, g.reshape(n, -1))
+        grad_gate = None
+        if dgate is not None:
+            grad_gate = torch.empty_like(dgate).index_copy_(0, order, dgate)
+            grad_gate = grad_gate.view(-1, k).to(gate.dtype)
+        grads = [None if d is None else d.to(c.dtype) for d, c in zip(dcores, cores)]
+        return (dx, None, grad_gate, None, None, None, *grads)
