@@ -5,10 +5,11 @@ not), median of rounds run in a new random order each round, as ``benchmarks/moe
 for two cores:
 
 * masked: every expert for every token, gated (``masked_cores``), E/k times the work;
-* sparse: only the k selected experts of each token (``sparse_cores``);
-* floor:  the same chain of einsums over k experts that every token uses (``masked_cores``
-  with E = k and every gate set): the useful work with perfect dispatch, in the same
-  operations.
+* sparse: only the k selected experts of each token, on the CPU's backend (chunked);
+* padded: the same on the (expert, capacity) rows of ``sparse_cores``;
+* floor:  k experts that every token uses, with perfect dispatch: the faster of the
+  einsum chain over all tokens (``masked_cores`` with E = k, every gate set) and the
+  chunked backend with every token on all k (per round).
 
     python benchmarks/moe_cores.py            # cores 3 and 4, d = 512 and 4096
     python benchmarks/moe_cores.py --quick    # d = 512 only
@@ -25,7 +26,7 @@ import torch
 
 import einc
 from einc.moe import route
-from einc.moe.multicore import layer_sizes, layout, masked_cores, sparse_cores
+from einc.moe.multicore import layout, masked_cores, run_cores, sparse_cores
 
 from moe import machine
 
@@ -64,12 +65,16 @@ def config(c: int, d: int, E: int, k: int, tokens: int, repeats: int, seed: int 
             return fn(x, cores, lay, sizes, idx, gate)
         return go
 
+    chunked = lambda *a: run_cores(*a, deterministic=False, masked=False, backend="chunked")
     cands = {
         "masked": run(routed(masked_cores), [x, logits, *cores]),
-        "sparse": run(routed(lambda *a: sparse_cores(*a, deterministic=False)),
+        "sparse": run(routed(chunked), [x, logits, *cores]),
+        "padded": run(routed(lambda *a: sparse_cores(*a, deterministic=False)),
                       [x, logits, *cores]),
-        "floor": run(lambda: masked_cores(x, floor_cores, lay, floor_sizes, every, even),
-                     [x, *floor_cores]),
+        "floor chain": run(lambda: masked_cores(x, floor_cores, lay, floor_sizes, every, even),
+                           [x, *floor_cores]),
+        "floor chunked": run(lambda: chunked(x, floor_cores, lay, floor_sizes, every, even),
+                             [x, *floor_cores]),
     }
     for step in cands.values():  # warm-up
         step()
@@ -80,10 +85,12 @@ def config(c: int, d: int, E: int, k: int, tokens: int, repeats: int, seed: int 
         rng.shuffle(order)
         for name in order:
             times[name].append(timed(cands[name]))
+    times["floor"] = [min(a, b) for a, b in zip(times["floor chain"], times["floor chunked"])]
     ratio = lambda a, b: statistics.median(p / q for p, q in zip(times[a], times[b]))
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     return {**med, "masked/sparse": ratio("masked", "sparse"),
-            "sparse/floor": ratio("sparse", "floor"), "sizes": layer.input_sizes}
+            "sparse/floor": ratio("sparse", "floor"), "sizes": layer.input_sizes,
+            "floor from": "chain" if med["floor chain"] <= med["floor chunked"] else "chunked"}
 
 
 def main() -> None:
@@ -102,7 +109,8 @@ def main() -> None:
           f"{args.tokens} tokens, k = {args.k}; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     head = (f"{'cores':>5} {'d':>5} {'E':>3} {'sizes':>14} | {'masked ms':>10} {'sparse ms':>10} "
-            f"{'floor ms':>9} | {'masked/sparse':>13} {'E/k':>5} | {'sparse/floor':>12}")
+            f"{'padded ms':>10} {'floor ms':>9} | {'masked/sparse':>13} {'E/k':>5} | "
+            f"{'sparse/floor':>12} {'floor from':>10}")
     print(head)
     print("-" * len(head))
     for c in args.cores:
@@ -111,8 +119,9 @@ def main() -> None:
                 r = config(c, d, E, args.k, args.tokens, args.repeats)
                 sizes = "x".join(map(str, r["sizes"]))
                 print(f"{c:>5} {d:>5} {E:>3} {sizes:>14} | {r['masked']:>10.1f} "
-                      f"{r['sparse']:>10.1f} {r['floor']:>9.1f} | {r['masked/sparse']:>13.2f} "
-                      f"{E / args.k:>5.1f} | {r['sparse/floor']:>12.2f}", flush=True)
+                      f"{r['sparse']:>10.1f} {r['padded']:>10.1f} {r['floor']:>9.1f} | "
+                      f"{r['masked/sparse']:>13.2f} {E / args.k:>5.1f} | "
+                      f"{r['sparse/floor']:>12.2f} {r['floor from']:>10}", flush=True)
 
 
 if __name__ == "__main__":
