@@ -79,6 +79,14 @@ def main():
                     help="one learning rate for every parameter, without einc.param_groups' "
                          "per-factor multipliers")
     args = ap.parse_args()
+    for name in ("steps", "d", "layers", "heads", "context", "batch", "experts", "k",
+                 "log_every", "val_batches"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.d % args.heads:
+        ap.error(f"--d ({args.d}) must be a multiple of --heads ({args.heads})")
+    if args.k > args.experts:
+        ap.error(f"--k ({args.k}) must be at most --experts ({args.experts})")
     torch.manual_seed(0)
     train_data, val_data = load_corpus(400_000, 40_000)
     vocab = 256

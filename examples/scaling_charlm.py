@@ -1,11 +1,10 @@
 """Scaling of a small character-level GPT: dense vs BTT vs BTT-MoE vs a feed-forward MoE."""
+import argparse
 import os
-import sys
 import time
 
 import einc
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join("runs", "scaling_charlm")
 
 # Every linear layer in the blocks (q, k, v, o, feed-forward) takes the structure; the
 # embedding and unembedding stay dense. ffmoe: dense attention, each feed-forward block
@@ -17,6 +16,11 @@ WIDTHS = {"dense": [64, 128], "ffmoe(experts=8,k=2)": [64, 128],
           "btt": [64, 128, 256], "bttmoe(experts=8,k=2)": [64, 128, 256]}
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("out", nargs="?", default=os.path.join("runs", "scaling_charlm"),
+                    help="folder for the runs, tables and plot; finished runs there are kept "
+                         "(default: %(default)s)")
+    OUT = ap.parse_args().out
     start = time.perf_counter()
     result = einc.experiments.scaling(
         task="charlm", structures=STRUCTURES, widths=WIDTHS,

@@ -1,13 +1,17 @@
 """Scaling laws of structured MLPs on a random ReLU teacher: dense vs BTT vs Kronecker vs low rank."""
+import argparse
 import os
-import sys
 import time
 
 import einc
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join("runs", "scaling_regression")
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("out", nargs="?", default=os.path.join("runs", "scaling_regression"),
+                    help="folder for the runs, tables and plot; finished runs there are kept "
+                         "(default: %(default)s)")
+    OUT = ap.parse_args().out
     start = time.perf_counter()
     result = einc.experiments.scaling(
         task="regression",                       # 8-d inputs, 6-layer width-256 ReLU teacher

@@ -610,3 +610,36 @@ def test_search_train_with_nothing_to_train_leaves_no_folder(no_runs, run_einc, 
     rc, stdout, err = run_einc("search", "--d", "16", "--top", "2", "--max-flops", "1",
                                "--train", "regression", "--train-out", str(out))
     assert rc == 0 and not out.exists()
+
+
+def _record(spec, width, flops_per_step, losses):
+    curve = [[i + 1, flops_per_step * (i + 1), l] for i, l in enumerate(losses)]
+    return {"spec": spec, "width": width, "curve": curve, "flops_per_step": flops_per_step,
+            "steps": len(losses), "lr": 1e-3, "status": "done", "best_loss": min(losses),
+            "omega": 0.0, "psi": 1.0, "nu": 1.0}
+
+
+def test_frontiers_without_a_common_compute_are_not_ranked():
+    """The equal-compute point was the smallest frontier end: a structure whose frontier
+    starts past it had no loss there and was left out of the ranking unnoted (lowrank
+    ranked first, the far better dense last)."""
+    from einc.experiments.harness import _NO_COMMON, format_table, summarize
+
+    cheap = _record("lowrank(rank=1)", 256, 1e4, [2.0, 1.6, 1.4, 1.3])
+    dear = _record("dense", 256, 1e7, [0.9, 0.6, 0.4, 0.3])
+    apart = summarize([cheap, dear], [256])
+    assert apart["common_flops"] is None and apart["ranking"] == []
+    assert _NO_COMMON in format_table(apart)
+    near = _record("dense", 256, 2e3, [0.9, 0.6, 0.4, 0.3, 0.2, 0.15, 0.1, 0.08])
+    both = summarize([cheap, near], [256])
+    assert both["common_flops"] == 1.6e4 and both["ranking"] == ["dense", "lowrank(rank=1)"]
+    assert _NO_COMMON not in format_table(both)
+
+
+def test_python_structure_lists_are_stripped_as_the_command_lines_are():
+    from einc.experiments.harness import check_scaling
+
+    a = check_scaling(structures=["dense", " dense", "btt "], widths={" dense": [16], "btt": [16]},
+                      lr={"dense ": 1e-3, "btt": 2e-3})
+    assert a["structures"] == ["dense", "btt"] and a["per"] == {"dense": [16], "btt": [16]}
+    assert a["lr"] == {"dense": 1e-3, "btt": 2e-3}

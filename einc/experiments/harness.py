@@ -394,12 +394,14 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
         make_task(task)  # raises the error that lists the tasks
     cls = TASKS[task]
     if structures is not None:
-        structures = list(dict.fromkeys(str(s) for s in _items(structures)))
+        # stripped, as the command line's comma-separated list is: " dense" is dense
+        structures = list(dict.fromkeys(str(s).strip() for s in _items(structures)))
         if not structures:
             raise EincError("no structures to train")
         for s in structures:
             _check_structure(s, task)
     if isinstance(widths, dict):
+        widths = {str(s).strip(): v for s, v in widths.items()}
         missing = [s for s in structures or [] if s not in widths]
         if missing:
             raise SizeError(f"widths has no entry for {', '.join(map(repr, missing))}")
@@ -416,6 +418,7 @@ def check_scaling(task: str = "regression", structures=None, widths=(64, 128, 25
         if len(seeds) > MAX_SEEDS:
             raise SizeError(f"seeds holds {len(seeds):,} seeds: give at most {MAX_SEEDS:,}")
     if isinstance(lr, dict):
+        lr = {str(s).strip(): v for s, v in lr.items()}
         missing = [s for s in structures or [] if s not in lr]
         if missing:
             raise SizeError(f"lr has no rate for {', '.join(map(repr, missing))}")
@@ -646,7 +649,11 @@ def summarize(records, widths, irreducible: bool = False, levels=None) -> dict:
                                             math.floor(math.log10(hi)) + 1)]
         levels = decades[-3:]
     levels = list(levels or [])
+    # the largest compute every frontier reaches; none where one frontier starts past
+    # another's end (a ranking would leave out, unnoted, the structure not yet trained there)
     common = min((f[-1] for f in fronts), default=None)
+    if common is not None and max(f[0] for f in fronts) > common:
+        common = None
     for row in rows:
         row["loss_at"] = {f"{c:.0e}": fitting.loss_at(row["frontier"], c) for c in levels}
         row["loss_at_common"] = (fitting.loss_at(row["frontier"], common)
@@ -669,6 +676,10 @@ def _frac(v):
     return str(q.numerator) if q.denominator == 1 else f"{q.numerator}/{q.denominator}"
 
 
+_NO_COMMON = ("no compute level lies on every structure's frontier (one starts past where "
+              "another ends): not ranked at equal compute; train the cheaper ones longer")
+
+
 def format_table(summary: dict) -> str:
     """The per-structure table (markdown), best frontier loss at equal compute first."""
     levels = [f"{c:.0e}" for c in summary["levels"]]
@@ -687,6 +698,8 @@ def format_table(summary: dict) -> str:
     width = [max(len(str(x[c])) for x in [head, *body]) for c in range(len(head))]
     line = lambda xs: "| " + " | ".join(str(x).ljust(w) for x, w in zip(xs, width)) + " |"
     notes = [f"{r['spec']} failed at {e}" for r in rows for e in r.get("errors", [])]
+    if not common and sum(bool(r["frontier"]["flops"]) for r in rows) > 1:
+        notes.append(_NO_COMMON)
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in width) + "|",
                       *map(line, body), *(["", *notes] if notes else [])])
 
@@ -804,5 +817,7 @@ def format_rerank(ranks: dict) -> str:
     w = max(len(x) for x in left + ["analytic ranking"])
     head = ("analytic ranking".ljust(w) + "   trained ranking (frontier loss at "
             + (f"{common:.3g} FLOPs)" if common else "equal compute)"))
-    return "\n".join([head, "-" * len(head)] + [a.ljust(w) + "   " + b
-                                                for a, b in zip(left, right)])
+    rows = [a.ljust(w) + "   " + b for a, b in zip(left, right)]
+    if not common and len(left) > 1:
+        rows.append(_NO_COMMON)
+    return "\n".join([head, "-" * len(head)] + rows)
