@@ -1823,3 +1823,20 @@ def test_deferred_initialisation_keeps_the_router_at_zero():
     router = model[0].router
     assert isinstance(router, nn.Linear)
     assert not router.weight.any() and not router.bias.any()
+
+
+@pytest.mark.parametrize("cores", [2, 3])
+def test_forward_mode_hessian_through_the_layer(cores):
+    """A hessian with a forward-mode outer jacobian (vectorized) failed: the routing
+    marker's jvp was not taken for a view, and the two-core plain path's advanced-indexing
+    backward could not run under the batched tangents."""
+    from torch.autograd.functional import hessian
+
+    torch.manual_seed(0)
+    m = BTTMoE(8, 8, experts=3, k=2, cores=cores, dtype=torch.float64)
+    with torch.no_grad():
+        m.router.weight.normal_()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    f = lambda v: m(v).pow(2).sum()
+    got = hessian(f, x, vectorize=True, outer_jacobian_strategy="forward-mode")
+    torch.testing.assert_close(got, hessian(f, x))

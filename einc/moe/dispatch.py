@@ -679,13 +679,13 @@ def _sparse_padded(x, A, B, expert_idx, gate):
     slot_row = torch.empty_like(row)
     slot_row[order] = row  # padded row of each (token, j) slot
     xz = torch.cat([x, x.new_zeros(1, g, a)]).transpose(0, 1)  # (g, N+1, a)
-    xp = xz[:, token_of_row]  # (g, E*C, a): gathered in core A's layout
+    xp = xz.index_select(1, token_of_row)  # (g, E*C, a): gathered in core A's layout
     Ag = A.permute(0, 3, 1, 2).reshape(g * E, a, f)
     z = torch.bmm(xp.reshape(g * E, C, a), Ag)  # (g*E, C, f) = [g][E][C][f]
     zf = z.view(g, E, C, f).permute(3, 1, 2, 0).reshape(f * E, C, g)  # one relayout
     Bf = B.permute(0, 2, 1, 3).reshape(f * E, g, e)
     out = torch.bmm(zf, Bf).view(f, E * C, e)  # [f][E*C][e]
-    picked = out[:, slot_row].view(f, N, k, e)  # each token's k rows
+    picked = out.index_select(1, slot_row).view(f, N, k, e)  # each token's k rows
     y = (picked * gate.view(1, N, k, 1)).sum(2)  # (f, N, e)
     return y.permute(1, 0, 2).contiguous()
 

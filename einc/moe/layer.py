@@ -427,7 +427,9 @@ class BTTMoE(nn.Module):
         if fake(logits):  # a non-strict export on torch < 2.5: no state to write
             return route(logits, self.k)
         node = None
-        if logits.requires_grad and not tracing():  # torch.func takes no old-style Function
+        # torch.func takes no old-style Function, and under forward-mode AD (a forward-mode
+        # hessian batches the tangents) the marker's jvp was not taken for a view
+        if logits.requires_grad and not tracing() and not dual(logits):
             logits = _Routed.apply(logits)
             node = logits.grad_fn
         expert_idx, gate = route(logits, self.k)
