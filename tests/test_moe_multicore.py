@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import einc
-from einc.moe.multicore import layout, near_factors
+from einc.analysis.concrete import near_factors
+from einc.moe.multicore import layout
 
 DT = torch.float64
 

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dispatch import _autocast_operands, _masked, _sparse, check_backend, route
-from .multicore import check_backend as check_cores_backend, layer_sizes, layout, near_factors
+from .multicore import check_backend as check_cores_backend, layer_sizes, layout
 from .multicore import run_cores
-from ..analysis.concrete import check_width
+from ..analysis.concrete import check_width, near_factors
 from ..errors import CompileError, EincError, SizeError
 from ..runtime.fused import (allocating, autocasting, check_device, check_dtype, check_flag,
                              check_input, check_module, dtype_mismatch, dual, exporting, fake,
@@ -261,7 +261,7 @@ class BTTMoE(nn.Module):
         input_sizes: ``(g, a)`` with ``g * a >= in_features``; the input is
             zero-padded to ``g * a`` and read as the row-major ``x[g, a]``.
             Default: :func:`near_square_factors`. With ``c`` cores, ``c`` sizes of the
-            input indices ``i1 .. ic`` (default: :func:`einc.moe.multicore.near_factors`).
+            input indices ``i1 .. ic`` (default: :func:`einc.analysis.concrete.near_factors`).
         output_sizes: ``(f, e)`` with ``f * e >= out_features``; padded
             outputs are dropped.  Default: :func:`near_square_factors`; ``c`` sizes
             (``o1 .. oc``) with ``c`` cores.

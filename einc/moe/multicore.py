@@ -1,4 +1,4 @@
-"""BTT-MoE of three or more cores, in plain torch ops (autograd does the backward).
+"""BTT-MoE of three or more cores, in torch's own operations (einsums, no kernels).
 
 Core ``j`` of ``c`` consumes input index ``i(c-j+1)`` and produces ``oj``, batched over the
 outputs already produced and the inputs not yet consumed; the expert index joins every core
@@ -26,7 +26,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..analysis.concrete import near_factors  # noqa: F401  (the layer's default sizes)
 from .dispatch import dense_gates
 
 
