@@ -255,8 +255,9 @@ class BTTMoE(nn.Module):
         k: experts per token; their gates are the softmax over the k selected logits, so
             at k = 1 the gate is 1 and the router learns only from ``aux_loss``.
         cores: number of BTT cores, 2 (the default) to :data:`einc.presets.MAX_MOE_CORES`.
-            Two cores run on the backends below; three or more on plain torch ops
-            (:mod:`einc.moe.multicore`: ``auto`` and ``padded``).
+            Two cores run on the backends below; three or more on
+            :mod:`einc.moe.multicore` (``auto``: ``chunked`` on the CPU, ``padded``
+            elsewhere).
         bias: add a learnable output bias (zero-initialised).
         input_sizes: ``(g, a)`` with ``g * a >= in_features``; the input is
             zero-padded to ``g * a`` and read as the row-major ``x[g, a]``.
@@ -382,13 +383,13 @@ class BTTMoE(nn.Module):
         return [sizes[lay.consumed(j)] for j in range(lay.cores)]
 
     def reset_parameters(self) -> None:
-        fans = self._fan_ins()
+        fans, cores = self._fan_ins(), self.factors()
         with torch.no_grad():
-            for core, fan in zip(self.factors()[:-1], fans):
+            for core, fan in zip(cores[:-1], fans):
                 core.normal_(0.0, 1.0 / math.sqrt(fan))
             # the last core makes the output's variance the input's (see the docstring)
             last = self.k * math.prod(fans[:-1]) / self.in_features
-            self.factors()[-1].normal_(0.0, math.sqrt(last))
+            cores[-1].normal_(0.0, math.sqrt(last))
             self.router.reset_parameters()
             if self.bias is not None:
                 self.bias.zero_()
