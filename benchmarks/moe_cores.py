@@ -7,9 +7,10 @@ for two cores:
 * masked: every expert for every token, gated (``masked_cores``), E/k times the work;
 * sparse: only the k selected experts of each token, on the CPU's backend (chunked);
 * padded: the same on the (expert, capacity) rows of ``sparse_cores``;
-* floor:  k experts that every token uses, with perfect dispatch: the faster of the
-  einsum chain over all tokens (``masked_cores`` with E = k, every gate set) and the
-  chunked backend with every token on all k (per round).
+* floor:  k experts that every token uses, with perfect dispatch: the fastest (per round)
+  of the einsum chain over all tokens (``masked_cores`` with E = k, every gate set), the
+  chunked backend with every token on all k, and einc's compiled layer of that dense
+  structure (the preset's equation with the expert index of size k, its ``auto`` route).
 
     python benchmarks/moe_cores.py            # cores 3 and 4, d = 512 and 4096
     python benchmarks/moe_cores.py --quick    # d = 512 only
@@ -50,13 +51,19 @@ def config(c: int, d: int, E: int, k: int, tokens: int, repeats: int, seed: int 
     every = torch.arange(k).expand(tokens, k)
     even = torch.full((tokens, k), 1.0 / k)
     floor_sizes = floor_layer._sizes()
+    # the same k-expert structure as an ordinary einc layer: the expert index is then
+    # just a summed index of size k
+    sized = ", ".join(f"{lay.letters[i]} = {floor_sizes[i]}" for i in lay.letters)
+    dense = einc.compile(f"{lay.equation} with {sized}", bias=False)
+    xd = torch.randn(tokens, dense.in_features, generator=g).requires_grad_()
+    dyd = torch.randn(tokens, dense.out_features, generator=g)
 
-    def run(fn, params):
+    def run(fn, params, grad=dy):
         def step():
             for p in params:
                 p.grad = None
             y = fn()
-            y[:, : layer.out_features].backward(dy)
+            y[:, : grad.shape[1]].backward(grad)
         return step
 
     def routed(fn):
@@ -75,6 +82,7 @@ def config(c: int, d: int, E: int, k: int, tokens: int, repeats: int, seed: int 
                            [x, *floor_cores]),
         "floor chunked": run(lambda: chunked(x, floor_cores, lay, floor_sizes, every, even),
                              [x, *floor_cores]),
+        "floor einc": run(lambda: dense(xd), [xd, *dense.parameters()], dyd),
     }
     for step in cands.values():  # warm-up
         step()
@@ -85,12 +93,13 @@ def config(c: int, d: int, E: int, k: int, tokens: int, repeats: int, seed: int 
         rng.shuffle(order)
         for name in order:
             times[name].append(timed(cands[name]))
-    times["floor"] = [min(a, b) for a, b in zip(times["floor chain"], times["floor chunked"])]
+    floors = ("floor chain", "floor chunked", "floor einc")
+    times["floor"] = [min(t) for t in zip(*(times[f] for f in floors))]
     ratio = lambda a, b: statistics.median(p / q for p, q in zip(times[a], times[b]))
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     return {**med, "masked/sparse": ratio("masked", "sparse"),
             "sparse/floor": ratio("sparse", "floor"), "sizes": layer.input_sizes,
-            "floor from": "chain" if med["floor chain"] <= med["floor chunked"] else "chunked"}
+            "floor from": min(floors, key=med.get).removeprefix("floor ")}
 
 
 def main() -> None:

@@ -120,6 +120,26 @@ def test_sparse_and_masked_equal_the_reference_with_all_gradients(c, d_in, d_out
                 torch.testing.assert_close(g, gw, rtol=1e-9, atol=1e-11, msg=name)
 
 
+@pytest.mark.parametrize("ins,outs", [((1, 2, 1), (1, 1, 1)), ((2, 1, 3), (1, 3, 1))])
+def test_size_one_indices_and_a_relaid_first_step(ins, outs):
+    """Sizes of 1 change the planned chain: with (1, 2, 1) -> (1, 1, 1) its first step
+    relays the gathered rows out (then kept, not gathered again in backward)."""
+    from einc.moe.multicore import expert_plan
+
+    m = _layer(3, math.prod(ins), math.prod(outs), 5, 2, input_sizes=ins, output_sizes=outs)
+    first = expert_plan(3, tuple(sorted(m._sizes().items()))).steps[0]
+    assert first.relayout == (ins == (1, 2, 1))
+    x = torch.randn(23, m.in_features, dtype=DT, requires_grad=True)
+    params = [x, *m.parameters()]
+    want = _reference(m, x)
+    w = torch.randn_like(want)
+    y = m(x)
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+    for g, gw in zip(torch.autograd.grad((y * w).sum(), params),
+                     torch.autograd.grad((want * w).sum(), params)):
+        torch.testing.assert_close(g, gw, rtol=1e-9, atol=1e-11)
+
+
 def test_edge_cases_empty_batch_one_expert_for_all_and_k_equal_experts():
     m = _layer(3, 30, 20, 4, 2)
     x = torch.randn(0, 30, dtype=DT, requires_grad=True)
@@ -263,16 +283,16 @@ def test_chunks_of_a_few_slots_and_frozen_parts_give_the_reference():
     want = sparse_cores(x, cores, lay, sizes, idx, gate, True)
     w = torch.randn_like(want)
     for chunk in (1, 3):
-        got = ChunkedCores.apply(x, idx, gate, lay, sizes, chunk, *cores)
+        got = ChunkedCores.apply(x, idx, gate, lay, sizes, chunk, True, *cores)
         torch.testing.assert_close(got, want)
         live = [x, gate, cores[0], cores[2]]
         for g, h in zip(torch.autograd.grad((got * w).sum(), live, retain_graph=True),
                         torch.autograd.grad((want * w).sum(), live, retain_graph=True)):
             torch.testing.assert_close(g, h)
     assert torch.autograd.gradcheck(
-        lambda x, c0: ChunkedCores.apply(x, idx[:4], gate[:4].detach(), lay, sizes, 2, c0,
+        lambda x, c0: ChunkedCores.apply(x, idx[:4], gate[:4].detach(), lay, sizes, 2, True, c0,
                                          *cores[1:]),
         (x[:4].detach().requires_grad_(), cores[0].detach().requires_grad_()))
     assert torch.autograd.gradgradcheck(
-        lambda x: ChunkedCores.apply(x, idx[:4], gate[:4].detach(), lay, sizes, 2, *cores),
+        lambda x: ChunkedCores.apply(x, idx[:4], gate[:4].detach(), lay, sizes, 2, True, *cores),
         (x[:4].detach().requires_grad_(),))

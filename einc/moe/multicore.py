@@ -7,8 +7,9 @@ The index names, the order of every core's axes and the equation all come from t
 ``bttmoe`` preset, so the layer computes exactly the structure the analysis reports.
 
 Two sparse paths, both sorting the ``N * k`` slots by expert: :class:`ChunkedCores` (the
-CPU's) cuts each expert's run into cache-sized chunks and runs each as a rank-1 BTT, one
-einsum per core on the expert's slice, with a hand-written backward;
+CPU's) cuts each expert's run into cache-sized chunks and runs each as a rank-1 BTT the way
+the dense layers' fused route runs a chunk of tokens (the planned chain of
+:mod:`einc.codegen.plan` on the expert's slices of the cores), with a hand-written backward;
 :func:`sparse_cores` (elsewhere, and under torch.func) lays the slots out as (expert,
 capacity) rows, the capacity being the largest expert load (one host sync), runs each core
 as one einsum with the expert as a batch index, and gathers every token's ``k`` rows back
@@ -221,123 +222,174 @@ def _dispatch(x, cores, lay, sizes, expert_idx, gate, deterministic, backend):
     held = [lay.inputs] + [[i for i in a if i not in (lay.consumed(j), lay.expert)]
                            for j, a in enumerate(lay.axes)]
     widest = max(math.prod(sizes[i] for i in h) for h in held)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, *cores))
     return ChunkedCores.apply(x, expert_idx, gate, lay, sizes,
-                              chunk_slots(widest, x.element_size()), *cores)
+                              chunk_slots(widest, x.element_size()), keep, *cores)
 
 
-def _chain(lay: Layout):
-    """Per core: (its einsum on one expert's rows, its letters without the expert index,
-    the letters of its input and of its output); the rows' letter first."""
-    m, n = lay.letters, _spare_letter(lay)
-    word = lambda idx: "".join(m[i] for i in idx)
-    steps, held = [], list(lay.inputs)
-    for j, axes in enumerate(lay.axes):
-        own = [i for i in axes if i != lay.expert]
-        after = [i for i in own if i != lay.consumed(j)]
-        steps.append((f"{n}{word(held)},{word(own)}->{n}{word(after)}", word(own),
-                      n + word(held), n + word(after)))
-        held = after
-    return steps, n + word(lay.outputs)
+@functools.lru_cache(maxsize=64)
+def expert_plan(cores: int, size_items: tuple):
+    """The planned chain (:mod:`einc.codegen.plan`) of one expert: the preset's equation
+    with the expert index of size 1, at the layer's sizes (``size_items``: sorted (index,
+    size) pairs). Its index names are the equation's letters."""
+    from ..codegen.lower import cheapest_chains
+    from ..codegen.plan import plan
+    from ..syntax import as_structure
+
+    lay = layout(cores)
+    sizes = {lay.letters[i]: int(v) for i, v in size_items}
+    sizes[lay.expert_letter] = 1
+    s = as_structure(f"{lay.equation} with {', '.join(f'{i} = {v}' for i, v in sizes.items())}")
+    return plan(s, sizes, cheapest_chains(s, sizes))
+
+
+def _expert_major(core: Tensor, axes: tuple, order: tuple, lay: Layout) -> Tensor:
+    """The core as (E, its other axes in the plan's storage ``order``), contiguous: every
+    expert's slice is then the factor the planned chain reads."""
+    letters = [lay.letters[i] for i in axes]
+    e = letters.index(lay.expert_letter)
+    return core.permute(e, *(letters.index(i) for i in order if i != lay.expert_letter)) \
+        .contiguous()
+
+
+def _core_layout(grad: Tensor, axes: tuple, order: tuple, lay: Layout) -> Tensor:
+    """Inverse of :func:`_expert_major`: (E, *order) back to the core's own axis order."""
+    letters = [lay.letters[i] for i in axes]
+    held = [lay.expert_letter] + [i for i in order if i != lay.expert_letter]
+    return grad.permute(*(held.index(i) for i in letters))
+
+
+def _last_rows(plan, sizes: dict, cur: Tensor, factor: Tensor, scratch) -> Tensor:
+    """The chain's last product on its saved input ``cur``, contiguous in the output's
+    order: a chunk's ungated rows, recomputed rather than kept (they would add a tensor
+    as large as y per core chain to the saved activations)."""
+    from ..runtime.fused import _same, _size, bmm_into, relayout, view3
+
+    st = plan.steps[-1]
+    direct = st.out_order == st.batch + st.left + st.right
+    groups = (st.batch, st.left, st.right) if direct else (st.batch, st.right, st.left)
+    out = scratch.get("last", tuple(_size(sizes, g) for g in groups))
+    bmm_into(view3(cur, st.in_order, sizes, (st.batch, st.left, st.contracted)),
+             view3(factor, st.factor_order, sizes, (st.batch, st.contracted, st.right)),
+             not direct, out)
+    if _same(st.out_order, plan.output_order, sizes):
+        return out
+    z = out.view([sizes[i] for i in st.out_order])
+    return relayout(z, st.out_order, plan.output_order,
+                    scratch.get("last rows", [sizes[i] for i in plan.output_order]))
 
 
 class ChunkedCores(torch.autograd.Function):
     """CPU sparse BTT-MoE of any number of cores: the slots sorted by expert, each expert's
     run in cache-sized chunks (as :mod:`einc.moe.chunked` for two cores), a chunk being one
-    rank-1 BTT on its gathered rows: one einsum per core on the expert's slice of it, the
-    gated rows added into y. Backward by hand, chunk by chunk: autograd's backward of a
-    chunk's gather fills a gradient of the whole input, for every chunk. Saved: the input of
-    every core but the first (re-gathered); the gate gradient is <input of the last core,
-    its ungated gradient> per slot. ``x`` (N, prod inputs); returns (N, prod outputs)."""
+    rank-1 BTT on its gathered rows, run as the dense layers' fused route runs a chunk of
+    tokens (:func:`einc.runtime.fused._forward_steps`: bmm on strided views in the layouts
+    the planner chose, the experts' slices of the cores stored in those layouts once per
+    call), the gated rows then added into y. Backward by hand, chunk by chunk (autograd's
+    backward of a chunk's gather would fill a gradient of the whole input, for every
+    chunk), with the fused route's backward on the gated output gradient. Saved: every
+    core's input but the first (re-gathered). The gate's gradient is the dot product of
+    the output gradient with the slot's ungated output, the last product run once more
+    on its saved input. ``x`` (N, prod inputs); returns (N, prod outputs)."""
 
     @staticmethod
-    def forward(ctx, x, expert_idx, gate, lay, sizes, chunk, *cores):
+    def forward(ctx, x, expert_idx, gate, lay, sizes, chunk, keep, *cores):
+        from ..runtime.fused import Scratch, _forward_steps
         from .chunked import _chunks
 
         N, k = expert_idx.shape
         E = sizes[lay.expert]
+        plan = expert_plan(lay.cores, tuple(sorted(sizes.items())))
         flat = expert_idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = torch.div(order, k, rounding_mode="floor")
         gates = gate.reshape(-1).index_select(0, order).to(x.dtype)
         chunks = _chunks(torch.bincount(flat, minlength=E).tolist(), chunk)
-        steps, y_word = _chain(lay)
-        axis = [a.index(lay.expert) for a in lay.axes]
+        order_of = {st.factor: st.factor_order for st in plan.steps}
+        facs = [_expert_major(core, lay.axes[j], order_of[j], lay) for j, core in enumerate(cores)]
+        d_in, width = x.shape[1], math.prod(sizes[o] for o in lay.outputs)
+        # the fused route's steps permute rows held with one axis per index
         in_shape = [sizes[i] for i in lay.inputs]
-        width = math.prod(sizes[o] for o in lay.outputs)
+        out_shape = [sizes[o] for o in lay.outputs]
         y = x.new_zeros(N, width)
-        saved = []  # per chunk, the inputs of the cores after the first
+        scratch, saved = Scratch(x), []
         for r, s0, s1 in chunks:
             tok, n = token[s0:s1], s1 - s0
-            z = x.index_select(0, tok).view(n, *in_shape)
-            kept = []
-            for j, ((eq, _, _, out_word), core) in enumerate(zip(steps, cores)):
-                if j:
-                    kept.append(z)
-                # the expert's slice made contiguous: a strided one sent bmm to a loop of
-                # per-matrix copies (tens of thousands a step)
-                z = torch.einsum(eq, z, core.select(axis[j], r).contiguous())
-            # the last output's letters in y's order, gated, into y
-            rows = torch.einsum(f"{out_word}->{y_word}", z).reshape(n, width)
-            y.index_add_(0, tok, rows * gates[s0:s1, None])
+            xc = torch.index_select(x, 0, tok, out=scratch.get("xg", (n, d_in)))
+            rows = scratch.get("rows", (n, width))
+            kept = _forward_steps(plan, dict(plan.sizes, **{plan.token: n}),
+                                  xc.view(n, *in_shape), [f[r] for f in facs], scratch,
+                                  rows.view(n, *out_shape), keep)
+            if kept and not plan.steps[0].relayout:
+                kept[0] = None  # the gathered rows themselves: scratch, gathered again
             saved += kept
-        ctx.plan = (lay, sizes, chunks, steps, y_word, axis, in_shape, k, len(cores))
-        ctx.save_for_backward(x, expert_idx, gate, order, token, gates, *cores, *saved)
+            y.index_add_(0, tok, torch.mul(rows, gates[s0:s1, None],
+                                           out=scratch.get("gated", (n, width))))
+        ctx.plan, ctx.chunks, ctx.k = plan, chunks, k
+        ctx.layout = (lay, sizes, len(cores), in_shape, out_shape)
+        ctx.kept = [t is not None for t in saved]
+        ctx.save_for_backward(x, expert_idx, gate, order, token, gates, *cores, *facs,
+                              *(t for t in saved if t is not None))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        from ..runtime.fused import batched, regrad
+        from ..runtime.fused import (Scratch, _backward_steps, _factor_result, batched,
+                                     regrad)
 
         x, expert_idx, gate, order, token, gates, *rest = ctx.saved_tensors
-        lay, sizes, chunks, steps, y_word, axis, in_shape, k, c = ctx.plan
-        cores, saved = rest[:c], rest[c:]
+        lay, sizes, c, in_shape, out_shape = ctx.layout
+        plan, chunks, k = ctx.plan, ctx.chunks, ctx.k
+        cores, facs, rest = rest[:c], rest[c:2 * c], rest[2 * c:]
         need_x, _, need_gate = ctx.needs_input_grad[:3]
-        need_cores = ctx.needs_input_grad[6:]
+        need_cores = ctx.needs_input_grad[7:]
         if torch.is_grad_enabled() or batched(dy):  # create_graph=True, or a batch of dy
             plain = lambda x, gate, *cs: sparse_cores(x, cs, lay, sizes, expert_idx, gate,
                                                       deterministic=True)
             got = regrad(plain, [x, gate, *cores], [need_x, need_gate, *need_cores], dy)
-            return (got[0], None, got[1], None, None, None, *got[2:])
+            return (got[0], None, got[1], None, None, None, None, *got[2:])
+        held = iter(rest)
+        saved = [next(held) if kept else None for kept in ctx.kept]
         dy = dy.contiguous()
-        half = x.dtype in (torch.float16, torch.bfloat16)
-        acc = torch.float32 if half else x.dtype  # core gradients sum over chunks
+        N, d_in = x.shape
+        width = dy.shape[1]
+        nsteps = len(plan.steps)
         dx = torch.zeros_like(x) if need_x else None
-        dcores = [torch.zeros(c.shape, dtype=acc, device=c.device) if need else None
-                  for c, need in zip(cores, need_cores)]
         dgate = x.new_empty(order.shape[0]) if need_gate else None
-        out_shape = [sizes[o] for o in lay.outputs]
-        for n_chunk, (r, s0, s1) in enumerate(chunks):
-            kept = saved[n_chunk * (c - 1):(n_chunk + 1) * (c - 1)]
+        grads = {}  # expert -> per-core gradient accumulators (see _factor_grad)
+        scratch = Scratch(x)
+        for j, (r, s0, s1) in enumerate(chunks):
             tok, n = token[s0:s1], s1 - s0
-            inputs = [x.index_select(0, tok).view(n, *in_shape)] if need_cores[0] else [None]
-            inputs += list(kept)
-            g = dy.index_select(0, tok).view(n, *out_shape)
-            last = len(steps) - 1
-            for j in range(last, -1, -1):
-                eq, own, in_word, out_word = steps[j]
-                w = cores[j].select(axis[j], r).contiguous()
-                o_word = y_word if j == last else out_word
-                if j == last:  # the gate: its gradient from the ungated one, then applied
-                    g_in = torch.einsum(f"{o_word},{own}->{in_word}", g, w)
-                    if dgate is not None:
-                        dgate[s0:s1] = (inputs[j] * g_in).reshape(n, -1).sum(1)
-                    gc = gates[s0:s1].view(n, *[1] * (g_in.dim() - 1))
-                    if dcores[j] is not None:
-                        gd = g * gates[s0:s1].view(n, *[1] * (g.dim() - 1))
-                        dcores[j].select(axis[j], r).add_(
-                            torch.einsum(f"{in_word},{o_word}->{own}", inputs[j], gd))
-                    g = g_in * gc
-                    continue
-                if dcores[j] is not None:
-                    dcores[j].select(axis[j], r).add_(
-                        torch.einsum(f"{in_word},{o_word}->{own}", inputs[j], g))
-                if j or dx is not None:
-                    g = torch.einsum(f"{o_word},{own}->{in_word}", g, w)
+            g = torch.index_select(dy, 0, tok, out=scratch.get("dyg", (n, width)))
+            inputs = saved[j * nsteps:(j + 1) * nsteps]
+            if inputs[0] is None:
+                inputs[0] = torch.index_select(x, 0, tok, out=scratch.get("xg", (n, d_in)))
+            if dgate is not None:  # <dy, ungated output>, the last product run once more
+                sizes_n = dict(plan.sizes, **{plan.token: n})
+                dgate[s0:s1] = torch.linalg.vecdot(
+                    g, _last_rows(plan, sizes_n, inputs[-1], facs[plan.steps[-1].factor][r],
+                                  scratch).view(n, width))
+            g.mul_(gates[s0:s1, None])
+            dx_rows = scratch.get("dxg", (n, d_in)) if dx is not None else None
+            acc = grads.setdefault(r, [None] * c)
+            _backward_steps(plan, dict(plan.sizes, **{plan.token: n}), g.view(n, *out_shape),
+                            inputs, [f[r] for f in facs], need_cores, acc, scratch,
+                            None if dx_rows is None else dx_rows.view(n, *in_shape))
             if dx is not None:
-                dx.index_add_(0, tok, g.reshape(n, -1))
+                dx.index_add_(0, tok, dx_rows)
+        dcores = []
+        for i, (core, fac, need) in enumerate(zip(cores, facs, need_cores)):
+            if not need:
+                dcores.append(None)
+                continue
+            d = torch.zeros_like(fac)
+            for r, acc in grads.items():
+                if acc[i] is not None:
+                    d[r] = _factor_result(acc[i], fac[r])
+            st = next(st for st in plan.steps if st.factor == i)
+            dcores.append(_core_layout(d, lay.axes[i], st.factor_order, lay))
         grad_gate = None
         if dgate is not None:
             grad_gate = torch.empty_like(dgate).index_copy_(0, order, dgate)
             grad_gate = grad_gate.view(-1, k).to(gate.dtype)
-        grads = [None if d is None else d.to(c.dtype) for d, c in zip(dcores, cores)]
-        return (dx, None, grad_gate, None, None, None, *grads)
+        return (dx, None, grad_gate, None, None, None, None, *dcores)
